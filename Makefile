@@ -1,0 +1,89 @@
+# flash — build, test and benchmark.
+#
+#   make            build the examples
+#   make demo       run the demo (memory backend, no server needed)
+#   make test       install missing test packages, check every header as C and
+#                   C++, run the Criterion suite, then again under ASan+UBSan
+#   make bench      run the benchmarks against their peers
+#   make clean
+
+CC      ?= cc
+CXX     ?= c++
+BUILD   ?= build
+STRICT  := -std=c11 -Wall -Wextra -Wpedantic -Werror
+CXXSTRICT := -std=c++17 -Wall -Wextra -Wpedantic -Werror
+OPT     ?= -O2 -g
+SAN     := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+
+# Every library an adapter, test or example may use. The headers only need
+# them when the matching adapter header is included.
+ADAPTER_LIBS := -luv -lev -levent -lsqlite3 -lpq
+TEST_LIBS    := -lcriterion $(ADAPTER_LIBS) -lmemcached -lpthread -lm
+
+HEADERS      := flash.h $(wildcard backends/*/*.h)
+TEST_SRC     := $(wildcard tests/*.c)
+EXAMPLE_SRC  := $(wildcard examples/*.c)
+EXAMPLES     := $(patsubst examples/%.c,$(BUILD)/examples/%,$(EXAMPLE_SRC))
+
+# Relink the test binaries when a test file is added or removed.
+SRCLIST := $(BUILD)/.test-sources
+$(shell mkdir -p $(BUILD); echo '$(TEST_SRC)' | cmp -s - $(SRCLIST) 2>/dev/null || echo '$(TEST_SRC)' > $(SRCLIST))
+
+.PHONY: all examples demo test deps headers test-unit test-asan bench clean
+
+all: examples
+
+examples: $(EXAMPLES)
+
+$(BUILD)/examples/%: examples/%.c $(HEADERS) | $(BUILD)/examples
+	$(CC) $(STRICT) $(OPT) -I. $< -o $@ $(ADAPTER_LIBS) -lpthread -lm
+
+demo: $(BUILD)/examples/demo
+	./$(BUILD)/examples/demo
+
+# ---- tests ------------------------------------------------------------------
+
+test: deps headers test-unit test-asan
+
+deps:
+	@./tests/deps.sh
+
+# Compile-only check: each header alone, then all with the implementation,
+# as C and as C++.
+headers: | $(BUILD)/headers
+	@set -e; for h in $(HEADERS); do \
+	  printf '#include "%s"\n' "$$h" > $(BUILD)/headers/one.c; \
+	  $(CC) $(STRICT) -I. -fsyntax-only $(BUILD)/headers/one.c; \
+	  $(CXX) $(CXXSTRICT) -I. -fsyntax-only -x c++ $(BUILD)/headers/one.c; \
+	done; \
+	{ echo '#define FLASH_IMPLEMENTATION'; for h in $(HEADERS); do printf '#include "%s"\n' "$$h"; done; } \
+	  > $(BUILD)/headers/all.c; \
+	$(CC) $(STRICT) -I. -fsyntax-only $(BUILD)/headers/all.c; \
+	$(CXX) $(CXXSTRICT) -I. -fsyntax-only -x c++ $(BUILD)/headers/all.c; \
+	echo "headers: $(words $(HEADERS)) headers compile as C11 and C++17, alone and with the implementation"
+
+$(BUILD)/tests/flash_tests: $(TEST_SRC) $(SRCLIST) $(wildcard tests/*.h) $(HEADERS) | $(BUILD)/tests
+	$(CC) $(STRICT) $(OPT) -I. $(TEST_SRC) -o $@ $(TEST_LIBS)
+
+$(BUILD)/asan/flash_tests: $(TEST_SRC) $(SRCLIST) $(wildcard tests/*.h) $(HEADERS) | $(BUILD)/asan
+	$(CC) $(STRICT) $(SAN) -I. $(TEST_SRC) -o $@ $(TEST_LIBS)
+
+test-unit: $(BUILD)/tests/flash_tests
+	@echo "== Criterion suite"
+	./$(BUILD)/tests/flash_tests --jobs 2 2>&1
+
+test-asan: $(BUILD)/asan/flash_tests
+	@echo "== Criterion suite under ASan+UBSan"
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ./$(BUILD)/asan/flash_tests --jobs 2 2>&1
+
+# ---- benchmarks ---------------------------------------------------------------
+
+bench:
+	@$(MAKE) -s -C bench
+
+clean:
+	rm -rf $(BUILD)
+
+$(BUILD)/examples $(BUILD)/tests $(BUILD)/asan $(BUILD)/headers:
+	mkdir -p $@

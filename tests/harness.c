@@ -1,0 +1,244 @@
+/* tests/harness.c — see harness.h. */
+#define _GNU_SOURCE
+#include "harness.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef FLASH_TEST_ASAN
+#include <sanitizer/lsan_interface.h>
+void flash_test_check_leaks(void) {
+    if (__lsan_do_recoverable_leak_check()) cr_assert_fail("LeakSanitizer found leaks (report above)");
+}
+/* Backstop for tests written with plain Test(): a leak makes the worker
+   crash, which fails the run. */
+__attribute__((destructor)) static void flash_test_leaks_at_exit(void) {
+    if (__lsan_do_recoverable_leak_check()) abort();
+}
+#else
+void flash_test_check_leaks(void) {}
+#endif
+
+/* Servers this process started: stopped at exit even when a test fails. */
+static flash_test_server *started[32];
+static int nstarted;
+
+static void stop_all(void) {
+    for (int i = 0; i < nstarted; i++)
+        if (started[i] && started[i]->pid > 0) flash_test_server_stop(started[i]);
+}
+
+static void remember(flash_test_server *s) {
+    static bool hooked;
+    if (!hooked) {
+        atexit(stop_all);
+        hooked = true;
+    }
+    for (int i = 0; i < nstarted; i++)
+        if (started[i] == s) return;
+    if (nstarted < 32) started[nstarted++] = s;
+}
+
+uint16_t flash_test_free_port(void) {
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    uint16_t port = 0;
+    if (fd < 0) return 0;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+static int connect_port(uint16_t port) {
+    struct sockaddr_in a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static bool spawn(flash_test_server *s) {
+    char portbuf[16];
+    char *argv[48];
+    int argc = 0;
+    char extra[sizeof s->extra];
+    snprintf(portbuf, sizeof portbuf, "%u", s->port);
+    if (strcmp(s->kind, "memcached") == 0) {
+        argv[argc++] = (char *)"memcached";
+        argv[argc++] = (char *)"-l";
+        argv[argc++] = (char *)"127.0.0.1";
+        argv[argc++] = (char *)"-p";
+        argv[argc++] = portbuf;
+        argv[argc++] = (char *)"-U";
+        argv[argc++] = (char *)"0";
+        argv[argc++] = (char *)"-t";
+        argv[argc++] = (char *)"1";
+        if (geteuid() == 0) {
+            argv[argc++] = (char *)"-u";
+            argv[argc++] = (char *)"nobody";
+        }
+        snprintf(extra, sizeof extra, "%s", s->extra);
+        for (char *tok = strtok(extra, " "); tok && argc < 46; tok = strtok(NULL, " ")) argv[argc++] = tok;
+    } else {
+        argv[argc++] = (char *)"redis-server";
+        argv[argc++] = (char *)"--port";
+        argv[argc++] = portbuf;
+        argv[argc++] = (char *)"--bind";
+        argv[argc++] = (char *)"127.0.0.1";
+        argv[argc++] = (char *)"--save";
+        argv[argc++] = (char *)"";
+        argv[argc++] = (char *)"--appendonly";
+        argv[argc++] = (char *)"no";
+        argv[argc++] = (char *)"--dir";
+        argv[argc++] = s->dir;
+    }
+    argv[argc] = NULL;
+    pid_t pid = fork();
+    if (pid < 0) return false;
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_RDWR);
+        if (devnull >= 0) {
+            dup2(devnull, 0);
+            dup2(devnull, 1);
+            dup2(devnull, 2);
+        }
+        /* Die with the test process even if it crashes. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    s->pid = pid;
+    for (int i = 0; i < 400; i++) { /* up to 4 s */
+        int fd = connect_port(s->port);
+        if (fd >= 0) {
+            close(fd);
+            return true;
+        }
+        int status;
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            s->pid = 0;
+            return false;
+        }
+        sleep_ms(10);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    s->pid = 0;
+    return false;
+}
+
+static bool start(flash_test_server *s, const char *kind, const char *extra) {
+    memset(s, 0, sizeof *s);
+    snprintf(s->kind, sizeof s->kind, "%s", kind);
+    snprintf(s->extra, sizeof s->extra, "%s", extra ? extra : "");
+    snprintf(s->dir, sizeof s->dir, "/tmp/flash-test-XXXXXX");
+    if (!mkdtemp(s->dir)) return false;
+    chmod(s->dir, 0777);
+    for (int attempt = 0; attempt < 5; attempt++) {
+        s->port = flash_test_free_port();
+        if (s->port && spawn(s)) {
+            remember(s);
+            return true;
+        }
+    }
+    rmdir(s->dir);
+    cr_log_error("could not start %s", kind);
+    return false;
+}
+
+bool flash_test_memcached_start(flash_test_server *s, const char *extra) { return start(s, "memcached", extra); }
+bool flash_test_redis_start(flash_test_server *s) { return start(s, "redis", NULL); }
+
+bool flash_test_server_restart(flash_test_server *s) {
+    if (s->pid > 0) {
+        kill(s->pid, SIGKILL);
+        waitpid(s->pid, NULL, 0);
+        s->pid = 0;
+    }
+    for (int attempt = 0; attempt < 50; attempt++) { /* the port may linger briefly */
+        if (spawn(s)) {
+            remember(s);
+            return true;
+        }
+        sleep_ms(20);
+    }
+    return false;
+}
+
+void flash_test_server_stop(flash_test_server *s) {
+    if (s->pid > 0) {
+        kill(s->pid, SIGCONT);
+        kill(s->pid, SIGKILL);
+        waitpid(s->pid, NULL, 0);
+        s->pid = 0;
+    }
+    if (s->dir[0]) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", s->dir);
+        if (system(cmd) != 0) { /* best effort */
+        }
+        s->dir[0] = 0;
+    }
+}
+
+void flash_test_server_pause(flash_test_server *s, bool paused) {
+    if (s->pid > 0) kill(s->pid, paused ? SIGSTOP : SIGCONT);
+}
+
+int flash_test_memcached_command(const flash_test_server *s, const char *cmd, char *buf, size_t cap) {
+    int fd = connect_port(s->port);
+    size_t used = 0;
+    if (fd < 0 || cap == 0) return -1;
+    if (write(fd, cmd, strlen(cmd)) < 0) {
+        close(fd);
+        return -1;
+    }
+    for (;;) {
+        ssize_t n = read(fd, buf + used, cap - 1 - used);
+        if (n <= 0) break;
+        used += (size_t)n;
+        buf[used] = 0;
+        if (strstr(buf, "END\r\n") || strstr(buf, "ERROR") || used + 1 >= cap) break;
+        if (used >= 2 && strcmp(buf + used - 2, "\r\n") == 0 && strncmp(cmd, "stats", 5) != 0) break;
+    }
+    buf[used] = 0;
+    close(fd);
+    return (int)used;
+}
+
+long long flash_test_memcached_stat(const flash_test_server *s, const char *name) {
+    char buf[16384], needle[96];
+    if (flash_test_memcached_command(s, "stats\r\n", buf, sizeof buf) <= 0) return -1;
+    snprintf(needle, sizeof needle, "STAT %s ", name);
+    char *p = strstr(buf, needle);
+    return p ? atoll(p + strlen(needle)) : -1;
+}

@@ -1,0 +1,72 @@
+/* tests/harness.h — shared test helpers.
+
+   FLASH_TEST(suite, name)  a Criterion test that fails when LeakSanitizer
+                            finds a leak after its body (ASan build).
+   flash_test_server_*      start real servers (memcached, redis) on free
+                            loopback ports in temp dirs; stopped and removed by
+                            flash_test_server_stop or at process exit.
+*/
+#ifndef FLASH_TEST_HARNESS_H
+#define FLASH_TEST_HARNESS_H
+#include <criterion/criterion.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define FLASH_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FLASH_TEST_ASAN 1
+#endif
+#endif
+
+/* Fails the current test when LeakSanitizer reports a leak (ASan builds). */
+void flash_test_check_leaks(void);
+
+/* A Criterion test whose body is followed by a leak check, so that a leak
+   counts as a failure of the test that leaked. Use instead of Test(). */
+#define FLASH_TEST(suite, name)                                              \
+    static void flash_test_body_##suite##_##name(void);                      \
+    Test(suite, name) {                                                      \
+        flash_test_body_##suite##_##name();                                  \
+        flash_test_check_leaks();                                            \
+    }                                                                        \
+    static void flash_test_body_##suite##_##name(void)
+/* The same with Criterion options (.timeout = 10, .disabled = true, ...). */
+#define FLASH_TEST_OPT(suite, name, ...)                                     \
+    static void flash_test_body_##suite##_##name(void);                      \
+    Test(suite, name, __VA_ARGS__) {                                         \
+        flash_test_body_##suite##_##name();                                  \
+        flash_test_check_leaks();                                            \
+    }                                                                        \
+    static void flash_test_body_##suite##_##name(void)
+
+typedef struct flash_test_server {
+    pid_t pid;
+    uint16_t port;
+    char dir[64];     /* temp dir, removed on stop */
+    char kind[16];    /* "memcached", "redis" */
+    char extra[128];  /* extra arguments the server was started with */
+} flash_test_server;
+
+/* A free TCP port on 127.0.0.1 (bound and released; races are retried by
+   the start functions). */
+uint16_t flash_test_free_port(void);
+/* Start memcached; extra: more arguments ("-m 64 -I 2m") or NULL. Waits until
+   it accepts connections. Returns false (with a Criterion log) on failure. */
+bool flash_test_memcached_start(flash_test_server *s, const char *extra);
+bool flash_test_redis_start(flash_test_server *s);
+/* Restart on the same port (after stop), e.g. for outage tests. */
+bool flash_test_server_restart(flash_test_server *s);
+void flash_test_server_stop(flash_test_server *s);
+/* Pause / resume the process (SIGSTOP / SIGCONT): a server that accepts but
+   never answers. */
+void flash_test_server_pause(flash_test_server *s, bool paused);
+/* Send a text command and read one reply into buf (for `stats`). Returns the
+   reply length or -1. Stops at "END\r\n" for memcached stats. */
+int flash_test_memcached_command(const flash_test_server *s, const char *cmd, char *buf, size_t cap);
+/* The value of one memcached `stats` counter, or -1. */
+long long flash_test_memcached_stat(const flash_test_server *s, const char *name);
+
+#endif

@@ -1,0 +1,5 @@
+/* The one translation unit of the test binary that holds the implementation
+   of flash.h and of every adapter header the tests use. */
+#define FLASH_IMPLEMENTATION
+#include "flash.h"
+#include "backends/loop/poll.h"
