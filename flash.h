@@ -25,6 +25,7 @@
      3. promises                     flash_then, flash_gather, flash_gather_settled
      4. event-loop vtable            flash_wait, flash_run
      5. loader                       DataLoader semantics over byte keys
+     6. cache backend vtable         multi-key get/set/add/cas/delete/incr
 
    Everything a request allocates lives in its context's arena and is released
    by flash_ctx_reset(): users never free a result. Errors are negative ints
@@ -361,6 +362,69 @@ FLASH_API int flash_batch_fail(flash_batch *b, int code, const char *message);
 /* Done: keys left unsettled reject with FLASH_EBATCH. A batch whose keys are
    all settled ends by itself. */
 FLASH_API int flash_batch_end(flash_batch *b);
+
+/* ==== 6. cache backend ====================================================== */
+
+/* A cache backend carries out multi-key operations asynchronously: one
+   operation per batch, never one per key. Keys are at most 250 bytes with no
+   space or control byte (memcached's rule); flash hashes longer ones. */
+typedef enum flash_cache_opcode {
+    FLASH_CACHE_GET = 1, /* out: value, flags, cas; status FLASH_ENOTFOUND on a miss */
+    FLASH_CACHE_SET,     /* store unconditionally */
+    FLASH_CACHE_ADD,     /* store only when absent, else FLASH_ENOTSTORED */
+    FLASH_CACHE_CAS,     /* store only when cas still matches: FLASH_ENOTSTORED
+                            when it changed, FLASH_ENOTFOUND when absent */
+    FLASH_CACHE_DELETE,  /* FLASH_ENOTFOUND when absent */
+    FLASH_CACHE_INCR     /* number += delta; absent: create with `initial`
+                            when `create`, else FLASH_ENOTFOUND */
+} flash_cache_opcode;
+
+typedef struct flash_cache_item {
+    const char *key;
+    size_t key_len;
+    const void *value;  /* stores: in. GET: out, valid until done() returns */
+    size_t value_len;
+    uint32_t flags;     /* client flags: stores in, GET out */
+    uint32_t ttl_s;     /* stores and INCR-create: seconds, 0 = no expiry */
+    uint64_t cas;       /* GET: out (token). CAS: in */
+    uint64_t number;    /* INCR: in = delta, out = the new value */
+    uint64_t initial;   /* INCR: the value an absent key is created with */
+    bool create;        /* INCR: create an absent key */
+    int status;         /* out: FLASH_OK, FLASH_ENOTFOUND, FLASH_ENOTSTORED,
+                           FLASH_EINVAL (bad key), FLASH_ETOOLARGE, or the
+                           error of the server that holds the key */
+} flash_cache_item;
+
+typedef struct flash_cache_op flash_cache_op;
+typedef void (*flash_cache_done_fn)(flash_cache_op *op);
+struct flash_cache_op {
+    flash_cache_opcode code;
+    flash_cache_item *items; /* owned by the caller until done or cancel */
+    size_t count;
+    bool quiet;              /* statuses not needed: the backend may use
+                                noreply / quiet mode; done still called */
+    flash_cache_done_fn done;
+    void *data;              /* the caller's */
+    int status;              /* out: 0, or the error of the whole operation */
+    uint32_t round_trips;    /* out: server requests the operation took */
+    void *priv[4];           /* the backend's */
+};
+
+struct flash_cache_vtable {
+    const char *name;
+    /* Start op. done(op) is called exactly once, later, never from inside
+       submit (unless cancelled first). loop is the submitter's: a backend
+       without I/O of its own completes through it on the next tick. */
+    void (*submit)(void *self, flash_loop loop, flash_cache_op *op);
+    /* Forget op: done is not called and op may be freed once this returns.
+       Writes already sent may still take effect. */
+    void (*cancel)(void *self, flash_cache_op *op);
+    /* Largest value the backend stores, in bytes. */
+    size_t (*max_value)(void *self);
+    void (*destroy)(void *self);
+};
+
+FLASH_API void flash_cache_destroy(flash_cache cache);
 
 #ifdef __cplusplus
 } /* extern "C" */
@@ -1979,6 +2043,12 @@ FLASH_API int flash_batch_complete(flash_batch *b, size_t n, const flash_result 
         else flash_batch_resolve(b, i, results[i].value);
     }
     return FLASH_OK;
+}
+
+/* ---- 6. cache backend ----------------------------------------------------- */
+
+FLASH_API void flash_cache_destroy(flash_cache cache) {
+    if (cache.vt && cache.vt->destroy) cache.vt->destroy(cache.self);
 }
 
 /* ---- layer 8 hook (filled in by the model cache) ------------------------- */
