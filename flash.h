@@ -26,6 +26,8 @@
      4. event-loop vtable            flash_wait, flash_run
      5. loader                       DataLoader semantics over byte keys
      6. cache backend vtable         multi-key get/set/add/cas/delete/incr
+     7. model registry               FLASH_MODEL, key sets, codec, cache keys
+     8. query engine                 memo -> one get-many -> one fetch per class
 
    Everything a request allocates lives in its context's arena and is released
    by flash_ctx_reset(): users never free a result. Errors are negative ints
@@ -345,6 +347,9 @@ FLASH_API size_t flash_batch_size(const flash_batch *b);
 FLASH_API const void *flash_batch_key(const flash_batch *b, size_t i, size_t *len);
 FLASH_API void *flash_batch_payload(const flash_batch *b, size_t i);
 FLASH_API flash_promise *flash_batch_promise(const flash_batch *b, size_t i);
+/* A pointer of the batch function's own, e.g. for its cancel function. */
+FLASH_API void flash_batch_set_data(flash_batch *b, void *data);
+FLASH_API void *flash_batch_data(const flash_batch *b);
 /* FLASH_EBATCH when i is out of range or the key was already settled;
    FLASH_ECANCELED when the batch's context was reset meanwhile. */
 FLASH_API int flash_batch_resolve(flash_batch *b, size_t i, void *value);
@@ -426,8 +431,403 @@ struct flash_cache_vtable {
 
 FLASH_API void flash_cache_destroy(flash_cache cache);
 
+/* ==== 7. model registry ===================================================== */
+
+typedef enum flash_type {
+    FLASH_I64 = 1, /* int64_t */
+    FLASH_I32,     /* int32_t */
+    FLASH_F64,     /* double */
+    FLASH_BOOL,    /* bool */
+    FLASH_STR,     /* const char *, UTF-8, NULL = SQL NULL */
+    FLASH_BYTES    /* flash_bytes, data NULL = SQL NULL */
+} flash_type;
+
+typedef struct flash_bytes {
+    const void *data;
+    size_t len;
+} flash_bytes;
+
+/* One typed value: a key part handed to queries and sources. */
+typedef struct flash_value {
+    flash_type type;
+    bool is_null;
+    union {
+        int64_t i64;
+        int32_t i32;
+        double f64;
+        bool b;
+        struct {
+            const char *ptr;
+            size_t len;
+        } s; /* STR and BYTES */
+    } u;
+} flash_value;
+
+typedef struct flash_field {
+    const char *name;
+    flash_type type;
+    size_t offset;
+} flash_field;
+
+/* A list result (filter, list caches): items point at model structs. */
+typedef struct flash_list {
+    size_t count;
+    void **items;
+} flash_list;
+/* An id list result (ids caches). */
+typedef struct flash_ids {
+    size_t count;
+    int64_t *ids;
+} flash_ids;
+
+typedef enum flash_class_kind {
+    FLASH_CLASS_GET = 1,  /* CacheMeta.get_key_fields_list: one row */
+    FLASH_CLASS_FILTER,   /* CacheMeta.filter_key_fields_list: a list of rows */
+    FLASH_CLASS_INSTANCE, /* a named instance cache (InstanceCache) */
+    FLASH_CLASS_LIST,     /* a named queryset cache giving rows */
+    FLASH_CLASS_COUNT,    /* a named queryset cache giving a count */
+    FLASH_CLASS_IDS       /* a named queryset cache giving ids */
+} flash_class_kind;
+
+/* How writes reach a class's cached values (django-flash InvalidationType). */
+typedef enum flash_invalidation {
+    FLASH_INVALIDATE_UNSET = 0, /* default: a write marks the keys stale */
+    FLASH_INVALIDATE_OFF,       /* writes do nothing: values live until timeout */
+    FLASH_INVALIDATE_DYNAMIC    /* a write bumps the class's version */
+} flash_invalidation;
+
+typedef struct flash_fetch flash_fetch;
+/* A batched fallback: answer the fetch's keys (see layer 8), now or later. */
+typedef void (*flash_fetch_fn)(flash_ctx *ctx, flash_fetch *f, void *user_data);
+
+/* Per class (and, as defaults for its get/filter classes, per model).
+   Zero fields take the defaults. */
+typedef struct flash_cache_opts {
+    uint32_t version;        /* static version, part of every key; default: 1 */
+    uint32_t timeout_s;      /* cached value lifetime; default: one week */
+    flash_invalidation invalidation; /* default: FLASH_INVALIDATE_UNSET */
+    uint32_t allowtime_s;    /* serve a stale value up to this long while one
+                                reader refreshes it; default: 0, never */
+    flash_fetch_fn fallback; /* custom fallback (get_instance / get_result);
+                                default: the model's source */
+    void *user_data;         /* handed to fallback */
+    bool no_cache_none;      /* default: false, a not-found is cached too */
+    const char *table;       /* models: the table sources read; default: name */
+    int pk;                  /* models: primary-key field index; default: 0 */
+} flash_cache_opts;
+
+typedef struct flash_model flash_model;
+typedef struct flash_class flash_class;
+
+struct flash_model {
+    const char *name;
+    size_t size;                           /* sizeof the struct */
+    const flash_field *(*field_table)(size_t *count);
+    flash_cache_opts opts;
+    /* Filled in at registration: */
+    const flash_field *fields;
+    size_t nfields;
+    uint32_t schema;                       /* hash of names and types */
+    flash_model *canonical;                /* the registered copy */
+    flash_class *classes;
+    flash_model *next;
+};
+
+struct flash_class {
+    const char *name;                      /* "User.id", "EventCacheOnSlug" */
+    flash_class_kind kind;
+    flash_model *model;
+    const size_t *offsets;                 /* key fields, by offset */
+    size_t nfields;
+    flash_cache_opts opts;
+    /* Filled in at registration: */
+    int fields[8];                         /* key field indices */
+    flash_class *canonical;
+    flash_class *next;                     /* in its model's list */
+    int error;                             /* registration error, 0 if fine */
+};
+
+/* Registration happens before main (the macros below emit constructors);
+   a header defining models may be included by many files: every copy
+   resolves to one canonical object, matched by name. */
+FLASH_API void flash_register_model(flash_model *m);
+FLASH_API void flash_register_class(flash_class *c);
+FLASH_API flash_model *flash_models(void);       /* first; follow ->next */
+FLASH_API flash_model *flash_model_find(const char *name);
+FLASH_API int flash_model_field(const flash_model *m, const char *name); /* -1 if none */
+
+/* Values. */
+FLASH_API flash_value flash_v_i64(int64_t v);
+FLASH_API flash_value flash_v_i32(int32_t v);
+FLASH_API flash_value flash_v_f64(double v);
+FLASH_API flash_value flash_v_bool(bool v);
+FLASH_API flash_value flash_v_str(const char *s);          /* NULL: SQL NULL */
+FLASH_API flash_value flash_v_strn(const char *s, size_t n);
+FLASH_API flash_value flash_v_bytes(flash_bytes b);
+FLASH_API flash_value flash_v_null(flash_type type);
+FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field);
+FLASH_API bool flash_value_eq(const flash_value *a, const flash_value *b);
+
+/* Rows: deep copy into the arena, and the compact binary codec. */
+FLASH_API void *flash_row_copy(flash_ctx *ctx, const flash_model *m, const void *row);
+FLASH_API int flash_row_encode(flash_ctx *ctx, const flash_model *m, const void *row, void **out, size_t *len);
+FLASH_API int flash_row_decode(flash_ctx *ctx, const flash_model *m, const void *data, size_t len, void *row);
+
+/* The cache key of a query: prefix, class, static version and the escaped
+   values. Keys over 250 bytes are hashed (*hashed = true) and the full key
+   goes into the value. */
+FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n,
+                              char **key, size_t *len, bool *hashed);
+
+/* ---- registration macros -------------------------------------------------
+
+   #define USER_FIELDS(F) F(I64, id) F(STR, first_name) F(STR, username)
+   FLASH_MODEL(User, USER_FIELDS)                  struct User + User_model
+   FLASH_MODEL_OPT(User, USER_FIELDS, .table = "users", .timeout_s = 3600)
+   FLASH_GET_KEYS(User, (id), (username))         User_get_by_id_async ...
+   FLASH_FILTER_KEYS(User, (first_name))          User_filter_by_first_name_async
+   FLASH_INSTANCE_CACHE(EventCacheOnSlug, Event, (slug))   EventCacheOnSlug_resolve_async
+   FLASH_INSTANCE_CACHE_OPT(Name, Model, (fields), .fallback = fn, .version = 2)
+   FLASH_LIST_CACHE / FLASH_COUNT_CACHE / FLASH_IDS_CACHE (and _OPT)
+
+   Each key set generates, e.g. for (id):
+     flash_promise *User_get_by_id_async(ctx, id)          value: User *
+     flash_promise *User_get_by_id_async_or_none(ctx, id)  NULL when absent
+     flash_promise *User_get_by_id_async_or_404(ctx, id)   FLASH_E404 when absent
+     int User_get_by_id(ctx, id, User **out)               sync forms, also
+     int User_get_by_id_or_none(...), User_get_by_id_or_404(...)
+     flash_query *User_get_by_id_query(ctx, id)           lazy (BatchCacheQuery)
+   Key sets have 1 to 4 fields; up to 8 key sets per macro. The macros need
+   GCC or Clang (C11) or C++20 (designated initialisers). */
+
+#ifdef __cplusplus
+#define FLASH__TYPEOF(x) decltype(x)
+#else
+#define FLASH__TYPEOF(x) __typeof__(x)
+#endif
+#define FLASH__CT_I64 int64_t
+#define FLASH__CT_I32 int32_t
+#define FLASH__CT_F64 double
+#define FLASH__CT_BOOL bool
+#define FLASH__CT_STR const char *
+#define FLASH__CT_BYTES flash_bytes
+#define FLASH__STRUCT_FIELD(T, n) FLASH__CT_##T n;
+#define FLASH__TABLE_FIELD(T, n) {#n, FLASH_##T, offsetof(flash__M, n)},
+#define FLASH__CAT(a, b) FLASH__CAT_(a, b)
+#define FLASH__CAT_(a, b) a##b
+#define FLASH__UNPAREN(...) __VA_ARGS__
+#define FLASH__NARG(...) FLASH__NARG_(__VA_ARGS__, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+#define FLASH__NARG_(a1, a2, a3, a4, a5, a6, a7, a8, n, ...) n
+#define FLASH__CTOR(fn) static void fn(void) __attribute__((constructor, used)); static void fn(void)
+
+#define FLASH_MODEL(M, FIELDS) FLASH_MODEL_OPT(M, FIELDS, .version = 0)
+#define FLASH_MODEL_OPT(M, FIELDS, ...)                                                      \
+    typedef struct M { FIELDS(FLASH__STRUCT_FIELD) } M;                                      \
+    static const flash_field *M##__field_table(size_t *flash__count) {                       \
+        typedef M flash__M;                                                                  \
+        static const flash_field flash__table[] = {FIELDS(FLASH__TABLE_FIELD)};              \
+        *flash__count = sizeof flash__table / sizeof flash__table[0];                        \
+        return flash__table;                                                                 \
+    }                                                                                        \
+    static flash_model M##_model = {.name = #M, .size = sizeof(M), .field_table = M##__field_table, \
+                                    .opts = {__VA_ARGS__}};                                  \
+    FLASH__CTOR(M##__register_model) { flash_register_model(&M##_model); }
+
+/* Key-set plumbing: each arity spreads the fields into a parameter list,
+   an argument list, a value array and an offset array, then calls G with
+   X (the caller's context), the model and those pieces. */
+#define FLASH__P(M, a) FLASH__TYPEOF(((M *)0)->a) a
+#define FLASH__KS_1(G, X, M, a) G(X, M, a, (FLASH__P(M, a)), (a), (flash_v(a)), (offsetof(M, a)), #a)
+#define FLASH__KS_2(G, X, M, a, b)                                                           \
+    G(X, M, a##_##b, (FLASH__P(M, a), FLASH__P(M, b)), (a, b), (flash_v(a), flash_v(b)),      \
+      (offsetof(M, a), offsetof(M, b)), #a "." #b)
+#define FLASH__KS_3(G, X, M, a, b, c)                                                        \
+    G(X, M, a##_##b##_##c, (FLASH__P(M, a), FLASH__P(M, b), FLASH__P(M, c)), (a, b, c),       \
+      (flash_v(a), flash_v(b), flash_v(c)), (offsetof(M, a), offsetof(M, b), offsetof(M, c)), \
+      #a "." #b "." #c)
+#define FLASH__KS_4(G, X, M, a, b, c, d)                                                     \
+    G(X, M, a##_##b##_##c##_##d, (FLASH__P(M, a), FLASH__P(M, b), FLASH__P(M, c), FLASH__P(M, d)), \
+      (a, b, c, d), (flash_v(a), flash_v(b), flash_v(c), flash_v(d)),                       \
+      (offsetof(M, a), offsetof(M, b), offsetof(M, c), offsetof(M, d)), #a "." #b "." #c "." #d)
+#define FLASH__KS(G, X, M, ...) FLASH__CAT(FLASH__KS_, FLASH__NARG(__VA_ARGS__))(G, X, M, __VA_ARGS__)
+#define FLASH__KS_SPREAD(G, X, M, ...) FLASH__KS(G, X, M, __VA_ARGS__)
+#define FLASH__KS_T(G, M, t) FLASH__KS_SPREAD(G, ~, M, FLASH__UNPAREN t)
+#define FLASH__EACH_1(G, M, t) FLASH__KS_T(G, M, t)
+#define FLASH__EACH_2(G, M, t, ...) FLASH__KS_T(G, M, t) FLASH__EACH_1(G, M, __VA_ARGS__)
+#define FLASH__EACH_3(G, M, t, ...) FLASH__KS_T(G, M, t) FLASH__EACH_2(G, M, __VA_ARGS__)
+#define FLASH__EACH_4(G, M, t, ...) FLASH__KS_T(G, M, t) FLASH__EACH_3(G, M, __VA_ARGS__)
+#define FLASH__EACH_5(G, M, t, ...) FLASH__KS_T(G, M, t) FLASH__EACH_4(G, M, __VA_ARGS__)
+#define FLASH__EACH_6(G, M, t, ...) FLASH__KS_T(G, M, t) FLASH__EACH_5(G, M, __VA_ARGS__)
+#define FLASH__EACH_7(G, M, t, ...) FLASH__KS_T(G, M, t) FLASH__EACH_6(G, M, __VA_ARGS__)
+#define FLASH__EACH_8(G, M, t, ...) FLASH__KS_T(G, M, t) FLASH__EACH_7(G, M, __VA_ARGS__)
+#define FLASH__EACH(G, M, ...) FLASH__CAT(FLASH__EACH_, FLASH__NARG(__VA_ARGS__))(G, M, __VA_ARGS__)
+
+/* The class object and its registration. Options are static initialisers
+   (constructors may run in any order). */
+#define FLASH__CLASS(OBJ, KIND, M, CLSNAME, OFFS, ...)                                      \
+    static const size_t OBJ##__offsets[] = {FLASH__UNPAREN OFFS};                            \
+    static flash_class OBJ = {.name = CLSNAME, .kind = KIND, .model = &M##_model,              \
+                              .offsets = OBJ##__offsets,                                     \
+                              .nfields = sizeof OBJ##__offsets / sizeof OBJ##__offsets[0],   \
+                              .opts = {__VA_ARGS__}};                                        \
+    FLASH__CTOR(OBJ##__register) { flash_register_class(&OBJ); }
+
+/* The typed functions of one class: async, or_none, or_404, query, sync.
+   Locals are prefixed so that no field name can shadow them. */
+#define FLASH__FUNCS(FN, OBJ, OUT, PARAMS, ARGS, VALS)                                       \
+    static inline flash_promise *FN##_async(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) {  \
+        flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
+        return flash_query_async(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0], 0); \
+    }                                                                                        \
+    static inline flash_promise *FN##_async_or_none(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) { \
+        flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
+        return flash_query_async(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0], \
+                                 FLASH_Q_OR_NONE);                                           \
+    }                                                                                        \
+    static inline flash_promise *FN##_async_or_404(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) { \
+        flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
+        return flash_query_async(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0], \
+                                 FLASH_Q_OR_404);                                            \
+    }                                                                                        \
+    static inline flash_query *FN##_query(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) {    \
+        flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
+        return flash_query_new(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0]); \
+    }                                                                                        \
+    static inline int FN(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) {     \
+        return flash_wait_result(flash__ctx, FN##_async(flash__ctx, FLASH__UNPAREN ARGS), &OBJ, \
+                                 (void *)flash__out);                                       \
+    }                                                                                        \
+    static inline int FN##_or_none(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) { \
+        return flash_wait_result(flash__ctx, FN##_async_or_none(flash__ctx, FLASH__UNPAREN ARGS), \
+                                 &OBJ, (void *)flash__out);                                  \
+    }                                                                                        \
+    static inline int FN##_or_404(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) { \
+        return flash_wait_result(flash__ctx, FN##_async_or_404(flash__ctx, FLASH__UNPAREN ARGS), \
+                                 &OBJ, (void *)flash__out);                                  \
+    }
+
+#define FLASH__GEN_GET(X, M, SUF, PARAMS, ARGS, VALS, OFFS, FNAMES)                           \
+    FLASH__CLASS(M##__get_by_##SUF, FLASH_CLASS_GET, M, #M "." FNAMES, OFFS, .version = 0)    \
+    FLASH__FUNCS(M##_get_by_##SUF, M##__get_by_##SUF, M **, PARAMS, ARGS, VALS)
+#define FLASH__GEN_FILTER(X, M, SUF, PARAMS, ARGS, VALS, OFFS, FNAMES)                        \
+    FLASH__CLASS(M##__filter_by_##SUF, FLASH_CLASS_FILTER, M, #M ".filter." FNAMES, OFFS,     \
+                 .version = 0)                                                               \
+    FLASH__FUNCS(M##_filter_by_##SUF, M##__filter_by_##SUF, flash_list **, PARAMS, ARGS, VALS)
+
+#define FLASH_GET_KEYS(M, ...) FLASH__EACH(FLASH__GEN_GET, M, __VA_ARGS__)
+#define FLASH_FILTER_KEYS(M, ...) FLASH__EACH(FLASH__GEN_FILTER, M, __VA_ARGS__)
+
+/* Named caches: one key set, a name of their own, options. */
+#define FLASH__NAMED(KIND, OUT, NAME, M, t, ...)                                             \
+    FLASH__KS_SPREAD(FLASH__NAMED_G, (KIND, OUT, NAME, (__VA_ARGS__)), M, FLASH__UNPAREN t)
+#define FLASH__NAMED_G(X, M, SUF, PARAMS, ARGS, VALS, OFFS, FNAMES)                          \
+    FLASH__NAMED_G2(FLASH__UNPAREN X, M, PARAMS, ARGS, VALS, OFFS)
+#define FLASH__NAMED_G2(...) FLASH__NAMED_G3(__VA_ARGS__)
+#define FLASH__NAMED_G3(KIND, OUT, NAME, OPTS, M, PARAMS, ARGS, VALS, OFFS)                   \
+    FLASH__CLASS(NAME##_class, KIND, M, #NAME, OFFS, FLASH__UNPAREN OPTS)                     \
+    FLASH__FUNCS(NAME##_resolve, NAME##_class, OUT, PARAMS, ARGS, VALS)
+
+#define FLASH_INSTANCE_CACHE(NAME, M, t) FLASH_INSTANCE_CACHE_OPT(NAME, M, t, .version = 0)
+#define FLASH_INSTANCE_CACHE_OPT(NAME, M, t, ...)                                           \
+    FLASH__NAMED(FLASH_CLASS_INSTANCE, M **, NAME, M, t, __VA_ARGS__)
+#define FLASH_LIST_CACHE(NAME, M, t) FLASH_LIST_CACHE_OPT(NAME, M, t, .version = 0)
+#define FLASH_LIST_CACHE_OPT(NAME, M, t, ...)                                               \
+    FLASH__NAMED(FLASH_CLASS_LIST, flash_list **, NAME, M, t, __VA_ARGS__)
+#define FLASH_COUNT_CACHE(NAME, M, t) FLASH_COUNT_CACHE_OPT(NAME, M, t, .version = 0)
+#define FLASH_COUNT_CACHE_OPT(NAME, M, t, ...)                                              \
+    FLASH__NAMED(FLASH_CLASS_COUNT, int64_t *, NAME, M, t, __VA_ARGS__)
+#define FLASH_IDS_CACHE(NAME, M, t) FLASH_IDS_CACHE_OPT(NAME, M, t, .version = 0)
+#define FLASH_IDS_CACHE_OPT(NAME, M, t, ...)                                                \
+    FLASH__NAMED(FLASH_CLASS_IDS, flash_ids **, NAME, M, t, __VA_ARGS__)
+
+/* ==== 8. query engine ======================================================= */
+
+/* Query flags. */
+enum {
+    FLASH_Q_OR_NONE = 1,           /* not found fulfils with NULL */
+    FLASH_Q_OR_404 = 2,            /* not found rejects with FLASH_E404 */
+    FLASH_Q_ONLY_CACHE = 4,        /* never ask the source: a miss is not found */
+    FLASH_Q_NONE_ON_EXCEPTION = 8  /* any error fulfils with NULL */
+};
+
+/* Ask a class for the row(s) under key values (one per key field, in the
+   class's order). The typed functions the macros generate call this.
+   Fulfils with: GET/INSTANCE a model struct, FILTER/LIST a flash_list,
+   COUNT an int64_t, IDS a flash_ids (pointers into the arena). */
+FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c, const flash_value *values,
+                                           size_t n, int flags);
+
+/* Lazy queries (BatchCacheQuery's get_query): build now, run together. */
+typedef struct flash_query {
+    const flash_class *cls;
+    flash_value *values;
+    size_t count;
+} flash_query;
+FLASH_API flash_query *flash_query_new(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n);
+FLASH_API flash_promise *flash_query_run_async(flash_ctx *ctx, const flash_query *q, int flags);
+/* All in one batch; fulfils with void *[n]. With FLASH_Q_NONE_ON_EXCEPTION a
+   failed query gives NULL in its slot instead of rejecting the whole. */
+FLASH_API flash_promise *flash_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs, int flags);
+FLASH_API int flash_queries(flash_ctx *ctx, size_t n, flash_query *const *qs, int flags, void ***out);
+/* Sync form: wait for p (a query of class c) and store its result through
+   out (c's result type: Model **, flash_list **, int64_t *, flash_ids **). */
+FLASH_API int flash_wait_result(flash_ctx *ctx, flash_promise *p, const flash_class *c, void *out);
+
+/* ---- sources: where misses are read from ----------------------------------
+
+   A source gets one fetch per class per batch: "rows of model whose key
+   fields equal any of these key tuples" (WHERE slug IN (...)). It answers
+   with rows (matched to the keys by their field values, so order does not
+   matter) and then flash_fetch_done, now or from a loop callback later. */
+typedef struct flash_source_vtable {
+    const char *name;
+    void (*fetch)(void *self, flash_ctx *ctx, flash_fetch *f);
+    /* Optional: forget f (context reset); no flash_fetch_* calls after. */
+    void (*cancel)(void *self, flash_fetch *f);
+} flash_source_vtable;
+typedef struct flash_source {
+    const flash_source_vtable *vt;
+    void *self;
+} flash_source;
+
+/* The source for a model in this context (NULL model: the default for all). */
+FLASH_API int flash_ctx_set_source(flash_ctx *ctx, const flash_model *m, flash_source source);
+
+FLASH_API flash_ctx *flash_fetch_ctx(const flash_fetch *f);
+FLASH_API const flash_model *flash_fetch_model(const flash_fetch *f);
+FLASH_API const flash_class *flash_fetch_class(const flash_fetch *f);
+FLASH_API size_t flash_fetch_nfields(const flash_fetch *f);      /* key fields */
+FLASH_API int flash_fetch_field(const flash_fetch *f, size_t j);  /* field index of key part j */
+FLASH_API size_t flash_fetch_count(const flash_fetch *f);         /* key tuples */
+FLASH_API const flash_value *flash_fetch_key(const flash_fetch *f, size_t i); /* nfields values */
+/* A row matching one or more of the key tuples; copied. Rows nobody asked
+   for are ignored (and counted); a second row for a one-row class fails that
+   key with FLASH_EMULTIPLE. */
+FLASH_API int flash_fetch_row(flash_fetch *f, const void *row);
+/* Custom fallbacks may answer key i directly: */
+FLASH_API int flash_fetch_set_row(flash_fetch *f, size_t i, const void *row); /* NULL: none */
+FLASH_API int flash_fetch_set_count(flash_fetch *f, size_t i, int64_t count);
+FLASH_API int flash_fetch_add_id(flash_fetch *f, size_t i, int64_t id);
+FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message);
+/* Finish: status 0 settles every key from what was given (no row: not
+   found / empty); non-zero fails the keys not yet answered with it. */
+FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message);
+
 #ifdef __cplusplus
 } /* extern "C" */
+
+/* flash_v(x): the flash_value of a C value, by its type. */
+static inline flash_value flash_v(int64_t v) { return flash_v_i64(v); }
+static inline flash_value flash_v(int32_t v) { return flash_v_i32(v); }
+static inline flash_value flash_v(double v) { return flash_v_f64(v); }
+static inline flash_value flash_v(bool v) { return flash_v_bool(v); }
+static inline flash_value flash_v(const char *v) { return flash_v_str(v); }
+static inline flash_value flash_v(flash_bytes v) { return flash_v_bytes(v); }
+#else
+#define flash_v(x)                                                                          \
+    _Generic((x), int64_t: flash_v_i64, int32_t: flash_v_i32, double: flash_v_f64,          \
+             bool: flash_v_bool, const char *: flash_v_str, char *: flash_v_str,             \
+             flash_bytes: flash_v_bytes)(x)
 #endif
 #endif /* FLASH_H */
 
@@ -538,6 +938,10 @@ struct flash_ctx {
     int depth;               /* drains on the stack: new tasks get run */
     int running;             /* flash_wait / flash_run on the stack */
     void *engine;            /* layer 8 state, per generation */
+    struct flash__binding *sources; /* layer 8: model -> source, kept across resets */
+    size_t nsources;
+    char *prefix;            /* layer 7: escaped key prefix */
+    size_t prefix_len;
     void *spare_tables[48];  /* recycled memo tables, one per log2 size */
     size_t spare_table_bytes;
     struct flash__qloop *qloop;
@@ -863,6 +1267,8 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
         flash__sys_free(ctx, z);
     }
     flash__sys_free(ctx, ctx->tasks);
+    flash__sys_free(ctx, ctx->sources);
+    flash__sys_free(ctx, ctx->prefix);
     {
         size_t i;
         for (i = 0; i < sizeof ctx->spare_tables / sizeof ctx->spare_tables[0]; i++)
@@ -1442,6 +1848,7 @@ struct flash_batch {
     flash__entry **keys;        /* after dispatch */
     size_t count, unsettled;
     uint64_t gen;
+    void *data;
     bool dispatched, ended;
     flash_batch *next_inflight, *prev_inflight;
 };
@@ -1918,6 +2325,11 @@ FLASH_API flash_promise *flash_batch_promise(const flash_batch *b, size_t i) {
     return (b && b->keys && i < b->count) ? &b->keys[i]->p : NULL;
 }
 
+FLASH_API void flash_batch_set_data(flash_batch *b, void *data) {
+    if (b) b->data = data;
+}
+FLASH_API void *flash_batch_data(const flash_batch *b) { return b ? b->data : NULL; }
+
 static void flash__batch_finish(flash_batch *b) {
     flash_loader *l = b->loader;
     flash_ctx *ctx = l->ctx;
@@ -2051,8 +2463,1697 @@ FLASH_API void flash_cache_destroy(flash_cache cache) {
     if (cache.vt && cache.vt->destroy) cache.vt->destroy(cache.self);
 }
 
-/* ---- layer 8 hook (filled in by the model cache) ------------------------- */
-static void flash__engine_reset(flash_ctx *ctx) { (void)ctx; }
+/* ---- 7. model registry --------------------------------------------------- */
+
+#define FLASH__WEEK_S (7u * 24u * 3600u)
+#define FLASH__MAX_KEY 250u
+
+static flash_model *flash__registry;
+
+static uint32_t flash__schema_of(const flash_model *m) {
+    uint64_t h = flash__hash(m->name, strlen(m->name));
+    size_t i;
+    for (i = 0; i < m->nfields; i++) {
+        h ^= flash__hash(m->fields[i].name, strlen(m->fields[i].name)) + (uint64_t)m->fields[i].type;
+        h *= 0x9E3779B97F4A7C15ull;
+    }
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+static void flash__opts_defaults(flash_cache_opts *o, const flash_cache_opts *inherit) {
+    if (inherit) {
+        if (!o->version) o->version = inherit->version;
+        if (!o->timeout_s) o->timeout_s = inherit->timeout_s;
+        if (!o->invalidation) o->invalidation = inherit->invalidation;
+        if (!o->allowtime_s) o->allowtime_s = inherit->allowtime_s;
+    }
+    if (!o->version) o->version = 1;
+    if (!o->timeout_s) o->timeout_s = FLASH__WEEK_S;
+}
+
+FLASH_API void flash_register_model(flash_model *m) {
+    flash_model *it, **tail;
+    if (!m || m->canonical) return;
+    m->fields = m->field_table(&m->nfields);
+    m->schema = flash__schema_of(m);
+    flash__opts_defaults(&m->opts, NULL);
+    if (!m->opts.table) m->opts.table = m->name;
+    if (m->opts.pk < 0 || (size_t)m->opts.pk >= m->nfields) m->opts.pk = 0;
+    for (tail = &flash__registry; (it = *tail) != NULL; tail = &it->next) {
+        if (strcmp(it->name, m->name) == 0) {
+            /* Another file's copy of the same model: share the first one. A
+               different model under the same name stays apart, and its
+               classes fail with FLASH_EINVAL (flash_register_class). */
+            m->canonical = it->schema == m->schema ? it : m;
+            return;
+        }
+    }
+    m->canonical = m;
+    *tail = m;
+}
+
+FLASH_API void flash_register_class(flash_class *c) {
+    flash_model *m;
+    flash_class *it, **tail;
+    size_t i;
+    if (!c || c->canonical) return;
+    flash_register_model(c->model);
+    m = c->model->canonical;
+    c->canonical = c;
+    if (m != c->model || m->schema != c->model->schema) {
+        if (m == c->model) { /* a model named like a registered one, other fields */
+            c->error = FLASH_EINVAL;
+            return;
+        }
+    }
+    c->model = m;
+    if (c->nfields == 0 || c->nfields > sizeof c->fields / sizeof c->fields[0]) {
+        c->error = FLASH_EINVAL;
+        return;
+    }
+    for (i = 0; i < c->nfields; i++) {
+        size_t j;
+        c->fields[i] = -1;
+        for (j = 0; j < m->nfields; j++)
+            if (m->fields[j].offset == c->offsets[i]) c->fields[i] = (int)j;
+        if (c->fields[i] < 0) {
+            c->error = FLASH_EINVAL;
+            return;
+        }
+    }
+    flash__opts_defaults(&c->opts, (c->kind == FLASH_CLASS_GET || c->kind == FLASH_CLASS_FILTER) ? &m->opts : NULL);
+    for (tail = &m->classes; (it = *tail) != NULL; tail = &it->next) {
+        if (strcmp(it->name, c->name) == 0) {
+            c->canonical = it;
+            if (it->kind != c->kind || it->nfields != c->nfields) c->error = FLASH_EINVAL;
+            return;
+        }
+    }
+    *tail = c;
+}
+
+FLASH_API flash_model *flash_models(void) { return flash__registry; }
+
+FLASH_API flash_model *flash_model_find(const char *name) {
+    flash_model *m;
+    if (!name) return NULL;
+    for (m = flash__registry; m; m = m->next)
+        if (strcmp(m->name, name) == 0) return m;
+    return NULL;
+}
+
+FLASH_API int flash_model_field(const flash_model *m, const char *name) {
+    size_t i;
+    if (!m || !name) return -1;
+    if (!m->fields) flash_register_model((flash_model *)m);
+    for (i = 0; i < m->nfields; i++)
+        if (strcmp(m->fields[i].name, name) == 0) return (int)i;
+    return -1;
+}
+
+/* The registered class behind any copy, or NULL with *err set. */
+static flash_class *flash__class_of(const flash_class *c, int *err) {
+    flash_class *cc = (flash_class *)c;
+    if (!cc) {
+        *err = FLASH_EINVAL;
+        return NULL;
+    }
+    if (!cc->canonical) flash_register_class(cc);
+    if (cc->error) {
+        *err = cc->error;
+        return NULL;
+    }
+    return cc->canonical;
+}
+
+FLASH_API flash_value flash_v_i64(int64_t v) {
+    flash_value x;
+    memset(&x, 0, sizeof x);
+    x.type = FLASH_I64;
+    x.u.i64 = v;
+    return x;
+}
+FLASH_API flash_value flash_v_i32(int32_t v) {
+    flash_value x;
+    memset(&x, 0, sizeof x);
+    x.type = FLASH_I32;
+    x.u.i32 = v;
+    return x;
+}
+FLASH_API flash_value flash_v_f64(double v) {
+    flash_value x;
+    memset(&x, 0, sizeof x);
+    x.type = FLASH_F64;
+    x.u.f64 = v;
+    return x;
+}
+FLASH_API flash_value flash_v_bool(bool v) {
+    flash_value x;
+    memset(&x, 0, sizeof x);
+    x.type = FLASH_BOOL;
+    x.u.b = v;
+    return x;
+}
+FLASH_API flash_value flash_v_strn(const char *s, size_t n) {
+    flash_value x;
+    memset(&x, 0, sizeof x);
+    x.type = FLASH_STR;
+    x.is_null = s == NULL;
+    x.u.s.ptr = s;
+    x.u.s.len = s ? n : 0;
+    return x;
+}
+FLASH_API flash_value flash_v_str(const char *s) { return flash_v_strn(s, s ? strlen(s) : 0); }
+FLASH_API flash_value flash_v_bytes(flash_bytes b) {
+    flash_value x = flash_v_strn((const char *)b.data, b.len);
+    x.type = FLASH_BYTES;
+    return x;
+}
+FLASH_API flash_value flash_v_null(flash_type type) {
+    flash_value x;
+    memset(&x, 0, sizeof x);
+    x.type = type;
+    x.is_null = true;
+    return x;
+}
+
+FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field) {
+    const char *p;
+    flash_value v;
+    memset(&v, 0, sizeof v);
+    if (!m || !row || field < 0 || (size_t)field >= m->nfields) return v;
+    p = (const char *)row + m->fields[field].offset;
+    switch (m->fields[field].type) {
+    case FLASH_I64: {
+        int64_t x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_i64(x);
+    }
+    case FLASH_I32: {
+        int32_t x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_i32(x);
+    }
+    case FLASH_F64: {
+        double x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_f64(x);
+    }
+    case FLASH_BOOL: {
+        bool x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_bool(x);
+    }
+    case FLASH_STR: {
+        const char *x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_str(x);
+    }
+    case FLASH_BYTES: {
+        flash_bytes x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_bytes(x);
+    }
+    }
+    return v;
+}
+
+FLASH_API bool flash_value_eq(const flash_value *a, const flash_value *b) {
+    if (!a || !b || a->type != b->type || a->is_null != b->is_null) return false;
+    if (a->is_null) return true;
+    switch (a->type) {
+    case FLASH_I64: return a->u.i64 == b->u.i64;
+    case FLASH_I32: return a->u.i32 == b->u.i32;
+    case FLASH_F64: return a->u.f64 == b->u.f64;
+    case FLASH_BOOL: return a->u.b == b->u.b;
+    case FLASH_STR:
+    case FLASH_BYTES:
+        return a->u.s.len == b->u.s.len && (a->u.s.len == 0 || memcmp(a->u.s.ptr, b->u.s.ptr, a->u.s.len) == 0);
+    }
+    return false;
+}
+
+FLASH_API void *flash_row_copy(flash_ctx *ctx, const flash_model *m, const void *row) {
+    char *out;
+    size_t i;
+    if (!ctx || !m || !row) return NULL;
+    out = (char *)flash__alloc(ctx, m->size);
+    if (!out) return NULL;
+    memcpy(out, row, m->size);
+    for (i = 0; i < m->nfields; i++) {
+        const flash_field *f = &m->fields[i];
+        if (f->type == FLASH_STR) {
+            const char *s;
+            memcpy(&s, out + f->offset, sizeof s);
+            if (s) {
+                s = flash_strdup(ctx, s);
+                if (!s) return NULL;
+                memcpy(out + f->offset, &s, sizeof s);
+            }
+        } else if (f->type == FLASH_BYTES) {
+            flash_bytes b;
+            memcpy(&b, out + f->offset, sizeof b);
+            if (b.data) {
+                b.data = flash_memdup(ctx, b.data, b.len);
+                if (!b.data) return NULL;
+                memcpy(out + f->offset, &b, sizeof b);
+            }
+        }
+    }
+    return out;
+}
+
+/* A growing byte buffer in the arena (abandoned space is reclaimed at reset). */
+typedef struct flash__buf {
+    flash_ctx *ctx;
+    unsigned char *p;
+    size_t len, cap;
+    int err;
+} flash__buf;
+
+static void flash__buf_init(flash__buf *b, flash_ctx *ctx, size_t cap) {
+    b->ctx = ctx;
+    b->len = 0;
+    b->err = 0;
+    b->cap = cap ? cap : 64;
+    b->p = (unsigned char *)flash__alloc(ctx, b->cap);
+    if (!b->p) b->err = FLASH_ENOMEM;
+}
+
+static unsigned char *flash__buf_room(flash__buf *b, size_t n) {
+    if (b->err) return NULL;
+    if (b->cap - b->len < n) {
+        size_t cap = b->cap * 2;
+        unsigned char *p;
+        while (cap - b->len < n) cap *= 2;
+        p = (unsigned char *)flash__alloc(b->ctx, cap);
+        if (!p) {
+            b->err = FLASH_ENOMEM;
+            return NULL;
+        }
+        memcpy(p, b->p, b->len);
+        b->p = p;
+        b->cap = cap;
+    }
+    return b->p + b->len;
+}
+
+static void flash__buf_put(flash__buf *b, const void *data, size_t n) {
+    unsigned char *p = flash__buf_room(b, n);
+    if (!p) return;
+    if (n) memcpy(p, data, n);
+    b->len += n;
+}
+
+static void flash__buf_varint(flash__buf *b, uint64_t v) {
+    unsigned char *p = flash__buf_room(b, 10);
+    size_t n = 0;
+    if (!p) return;
+    while (v >= 0x80) {
+        p[n++] = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (unsigned char)v;
+    b->len += n;
+}
+
+static uint64_t flash__zigzag(int64_t v) { return ((uint64_t)v << 1) ^ (uint64_t)(v >> 63); }
+static int64_t flash__unzigzag(uint64_t v) { return (int64_t)(v >> 1) ^ -(int64_t)(v & 1); }
+
+/* A bounds-checked reader: any overrun sets err and returns zeros. */
+typedef struct flash__rd {
+    const unsigned char *p, *end;
+    int err;
+} flash__rd;
+
+static uint64_t flash__rd_varint(flash__rd *r) {
+    uint64_t v = 0;
+    unsigned shift = 0;
+    while (r->p < r->end && shift < 64) {
+        unsigned char c = *r->p++;
+        v |= (uint64_t)(c & 0x7f) << shift;
+        if (!(c & 0x80)) return v;
+        shift += 7;
+    }
+    r->err = FLASH_EPROTO;
+    return 0;
+}
+
+static const unsigned char *flash__rd_bytes(flash__rd *r, size_t n) {
+    const unsigned char *p = r->p;
+    if ((size_t)(r->end - r->p) < n) {
+        r->err = FLASH_EPROTO;
+        return NULL;
+    }
+    r->p += n;
+    return p;
+}
+
+static void flash__encode_row(flash__buf *b, const flash_model *m, const void *row) {
+    size_t i;
+    for (i = 0; i < m->nfields; i++) {
+        flash_value v = flash_row_value(m, row, (int)i);
+        switch (v.type) {
+        case FLASH_I64: flash__buf_varint(b, flash__zigzag(v.u.i64)); break;
+        case FLASH_I32: flash__buf_varint(b, flash__zigzag(v.u.i32)); break;
+        case FLASH_F64: {
+            uint64_t bits;
+            unsigned char le[8];
+            int k;
+            memcpy(&bits, &v.u.f64, 8);
+            for (k = 0; k < 8; k++) le[k] = (unsigned char)(bits >> (8 * k));
+            flash__buf_put(b, le, 8);
+            break;
+        }
+        case FLASH_BOOL: {
+            unsigned char c = v.u.b ? 1 : 0;
+            flash__buf_put(b, &c, 1);
+            break;
+        }
+        case FLASH_STR:
+        case FLASH_BYTES:
+            /* length + 1, so that 0 can mean NULL */
+            flash__buf_varint(b, v.is_null ? 0 : (uint64_t)v.u.s.len + 1);
+            if (!v.is_null) flash__buf_put(b, v.u.s.ptr, v.u.s.len);
+            break;
+        }
+    }
+}
+
+static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m, void *row) {
+    size_t i;
+    char *out = (char *)row;
+    memset(row, 0, m->size);
+    for (i = 0; i < m->nfields && !r->err; i++) {
+        const flash_field *f = &m->fields[i];
+        char *dst = out + f->offset;
+        switch (f->type) {
+        case FLASH_I64: {
+            int64_t x = flash__unzigzag(flash__rd_varint(r));
+            memcpy(dst, &x, sizeof x);
+            break;
+        }
+        case FLASH_I32: {
+            int64_t w = flash__unzigzag(flash__rd_varint(r));
+            int32_t x = (int32_t)w;
+            if (w != x) r->err = FLASH_EPROTO;
+            memcpy(dst, &x, sizeof x);
+            break;
+        }
+        case FLASH_F64: {
+            const unsigned char *le = flash__rd_bytes(r, 8);
+            uint64_t bits = 0;
+            double x;
+            int k;
+            if (!le) break;
+            for (k = 0; k < 8; k++) bits |= (uint64_t)le[k] << (8 * k);
+            memcpy(&x, &bits, 8);
+            memcpy(dst, &x, sizeof x);
+            break;
+        }
+        case FLASH_BOOL: {
+            const unsigned char *c = flash__rd_bytes(r, 1);
+            bool x;
+            if (!c) break;
+            if (*c > 1) r->err = FLASH_EPROTO;
+            x = *c == 1;
+            memcpy(dst, &x, sizeof x);
+            break;
+        }
+        case FLASH_STR:
+        case FLASH_BYTES: {
+            uint64_t n1 = flash__rd_varint(r);
+            const unsigned char *data;
+            char *copy;
+            if (r->err || n1 == 0) break; /* NULL: already zero */
+            if (n1 - 1 > (uint64_t)(r->end - r->p)) {
+                r->err = FLASH_EPROTO;
+                break;
+            }
+            data = flash__rd_bytes(r, (size_t)(n1 - 1));
+            copy = (char *)flash_memdup(ctx, data, (size_t)(n1 - 1));
+            if (!copy) {
+                r->err = FLASH_ENOMEM;
+                break;
+            }
+            if (f->type == FLASH_STR) {
+                if (memchr(copy, 0, (size_t)(n1 - 1))) r->err = FLASH_EPROTO;
+                memcpy(dst, &copy, sizeof copy);
+            } else {
+                flash_bytes b;
+                b.data = copy;
+                b.len = (size_t)(n1 - 1);
+                memcpy(dst, &b, sizeof b);
+            }
+            break;
+        }
+        }
+    }
+}
+
+FLASH_API int flash_row_encode(flash_ctx *ctx, const flash_model *m, const void *row, void **out, size_t *len) {
+    flash__buf b;
+    if (!ctx || !m || !row || !out || !len) return FLASH_EINVAL;
+    if (!m->fields) flash_register_model((flash_model *)m);
+    flash__buf_init(&b, ctx, 64);
+    flash__encode_row(&b, m, row);
+    if (b.err) return b.err;
+    *out = b.p;
+    *len = b.len;
+    return FLASH_OK;
+}
+
+FLASH_API int flash_row_decode(flash_ctx *ctx, const flash_model *m, const void *data, size_t len, void *row) {
+    flash__rd r;
+    if (!ctx || !m || (!data && len) || !row) return FLASH_EINVAL;
+    if (!m->fields) flash_register_model((flash_model *)m);
+    r.p = (const unsigned char *)data;
+    r.end = r.p + len;
+    r.err = 0;
+    flash__decode_row(&r, ctx, m, row);
+    if (!r.err && r.p != r.end) r.err = FLASH_EPROTO; /* trailing bytes */
+    return r.err;
+}
+
+/* ---- keys ---- */
+
+static bool flash__utf8_valid(const unsigned char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        size_t len, k;
+        uint32_t cp;
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        if ((c & 0xE0) == 0xC0) {
+            len = 2;
+            cp = c & 0x1F;
+        } else if ((c & 0xF0) == 0xE0) {
+            len = 3;
+            cp = c & 0x0F;
+        } else if ((c & 0xF8) == 0xF0) {
+            len = 4;
+            cp = c & 0x07;
+        } else {
+            return false;
+        }
+        if (i + len > n) return false;
+        for (k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return false;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+            cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return false;
+        i += len;
+    }
+    return true;
+}
+
+/* Escaped form: [A-Za-z0-9._-] stay, every other byte is %XX; so the result
+   is memcached-safe (no space or control byte) and ':' separates parts. */
+static void flash__buf_escape(flash__buf *b, const char *s, size_t n) {
+    static const char hex[] = "0123456789ABCDEF";
+    size_t i;
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+            c == '_' || c == '-') {
+            flash__buf_put(b, &s[i], 1);
+        } else {
+            char e[3];
+            e[0] = '%';
+            e[1] = hex[c >> 4];
+            e[2] = hex[c & 15];
+            flash__buf_put(b, e, 3);
+        }
+    }
+}
+
+static const char *flash__type_name(flash_type t) {
+    switch (t) {
+    case FLASH_I64: return "I64";
+    case FLASH_I32: return "I32";
+    case FLASH_F64: return "F64";
+    case FLASH_BOOL: return "BOOL";
+    case FLASH_STR: return "STR";
+    case FLASH_BYTES: return "BYTES";
+    }
+    return "?";
+}
+
+/* Check the key values of a query against its class; message on error. */
+static int flash__check_values(flash_ctx *ctx, const flash_class *c, const flash_value *v, size_t n,
+                               const char **message) {
+    size_t i;
+    if (n != c->nfields || (n && !v)) {
+        *message = flash_sprintf(ctx, "%s takes %zu key value%s, got %zu", c->name, c->nfields,
+                                 c->nfields == 1 ? "" : "s", n);
+        return FLASH_EINVAL;
+    }
+    for (i = 0; i < n; i++) {
+        const flash_field *f = &c->model->fields[c->fields[i]];
+        if (v[i].type != f->type) {
+            *message = flash_sprintf(ctx, "%s: key field '%s' is %s, got %s", c->name, f->name,
+                                     flash__type_name(f->type), flash__type_name(v[i].type));
+            return FLASH_EINVAL;
+        }
+        if (v[i].type == FLASH_STR && !v[i].is_null) {
+            if (!v[i].u.s.ptr || memchr(v[i].u.s.ptr, 0, v[i].u.s.len)) {
+                *message = flash_sprintf(ctx, "%s: key field '%s' holds a NUL byte", c->name, f->name);
+                return FLASH_EINVAL;
+            }
+            if (!flash__utf8_valid((const unsigned char *)v[i].u.s.ptr, v[i].u.s.len)) {
+                *message = flash_sprintf(ctx, "%s: key field '%s' is not valid UTF-8", c->name, f->name);
+                return FLASH_EINVAL;
+            }
+        } else if (v[i].type == FLASH_BYTES && !v[i].is_null && v[i].u.s.len && !v[i].u.s.ptr) {
+            *message = flash_sprintf(ctx, "%s: key field '%s' has bytes without data", c->name, f->name);
+            return FLASH_EINVAL;
+        }
+    }
+    return FLASH_OK;
+}
+
+static const char *flash__prefix(flash_ctx *ctx, size_t *len) {
+    if (!ctx->prefix) {
+        flash__buf b;
+        /* Built once per context, in allocator memory (kept across resets). */
+        flash__buf_init(&b, ctx, 64);
+        flash__buf_escape(&b, ctx->desc.key_prefix, strlen(ctx->desc.key_prefix));
+        if (b.err) return NULL;
+        ctx->prefix = (char *)flash__sys_alloc(ctx, b.len + 1);
+        if (!ctx->prefix) return NULL;
+        memcpy(ctx->prefix, b.p, b.len);
+        ctx->prefix[b.len] = 0;
+        ctx->prefix_len = b.len;
+    }
+    *len = ctx->prefix_len;
+    return ctx->prefix;
+}
+
+/* prefix:Class:vN: — the part every key of a class starts with. */
+static void flash__key_head(flash__buf *b, flash_ctx *ctx, const flash_class *c) {
+    size_t plen;
+    const char *p = flash__prefix(ctx, &plen);
+    char v[24];
+    if (!p) {
+        b->err = FLASH_ENOMEM;
+        return;
+    }
+    flash__buf_put(b, p, plen);
+    flash__buf_put(b, ":", 1);
+    flash__buf_escape(b, c->name, strlen(c->name));
+    snprintf(v, sizeof v, ":v%u:", (unsigned)c->opts.version);
+    flash__buf_put(b, v, strlen(v));
+}
+
+static void flash__key_value(flash__buf *b, const flash_value *v) {
+    char num[40];
+    if (v->is_null) {
+        flash__buf_put(b, "%N", 2); /* data never yields "%N": '%' is escaped */
+        return;
+    }
+    switch (v->type) {
+    case FLASH_I64: snprintf(num, sizeof num, "%lld", (long long)v->u.i64); break;
+    case FLASH_I32: snprintf(num, sizeof num, "%d", (int)v->u.i32); break;
+    case FLASH_F64: {
+        char *comma;
+        snprintf(num, sizeof num, "%.17g", v->u.f64);
+        comma = strchr(num, ','); /* a locale's decimal comma */
+        if (comma) *comma = '.';
+        break;
+    }
+    case FLASH_BOOL: snprintf(num, sizeof num, "%d", v->u.b ? 1 : 0); break;
+    case FLASH_STR:
+    case FLASH_BYTES: flash__buf_escape(b, v->u.s.ptr, v->u.s.len); return;
+    }
+    flash__buf_escape(b, num, strlen(num));
+}
+
+static void flash__hex128(char out[33], const void *data, size_t n) {
+    static const char hex[] = "0123456789abcdef";
+    uint64_t h[2];
+    int i;
+    h[0] = flash__hash(data, n);
+    h[1] = flash__hash(data, n) ^ flash__hash(&h[0], 8) * 0xff51afd7ed558ccdull;
+    {
+        /* A second, independent pass so the two halves differ. */
+        const unsigned char *s = (const unsigned char *)data;
+        uint64_t x = 0xcbf29ce484222325ull;
+        size_t k;
+        for (k = 0; k < n; k++) x = (x ^ s[k]) * 0x100000001b3ull;
+        h[1] ^= x;
+    }
+    for (i = 0; i < 16; i++) {
+        unsigned char c = (unsigned char)(h[i / 8] >> (8 * (i % 8)));
+        out[2 * i] = hex[c >> 4];
+        out[2 * i + 1] = hex[c & 15];
+    }
+    out[32] = 0;
+}
+
+/* Builds the cache key; full and full_len get the unhashed key when hashed. */
+static int flash__build_key(flash_ctx *ctx, const flash_class *c, const flash_value *v, size_t n, char **key,
+                            size_t *len, char **full, size_t *full_len) {
+    flash__buf b;
+    size_t i, head;
+    flash__buf_init(&b, ctx, 64);
+    flash__key_head(&b, ctx, c);
+    head = b.len;
+    for (i = 0; i < n; i++) {
+        if (i) flash__buf_put(&b, ":", 1);
+        flash__key_value(&b, &v[i]);
+    }
+    flash__buf_put(&b, "", 1); /* NUL, not counted */
+    if (b.err) return b.err;
+    b.len--;
+    if (b.len <= FLASH__MAX_KEY) {
+        *key = (char *)b.p;
+        *len = b.len;
+        if (full) *full = NULL;
+        if (full_len) *full_len = 0;
+        return FLASH_OK;
+    }
+    {
+        char hex[33];
+        char *k;
+        if (head + 1 + 32 > FLASH__MAX_KEY) return FLASH_ETOOLARGE; /* prefix and class name too long */
+        flash__hex128(hex, b.p, b.len);
+        k = (char *)flash__alloc(ctx, head + 1 + 32 + 1);
+        if (!k) return FLASH_ENOMEM;
+        memcpy(k, b.p, head);
+        k[head] = '#';
+        memcpy(k + head + 1, hex, 33);
+        *key = k;
+        *len = head + 1 + 32;
+        if (full) *full = (char *)b.p;
+        if (full_len) *full_len = b.len;
+    }
+    return FLASH_OK;
+}
+
+FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n,
+                              char **key, size_t *len, bool *hashed) {
+    const char *msg;
+    char *full = NULL;
+    int err = 0, rc;
+    flash_class *cc;
+    if (!ctx || !key || !len) return FLASH_EINVAL;
+    cc = flash__class_of(c, &err);
+    if (!cc) return err;
+    rc = flash__check_values(ctx, cc, values, n, &msg);
+    if (rc) return rc;
+    rc = flash__build_key(ctx, cc, values, n, key, len, &full, NULL);
+    if (hashed) *hashed = full != NULL;
+    return rc;
+}
+
+/* ---- 8. query engine ----------------------------------------------------- */
+
+/* Value header: magic, flags, schema, dynamic version, time, [full key]. */
+#define FLASH__MAGIC 0xF1
+enum { FLASH__VF_NONE = 1, FLASH__VF_MARKER = 2, FLASH__VF_HASHED = 4 };
+
+typedef struct flash__binding {
+    const flash_model *model; /* NULL: the default */
+    flash_source source;
+} flash__binding;
+
+FLASH_API int flash_ctx_set_source(flash_ctx *ctx, const flash_model *m, flash_source source) {
+    size_t i;
+    flash__binding *nb;
+    if (!ctx) return FLASH_EINVAL;
+    if (m) {
+        if (!m->canonical) flash_register_model((flash_model *)m);
+        m = m->canonical;
+    }
+    for (i = 0; i < ctx->nsources; i++) {
+        if (ctx->sources[i].model == m) {
+            ctx->sources[i].source = source;
+            return FLASH_OK;
+        }
+    }
+    nb = (flash__binding *)flash__sys_alloc(ctx, (ctx->nsources + 1) * sizeof *nb);
+    if (!nb) return FLASH_ENOMEM;
+    if (ctx->nsources) memcpy(nb, ctx->sources, ctx->nsources * sizeof *nb);
+    nb[ctx->nsources].model = m;
+    nb[ctx->nsources].source = source;
+    flash__sys_free(ctx, ctx->sources);
+    ctx->sources = nb;
+    ctx->nsources++;
+    return FLASH_OK;
+}
+
+static flash_source flash__source_for(flash_ctx *ctx, const flash_model *m) {
+    flash_source none = {NULL, NULL};
+    size_t i;
+    for (i = 0; i < ctx->nsources; i++)
+        if (ctx->sources[i].model == m) return ctx->sources[i].source;
+    for (i = 0; i < ctx->nsources; i++)
+        if (ctx->sources[i].model == NULL) return ctx->sources[i].source;
+    return none;
+}
+
+/* One query: the payload of an engine loader key. */
+typedef struct flash__query {
+    flash_class *cls;
+    flash_value *values;
+    char *key, *full;
+    size_t key_len, full_len;
+    int flags;
+} flash__query;
+
+typedef struct flash__engine flash__engine;
+typedef struct flash__eb flash__eb;
+
+/* A backend operation the engine has in flight (fills, writes). */
+typedef struct flash__eop {
+    flash_cache_op op;
+    flash_ctx *ctx;
+    uint64_t gen;
+    struct flash__eop *prev, *next;
+    flash__eb *eb;           /* the batch's GET, or NULL for writes */
+} flash__eop;
+
+struct flash__engine {
+    flash_loader *loader;
+    flash__eop *ops;         /* writes in flight */
+};
+
+/* What the engine decided for one key after the cache answered. */
+enum { FLASH__FILL_NONE = 0, FLASH__FILL_ADD, FLASH__FILL_CAS, FLASH__FILL_SET };
+
+/* Rows (or ids) collected for one key tuple of a list-like class. */
+typedef struct flash__rows {
+    void *row;
+    struct flash__rows *next;
+} flash__rows;
+
+struct flash_fetch {
+    flash__eb *eb;
+    flash_class *cls;
+    flash_ctx *ctx;
+    size_t count;
+    size_t *index;           /* batch index of each key tuple */
+    uint32_t *map;           /* open addressing: key hash -> tuple + 1 */
+    size_t map_cap;
+    void **row;              /* GET/INSTANCE: the row */
+    flash__rows **rows, **rows_tail;
+    size_t *nrows;           /* FILTER/LIST/COUNT/IDS: rows (or ids) seen */
+    int64_t *counts;         /* COUNT set by flash_fetch_set_count */
+    bool *count_set;
+    int *error;
+    const char **message;
+    uint64_t gen;
+    bool done, canceled;
+    flash_source src;
+};
+
+struct flash__eb {
+    flash_ctx *ctx;
+    flash_batch *batch;
+    uint64_t gen;
+    size_t n;
+    flash__query **qs;
+    flash__eop *get;         /* the GET in flight */
+    uint8_t *fill;           /* per key: FLASH__FILL_* */
+    uint64_t *cas;           /* per key: CAS of a marker seen */
+    flash_fetch **fetches;
+    size_t nfetches, fetches_pending;
+    bool canceled;
+};
+
+static int64_t flash__now(flash_ctx *ctx) { return ctx->desc.clock_ms(ctx->desc.clock_user_data); }
+
+static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud);
+static void flash__engine_cancel(flash_ctx *ctx, flash_batch *b, void *ud);
+
+static flash__engine *flash__engine_get(flash_ctx *ctx) {
+    flash__engine *e = (flash__engine *)ctx->engine;
+    if (!e) {
+        flash_loader_desc d;
+        e = (flash__engine *)flash_calloc(ctx, 1, sizeof *e);
+        if (!e) return NULL;
+        memset(&d, 0, sizeof d);
+        d.name = "flash";
+        d.batch = flash__engine_batch;
+        d.cancel = flash__engine_cancel;
+        d.user_data = e;
+        d.max_batch = ctx->desc.max_batch;
+        d.memo_errors = true; /* a request sees one answer per query, found or not */
+        e->loader = flash_loader_create(ctx, &d);
+        if (!e->loader) return NULL;
+        ctx->engine = e;
+    }
+    return e;
+}
+
+static void flash__eop_link(flash_ctx *ctx, flash__eop *o) {
+    flash__engine *e = (flash__engine *)ctx->engine;
+    o->ctx = ctx;
+    o->gen = flash__hold(ctx);
+    ctx->inflight++;
+    o->prev = NULL;
+    o->next = e->ops;
+    if (e->ops) e->ops->prev = o;
+    e->ops = o;
+}
+
+static void flash__eop_unlink(flash__eop *o) {
+    flash_ctx *ctx = o->ctx;
+    flash__engine *e = (flash__engine *)ctx->engine;
+    if (o->prev) o->prev->next = o->next;
+    else if (e) e->ops = o->next;
+    if (o->next) o->next->prev = o->prev;
+    ctx->inflight--;
+    flash__unhold(ctx, o->gen);
+}
+
+static void flash__engine_reset(flash_ctx *ctx) {
+    flash__engine *e = (flash__engine *)ctx->engine;
+    if (!e) return;
+    while (e->ops) {
+        flash__eop *o = e->ops;
+        if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &o->op);
+        flash__eop_unlink(o);
+    }
+    ctx->engine = NULL;
+}
+
+static void flash__write_done(flash_cache_op *op) {
+    flash__eop *o = (flash__eop *)op->data;
+    flash_ctx *ctx = o->ctx;
+    size_t i;
+    if (op->code == FLASH_CACHE_ADD || op->code == FLASH_CACHE_CAS || op->code == FLASH_CACHE_SET) {
+        for (i = 0; i < op->count; i++)
+            if (!op->quiet && op->items[i].status != FLASH_OK) ctx->stats.fills_skipped++;
+    }
+    if (ctx->desc.log_fill_errors && op->status)
+        flash_ctx_log(ctx, FLASH_LOG_WARN, "cache write failed: %s", flash_strerror(op->status));
+    flash__eop_unlink(o);
+}
+
+/* Issue a write (fills, markers, deletes) the request does not wait for. */
+static void flash__write(flash_ctx *ctx, flash_cache_opcode code, flash_cache_item *items, size_t n) {
+    flash__eop *o;
+    if (!n || !ctx->desc.cache.vt || !flash__engine_get(ctx)) return;
+    o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
+    if (!o) return;
+    o->op.code = code;
+    o->op.items = items;
+    o->op.count = n;
+    o->op.quiet = false;
+    o->op.done = flash__write_done;
+    o->op.data = o;
+    flash__eop_link(ctx, o);
+    ctx->stats.writes++;
+    ctx->desc.cache.vt->submit(ctx->desc.cache.self, ctx->loop, &o->op);
+}
+
+static bool flash__one_row(flash_class_kind k) { return k == FLASH_CLASS_GET || k == FLASH_CLASS_INSTANCE; }
+
+/* Encode a result as a cached value: header then payload. */
+static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *result, bool none, void **out,
+                               size_t *len) {
+    flash__buf b;
+    const flash_class *c = q->cls;
+    unsigned char hdr[6];
+    uint32_t schema = c->model->schema;
+    flash__buf_init(&b, ctx, 64);
+    hdr[0] = FLASH__MAGIC;
+    hdr[1] = (unsigned char)((none ? FLASH__VF_NONE : 0) | (q->full ? FLASH__VF_HASHED : 0));
+    hdr[2] = (unsigned char)schema;
+    hdr[3] = (unsigned char)(schema >> 8);
+    hdr[4] = (unsigned char)(schema >> 16);
+    hdr[5] = (unsigned char)(schema >> 24);
+    flash__buf_put(&b, hdr, 6);
+    flash__buf_varint(&b, 0); /* dynamic version (layer 9) */
+    flash__buf_varint(&b, (uint64_t)flash__now(ctx));
+    if (q->full) {
+        flash__buf_varint(&b, q->full_len);
+        flash__buf_put(&b, q->full, q->full_len);
+    }
+    if (!none) {
+        if (flash__one_row(c->kind)) {
+            flash__encode_row(&b, c->model, result);
+        } else if (c->kind == FLASH_CLASS_COUNT) {
+            flash__buf_varint(&b, flash__zigzag(*(int64_t *)result));
+        } else if (c->kind == FLASH_CLASS_IDS) {
+            flash_ids *ids = (flash_ids *)result;
+            size_t i;
+            flash__buf_varint(&b, ids->count);
+            for (i = 0; i < ids->count; i++) flash__buf_varint(&b, flash__zigzag(ids->ids[i]));
+        } else {
+            flash_list *l = (flash_list *)result;
+            size_t i;
+            flash__buf_varint(&b, l->count);
+            for (i = 0; i < l->count; i++) flash__encode_row(&b, c->model, l->items[i]);
+        }
+    }
+    if (b.err) return b.err;
+    *out = b.p;
+    *len = b.len;
+    return FLASH_OK;
+}
+
+/* Decode a cached value for q. Returns 1 with *result (NULL + *none for a
+   cached not-found) when usable, 0 when it is a miss (marker, other key,
+   other schema), or a negative error for a corrupt value. */
+static int flash__decode_value(flash_ctx *ctx, const flash__query *q, const void *data, size_t len, void **result,
+                               bool *none, bool *marker) {
+    flash__rd r;
+    const unsigned char *hdr;
+    const flash_class *c = q->cls;
+    uint32_t schema;
+    unsigned flags;
+    r.p = (const unsigned char *)data;
+    r.end = r.p + len;
+    r.err = 0;
+    *result = NULL;
+    *none = false;
+    *marker = false;
+    hdr = flash__rd_bytes(&r, 6);
+    if (!hdr || hdr[0] != FLASH__MAGIC) return FLASH_EPROTO;
+    flags = hdr[1];
+    schema = (uint32_t)hdr[2] | ((uint32_t)hdr[3] << 8) | ((uint32_t)hdr[4] << 16) | ((uint32_t)hdr[5] << 24);
+    (void)flash__rd_varint(&r); /* dynamic version */
+    (void)flash__rd_varint(&r); /* time */
+    if (r.err) return FLASH_EPROTO;
+    if (flags & FLASH__VF_MARKER) {
+        *marker = true;
+        return 0;
+    }
+    if (schema != c->model->schema) return 0; /* written by another version of the model */
+    if (flags & FLASH__VF_HASHED) {
+        uint64_t n = flash__rd_varint(&r);
+        const unsigned char *k;
+        if (r.err || n > (uint64_t)(r.end - r.p)) return FLASH_EPROTO;
+        k = flash__rd_bytes(&r, (size_t)n);
+        if (!q->full || n != q->full_len || memcmp(k, q->full, (size_t)n) != 0) return 0; /* hash collision */
+    } else if (q->full) {
+        return 0;
+    }
+    if (flags & FLASH__VF_NONE) {
+        if (r.p != r.end) return FLASH_EPROTO;
+        *none = true;
+        return 1;
+    }
+    if (flash__one_row(c->kind)) {
+        void *row = flash__alloc(ctx, c->model->size);
+        if (!row) return FLASH_ENOMEM;
+        flash__decode_row(&r, ctx, c->model, row);
+        *result = row;
+    } else if (c->kind == FLASH_CLASS_COUNT) {
+        int64_t *n = (int64_t *)flash__alloc(ctx, sizeof *n);
+        if (!n) return FLASH_ENOMEM;
+        *n = flash__unzigzag(flash__rd_varint(&r));
+        *result = n;
+    } else if (c->kind == FLASH_CLASS_IDS) {
+        uint64_t count = flash__rd_varint(&r), i;
+        flash_ids *ids = (flash_ids *)flash__alloc(ctx, sizeof *ids);
+        if (!ids || r.err || count > (uint64_t)(r.end - r.p)) return ids ? FLASH_EPROTO : FLASH_ENOMEM;
+        ids->count = (size_t)count;
+        ids->ids = (int64_t *)flash__alloc(ctx, (count ? (size_t)count : 1) * sizeof *ids->ids);
+        if (!ids->ids) return FLASH_ENOMEM;
+        for (i = 0; i < count && !r.err; i++) ids->ids[i] = flash__unzigzag(flash__rd_varint(&r));
+        *result = ids;
+    } else {
+        uint64_t count = flash__rd_varint(&r), i;
+        flash_list *l = (flash_list *)flash__alloc(ctx, sizeof *l);
+        if (!l || r.err || count > (uint64_t)(r.end - r.p)) return l ? FLASH_EPROTO : FLASH_ENOMEM;
+        l->count = (size_t)count;
+        l->items = (void **)flash__alloc(ctx, (count ? (size_t)count : 1) * sizeof *l->items);
+        if (!l->items) return FLASH_ENOMEM;
+        for (i = 0; i < count && !r.err; i++) {
+            l->items[i] = flash__alloc(ctx, c->model->size);
+            if (!l->items[i]) return FLASH_ENOMEM;
+            flash__decode_row(&r, ctx, c->model, l->items[i]);
+        }
+        *result = l;
+    }
+    if (r.err) return r.err;
+    if (r.p != r.end) return FLASH_EPROTO;
+    return 1;
+}
+
+static const char *flash__notfound_message(flash_ctx *ctx, const flash__query *q) {
+    const char *m = flash_sprintf(ctx, "%s matching query does not exist (%s)", q->cls->model->name, q->key);
+    return m ? m : flash_strerror(FLASH_ENOTFOUND);
+}
+
+static void flash__eb_settle_none(flash__eb *eb, size_t i) {
+    flash_batch_reject(eb->batch, i, FLASH_ENOTFOUND, flash__notfound_message(eb->ctx, eb->qs[i]));
+}
+
+static void flash__eb_maybe_end(flash__eb *eb) {
+    if (eb->fetches_pending == 0 && !eb->get && !eb->canceled) flash_batch_end(eb->batch);
+}
+
+/* ---- fetches ---- */
+
+static uint64_t flash__tuple_hash(const flash_value *v, size_t n) {
+    uint64_t h = 0x12345;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        switch (v[i].type) {
+        case FLASH_I64: h ^= flash__hash(&v[i].u.i64, 8); break;
+        case FLASH_I32: {
+            int64_t w = v[i].u.i32;
+            h ^= flash__hash(&w, 8);
+            break;
+        }
+        case FLASH_F64: h ^= flash__hash(&v[i].u.f64, 8); break;
+        case FLASH_BOOL: h ^= v[i].u.b ? 0x55 : 0xAA; break;
+        case FLASH_STR:
+        case FLASH_BYTES: h ^= v[i].is_null ? 0x77 : flash__hash(v[i].u.s.ptr ? v[i].u.s.ptr : "", v[i].u.s.len); break;
+        }
+        h = (h ^ (h >> 31)) * 0x9E3779B97F4A7C15ull + i;
+    }
+    return h;
+}
+
+static int flash__fetch_map_build(flash_fetch *f) {
+    size_t i, cap = 8;
+    while (cap < f->count * 2) cap *= 2;
+    f->map = (uint32_t *)flash_calloc(f->ctx, cap, sizeof *f->map);
+    if (!f->map) return FLASH_ENOMEM;
+    f->map_cap = cap;
+    for (i = 0; i < f->count; i++) {
+        const flash__query *q = f->eb->qs[f->index[i]];
+        size_t j = (size_t)flash__tuple_hash(q->values, f->cls->nfields) & (cap - 1);
+        while (f->map[j]) j = (j + 1) & (cap - 1);
+        f->map[j] = (uint32_t)(i + 1);
+    }
+    return FLASH_OK;
+}
+
+/* The key tuple a row belongs to, or -1. */
+static long flash__fetch_match(flash_fetch *f, const void *row) {
+    flash_value v[8];
+    size_t k, j;
+    const flash_class *c = f->cls;
+    for (k = 0; k < c->nfields; k++) v[k] = flash_row_value(c->model, row, c->fields[k]);
+    j = (size_t)flash__tuple_hash(v, c->nfields) & (f->map_cap - 1);
+    while (f->map[j]) {
+        size_t t = f->map[j] - 1;
+        const flash_value *kv = f->eb->qs[f->index[t]]->values;
+        for (k = 0; k < c->nfields; k++)
+            if (!flash_value_eq(&kv[k], &v[k])) break;
+        if (k == c->nfields) return (long)t;
+        j = (j + 1) & (f->map_cap - 1);
+    }
+    return -1;
+}
+
+static int flash__fetch_check(flash_fetch *f) {
+    if (!f) return FLASH_EINVAL;
+    if (f->gen != f->ctx->gen || f->canceled) return FLASH_ECANCELED;
+    if (f->done) return FLASH_ESTATE;
+    return FLASH_OK;
+}
+
+FLASH_API flash_ctx *flash_fetch_ctx(const flash_fetch *f) { return f ? f->ctx : NULL; }
+FLASH_API const flash_model *flash_fetch_model(const flash_fetch *f) { return f ? f->cls->model : NULL; }
+FLASH_API const flash_class *flash_fetch_class(const flash_fetch *f) { return f ? f->cls : NULL; }
+FLASH_API size_t flash_fetch_nfields(const flash_fetch *f) { return f ? f->cls->nfields : 0; }
+FLASH_API int flash_fetch_field(const flash_fetch *f, size_t j) {
+    return (f && j < f->cls->nfields) ? f->cls->fields[j] : -1;
+}
+FLASH_API size_t flash_fetch_count(const flash_fetch *f) { return f ? f->count : 0; }
+FLASH_API const flash_value *flash_fetch_key(const flash_fetch *f, size_t i) {
+    return (f && i < f->count) ? f->eb->qs[f->index[i]]->values : NULL;
+}
+
+static int flash__fetch_add(flash_fetch *f, size_t t, const void *row) {
+    flash_ctx *ctx = f->ctx;
+    const flash_class *c = f->cls;
+    if (f->error[t]) return FLASH_OK;
+    if (flash__one_row(c->kind)) {
+        if (f->row[t]) {
+            f->error[t] = FLASH_EMULTIPLE;
+            f->message[t] = flash_sprintf(ctx, "%s: more than one %s for %s", c->name, c->model->name,
+                                          f->eb->qs[f->index[t]]->key);
+            return FLASH_EMULTIPLE;
+        }
+        f->row[t] = flash_row_copy(ctx, c->model, row);
+        return f->row[t] ? FLASH_OK : FLASH_ENOMEM;
+    }
+    if (c->kind == FLASH_CLASS_COUNT) {
+        f->nrows[t]++;
+        return FLASH_OK;
+    }
+    {
+        flash__rows *r = (flash__rows *)flash__alloc(ctx, sizeof *r);
+        if (!r) return FLASH_ENOMEM;
+        r->next = NULL;
+        if (c->kind == FLASH_CLASS_IDS) {
+            flash_value pk = flash_row_value(c->model, row, c->model->opts.pk);
+            int64_t *id = (int64_t *)flash__alloc(ctx, sizeof *id);
+            if (!id) return FLASH_ENOMEM;
+            if (pk.type == FLASH_I64) *id = pk.u.i64;
+            else if (pk.type == FLASH_I32) *id = pk.u.i32;
+            else {
+                f->error[t] = FLASH_EINVAL;
+                f->message[t] = flash_sprintf(ctx, "%s: ids need an integer primary key", c->name);
+                return FLASH_EINVAL;
+            }
+            r->row = id;
+        } else {
+            r->row = flash_row_copy(ctx, c->model, row);
+            if (!r->row) return FLASH_ENOMEM;
+        }
+        if (f->rows_tail[t]) f->rows_tail[t]->next = r;
+        else f->rows[t] = r;
+        f->rows_tail[t] = r;
+        f->nrows[t]++;
+    }
+    return FLASH_OK;
+}
+
+FLASH_API int flash_fetch_row(flash_fetch *f, const void *row) {
+    int rc = flash__fetch_check(f);
+    long t;
+    if (rc) return rc;
+    if (!row) return FLASH_EINVAL;
+    if (!f->map && (rc = flash__fetch_map_build(f)) != FLASH_OK) return rc;
+    f->ctx->stats.source_rows++;
+    t = flash__fetch_match(f, row);
+    if (t < 0) return FLASH_ENOTFOUND; /* a row nobody asked for: ignored */
+    return flash__fetch_add(f, (size_t)t, row);
+}
+
+FLASH_API int flash_fetch_set_row(flash_fetch *f, size_t i, const void *row) {
+    int rc = flash__fetch_check(f);
+    if (rc) return rc;
+    if (i >= f->count) return FLASH_EINVAL;
+    if (!row) return FLASH_OK; /* none: the default */
+    if (!flash__one_row(f->cls->kind)) return flash__fetch_add(f, i, row);
+    f->row[i] = NULL; /* set, not add: replaces */
+    return flash__fetch_add(f, i, row);
+}
+
+FLASH_API int flash_fetch_set_count(flash_fetch *f, size_t i, int64_t count) {
+    int rc = flash__fetch_check(f);
+    if (rc) return rc;
+    if (i >= f->count || f->cls->kind != FLASH_CLASS_COUNT) return FLASH_EINVAL;
+    f->counts[i] = count;
+    f->count_set[i] = true;
+    return FLASH_OK;
+}
+
+FLASH_API int flash_fetch_add_id(flash_fetch *f, size_t i, int64_t id) {
+    int rc = flash__fetch_check(f);
+    flash__rows *r;
+    int64_t *p;
+    if (rc) return rc;
+    if (i >= f->count || f->cls->kind != FLASH_CLASS_IDS) return FLASH_EINVAL;
+    r = (flash__rows *)flash__alloc(f->ctx, sizeof *r);
+    p = (int64_t *)flash__alloc(f->ctx, sizeof *p);
+    if (!r || !p) return FLASH_ENOMEM;
+    *p = id;
+    r->row = p;
+    r->next = NULL;
+    if (f->rows_tail[i]) f->rows_tail[i]->next = r;
+    else f->rows[i] = r;
+    f->rows_tail[i] = r;
+    f->nrows[i]++;
+    return FLASH_OK;
+}
+
+FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message) {
+    int rc = flash__fetch_check(f);
+    if (rc) return rc;
+    if (i >= f->count) return FLASH_EINVAL;
+    f->error[i] = code ? code : FLASH_ESOURCE;
+    f->message[i] = flash__msgdup(f->ctx, f->error[i], message);
+    return FLASH_OK;
+}
+
+/* The result of tuple t, or NULL for a not-found (one-row classes). */
+static void *flash__fetch_result(flash_fetch *f, size_t t) {
+    flash_ctx *ctx = f->ctx;
+    const flash_class *c = f->cls;
+    flash__rows *r;
+    size_t k = 0;
+    if (flash__one_row(c->kind)) return f->row[t];
+    if (c->kind == FLASH_CLASS_COUNT) {
+        int64_t *n = (int64_t *)flash__alloc(ctx, sizeof *n);
+        if (n) *n = f->count_set[t] ? f->counts[t] : (int64_t)f->nrows[t];
+        return n;
+    }
+    if (c->kind == FLASH_CLASS_IDS) {
+        flash_ids *ids = (flash_ids *)flash__alloc(ctx, sizeof *ids);
+        if (!ids) return NULL;
+        ids->count = f->nrows[t];
+        ids->ids = (int64_t *)flash__alloc(ctx, (ids->count ? ids->count : 1) * sizeof *ids->ids);
+        if (!ids->ids) return NULL;
+        for (r = f->rows[t]; r; r = r->next) ids->ids[k++] = *(int64_t *)r->row;
+        return ids;
+    }
+    {
+        flash_list *l = (flash_list *)flash__alloc(ctx, sizeof *l);
+        if (!l) return NULL;
+        l->count = f->nrows[t];
+        l->items = (void **)flash__alloc(ctx, (l->count ? l->count : 1) * sizeof *l->items);
+        if (!l->items) return NULL;
+        for (r = f->rows[t]; r; r = r->next) l->items[k++] = r->row;
+        return l;
+    }
+}
+
+static size_t flash__max_value(flash_ctx *ctx) {
+    const flash_cache *c = &ctx->desc.cache;
+    return (c->vt && c->vt->max_value) ? c->vt->max_value(c->self) : (size_t)1 << 20;
+}
+
+FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) {
+    flash__eb *eb;
+    flash_ctx *ctx;
+    flash_cache_item *fills[4] = {NULL, NULL, NULL, NULL};
+    size_t nfill[4] = {0, 0, 0, 0}, t, maxv;
+    const flash_class *c;
+    int rc = flash__fetch_check(f);
+    if (rc == FLASH_ECANCELED && f && !f->done) {
+        /* A late answer for a reset request: release its memory now. */
+        f->done = true;
+        flash__unhold(f->ctx, f->gen);
+        return rc;
+    }
+    if (rc) return rc;
+    f->done = true;
+    flash__unhold(f->ctx, f->gen);
+    eb = f->eb;
+    ctx = f->ctx;
+    c = f->cls;
+    maxv = flash__max_value(ctx);
+    if (status) {
+        const char *m = flash__msgdup(ctx, status, message);
+        for (t = 0; t < f->count; t++) {
+            if (!f->error[t]) {
+                f->error[t] = status;
+                f->message[t] = m;
+            }
+        }
+    }
+    for (t = 0; t < f->count; t++) {
+        size_t i = f->index[t];
+        flash__query *q = eb->qs[i];
+        void *result;
+        bool none;
+        int fill = eb->fill[i];
+        if (f->error[t]) {
+            flash_batch_reject(eb->batch, i, f->error[t], f->message[t]);
+            continue;
+        }
+        result = flash__fetch_result(f, t);
+        none = result == NULL;
+        if (none && !flash__one_row(c->kind)) {
+            flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+            continue;
+        }
+        if (fill != FLASH__FILL_NONE && !(none && c->opts.no_cache_none)) {
+            void *val;
+            size_t len;
+            if (flash__encode_value(ctx, q, result, none, &val, &len) == FLASH_OK) {
+                if (len > maxv) {
+                    ctx->stats.fills_skipped++;
+                    flash_ctx_log(ctx, FLASH_LOG_WARN,
+                                  "%s: value for %s is %zu bytes, over the backend limit of %zu: not cached",
+                                  c->name, q->key, len, maxv);
+                } else {
+                    if (!fills[fill]) fills[fill] = (flash_cache_item *)flash_calloc(ctx, f->count, sizeof **fills);
+                    if (fills[fill]) {
+                        flash_cache_item *it = &fills[fill][nfill[fill]++];
+                        it->key = q->key;
+                        it->key_len = q->key_len;
+                        it->value = val;
+                        it->value_len = len;
+                        it->ttl_s = c->opts.timeout_s;
+                        it->cas = eb->cas[i];
+                    }
+                }
+            }
+        }
+        if (none) flash__eb_settle_none(eb, i);
+        else flash_batch_resolve(eb->batch, i, result);
+    }
+    ctx->stats.fills += nfill[FLASH__FILL_ADD] + nfill[FLASH__FILL_CAS] + nfill[FLASH__FILL_SET];
+    flash__write(ctx, FLASH_CACHE_ADD, fills[FLASH__FILL_ADD], nfill[FLASH__FILL_ADD]);
+    flash__write(ctx, FLASH_CACHE_CAS, fills[FLASH__FILL_CAS], nfill[FLASH__FILL_CAS]);
+    flash__write(ctx, FLASH_CACHE_SET, fills[FLASH__FILL_SET], nfill[FLASH__FILL_SET]);
+    eb->fetches_pending--;
+    flash__eb_maybe_end(eb);
+    return FLASH_OK;
+}
+
+/* Start one fetch per class for the keys marked to go to the source. */
+static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
+    flash_ctx *ctx = eb->ctx;
+    size_t i, j, k, nf = 0;
+    flash_class **classes = (flash_class **)flash__alloc(ctx, eb->n * sizeof *classes);
+    size_t *counts = (size_t *)flash_calloc(ctx, eb->n, sizeof *counts);
+    if (!classes || !counts) {
+        for (i = 0; i < eb->n; i++)
+            if (to_source[i]) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+        return;
+    }
+    /* Classes in first-asked order. */
+    for (i = 0; i < eb->n; i++) {
+        if (!to_source[i]) continue;
+        for (j = 0; j < nf && classes[j] != eb->qs[i]->cls; j++) {
+        }
+        if (j == nf) classes[nf++] = eb->qs[i]->cls;
+        counts[j]++;
+    }
+    eb->fetches = (flash_fetch **)flash__alloc(ctx, (nf ? nf : 1) * sizeof *eb->fetches);
+    if (!eb->fetches) return;
+    eb->nfetches = nf;
+    for (j = 0; j < nf; j++) {
+        flash_fetch *f = (flash_fetch *)flash_calloc(ctx, 1, sizeof *f);
+        size_t n = counts[j];
+        if (!f) return;
+        f->eb = eb;
+        f->cls = classes[j];
+        f->ctx = ctx;
+        f->index = (size_t *)flash__alloc(ctx, n * sizeof *f->index);
+        f->row = (void **)flash_calloc(ctx, n, sizeof *f->row);
+        f->rows = (flash__rows **)flash_calloc(ctx, n, sizeof *f->rows);
+        f->rows_tail = (flash__rows **)flash_calloc(ctx, n, sizeof *f->rows_tail);
+        f->nrows = (size_t *)flash_calloc(ctx, n, sizeof *f->nrows);
+        f->counts = (int64_t *)flash_calloc(ctx, n, sizeof *f->counts);
+        f->count_set = (bool *)flash_calloc(ctx, n, sizeof *f->count_set);
+        f->error = (int *)flash_calloc(ctx, n, sizeof *f->error);
+        f->message = (const char **)flash_calloc(ctx, n, sizeof *f->message);
+        if (!f->index || !f->row || !f->rows || !f->rows_tail || !f->nrows || !f->counts || !f->count_set ||
+            !f->error || !f->message)
+            return;
+        for (i = 0, k = 0; i < eb->n; i++)
+            if (to_source[i] && eb->qs[i]->cls == classes[j]) f->index[k++] = i;
+        f->count = n;
+        eb->fetches[j] = f;
+    }
+    eb->fetches_pending = nf;
+    /* Each fetch keeps the request's memory until its source answers, so a
+       source without a cancel function may answer after a reset. */
+    for (j = 0; j < nf; j++) eb->fetches[j]->gen = flash__hold(ctx);
+    /* Dispatch after all are built: a fetch may complete inside the call. */
+    for (j = 0; j < nf; j++) {
+        flash_fetch *f = eb->fetches[j];
+        const flash_class *c = f->cls;
+        uint64_t gen = ctx->gen;
+        ctx->stats.source_calls++;
+        ctx->stats.source_keys += f->count;
+        if (c->opts.fallback) {
+            c->opts.fallback(ctx, f, c->opts.user_data);
+        } else {
+            f->src = flash__source_for(ctx, c->model);
+            if (f->src.vt && f->src.vt->fetch) {
+                f->src.vt->fetch(f->src.self, ctx, f);
+            } else {
+                flash_fetch_done(f, FLASH_ESOURCE,
+                                 flash_sprintf(ctx, "no source for model %s (flash_ctx_set_source)", c->model->name));
+            }
+        }
+        if (ctx->gen != gen) return; /* the source reset the context */
+    }
+}
+
+/* Classify every key of the batch after the cache answered (or without a
+   cache), settle the hits and send the rest to the sources. */
+static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op_status) {
+    flash_ctx *ctx = eb->ctx;
+    size_t i;
+    bool *to_source = (bool *)flash_calloc(ctx, eb->n, sizeof *to_source);
+    bool any = false;
+    if (!to_source) {
+        for (i = 0; i < eb->n; i++) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+        return;
+    }
+    for (i = 0; i < eb->n; i++) {
+        flash__query *q = eb->qs[i];
+        int st = items ? (op_status ? op_status : items[i].status) : FLASH_ENOTFOUND;
+        eb->fill[i] = items ? FLASH__FILL_ADD : FLASH__FILL_NONE;
+        if (items && st == FLASH_OK) {
+            void *result;
+            bool none, marker;
+            int r = flash__decode_value(ctx, q, items[i].value, items[i].value_len, &result, &none, &marker);
+            if (r == 1) {
+                ctx->stats.cache_hits++;
+                if (none) flash__eb_settle_none(eb, i);
+                else flash_batch_resolve(eb->batch, i, result);
+                continue;
+            }
+            ctx->stats.cache_misses++;
+            if (marker) {
+                eb->fill[i] = FLASH__FILL_CAS;
+                eb->cas[i] = items[i].cas;
+            } else if (r < 0) {
+                flash_ctx_log(ctx, FLASH_LOG_WARN, "%s: corrupt cached value at %s (%s): replaced",
+                              q->cls->name, q->key, flash_strerror(r));
+                eb->fill[i] = FLASH__FILL_SET;
+            } else {
+                eb->fill[i] = FLASH__FILL_NONE; /* another key's or schema's value: leave it */
+            }
+        } else if (items && st != FLASH_ENOTFOUND) {
+            ctx->stats.cache_errors++;
+            if (ctx->desc.fail_on_cache_error) {
+                flash_batch_reject(eb->batch, i, st,
+                                   flash_sprintf(ctx, "cache backend failed for %s: %s", q->key, flash_strerror(st)));
+                continue;
+            }
+            eb->fill[i] = FLASH__FILL_NONE; /* do not write to a failing backend */
+        } else if (items) {
+            ctx->stats.cache_misses++;
+        }
+        if (q->flags & FLASH_Q_ONLY_CACHE) {
+            flash_batch_reject(eb->batch, i, FLASH_ENOTFOUND,
+                               flash_sprintf(ctx, "%s: not in the cache (only_cache)", q->key));
+            continue;
+        }
+        to_source[i] = true;
+        any = true;
+    }
+    if (any) flash__eb_fetch(eb, to_source);
+    flash__eb_maybe_end(eb);
+}
+
+static void flash__engine_get_done(flash_cache_op *op) {
+    flash__eop *o = (flash__eop *)op->data;
+    flash__eb *eb = o->eb;
+    flash_ctx *ctx = o->ctx;
+    ctx->stats.cache_round_trips += op->round_trips ? op->round_trips : 1;
+    eb->get = NULL;
+    flash__eb_after_cache(eb, op->items, op->status);
+    /* The batch holds the generation; the GET needs no hold of its own. */
+}
+
+static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
+    size_t n = flash_batch_size(b), i;
+    flash__eb *eb = (flash__eb *)flash_calloc(ctx, 1, sizeof *eb);
+    (void)ud;
+    if (!eb) {
+        flash_batch_fail(b, FLASH_ENOMEM, NULL);
+        return;
+    }
+    eb->ctx = ctx;
+    eb->batch = b;
+    eb->gen = ctx->gen;
+    eb->n = n;
+    eb->qs = (flash__query **)flash__alloc(ctx, n * sizeof *eb->qs);
+    eb->fill = (uint8_t *)flash_calloc(ctx, n, 1);
+    eb->cas = (uint64_t *)flash_calloc(ctx, n, sizeof *eb->cas);
+    if (!eb->qs || !eb->fill || !eb->cas) {
+        flash_batch_fail(b, FLASH_ENOMEM, NULL);
+        return;
+    }
+    for (i = 0; i < n; i++) eb->qs[i] = (flash__query *)flash_batch_payload(b, i);
+    flash_batch_set_data(b, eb); /* for flash__engine_cancel */
+    if (!ctx->desc.cache.vt) {
+        flash__eb_after_cache(eb, NULL, 0);
+        return;
+    }
+    {
+        flash__eop *o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
+        flash_cache_item *items = (flash_cache_item *)flash_calloc(ctx, n, sizeof *items);
+        if (!o || !items) {
+            flash_batch_fail(b, FLASH_ENOMEM, NULL);
+            return;
+        }
+        for (i = 0; i < n; i++) {
+            items[i].key = eb->qs[i]->key;
+            items[i].key_len = eb->qs[i]->key_len;
+        }
+        o->ctx = ctx;
+        o->gen = ctx->gen;
+        o->eb = eb;
+        o->op.code = FLASH_CACHE_GET;
+        o->op.items = items;
+        o->op.count = n;
+        o->op.done = flash__engine_get_done;
+        o->op.data = o;
+        eb->get = o;
+        ctx->stats.cache_keys += n;
+        ctx->desc.cache.vt->submit(ctx->desc.cache.self, ctx->loop, &o->op);
+    }
+}
+
+static void flash__engine_cancel(flash_ctx *ctx, flash_batch *b, void *ud) {
+    flash__eb *eb = (flash__eb *)flash_batch_data(b);
+    size_t j;
+    (void)ud;
+    if (!eb) return;
+    eb->canceled = true;
+    if (eb->get) {
+        if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &eb->get->op);
+        eb->get = NULL;
+    }
+    for (j = 0; j < eb->nfetches; j++) {
+        flash_fetch *f = eb->fetches[j];
+        if (!f || f->done) continue;
+        f->canceled = true;
+        if (f->src.vt && f->src.vt->cancel) {
+            f->src.vt->cancel(f->src.self, f);
+            f->done = true;
+            flash__unhold(ctx, f->gen);
+        }
+    }
+}
+
+/* ---- queries ---- */
+
+static flash_promise *flash__or_none(flash_ctx *ctx, int code, const char *message, void *arg) {
+    (void)arg;
+    if (code == FLASH_ENOTFOUND) return flash_fulfilled(ctx, NULL);
+    return flash_rejected(ctx, code, message);
+}
+static flash_promise *flash__or_404(flash_ctx *ctx, int code, const char *message, void *arg) {
+    (void)arg;
+    return flash_rejected(ctx, code == FLASH_ENOTFOUND ? FLASH_E404 : code, message);
+}
+static flash_promise *flash__none_on_exception(flash_ctx *ctx, int code, const char *message, void *arg) {
+    (void)code;
+    (void)message;
+    (void)arg;
+    return flash_fulfilled(ctx, NULL);
+}
+
+static flash_promise *flash__wrap(flash_ctx *ctx, flash_promise *p, int flags) {
+    if (flags & FLASH_Q_NONE_ON_EXCEPTION) return flash_catch(ctx, p, flash__none_on_exception, NULL);
+    if (flags & FLASH_Q_OR_NONE) return flash_catch(ctx, p, flash__or_none, NULL);
+    if (flags & FLASH_Q_OR_404) return flash_catch(ctx, p, flash__or_404, NULL);
+    return p;
+}
+
+FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c, const flash_value *values,
+                                           size_t n, int flags) {
+    flash__engine *e;
+    flash__query *q;
+    flash_class *cc;
+    const char *msg = NULL;
+    int err = 0, rc;
+    size_t i;
+    char *lkey;
+    flash_promise *p;
+    if (!ctx) return NULL;
+    cc = flash__class_of(c, &err);
+    if (!cc) {
+        p = flash_rejected(ctx, err,
+                           c ? "cache class not registered: its model was registered twice with different fields, "
+                               "or a key field is unknown"
+                             : "NULL cache class");
+        return flash__wrap(ctx, p, flags & FLASH_Q_NONE_ON_EXCEPTION);
+    }
+    rc = flash__check_values(ctx, cc, values, n, &msg);
+    if (rc) return flash__wrap(ctx, flash_rejected(ctx, rc, msg), flags & FLASH_Q_NONE_ON_EXCEPTION);
+    e = flash__engine_get(ctx);
+    q = (flash__query *)flash__alloc(ctx, sizeof *q);
+    if (!e || !q) return NULL;
+    q->cls = cc;
+    q->flags = flags & FLASH_Q_ONLY_CACHE; /* the only flag that changes what is fetched */
+    q->values = (flash_value *)flash__alloc(ctx, n * sizeof *q->values);
+    if (!q->values) return NULL;
+    for (i = 0; i < n; i++) {
+        q->values[i] = values[i];
+        if ((values[i].type == FLASH_STR || values[i].type == FLASH_BYTES) && !values[i].is_null) {
+            q->values[i].u.s.ptr = (const char *)flash_memdup(ctx, values[i].u.s.ptr, values[i].u.s.len);
+            if (!q->values[i].u.s.ptr) return NULL;
+        }
+    }
+    rc = flash__build_key(ctx, cc, q->values, n, &q->key, &q->key_len, &q->full, &q->full_len);
+    if (rc) return flash__wrap(ctx, flash_rejected(ctx, rc, "cannot build the cache key"), flags & FLASH_Q_NONE_ON_EXCEPTION);
+    /* Memo key: the mode, then the full cache key. */
+    {
+        const char *k = q->full ? q->full : q->key;
+        size_t klen = q->full ? q->full_len : q->key_len;
+        lkey = (char *)flash__alloc(ctx, klen + 1);
+        if (!lkey) return NULL;
+        lkey[0] = (char)('0' + q->flags);
+        memcpy(lkey + 1, k, klen);
+        p = flash_load_with(e->loader, lkey, klen + 1, q);
+    }
+    return p ? flash__wrap(ctx, p, flags) : NULL;
+}
+
+FLASH_API flash_query *flash_query_new(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n) {
+    flash_query *q;
+    size_t i;
+    if (!ctx) return NULL;
+    q = (flash_query *)flash__alloc(ctx, sizeof *q);
+    if (!q) return NULL;
+    q->cls = c;
+    q->count = n;
+    q->values = (flash_value *)flash__alloc(ctx, (n ? n : 1) * sizeof *q->values);
+    if (!q->values) return NULL;
+    for (i = 0; i < n; i++) {
+        q->values[i] = values[i];
+        if ((values[i].type == FLASH_STR || values[i].type == FLASH_BYTES) && !values[i].is_null && values[i].u.s.ptr) {
+            q->values[i].u.s.ptr = (const char *)flash_memdup(ctx, values[i].u.s.ptr, values[i].u.s.len);
+            if (!q->values[i].u.s.ptr) return NULL;
+        }
+    }
+    return q;
+}
+
+FLASH_API flash_promise *flash_query_run_async(flash_ctx *ctx, const flash_query *q, int flags) {
+    if (!ctx) return NULL;
+    if (!q) return flash_rejected(ctx, FLASH_EINVAL, "NULL query");
+    return flash_query_async(ctx, q->cls, q->values, q->count, flags);
+}
+
+FLASH_API flash_promise *flash_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs, int flags) {
+    flash_promise **ps;
+    size_t i;
+    if (!ctx) return NULL;
+    if (n && !qs) return flash_rejected(ctx, FLASH_EINVAL, "NULL query array");
+    ps = (flash_promise **)flash__alloc(ctx, (n ? n : 1) * sizeof *ps);
+    if (!ps) return NULL;
+    for (i = 0; i < n; i++) ps[i] = flash_query_run_async(ctx, qs[i], flags);
+    return flash_gather(ctx, n, ps);
+}
+
+FLASH_API int flash_queries(flash_ctx *ctx, size_t n, flash_query *const *qs, int flags, void ***out) {
+    void *v = NULL;
+    int rc = flash_wait(ctx, flash_queries_async(ctx, n, qs, flags), &v);
+    if (out) *out = (void **)v;
+    return rc;
+}
+
+FLASH_API int flash_wait_result(flash_ctx *ctx, flash_promise *p, const flash_class *c, void *out) {
+    void *v = NULL;
+    int rc;
+    if (!ctx || !c || !out) return FLASH_EINVAL;
+    rc = flash_wait(ctx, p, &v);
+    if (c->kind == FLASH_CLASS_COUNT) {
+        int64_t n = v ? *(int64_t *)v : 0;
+        memcpy(out, &n, sizeof n);
+    } else {
+        memcpy(out, &v, sizeof v);
+    }
+    return rc;
+}
 
 #endif /* FLASH_IMPLEMENTED */
 #endif /* FLASH_IMPLEMENTATION */
