@@ -939,6 +939,7 @@ struct flash_ctx {
     int running;             /* flash_wait / flash_run on the stack */
     void *engine;            /* layer 8 state, per generation */
     struct flash__binding *sources; /* layer 8: model -> source, kept across resets */
+    struct flash__eop *writes;      /* layer 8: cache writes in flight, any generation */
     size_t nsources;
     char *prefix;            /* layer 7: escaped key prefix */
     size_t prefix_len;
@@ -1095,7 +1096,7 @@ static void flash__unhold(flash_ctx *ctx, uint64_t gen) {
     }
 }
 
-static void flash__engine_reset(flash_ctx *ctx); /* layer 8 */
+static void flash__engine_reset(flash_ctx *ctx, bool destroying); /* layer 8 */
 static void flash__loaders_release(flash_ctx *ctx);
 static void flash__cancel_drain(flash_ctx *ctx);
 
@@ -1247,7 +1248,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
     flash__zombie *z;
     if (!ctx) return;
     flash__loaders_cancel(ctx);
-    flash__engine_reset(ctx);
+    flash__engine_reset(ctx, true);
     flash__loaders_release(ctx);
     flash__cancel_drain(ctx);
     if (ctx->own_queue_loop) {
@@ -1280,7 +1281,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
 
 FLASH_API void flash_ctx_reset(flash_ctx *ctx) {
     if (!ctx) return;
-    flash__engine_reset(ctx);
+    flash__engine_reset(ctx, false);
     flash__loaders_cancel(ctx);
     flash__loaders_release(ctx);
     ctx->task_head = ctx->task_tail = 0;
@@ -3240,7 +3241,6 @@ typedef struct flash__eop {
 
 struct flash__engine {
     flash_loader *loader;
-    flash__eop *ops;         /* writes in flight */
 };
 
 /* What the engine decided for one key after the cache answered. */
@@ -3311,34 +3311,38 @@ static flash__engine *flash__engine_get(flash_ctx *ctx) {
     return e;
 }
 
+/* Writes (fills, markers, deletes) outlive their request: a reset detaches
+   them and their request's memory stays until they complete; only
+   flash_ctx_destroy cancels them. */
 static void flash__eop_link(flash_ctx *ctx, flash__eop *o) {
-    flash__engine *e = (flash__engine *)ctx->engine;
     o->ctx = ctx;
     o->gen = flash__hold(ctx);
     ctx->inflight++;
     o->prev = NULL;
-    o->next = e->ops;
-    if (e->ops) e->ops->prev = o;
-    e->ops = o;
+    o->next = ctx->writes;
+    if (ctx->writes) ctx->writes->prev = o;
+    ctx->writes = o;
 }
 
 static void flash__eop_unlink(flash__eop *o) {
     flash_ctx *ctx = o->ctx;
-    flash__engine *e = (flash__engine *)ctx->engine;
     if (o->prev) o->prev->next = o->next;
-    else if (e) e->ops = o->next;
+    else ctx->writes = o->next;
     if (o->next) o->next->prev = o->prev;
-    ctx->inflight--;
+    if (o->gen == ctx->gen) ctx->inflight--;
     flash__unhold(ctx, o->gen);
 }
 
-static void flash__engine_reset(flash_ctx *ctx) {
-    flash__engine *e = (flash__engine *)ctx->engine;
-    if (!e) return;
-    while (e->ops) {
-        flash__eop *o = e->ops;
-        if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &o->op);
-        flash__eop_unlink(o);
+static void flash__engine_reset(flash_ctx *ctx, bool destroying) {
+    flash__eop *o;
+    if (destroying) {
+        while ((o = ctx->writes) != NULL) {
+            if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &o->op);
+            flash__eop_unlink(o);
+        }
+    } else {
+        for (o = ctx->writes; o; o = o->next)
+            if (o->gen == ctx->gen) ctx->inflight--; /* no longer this request's work */
     }
     ctx->engine = NULL;
 }
