@@ -623,7 +623,7 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 #define FLASH_MODEL(M, FIELDS) FLASH_MODEL_OPT(M, FIELDS, .version = 0)
 #define FLASH_MODEL_OPT(M, FIELDS, ...)                                                      \
     typedef struct M { FIELDS(FLASH__STRUCT_FIELD) } M;                                      \
-    static const flash_field *M##__field_table(size_t *flash__count) {                       \
+    static FLASH__UNUSED const flash_field *M##__field_table(size_t *flash__count) {         \
         typedef M flash__M;                                                                  \
         static const flash_field flash__table[] = {FIELDS(FLASH__TABLE_FIELD)};              \
         *flash__count = sizeof flash__table / sizeof flash__table[0];                        \
@@ -675,33 +675,33 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 /* The typed functions of one class: async, or_none, or_404, query, sync.
    Locals are prefixed so that no field name can shadow them. */
 #define FLASH__FUNCS(FN, OBJ, OUT, PARAMS, ARGS, VALS)                                       \
-    static inline flash_promise *FN##_async(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) {  \
+    static FLASH__UNUSED inline flash_promise *FN##_async(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) {  \
         flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
         return flash_query_async(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0], 0); \
     }                                                                                        \
-    static inline flash_promise *FN##_async_or_none(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) { \
+    static FLASH__UNUSED inline flash_promise *FN##_async_or_none(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) { \
         flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
         return flash_query_async(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0], \
                                  FLASH_Q_OR_NONE);                                           \
     }                                                                                        \
-    static inline flash_promise *FN##_async_or_404(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) { \
+    static FLASH__UNUSED inline flash_promise *FN##_async_or_404(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) { \
         flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
         return flash_query_async(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0], \
                                  FLASH_Q_OR_404);                                            \
     }                                                                                        \
-    static inline flash_query *FN##_query(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) {    \
+    static FLASH__UNUSED inline flash_query *FN##_query(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS) {    \
         flash_value flash__k[] = {FLASH__UNPAREN VALS};                                      \
         return flash_query_new(flash__ctx, &OBJ, flash__k, sizeof flash__k / sizeof flash__k[0]); \
     }                                                                                        \
-    static inline int FN(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) {     \
+    static FLASH__UNUSED inline int FN(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) {     \
         return flash_wait_result(flash__ctx, FN##_async(flash__ctx, FLASH__UNPAREN ARGS), &OBJ, \
                                  (void *)flash__out);                                       \
     }                                                                                        \
-    static inline int FN##_or_none(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) { \
+    static FLASH__UNUSED inline int FN##_or_none(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) { \
         return flash_wait_result(flash__ctx, FN##_async_or_none(flash__ctx, FLASH__UNPAREN ARGS), \
                                  &OBJ, (void *)flash__out);                                  \
     }                                                                                        \
-    static inline int FN##_or_404(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) { \
+    static FLASH__UNUSED inline int FN##_or_404(flash_ctx *flash__ctx, FLASH__UNPAREN PARAMS, OUT flash__out) { \
         return flash_wait_result(flash__ctx, FN##_async_or_404(flash__ctx, FLASH__UNPAREN ARGS), \
                                  &OBJ, (void *)flash__out);                                  \
     }
@@ -838,6 +838,7 @@ static inline flash_value flash_v(flash_bytes v) { return flash_v_bytes(v); }
 #ifndef FLASH_IMPLEMENTED
 #define FLASH_IMPLEMENTED
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1355,7 +1356,7 @@ struct flash_promise {
     uint8_t state;
     uint8_t has_more;   /* more callbacks beyond the inline one */
     uint8_t is_entry;   /* a loader memo entry (layer 5) */
-    uint8_t pad;
+    uint8_t eflags;     /* memo entries: FLASH__E_* */
     int32_t error;
     union {
         void *value;
@@ -1393,14 +1394,24 @@ static void flash__task_push(flash_ctx *ctx, flash_promise *p, flash__cb *cb) {
 
 static void flash__schedule_drain(flash_ctx *ctx);
 
+static void flash__run_callbacks(flash_ctx *ctx, flash_promise *p);
+
+/* True when every callback of p is internal bookkeeping (is_inline). */
+static bool flash__all_inline(const flash_promise *p) {
+    const flash__cb *cb;
+    if (!p->first.is_inline) return false;
+    if (p->has_more)
+        for (cb = p->first.next; cb; cb = cb->next)
+            if (!cb->is_inline) return false;
+    return true;
+}
+
 static void flash__settle(flash_ctx *ctx, flash_promise *p) {
     if (!p->first.fn.pub && !p->has_more) return;
-    if (p->first.is_inline && !p->has_more) {
-        /* The common case of one waiter that is a gather or a follower:
-           no trip through the queue. */
-        flash__cb cb = p->first;
-        p->first.fn.pub = NULL;
-        cb.fn.priv(ctx, p, cb.arg, cb.idx);
+    if (flash__all_inline(p)) {
+        /* Waiters that are gathers or followers only record the outcome:
+           no trip through the queue. User callbacks always queue. */
+        flash__run_callbacks(ctx, p);
         return;
     }
     flash__task_push(ctx, p, NULL);
@@ -1467,7 +1478,7 @@ static inline void flash__promise_init(flash_promise *p) {
     p->state = FLASH_PENDING;
     p->has_more = 0;
     p->is_entry = 0;
-    p->pad = 0;
+    p->eflags = 0;
     p->error = 0;
     p->u.value = NULL;
     p->first.fn.pub = NULL;
@@ -1682,6 +1693,8 @@ static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise 
             stand_in.error = FLASH_EINVAL;
             stand_in.u.message = flash_promise_message(NULL);
             flash__gather_cb(ctx, &stand_in, g, i);
+        } else if (p->state != FLASH_PENDING) {
+            flash__gather_cb(ctx, p, g, i); /* settled already: record it now */
         } else if (flash__add_cb(ctx, p, NULL, flash__gather_cb, g, (uint32_t)i, true) != FLASH_OK) {
             flash_promise oom;
             flash__promise_init(&oom);
@@ -1830,17 +1843,22 @@ FLASH_API int flash_run(flash_ctx *ctx, flash_run_fn fn, void *arg, void **value
 
 /* ---- 5. loader ----------------------------------------------------------- */
 
-/* A memo entry is the promise handed out for a key, plus the key. */
+/* A memo entry is the promise handed out for a key; the key (as first
+   asked, NUL-terminated) follows the struct, then the memo key when a
+   key_fn made one. */
 typedef struct flash__entry {
     flash_promise p;            /* first: entries are promises */
     struct flash__entry *next;  /* next key of the same batch */
     void *payload;
-    const char *key;            /* key as first asked */
-    const char *mkey;           /* memo key (== key without key_fn) */
-    uint64_t hash;
+    uint64_t hash;              /* of the memo key */
     uint32_t klen, mlen;
-    uint8_t in_memo;
 } flash__entry;
+enum { FLASH__E_IN_MEMO = 1, FLASH__E_OWN_MKEY = 2 };
+
+static inline const char *flash__ekey(const flash__entry *e) { return (const char *)(e + 1); }
+static inline const char *flash__emkey(const flash__entry *e) {
+    return (e->p.eflags & FLASH__E_OWN_MKEY) ? (const char *)(e + 1) + e->klen + 1 : (const char *)(e + 1);
+}
 
 struct flash_batch {
     flash_batch *next_open;
@@ -1854,20 +1872,32 @@ struct flash_batch {
     flash_batch *next_inflight, *prev_inflight;
 };
 
-/* A memo slot keeps the hash beside the entry so that probing and growing
-   compare integers instead of chasing pointers (cache misses). */
+/* A memo slot keeps 32 bits of the hash beside the entry so that probing and
+   growing compare integers instead of chasing pointers (cache misses). A
+   slot is in use only when its gen is the table's: a recycled or cleared
+   table needs no memset, just a new gen. */
 typedef struct flash__slot {
-    uint64_t hash; /* 0: empty */
+    uint32_t hash;
+    uint32_t gen;
     flash__entry *e;
 } flash__slot;
+
+/* A memo table: this header, then cap slots. */
+typedef struct flash__table {
+    size_t cap;
+    uint32_t gen;
+} flash__table;
+#define FLASH__SLOTS(t) ((flash__slot *)((char *)(t) + FLASH__ROUND(sizeof(flash__table))))
 
 struct flash_loader {
     flash_ctx *ctx;
     const flash_loader_desc *desc_ptr;
     flash_loader_desc desc;
     flash_loader *next;
+    flash__table *table;
     flash__slot *slots;        /* open addressing, linear probing */
     size_t cap, count;
+    uint32_t gen;              /* == table->gen */
     flash__entry **ring;       /* FIFO of memo entries when max_memo is set */
     size_t ring_head, ring_len;
     flash_batch *open;         /* batch accepting keys */
@@ -1875,9 +1905,8 @@ struct flash_loader {
 };
 
 /* 64-bit hash of a byte string: 8 bytes a round, one multiply-xorshift
-   each; short keys (most keys) take one or two rounds. Never returns 0,
-   which marks an empty memo slot. */
-static uint64_t flash__hash(const void *data, size_t n) {
+   each; short keys (most keys) take one or two rounds. */
+static inline uint64_t flash__hash(const void *data, size_t n) {
     const unsigned char *s = (const unsigned char *)data;
     uint64_t h = 0x9E3779B97F4A7C15ull ^ (uint64_t)n, k;
     while (n >= 8) {
@@ -1902,57 +1931,84 @@ static uint64_t flash__hash(const void *data, size_t n) {
     h ^= h >> 32;
     h *= 0xbf58476d1ce4e5b9ull;
     h ^= h >> 29;
-    return h ? h : 1;
+    return h;
 }
 
-static flash__slot *flash__memo_find(flash_loader *l, const void *mkey, size_t mlen, uint64_t h) {
+/* Equal keys of equal length n; short ones without a libc call. */
+static inline bool flash__keyeq(const char *a, const char *b, size_t n) {
+    if (n <= 8) {
+        uint64_t x = 0, y = 0;
+        if (n >= 4) {
+            uint32_t a0, a1, b0, b1;
+            memcpy(&a0, a, 4);
+            memcpy(&a1, a + n - 4, 4);
+            memcpy(&b0, b, 4);
+            memcpy(&b1, b + n - 4, 4);
+            return a0 == b0 && a1 == b1;
+        }
+        memcpy(&x, a, n);
+        memcpy(&y, b, n);
+        return x == y;
+    }
+    return memcmp(a, b, n) == 0;
+}
+
+static inline flash__slot *flash__memo_find(const flash_loader *l, const void *mkey, size_t mlen, uint64_t h) {
     size_t mask = l->cap - 1, i = (size_t)h & mask;
+    uint32_t h32 = (uint32_t)h, gen = l->gen;
     for (;;) {
         flash__slot *s = &l->slots[i];
-        if (!s->hash || (s->hash == h && s->e->mlen == mlen && memcmp(s->e->mkey, mkey, mlen) == 0)) return s;
+        if (s->gen != gen) return s;
+        if (s->hash == h32 && s->e->mlen == mlen && flash__keyeq(flash__emkey(s->e), (const char *)mkey, mlen))
+            return s;
         i = (i + 1) & mask;
     }
 }
 
-/* Memo tables are recycled across resets (the biggest one kept per
-   context) so a steady stream of requests stops paying for page faults. */
-static flash__slot *flash__table_get(flash_ctx *ctx, size_t cap);
-static void flash__table_put(flash_ctx *ctx, flash__slot *t, size_t cap);
+/* Memo tables are recycled across resets, one per size, within the retain
+   budget; a loader starts on the largest one kept, so a steady stream of
+   requests neither regrows tables nor pays for page faults. */
+static flash__table *flash__table_get(flash_ctx *ctx, size_t min_cap, bool largest);
+static void flash__table_put(flash_ctx *ctx, flash__table *t);
 
 static int flash__memo_grow(flash_loader *l) {
-    size_t cap = l->cap ? l->cap * 2 : 64, i, mask = cap - 1;
-    flash__slot *slots = flash__table_get(l->ctx, cap);
-    if (!slots) return FLASH_ENOMEM;
+    flash__table *t = flash__table_get(l->ctx, l->cap ? l->cap * 2 : 64, l->cap == 0);
+    flash__slot *slots;
+    size_t i, mask;
+    if (!t) return FLASH_ENOMEM;
+    slots = FLASH__SLOTS(t);
+    mask = t->cap - 1;
     for (i = 0; i < l->cap; i++) {
         flash__slot *s = &l->slots[i];
         size_t j;
-        if (!s->hash) continue;
-        for (j = (size_t)s->hash & mask; slots[j].hash; j = (j + 1) & mask) {
+        if (s->gen != l->gen) continue;
+        for (j = (size_t)s->hash & mask; slots[j].gen == t->gen; j = (j + 1) & mask) {
         }
         slots[j] = *s;
+        slots[j].gen = t->gen;
     }
-    flash__table_put(l->ctx, l->slots, l->cap);
+    flash__table_put(l->ctx, l->table);
+    l->table = t;
     l->slots = slots;
-    l->cap = cap;
+    l->cap = t->cap;
+    l->gen = t->gen;
     return FLASH_OK;
 }
 
 /* Backward-shift deletion keeps linear probing tombstone-free. */
 static void flash__memo_remove_slot(flash_loader *l, flash__slot *slot) {
     size_t mask = l->cap - 1, i = (size_t)(slot - l->slots), j = i;
-    l->slots[i].e->in_memo = 0;
-    l->slots[i].hash = 0;
-    l->slots[i].e = NULL;
+    l->slots[i].e->p.eflags &= (uint8_t)~FLASH__E_IN_MEMO;
+    l->slots[i].gen = 0; /* never a table's gen */
     l->count--;
     for (;;) {
         size_t home;
         j = (j + 1) & mask;
-        if (!l->slots[j].hash) return;
+        if (l->slots[j].gen != l->gen) return;
         home = (size_t)l->slots[j].hash & mask;
         if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
             l->slots[i] = l->slots[j];
-            l->slots[j].hash = 0;
-            l->slots[j].e = NULL;
+            l->slots[j].gen = 0;
             i = j;
         }
     }
@@ -1960,15 +2016,16 @@ static void flash__memo_remove_slot(flash_loader *l, flash__slot *slot) {
 
 static void flash__memo_forget(flash_loader *l, flash__entry *e) {
     flash__slot *slot;
-    if (!e->in_memo || !l->cap) return;
-    slot = flash__memo_find(l, e->mkey, e->mlen, e->hash);
-    if (slot->e == e) flash__memo_remove_slot(l, slot);
+    if (!(e->p.eflags & FLASH__E_IN_MEMO) || !l->cap) return;
+    slot = flash__memo_find(l, flash__emkey(e), e->mlen, e->hash);
+    if (slot->gen == l->gen && slot->e == e) flash__memo_remove_slot(l, slot);
 }
 
 static int flash__memo_insert(flash_loader *l, flash__slot *slot, flash__entry *e) {
-    slot->hash = e->hash;
+    slot->hash = (uint32_t)e->hash;
+    slot->gen = l->gen;
     slot->e = e;
-    e->in_memo = 1;
+    e->p.eflags |= FLASH__E_IN_MEMO;
     l->count++;
     if (l->desc.max_memo) {
         if (l->ring_len == l->desc.max_memo) {
@@ -1992,29 +2049,48 @@ static size_t flash__log2(size_t cap) {
     return n;
 }
 
-static flash__slot *flash__table_get(flash_ctx *ctx, size_t cap) {
-    size_t c = flash__log2(cap);
-    flash__slot *t = NULL;
-    if (c < sizeof ctx->spare_tables / sizeof ctx->spare_tables[0] && ctx->spare_tables[c]) {
-        t = (flash__slot *)ctx->spare_tables[c];
-        ctx->spare_tables[c] = NULL;
-        ctx->spare_table_bytes -= cap * sizeof *t;
-    } else {
-        t = (flash__slot *)flash__sys_alloc(ctx, cap * sizeof *t);
-        if (!t) return NULL;
+static size_t flash__table_bytes(size_t cap) { return FLASH__ROUND(sizeof(flash__table)) + cap * sizeof(flash__slot); }
+
+/* A table of at least min_cap slots (the largest kept one when asked),
+   empty by a fresh gen. */
+static flash__table *flash__table_get(flash_ctx *ctx, size_t min_cap, bool largest) {
+    size_t n = sizeof ctx->spare_tables / sizeof ctx->spare_tables[0], c = flash__log2(min_cap);
+    flash__table *t = NULL;
+    if (largest) {
+        size_t k = n;
+        while (k-- > c)
+            if (ctx->spare_tables[k]) {
+                c = k;
+                break;
+            }
     }
-    memset(t, 0, cap * sizeof *t);
+    if (c < n && ctx->spare_tables[c]) {
+        t = (flash__table *)ctx->spare_tables[c];
+        ctx->spare_tables[c] = NULL;
+        ctx->spare_table_bytes -= flash__table_bytes(t->cap);
+        if (++t->gen == 0) { /* wrapped: clear for real once every 2^32 uses */
+            memset(FLASH__SLOTS(t), 0, t->cap * sizeof(flash__slot));
+            t->gen = 1;
+        }
+        return t;
+    }
+    t = (flash__table *)flash__sys_alloc(ctx, flash__table_bytes(min_cap));
+    if (!t) return NULL;
+    memset(FLASH__SLOTS(t), 0, min_cap * sizeof(flash__slot));
+    t->cap = min_cap;
+    t->gen = 1;
     return t;
 }
 
 /* Keep a table for reuse while the tables kept fit in arena_retain. */
-static void flash__table_put(flash_ctx *ctx, flash__slot *t, size_t cap) {
-    size_t c = flash__log2(cap);
+static void flash__table_put(flash_ctx *ctx, flash__table *t) {
+    size_t c;
     if (!t) return;
+    c = flash__log2(t->cap);
     if (c < sizeof ctx->spare_tables / sizeof ctx->spare_tables[0] && !ctx->spare_tables[c] &&
-        ctx->spare_table_bytes + cap * sizeof *t <= ctx->desc.arena_retain) {
+        ctx->spare_table_bytes + flash__table_bytes(t->cap) <= ctx->desc.arena_retain) {
         ctx->spare_tables[c] = t;
-        ctx->spare_table_bytes += cap * sizeof *t;
+        ctx->spare_table_bytes += flash__table_bytes(t->cap);
     } else {
         flash__sys_free(ctx, t);
     }
@@ -2023,8 +2099,9 @@ static void flash__table_put(flash_ctx *ctx, flash__slot *t, size_t cap) {
 static void flash__loaders_release(flash_ctx *ctx) {
     flash_loader *l;
     for (l = ctx->loaders; l; l = l->next) {
-        flash__table_put(ctx, l->slots, l->cap);
+        flash__table_put(ctx, l->table);
         flash__sys_free(ctx, l->ring);
+        l->table = NULL;
         l->slots = NULL;
         l->ring = NULL;
         l->cap = l->count = 0;
@@ -2166,35 +2243,18 @@ FLASH_API int flash_loader_dispatch(flash_loader *l) {
     return FLASH_OK;
 }
 
-FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {
-    flash_ctx *ctx;
+/* The load itself: memo lookup, else a new entry in the open batch. mkey
+   is the memo key (key itself unless a key_fn made another). */
+static inline flash_promise *flash__load(flash_loader *l, const void *key, size_t len, const void *mkey,
+                                         size_t mlen, void *payload) {
+    flash_ctx *ctx = l->ctx;
     flash__entry *e;
     flash__slot *slot = NULL;
-    char mbuf[256];
-    const void *mkey = key;
-    size_t mlen = len;
-    uint64_t h;
-    if (!l) return NULL;
-    ctx = l->ctx;
-    ctx->stats.loads++;
-    if (!key || !len) return flash_rejected(ctx, FLASH_EINVAL, "load: empty key");
-    if (len > UINT32_MAX) return flash_rejected(ctx, FLASH_ETOOLARGE, "load: key too long");
-    if (l->desc.key_fn) {
-        mlen = l->desc.key_fn(key, len, mbuf, sizeof mbuf, l->desc.user_data);
-        if (mlen > sizeof mbuf) {
-            char *big = (char *)flash_alloc(ctx, mlen);
-            if (!big) return NULL;
-            mlen = l->desc.key_fn(key, len, big, mlen, l->desc.user_data);
-            mkey = big;
-        } else {
-            mkey = mbuf;
-        }
-        if (!mlen) return flash_rejected(ctx, FLASH_EINVAL, "load: key function gave an empty key");
-    }
-    h = flash__hash(mkey, mlen);
+    uint64_t h = flash__hash(mkey, mlen);
+    bool own_mkey = mkey != key;
     if (l->cap) {
         slot = flash__memo_find(l, mkey, mlen, h);
-        if (slot->hash) {
+        if (slot->gen == l->gen) {
             ctx->stats.memo_hits++;
             return &slot->e->p;
         }
@@ -2203,25 +2263,19 @@ FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_
         if (flash__memo_grow(l) != FLASH_OK) return NULL;
         slot = flash__memo_find(l, mkey, mlen, h);
     }
-    e = (flash__entry *)flash__alloc(ctx, sizeof *e + len + 1 + (l->desc.key_fn ? mlen : 0));
+    e = (flash__entry *)flash__alloc(ctx, sizeof *e + len + 1 + (own_mkey ? mlen : 0));
     if (!e) return NULL;
     flash__promise_init(&e->p);
     e->p.is_entry = 1;
+    e->p.eflags = own_mkey ? FLASH__E_OWN_MKEY : 0;
     e->next = NULL;
     e->payload = payload;
-    e->key = (char *)(e + 1);
-    memcpy((char *)e->key, key, len);
-    ((char *)e->key)[len] = 0;
-    e->klen = (uint32_t)len;
-    if (l->desc.key_fn) {
-        e->mkey = e->key + len + 1;
-        memcpy((char *)e->mkey, mkey, mlen);
-    } else {
-        e->mkey = e->key;
-    }
-    e->mlen = (uint32_t)mlen;
     e->hash = h;
-    e->in_memo = 0;
+    e->klen = (uint32_t)len;
+    e->mlen = (uint32_t)mlen;
+    memcpy(e + 1, key, len);
+    ((char *)(e + 1))[len] = 0;
+    if (own_mkey) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
     if (!l->open || (l->desc.max_batch && l->open->count >= l->desc.max_batch)) {
         if (!flash__batch_open(l)) return NULL;
     }
@@ -2231,6 +2285,42 @@ FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_
     l->open->count++;
     flash__memo_insert(l, slot, e);
     return &e->p;
+}
+
+/* The memo key a key_fn makes, in buf or (when longer) in the arena. */
+static const void *flash__mkey(flash_loader *l, const void *key, size_t len, char *buf, size_t cap, size_t *mlen) {
+    size_t n = l->desc.key_fn(key, len, buf, cap, l->desc.user_data);
+    if (n > cap) {
+        char *big = (char *)flash__alloc(l->ctx, n);
+        if (!big) return NULL;
+        n = l->desc.key_fn(key, len, big, n, l->desc.user_data);
+        *mlen = n;
+        return big;
+    }
+    *mlen = n;
+    return buf;
+}
+
+/* Kept out of line so the common path carries no key buffer. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((noinline))
+#endif
+static flash_promise *flash__load_keyfn(flash_loader *l, const void *key, size_t len, void *payload) {
+    char buf[256];
+    size_t mlen = 0;
+    const void *mkey = flash__mkey(l, key, len, buf, sizeof buf, &mlen);
+    if (!mkey) return NULL;
+    if (!mlen) return flash_rejected(l->ctx, FLASH_EINVAL, "load: key function gave an empty key");
+    return flash__load(l, key, len, mkey, mlen, payload);
+}
+
+FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {
+    if (!l) return NULL;
+    l->ctx->stats.loads++;
+    if (!key || !len) return flash_rejected(l->ctx, FLASH_EINVAL, "load: empty key");
+    if (len > UINT32_MAX) return flash_rejected(l->ctx, FLASH_ETOOLARGE, "load: key too long");
+    if (l->desc.key_fn) return flash__load_keyfn(l, key, len, payload);
+    return flash__load(l, key, len, key, len, payload);
 }
 
 FLASH_API flash_promise *flash_load(flash_loader *l, const void *key, size_t len) {
@@ -2254,57 +2344,52 @@ FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *
 FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *value) {
     flash__entry *e;
     flash__slot *slot;
-    flash_ctx *ctx;
-    char mbuf[256];
+    char buf[256];
     const void *mkey = key;
     size_t mlen = len;
     uint64_t h;
     if (!l || !key || !len) return FLASH_EINVAL;
-    ctx = l->ctx;
-    if (l->desc.key_fn) {
-        mlen = l->desc.key_fn(key, len, mbuf, sizeof mbuf, l->desc.user_data);
-        if (mlen > sizeof mbuf) return FLASH_ETOOLARGE;
-        mkey = mbuf;
-    }
+    if (l->desc.key_fn && !(mkey = flash__mkey(l, key, len, buf, sizeof buf, &mlen))) return FLASH_ENOMEM;
     h = flash__hash(mkey, mlen);
-    if (l->cap && flash__memo_find(l, mkey, mlen, h)->hash) return FLASH_OK; /* prime never overwrites */
+    if (l->cap && flash__memo_find(l, mkey, mlen, h)->gen == l->gen) return FLASH_OK; /* never overwrites */
     if ((l->count + 1) * 2 > l->cap && flash__memo_grow(l) != FLASH_OK) return FLASH_ENOMEM;
     slot = flash__memo_find(l, mkey, mlen, h);
-    e = (flash__entry *)flash_calloc(ctx, 1, sizeof *e + mlen + 1);
+    e = (flash__entry *)flash_calloc(l->ctx, 1, sizeof *e + len + 1 + mlen);
     if (!e) return FLASH_ENOMEM;
     e->p.is_entry = 1;
     e->p.state = FLASH_FULFILLED;
     e->p.u.value = value;
-    e->key = e->mkey = (char *)(e + 1);
-    memcpy((char *)e->mkey, mkey, mlen);
-    e->klen = e->mlen = (uint32_t)mlen;
+    e->p.eflags = mkey != key ? FLASH__E_OWN_MKEY : 0;
     e->hash = h;
+    e->klen = (uint32_t)len;
+    e->mlen = (uint32_t)mlen;
+    memcpy(e + 1, key, len);
+    if (mkey != key) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
     return flash__memo_insert(l, slot, e);
 }
 
 FLASH_API int flash_clear(flash_loader *l, const void *key, size_t len) {
-    char mbuf[256];
+    char buf[256];
     const void *mkey = key;
     size_t mlen = len;
     flash__slot *slot;
     if (!l || !key || !len) return FLASH_EINVAL;
-    if (l->desc.key_fn) {
-        mlen = l->desc.key_fn(key, len, mbuf, sizeof mbuf, l->desc.user_data);
-        if (mlen > sizeof mbuf) return FLASH_ETOOLARGE;
-        mkey = mbuf;
-    }
+    if (l->desc.key_fn && !(mkey = flash__mkey(l, key, len, buf, sizeof buf, &mlen))) return FLASH_ENOMEM;
     if (!l->cap) return FLASH_OK;
     slot = flash__memo_find(l, mkey, mlen, flash__hash(mkey, mlen));
-    if (slot->hash) flash__memo_remove_slot(l, slot);
+    if (slot->gen == l->gen) flash__memo_remove_slot(l, slot);
     return FLASH_OK;
 }
 
+/* A new gen empties the table at once; entries keep a stale IN_MEMO flag,
+   which only costs flash__memo_forget a lookup that finds nothing. */
 FLASH_API void flash_clear_all(flash_loader *l) {
-    size_t i;
     if (!l || !l->cap) return;
-    for (i = 0; i < l->cap; i++)
-        if (l->slots[i].hash) l->slots[i].e->in_memo = 0;
-    memset(l->slots, 0, l->cap * sizeof *l->slots);
+    if (++l->table->gen == 0) {
+        memset(l->slots, 0, l->cap * sizeof *l->slots);
+        l->table->gen = 1;
+    }
+    l->gen = l->table->gen;
     l->count = 0;
     l->ring_len = l->ring_head = 0;
 }
@@ -2317,7 +2402,7 @@ FLASH_API const void *flash_batch_key(const flash_batch *b, size_t i, size_t *le
         return NULL;
     }
     if (len) *len = b->keys[i]->klen;
-    return b->keys[i]->key;
+    return flash__ekey(b->keys[i]);
 }
 FLASH_API void *flash_batch_payload(const flash_batch *b, size_t i) {
     return (b && b->keys && i < b->count) ? b->keys[i]->payload : NULL;
@@ -2685,7 +2770,8 @@ FLASH_API bool flash_value_eq(const flash_value *a, const flash_value *b) {
     switch (a->type) {
     case FLASH_I64: return a->u.i64 == b->u.i64;
     case FLASH_I32: return a->u.i32 == b->u.i32;
-    case FLASH_F64: return a->u.f64 == b->u.f64;
+    case FLASH_F64: /* as SQL compares: 0.0 = -0.0, NaN = NaN (their keys agree) */
+        return a->u.f64 == b->u.f64 || (a->u.f64 != a->u.f64 && b->u.f64 != b->u.f64);
     case FLASH_BOOL: return a->u.b == b->u.b;
     case FLASH_STR:
     case FLASH_BYTES:
@@ -2787,13 +2873,19 @@ typedef struct flash__rd {
     int err;
 } flash__rd;
 
+/* Only the shortest encoding is accepted (so one value has one byte string):
+   no trailing zero group, nothing past bit 63. */
 static uint64_t flash__rd_varint(flash__rd *r) {
     uint64_t v = 0;
     unsigned shift = 0;
     while (r->p < r->end && shift < 64) {
         unsigned char c = *r->p++;
+        if (shift == 63 && c > 1) break;
         v |= (uint64_t)(c & 0x7f) << shift;
-        if (!(c & 0x80)) return v;
+        if (!(c & 0x80)) {
+            if (shift && !c) break; /* overlong */
+            return v;
+        }
         shift += 7;
     }
     r->err = FLASH_EPROTO;
@@ -3082,7 +3174,9 @@ static void flash__key_value(flash__buf *b, const flash_value *v) {
     case FLASH_I32: snprintf(num, sizeof num, "%d", (int)v->u.i32); break;
     case FLASH_F64: {
         char *comma;
-        snprintf(num, sizeof num, "%.17g", v->u.f64);
+        double d = v->u.f64 == 0.0 ? 0.0 : v->u.f64; /* -0.0 keys as 0 */
+        if (d != d) d = NAN; /* one key for every NaN */
+        snprintf(num, sizeof num, "%.17g", d);
         comma = strchr(num, ','); /* a locale's decimal comma */
         if (comma) *comma = '.';
         break;
@@ -3529,7 +3623,11 @@ static uint64_t flash__tuple_hash(const flash_value *v, size_t n) {
             h ^= flash__hash(&w, 8);
             break;
         }
-        case FLASH_F64: h ^= flash__hash(&v[i].u.f64, 8); break;
+        case FLASH_F64: { /* equal values hash alike: 0.0 and -0.0, any NaN */
+            double d = v[i].u.f64 == 0.0 ? 0.0 : (v[i].u.f64 != v[i].u.f64 ? NAN : v[i].u.f64);
+            h ^= flash__hash(&d, 8);
+            break;
+        }
         case FLASH_BOOL: h ^= v[i].u.b ? 0x55 : 0xAA; break;
         case FLASH_STR:
         case FLASH_BYTES: h ^= v[i].is_null ? 0x77 : flash__hash(v[i].u.s.ptr ? v[i].u.s.ptr : "", v[i].u.s.len); break;

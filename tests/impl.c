@@ -3,3 +3,5 @@
 #define FLASH_IMPLEMENTATION
 #include "flash.h"
 #include "backends/loop/poll.h"
+#include "backends/cache/memory.h"
+#include "backends/source/table.h"

@@ -128,7 +128,12 @@ static void flash__mem_remove(flash__mstore *s, flash__mitem **slot) {
 static flash__mitem **flash__mem_find(flash__mstore *s, const char *k, size_t n, int64_t now) {
     uint64_t h = flash__mem_hash(k, n);
     flash__mitem **slot = flash__mem_slot(s, k, n, h);
-    if (*slot && (*slot)->expires_ms && (*slot)->expires_ms <= now) flash__mem_remove(s, slot);
+    if (*slot && (*slot)->expires_ms && (*slot)->expires_ms <= now) {
+        flash__mem_remove(s, slot);
+        /* *slot now holds the next item of the chain, another key: look the
+           key up again so that callers see "absent", not a neighbour. */
+        slot = flash__mem_slot(s, k, n, h);
+    }
     return slot;
 }
 
@@ -150,9 +155,10 @@ static void flash__mem_grow(flash__mstore *s) {
     s->nbuckets = n;
 }
 
-/* Store (replacing what slot holds). FLASH_ENOMEM when out of memory. */
+/* Store (replacing what slot holds) to expire at expires_ms (0: never).
+   FLASH_ENOMEM when out of memory. */
 static int flash__mem_store(flash__mstore *s, flash__mitem **slot, const char *k, size_t n, const void *v,
-                            size_t vlen, uint32_t flags, uint32_t ttl_s, int64_t now) {
+                            size_t vlen, uint32_t flags, int64_t expires_ms) {
     flash__mitem *it = (flash__mitem *)malloc(sizeof *it + n + vlen);
     uint64_t h = flash__mem_hash(k, n);
     if (!it) return FLASH_ENOMEM;
@@ -166,7 +172,7 @@ static int flash__mem_store(flash__mstore *s, flash__mitem **slot, const char *k
     it->flags = flags;
     it->hash = h;
     it->cas = ++s->next_cas;
-    it->expires_ms = ttl_s ? now + (int64_t)ttl_s * 1000 : 0;
+    it->expires_ms = expires_ms;
     it->hnext = *slot;
     *slot = it;
     flash__mem_lru_front(s, it);
@@ -180,6 +186,8 @@ static int flash__mem_store(flash__mstore *s, flash__mitem **slot, const char *k
     if (s->stats.items > s->nbuckets) flash__mem_grow(s);
     return FLASH_OK;
 }
+
+static int64_t flash__mem_expiry(uint32_t ttl_s, int64_t now) { return ttl_s ? now + (int64_t)ttl_s * 1000 : 0; }
 
 static int flash__mem_key_ok(const char *k, size_t n) {
     size_t i;
@@ -251,7 +259,7 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
             }
         }
         it->status = flash__mem_store(s, slot, it->key, it->key_len, it->value, it->value_len, it->flags,
-                                      it->ttl_s, now);
+                                      flash__mem_expiry(it->ttl_s, now));
         return;
     case FLASH_CACHE_DELETE:
         if (!*slot) it->status = FLASH_ENOTFOUND;
@@ -274,9 +282,10 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
             x += it->number; /* wraps at 2^64, as memcached does */
         }
         snprintf(num, sizeof num, "%llu", (unsigned long long)x);
+        /* Like memcached: incr changes the number, not the flags or expiry. */
         it->status = flash__mem_store(s, slot, it->key, it->key_len, num, strlen(num),
                                       *slot ? (*slot)->flags : 0,
-                                      *slot ? 0 : it->ttl_s, now);
+                                      *slot ? (*slot)->expires_ms : flash__mem_expiry(it->ttl_s, now));
         it->number = x;
         return;
     }
