@@ -16,8 +16,10 @@ OPT     ?= -O2 -g
 SAN     := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 
 # Every library an adapter, test or example may use. The headers only need
-# them when the matching adapter header is included.
-ADAPTER_LIBS := -luv -lev -levent -lsqlite3 -lpq
+# them when the matching adapter header is included. -levent must precede
+# -lev: Debian's libev also exports libevent's names (event_add, ...) as a
+# compatibility layer, and whichever comes first wins.
+ADAPTER_LIBS := -luv -levent -lev -lsqlite3 -lpq
 TEST_LIBS    := -lcriterion $(ADAPTER_LIBS) -lmemcached -lpthread -lm
 
 HEADERS      := flash.h $(wildcard backends/*/*.h)

@@ -57,6 +57,7 @@ typedef struct flash__poll_handle {
     void *arg;
     int64_t due_ms;
     uint64_t seq; /* timers: fire only those older than this iteration */
+    uint64_t id;  /* creation order: ties of due_ms fire first-made first */
 } flash__poll_handle;
 
 struct flash_poll {
@@ -65,7 +66,7 @@ struct flash_poll {
     struct pollfd *pfds;
     flash__poll_handle **pfd_handles;
     size_t pfd_cap;
-    uint64_t seq;
+    uint64_t seq, next_id;
 };
 
 static int64_t flash__poll_now(void) {
@@ -100,6 +101,7 @@ static void *flash__poll_timer(void *native, uint32_t ms, flash_loop_fn fn, void
     if (!h) return NULL;
     h->due_ms = flash__poll_now() + ms;
     h->seq = l->seq;
+    h->id = l->next_id++;
     h->next = l->timers;
     l->timers = h;
     return h;
@@ -202,10 +204,15 @@ FLASH_API int flash_poll_run_once(flash_poll *l, bool may_block) {
         if (ev) h->io(h->arg, ev);
     }
     now = flash__poll_now();
-    for (h = l->timers; h; h = h->next) {
-        if (h->dead || h->seq >= l->seq || h->due_ms > now) continue;
-        h->dead = true; /* fired: the handle is gone for the caller */
-        h->fn(h->arg);
+    for (;;) { /* due timers in due order (then creation order) */
+        flash__poll_handle *next = NULL;
+        for (h = l->timers; h; h = h->next) {
+            if (h->dead || h->seq >= l->seq || h->due_ms > now) continue;
+            if (!next || h->due_ms < next->due_ms || (h->due_ms == next->due_ms && h->id < next->id)) next = h;
+        }
+        if (!next) break;
+        next->dead = true; /* fired: the handle is gone for the caller */
+        next->fn(next->arg);
     }
     /* Defers queued so far run now; those they queue run next iteration. */
     defers = l->defers;
