@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -23,32 +25,68 @@ void flash_test_check_leaks(void) {
     if (__lsan_do_recoverable_leak_check()) cr_assert_fail("LeakSanitizer found leaks (report above)");
 }
 /* Backstop for tests written with plain Test(): a leak makes the worker
-   crash, which fails the run. */
+   crash, which fails the run. Workers only: Criterion's runner keeps
+   bookkeeping of its own (test timeouts) that LeakSanitizer would report.
+   A worker is a process Criterion started with its BXFI_* environment. */
 __attribute__((destructor)) static void flash_test_leaks_at_exit(void) {
-    if (__lsan_do_recoverable_leak_check()) abort();
+    extern char **environ;
+    bool worker = false;
+    for (char **e = environ; e && *e; e++)
+        if (strncmp(*e, "BXFI_", 5) == 0) worker = true;
+    if (worker && __lsan_do_recoverable_leak_check()) abort();
 }
 #else
 void flash_test_check_leaks(void) {}
 #endif
 
-/* Servers this process started: stopped at exit even when a test fails. */
-static flash_test_server *started[32];
-static int nstarted;
+/* Servers this process started, by value (the test's structs may be on its
+   stack): killed and their directories removed at exit, even when a test
+   fails. */
+typedef struct started_server {
+    pid_t pid;
+    char dir[64];
+} started_server;
+static started_server started[64];
 
-static void stop_all(void) {
-    for (int i = 0; i < nstarted; i++)
-        if (started[i] && started[i]->pid > 0) flash_test_server_stop(started[i]);
+static void kill_and_remove(pid_t pid, const char *dir) {
+    if (pid > 0) {
+        kill(pid, SIGCONT);
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+    }
+    if (dir && dir[0]) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+        if (system(cmd) != 0) { /* best effort */
+        }
+    }
 }
 
-static void remember(flash_test_server *s) {
+static void stop_all(void) {
+    for (int i = 0; i < 64; i++) {
+        if (started[i].pid > 0) kill_and_remove(started[i].pid, started[i].dir);
+        started[i].pid = 0;
+    }
+}
+
+static void remember(const flash_test_server *s) {
     static bool hooked;
     if (!hooked) {
         atexit(stop_all);
         hooked = true;
     }
-    for (int i = 0; i < nstarted; i++)
-        if (started[i] == s) return;
-    if (nstarted < 32) started[nstarted++] = s;
+    for (int i = 0; i < 64; i++) {
+        if (started[i].pid <= 0) {
+            started[i].pid = s->pid;
+            snprintf(started[i].dir, sizeof started[i].dir, "%s", s->dir);
+            return;
+        }
+    }
+}
+
+static void forget(pid_t pid) {
+    for (int i = 0; i < 64; i++)
+        if (started[i].pid == pid) started[i].pid = 0;
 }
 
 uint16_t flash_test_free_port(void) {
@@ -102,10 +140,6 @@ static bool spawn(flash_test_server *s) {
         argv[argc++] = (char *)"0";
         argv[argc++] = (char *)"-t";
         argv[argc++] = (char *)"1";
-        if (geteuid() == 0) {
-            argv[argc++] = (char *)"-u";
-            argv[argc++] = (char *)"nobody";
-        }
         snprintf(extra, sizeof extra, "%s", s->extra);
         for (char *tok = strtok(extra, " "); tok && argc < 46; tok = strtok(NULL, " ")) argv[argc++] = tok;
     } else {
@@ -131,8 +165,14 @@ static bool spawn(flash_test_server *s) {
             dup2(devnull, 1);
             dup2(devnull, 2);
         }
-        /* Die with the test process even if it crashes. */
+        /* memcached will not run as root: drop to nobody here, then ask to
+           die with the test process (a uid change clears that request). */
+        if (geteuid() == 0) {
+            struct passwd *pw = getpwnam("nobody");
+            if (!pw || setgroups(0, NULL) != 0 || setgid(pw->pw_gid) != 0 || setuid(pw->pw_uid) != 0) _exit(126);
+        }
         prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() == 1) _exit(125); /* the parent is already gone */
         execvp(argv[0], argv);
         _exit(127);
     }
@@ -180,6 +220,7 @@ bool flash_test_redis_start(flash_test_server *s) { return start(s, "redis", NUL
 
 bool flash_test_server_restart(flash_test_server *s) {
     if (s->pid > 0) {
+        forget(s->pid);
         kill(s->pid, SIGKILL);
         waitpid(s->pid, NULL, 0);
         s->pid = 0;
@@ -195,19 +236,10 @@ bool flash_test_server_restart(flash_test_server *s) {
 }
 
 void flash_test_server_stop(flash_test_server *s) {
-    if (s->pid > 0) {
-        kill(s->pid, SIGCONT);
-        kill(s->pid, SIGKILL);
-        waitpid(s->pid, NULL, 0);
-        s->pid = 0;
-    }
-    if (s->dir[0]) {
-        char cmd[128];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", s->dir);
-        if (system(cmd) != 0) { /* best effort */
-        }
-        s->dir[0] = 0;
-    }
+    forget(s->pid);
+    kill_and_remove(s->pid, s->dir);
+    s->pid = 0;
+    s->dir[0] = 0;
 }
 
 void flash_test_server_pause(flash_test_server *s, bool paused) {

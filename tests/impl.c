@@ -5,6 +5,7 @@
 #include "backends/loop/poll.h"
 #include "backends/cache/memory.h"
 #include "backends/source/table.h"
+#include "backends/cache/memcached.h"
 #include "backends/loop/libev.h"
 #include "backends/loop/libevent.h"
 #include "backends/loop/libuv.h"

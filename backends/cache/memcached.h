@@ -1,0 +1,1380 @@
+/* backends/cache/memcached.h — flash's memcached transport.
+
+   An asynchronous, pipelined memcached client behind the layer-6 cache
+   vtable. It speaks memcached's meta protocol (1.6+: mg/ms/md/ma/mn) over
+   non-blocking TCP driven by a flash loop; no libmemcached at run time.
+
+       flash_memcached_server servers[] = {{"127.0.0.1", 11211, 1}, {"127.0.0.1", 11212, 2}};
+       flash_memcached_desc d;
+       memset(&d, 0, sizeof d);
+       d.loop = flash_poll_loop(poll);           // the loop your contexts use
+       d.servers = servers;
+       d.server_count = 2;
+       int err;
+       flash_cache mc = flash_memcached_create(&d, &err);
+       ... flash_desc.cache = mc ...
+       flash_cache_destroy(mc);                  // after the contexts, before the loop
+
+   Include after flash.h; the implementation comes with FLASH_IMPLEMENTATION.
+
+   WIRE
+     One flash_cache_op becomes, for every server that holds one of its keys,
+     ONE pipelined request: a command per key (mg / ms / md / ma, each tagged
+     with an opaque O<n>) followed by `mn`, written with one send. Requests to
+     different servers are in flight at once; ops are pipelined on a single
+     connection per server and answered in order. op->round_trips is the number
+     of such requests (servers touched). GET asks `mg <key> v f c`; ADD is
+     `ms ... ME`, CAS is `ms ... C<cas>`, INCR is `ma <key> D<delta> v`, with
+     `N<ttl> J<initial>` when create is set (atomic create-or-increment: a
+     created key holds `initial`). Quiet ops (op->quiet, not GET) add `q`:
+     the server only answers failures. TTLs over 30 days are sent as absolute
+     Unix times, so ttl_s always means seconds from now.
+
+   SERVERS AND KEYS
+     Keys go to servers by ketama consistent hashing, placing every key on the
+     same server as libmemcached with MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED set
+     (MD5, 160 points per server scaled by weight, 4 points per digest, points
+     named "host-N", or "host:port-N" when port != 11211), for the same server
+     list in the same order. flash_memcached_server_for_key() tells which.
+     Host names are resolved once, at create (which may block for DNS; give
+     IP literals to avoid it).
+
+   STATUSES (per item; op->status is 0 unless the whole op failed)
+     FLASH_OK, FLASH_ENOTFOUND (miss; CAS/DELETE/INCR on an absent key),
+     FLASH_ENOTSTORED (ADD on an existing key, CAS after a change),
+     FLASH_EINVAL (empty or NULL key, key with a space or control byte, value
+     NULL with a length, INCR on a value that is not a number),
+     FLASH_ETOOLARGE (key over 250 bytes, value over max_value, or the server's
+     "object too large"), FLASH_EBACKEND (server down, refused, closed the
+     connection, I/O error), FLASH_ETIMEDOUT (connect or request timeout),
+     FLASH_EPROTO (garbage, a value longer than announced, a missing
+     terminator), FLASH_ENOMEM. A bad key or value fails only its own item. A server error
+     fails only that server's keys: garbage resets the connection (the next op
+     reconnects at once); a refused or lost connection with requests on it, or
+     a timeout, also marks the server down, and its keys then fail fast with
+     FLASH_EBACKEND, without I/O, until retry_interval_ms has passed, when the
+     next op that needs it reconnects. An idle connection the server closes is
+     simply reopened on next use.
+     Quiet ops: keys the server does not complain about are FLASH_OK; an error
+     line the server sends without naming a key sets op->status.
+
+   CONTRACT
+     submit() never calls done(); done() runs from the loop (a deferred call),
+     exactly once per op unless the op is cancelled. GET values are copies
+     owned by the backend, valid until done() returns. After cancel() the op
+     and its items are never touched again; replies for it are still read and
+     thrown away. destroy() calls done() for every op not cancelled: ops whose
+     replies were all in keep their statuses; the others get FLASH_ECANCELED
+     (op->status and every unanswered item). So destroy contexts (which cancel
+     their ops) before the backend, or destroy the backend first while its
+     contexts are alive. Never submit, cancel or destroy from inside a done()
+     that destroy() is running, and never destroy the backend from inside any
+     done(). Destroy the backend before its loop. Single-threaded: use it from
+     the loop's thread. The backend ignores submit()'s loop argument: desc.loop
+     (the loop the contexts are attached to) drives everything. It uses
+     op->priv[0] and priv[1].
+
+   LICENSE: MIT, see the end of flash.h.
+*/
+#ifndef FLASH_MEMCACHED_H
+#define FLASH_MEMCACHED_H
+#include "../../flash.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct flash_memcached_server {
+    const char *host; /* required: IP literal or host name (copied) */
+    uint16_t port;    /* default: 11211 */
+    uint32_t weight;  /* default: 1 */
+} flash_memcached_server;
+
+/* Zero-initialise; every zero field means its default. */
+typedef struct flash_memcached_desc {
+    flash_loop loop;                       /* required: its fd watches, timers and
+                                              defers drive every connection */
+    const flash_memcached_server *servers; /* required (copied) */
+    size_t server_count;                   /* required, >= 1 */
+    uint32_t connect_timeout_ms;           /* default: 1000 */
+    uint32_t timeout_ms;                   /* default: 1000, per request, from send */
+    uint32_t retry_interval_ms;            /* default: 2000, a down server's rest */
+    size_t max_value;                      /* default: 1 MiB, largest value stored or read */
+    flash_allocator allocator;             /* default: malloc / free */
+} flash_memcached_desc;
+
+/* Per-server counters (cumulative), for tests and monitoring. */
+typedef struct flash_memcached_stats {
+    uint64_t requests;     /* pipelined requests sent (one per op touching the server) */
+    uint64_t keys;         /* commands sent */
+    uint64_t connects;     /* connections established */
+    uint64_t reconnects;   /* connections established after the first one */
+    uint64_t failures;     /* connections refused or lost with requests in flight */
+    uint64_t timeouts;     /* connect or request timeouts */
+    uint64_t proto_errors; /* garbage replies (connection reset) */
+    uint64_t fast_fails;   /* keys failed without I/O while the server was down */
+    bool connected;        /* a connection is open now */
+    bool down;             /* marked down now */
+} flash_memcached_stats;
+
+/* A memcached backend, or {NULL, NULL} with *error (when error is not NULL)
+   set to FLASH_EINVAL (bad desc, a host that does not resolve) or
+   FLASH_ENOMEM. Connections are opened on first use. */
+FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, int *error);
+/* The index (in desc->servers) of the server that holds key, or FLASH_EINVAL
+   when cache is not a memcached backend. */
+FLASH_API int flash_memcached_server_for_key(flash_cache cache, const char *key, size_t len);
+/* Counters of one server. FLASH_EINVAL for a bad cache or index. */
+FLASH_API int flash_memcached_server_stats(flash_cache cache, size_t server, flash_memcached_stats *out);
+
+/* The reply parser, a pure function over a buffer (exposed for fuzzing). */
+enum {
+    FLASH_MEMCACHED_VA = 1,    /* value follows */
+    FLASH_MEMCACHED_HD,        /* success, no value */
+    FLASH_MEMCACHED_EN,        /* miss */
+    FLASH_MEMCACHED_NF,        /* not found */
+    FLASH_MEMCACHED_NS,        /* not stored */
+    FLASH_MEMCACHED_EX,        /* exists (CAS mismatch) */
+    FLASH_MEMCACHED_MN,        /* end of a pipeline */
+    FLASH_MEMCACHED_ERROR,     /* unknown command */
+    FLASH_MEMCACHED_CLIENT_ERROR,
+    FLASH_MEMCACHED_SERVER_ERROR
+};
+typedef struct flash_memcached_reply {
+    int kind;               /* FLASH_MEMCACHED_* */
+    bool has_opaque, has_flags, has_cas;
+    uint32_t opaque;        /* O<n> */
+    uint32_t flags;         /* f<n> */
+    uint64_t cas;           /* c<n> */
+    const char *value;      /* VA: the data block, inside buf (NULL when skip) */
+    size_t value_len;
+    bool skip;              /* VA over max_value: only the header was consumed;
+                               value_len bytes and "\r\n" follow, to discard */
+    const char *message;    /* error lines: the text after the code */
+    size_t message_len;
+} flash_memcached_reply;
+/* Parse one reply at the start of buf. Returns the bytes it takes (> 0),
+   0 when buf holds only part of it, or FLASH_EPROTO for garbage: an unknown
+   code, a malformed token, a line over 4 KiB, a data block not followed by
+   "\r\n". */
+FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t max_value,
+                                          flash_memcached_reply *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FLASH_MEMCACHED_H */
+
+#ifdef FLASH_IMPLEMENTATION
+#ifndef FLASH_MEMCACHED_IMPLEMENTED
+#define FLASH_MEMCACHED_IMPLEMENTED
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0
+#endif
+
+#define FLASH__MC_MAX_LINE 4096
+#define FLASH__MC_MAX_KEY 250
+#define FLASH__MC_READ_CHUNK 16384
+#define FLASH__MC_BLOCK 16384
+#define FLASH__MC_KEEP_BUF (256u << 10) /* larger idle buffers are freed */
+
+/* ---- MD5 (RFC 1321), for ketama ----------------------------------------- */
+
+static const uint32_t flash__mc_md5_k[64] = {
+    0xd76aa478u, 0xe8c7b756u, 0x242070dbu, 0xc1bdceeeu, 0xf57c0fafu, 0x4787c62au, 0xa8304613u, 0xfd469501u,
+    0x698098d8u, 0x8b44f7afu, 0xffff5bb1u, 0x895cd7beu, 0x6b901122u, 0xfd987193u, 0xa679438eu, 0x49b40821u,
+    0xf61e2562u, 0xc040b340u, 0x265e5a51u, 0xe9b6c7aau, 0xd62f105du, 0x02441453u, 0xd8a1e681u, 0xe7d3fbc8u,
+    0x21e1cde6u, 0xc33707d6u, 0xf4d50d87u, 0x455a14edu, 0xa9e3e905u, 0xfcefa3f8u, 0x676f02d9u, 0x8d2a4c8au,
+    0xfffa3942u, 0x8771f681u, 0x6d9d6122u, 0xfde5380cu, 0xa4beea44u, 0x4bdecfa9u, 0xf6bb4b60u, 0xbebfbc70u,
+    0x289b7ec6u, 0xeaa127fau, 0xd4ef3085u, 0x04881d05u, 0xd9d4d039u, 0xe6db99e5u, 0x1fa27cf8u, 0xc4ac5665u,
+    0xf4292244u, 0x432aff97u, 0xab9423a7u, 0xfc93a039u, 0x655b59c3u, 0x8f0ccc92u, 0xffeff47du, 0x85845dd1u,
+    0x6fa87e4fu, 0xfe2ce6e0u, 0xa3014314u, 0x4e0811a1u, 0xf7537e82u, 0xbd3af235u, 0x2ad7d2bbu, 0xeb86d391u,
+};
+static const unsigned char flash__mc_md5_r[16] = {7, 12, 17, 22, 5, 9, 14, 20, 4, 11, 16, 23, 6, 10, 15, 21};
+
+static void flash__mc_md5_block(uint32_t h[4], const unsigned char *p) {
+    uint32_t m[16], a = h[0], b = h[1], c = h[2], d = h[3];
+    int i;
+    for (i = 0; i < 16; i++)
+        m[i] = (uint32_t)p[i * 4] | (uint32_t)p[i * 4 + 1] << 8 | (uint32_t)p[i * 4 + 2] << 16 |
+               (uint32_t)p[i * 4 + 3] << 24;
+    for (i = 0; i < 64; i++) {
+        uint32_t f, t;
+        int g;
+        switch (i >> 4) {
+        case 0: f = (b & c) | (~b & d); g = i; break;
+        case 1: f = (d & b) | (~d & c); g = (5 * i + 1) & 15; break;
+        case 2: f = b ^ c ^ d; g = (3 * i + 5) & 15; break;
+        default: f = c ^ (b | ~d); g = (7 * i) & 15; break;
+        }
+        t = a + f + flash__mc_md5_k[i] + m[g];
+        a = d;
+        d = c;
+        c = b;
+        {
+            unsigned s = flash__mc_md5_r[((i >> 4) << 2) | (i & 3)];
+            b = b + ((t << s) | (t >> (32 - s)));
+        }
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+}
+
+static void flash__mc_md5(const void *data, size_t len, unsigned char out[16]) {
+    uint32_t h[4] = {0x67452301u, 0xefcdab89u, 0x98badcfeu, 0x10325476u};
+    const unsigned char *p = (const unsigned char *)data;
+    unsigned char tail[128];
+    size_t rest = len, n, i;
+    uint64_t bits = (uint64_t)len * 8;
+    while (rest >= 64) {
+        flash__mc_md5_block(h, p);
+        p += 64;
+        rest -= 64;
+    }
+    memset(tail, 0, sizeof tail);
+    if (rest) memcpy(tail, p, rest);
+    tail[rest] = 0x80;
+    n = rest + 1 + 8 <= 64 ? 64 : 128;
+    for (i = 0; i < 8; i++) tail[n - 8 + i] = (unsigned char)(bits >> (8 * i));
+    flash__mc_md5_block(h, tail);
+    if (n == 128) flash__mc_md5_block(h, tail + 64);
+    for (i = 0; i < 16; i++) out[i] = (unsigned char)(h[i / 4] >> (8 * (i % 4)));
+}
+
+/* ---- reply parser -------------------------------------------------------- */
+
+/* Decimal digits [p, end) into *out; false when empty, not digits or over max. */
+static bool flash__mc_num(const char *p, const char *end, uint64_t max, uint64_t *out) {
+    uint64_t v = 0;
+    if (p >= end) return false;
+    for (; p < end; p++) {
+        unsigned d = (unsigned)(unsigned char)*p - '0';
+        if (d > 9 || v > (max - d) / 10) return false;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return true;
+}
+
+FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t max_value,
+                                          flash_memcached_reply *r) {
+    const char *nl, *p, *end, *tok;
+    size_t scan = len < FLASH__MC_MAX_LINE ? len : FLASH__MC_MAX_LINE, header, clen;
+    uint64_t v;
+    memset(r, 0, sizeof *r);
+    if (!buf) return len ? FLASH_EPROTO : 0;
+    nl = (const char *)memchr(buf, '\n', scan);
+    if (!nl) return len >= FLASH__MC_MAX_LINE ? FLASH_EPROTO : 0;
+    if (nl == buf || nl[-1] != '\r') return FLASH_EPROTO;
+    end = nl - 1;
+    header = (size_t)(nl - buf) + 1;
+    tok = (const char *)memchr(buf, ' ', (size_t)(end - buf));
+    if (!tok) tok = end;
+    clen = (size_t)(tok - buf);
+    if (clen == 2) {
+        static const char codes[] = "VAHDENNFNSEXMN";
+        int i;
+        for (i = 0; i < 7; i++)
+            if (buf[0] == codes[2 * i] && buf[1] == codes[2 * i + 1]) break;
+        if (i == 7) return FLASH_EPROTO;
+        r->kind = FLASH_MEMCACHED_VA + i;
+    } else if (clen == 5 && memcmp(buf, "ERROR", 5) == 0) {
+        r->kind = FLASH_MEMCACHED_ERROR;
+    } else if (clen == 12 && memcmp(buf, "CLIENT_ERROR", 12) == 0) {
+        r->kind = FLASH_MEMCACHED_CLIENT_ERROR;
+    } else if (clen == 12 && memcmp(buf, "SERVER_ERROR", 12) == 0) {
+        r->kind = FLASH_MEMCACHED_SERVER_ERROR;
+    } else {
+        return FLASH_EPROTO;
+    }
+    if (r->kind >= FLASH_MEMCACHED_ERROR) {
+        r->message = tok < end ? tok + 1 : tok;
+        r->message_len = (size_t)(end - r->message);
+        return (ptrdiff_t)header;
+    }
+    p = tok;
+    if (r->kind == FLASH_MEMCACHED_VA) {
+        const char *s;
+        if (p >= end) return FLASH_EPROTO;
+        s = ++p;
+        while (p < end && *p != ' ') p++;
+        if (!flash__mc_num(s, p, (uint64_t)1 << 40, &v)) return FLASH_EPROTO;
+        r->value_len = (size_t)v;
+    }
+    while (p < end) { /* flags: " <letter><token>" */
+        const char *s = ++p;
+        while (p < end && *p != ' ') p++;
+        if (p == s) return FLASH_EPROTO;
+        switch (*s) {
+        case 'O':
+            if (!flash__mc_num(s + 1, p, UINT32_MAX, &v)) return FLASH_EPROTO;
+            r->has_opaque = true;
+            r->opaque = (uint32_t)v;
+            break;
+        case 'f':
+            if (!flash__mc_num(s + 1, p, UINT32_MAX, &v)) return FLASH_EPROTO;
+            r->has_flags = true;
+            r->flags = (uint32_t)v;
+            break;
+        case 'c':
+            if (!flash__mc_num(s + 1, p, UINT64_MAX, &v)) return FLASH_EPROTO;
+            r->has_cas = true;
+            r->cas = v;
+            break;
+        default:
+            /* other returned flags (k, t, s, W, X, Z, ...): printable tokens */
+            if ((unsigned char)*s <= ' ' || (unsigned char)*s >= 127) return FLASH_EPROTO;
+            break;
+        }
+    }
+    if (r->kind == FLASH_MEMCACHED_MN && tok != end) return FLASH_EPROTO;
+    if (r->kind != FLASH_MEMCACHED_VA) return (ptrdiff_t)header;
+    if (r->value_len > max_value) {
+        r->skip = true;
+        return (ptrdiff_t)header;
+    }
+    if (len - header < r->value_len + 2) return 0;
+    if (buf[header + r->value_len] != '\r' || buf[header + r->value_len + 1] != '\n') return FLASH_EPROTO;
+    r->value = buf + header;
+    return (ptrdiff_t)(header + r->value_len + 2);
+}
+
+/* ---- state ----------------------------------------------------------------- */
+
+enum { FLASH__MC_CLOSED = 0, FLASH__MC_CONNECTING, FLASH__MC_READY };
+
+typedef struct flash__mc flash__mc;
+typedef struct flash__mc_server flash__mc_server;
+typedef struct flash__mc_opstate flash__mc_opstate;
+
+/* One server's share of one op: its commands, answered in order. */
+typedef struct flash__mc_req {
+    struct flash__mc_req *next; /* the server's in-flight FIFO */
+    flash__mc_opstate *os;
+    uint32_t *idx;              /* item indices, in command order */
+    uint32_t count, pos;        /* commands; the next one not yet answered */
+    uint32_t base;              /* opaque of the first command */
+    int64_t deadline;           /* monotonic ms; 0 until the connection is up */
+} flash__mc_req;
+
+typedef struct flash__mc_block {
+    struct flash__mc_block *next;
+    size_t cap, used;
+} flash__mc_block;
+
+struct flash__mc_opstate {
+    flash__mc_opstate *prev, *next; /* every live opstate */
+    flash__mc_opstate *ready_next;
+    flash_cache_op *op;             /* NULL once cancelled */
+    flash_cache_opcode code;
+    bool quiet;
+    uint32_t pending;               /* requests not complete */
+    flash__mc_block *blocks;        /* GET values */
+    flash__mc_req *reqs;
+};
+
+struct flash__mc_server {
+    flash__mc *mc;
+    char *host;
+    uint16_t port;
+    uint32_t weight;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    int fd, state;
+    void *io;
+    int io_events;
+    void *timer;
+    int64_t conn_deadline, down_until;
+    char *wbuf;
+    size_t wlen, woff, wcap;
+    char *rbuf;
+    size_t rlen, rcap;
+    size_t skip;                    /* bytes of an oversized value (+ "\r\n") to drop */
+    flash__mc_req *head, *tail;
+    uint32_t next_opaque;
+    flash_memcached_stats stats;
+};
+
+typedef struct flash__mc_point {
+    uint32_t value, index;
+} flash__mc_point;
+
+struct flash__mc {
+    flash_loop loop;
+    flash_allocator alloc;
+    uint32_t connect_timeout_ms, timeout_ms, retry_interval_ms;
+    size_t max_value;
+    flash__mc_server *servers;
+    size_t nservers;
+    flash__mc_point *points;
+    size_t npoints;
+    flash__mc_opstate *live;
+    flash__mc_opstate *ready_first, *ready_last;
+    flash_cache_op *oom_first;      /* ops we had no memory for, chained by priv[1] */
+    void *flush_handle;
+    bool destroying;
+};
+
+
+static void *flash__mc_alloc(flash__mc *mc, size_t n) { return mc->alloc.alloc(n, mc->alloc.user_data); }
+static void flash__mc_free(flash__mc *mc, void *p) {
+    if (p) mc->alloc.free(p, mc->alloc.user_data);
+}
+static void *flash__mc_realloc(flash__mc *mc, void *old, size_t used, size_t n) {
+    void *p = flash__mc_alloc(mc, n);
+    if (!p) return NULL;
+    if (used) memcpy(p, old, used);
+    flash__mc_free(mc, old);
+    return p;
+}
+
+static int64_t flash__mc_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- ketama ------------------------------------------------------------------ */
+
+static int flash__mc_point_cmp(const void *a, const void *b) {
+    const flash__mc_point *x = (const flash__mc_point *)a, *y = (const flash__mc_point *)b;
+    if (x->value != y->value) return x->value < y->value ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* libmemcached's weighted ketama: per server floor(w/total * 160/4 * n) * 4
+   points computed in float, from MD5("host-i") (or "host:port-i"), four
+   little-endian words per digest; sorted by (value, server). */
+static int flash__mc_build_continuum(flash__mc *mc) {
+    uint64_t total = 0;
+    size_t i, n = 0;
+    uint32_t *per = (uint32_t *)flash__mc_alloc(mc, mc->nservers * sizeof *per);
+    if (!per) return FLASH_ENOMEM;
+    for (i = 0; i < mc->nservers; i++) total += mc->servers[i].weight;
+    for (i = 0; i < mc->nservers; i++) {
+        /* volatile: keep each float step rounded as libmemcached's is (no FMA) */
+        volatile float pct = (float)mc->servers[i].weight / (float)total;
+        volatile float x = pct * 160;
+        x = x / 4;
+        x = x * (float)mc->nservers;
+        x = x + 0.0000000001F;
+        per[i] = (uint32_t)x * 4; /* x > 0: truncation is floor */
+        n += per[i];
+    }
+    mc->points = (flash__mc_point *)flash__mc_alloc(mc, (n ? n : 1) * sizeof *mc->points);
+    if (!mc->points) {
+        flash__mc_free(mc, per);
+        return FLASH_ENOMEM;
+    }
+    mc->npoints = 0;
+    for (i = 0; i < mc->nservers; i++) {
+        const flash__mc_server *s = &mc->servers[i];
+        uint32_t h, k;
+        for (h = 0; h < per[i] / 4; h++) {
+            char name[320];
+            unsigned char d[16];
+            int len = s->port == 11211 ? snprintf(name, sizeof name, "%s-%u", s->host, (unsigned)h)
+                                       : snprintf(name, sizeof name, "%s:%u-%u", s->host, (unsigned)s->port,
+                                                  (unsigned)h);
+            if (len < 0 || (size_t)len >= sizeof name) len = (int)sizeof name - 1;
+            flash__mc_md5(name, (size_t)len, d);
+            for (k = 0; k < 4; k++) {
+                flash__mc_point *pt = &mc->points[mc->npoints++];
+                pt->value = (uint32_t)d[k * 4] | (uint32_t)d[k * 4 + 1] << 8 | (uint32_t)d[k * 4 + 2] << 16 |
+                            (uint32_t)d[k * 4 + 3] << 24;
+                pt->index = (uint32_t)i;
+            }
+        }
+    }
+    flash__mc_free(mc, per);
+    qsort(mc->points, mc->npoints, sizeof *mc->points, flash__mc_point_cmp);
+    return FLASH_OK;
+}
+
+static uint32_t flash__mc_server_of(const flash__mc *mc, const char *key, size_t len) {
+    unsigned char d[16];
+    uint32_t h;
+    size_t lo = 0, hi = mc->npoints;
+    if (mc->nservers == 1 || !mc->npoints) return 0;
+    flash__mc_md5(key, len, d);
+    h = (uint32_t)d[0] | (uint32_t)d[1] << 8 | (uint32_t)d[2] << 16 | (uint32_t)d[3] << 24;
+    while (lo < hi) { /* first point >= h, wrapping to the first */
+        size_t mid = lo + (hi - lo) / 2;
+        if (mc->points[mid].value < h) lo = mid + 1;
+        else hi = mid;
+    }
+    return mc->points[lo == mc->npoints ? 0 : lo].index;
+}
+
+/* ---- op completion ---------------------------------------------------------- */
+
+static void flash__mc_opstate_free(flash__mc *mc, flash__mc_opstate *os) {
+    flash__mc_block *b = os->blocks;
+    while (b) {
+        flash__mc_block *n = b->next;
+        flash__mc_free(mc, b);
+        b = n;
+    }
+    if (os->prev) os->prev->next = os->next;
+    else mc->live = os->next;
+    if (os->next) os->next->prev = os->prev;
+    flash__mc_free(mc, os);
+}
+
+static void *flash__mc_value_alloc(flash__mc *mc, flash__mc_opstate *os, size_t n) {
+    flash__mc_block *b = os->blocks;
+    char *p;
+    n = (n + 7) & ~(size_t)7;
+    if (!b || b->cap - b->used < n) {
+        size_t cap = n > FLASH__MC_BLOCK ? n : FLASH__MC_BLOCK;
+        b = (flash__mc_block *)flash__mc_alloc(mc, sizeof *b + cap);
+        if (!b) return NULL;
+        b->cap = cap;
+        b->used = 0;
+        b->next = os->blocks;
+        os->blocks = b;
+    }
+    p = (char *)(b + 1) + b->used;
+    b->used += n;
+    return p;
+}
+
+static void flash__mc_flush(void *arg);
+
+static void flash__mc_schedule_flush(flash__mc *mc) {
+    if (mc->flush_handle || mc->destroying) return;
+    mc->flush_handle = mc->loop.vt->defer(mc->loop.native, flash__mc_flush, mc);
+    if (!mc->flush_handle) mc->flush_handle = mc->loop.vt->timer(mc->loop.native, 0, flash__mc_flush, mc);
+    /* Both out of memory: the next submit or I/O event schedules it again. */
+}
+
+static void flash__mc_ready(flash__mc *mc, flash__mc_opstate *os) {
+    os->ready_next = NULL;
+    if (mc->ready_last) mc->ready_last->ready_next = os;
+    else mc->ready_first = os;
+    mc->ready_last = os;
+    flash__mc_schedule_flush(mc);
+}
+
+static void flash__mc_req_complete(flash__mc *mc, flash__mc_req *req) {
+    flash__mc_opstate *os = req->os;
+    if (--os->pending) return;
+    if (os->op) flash__mc_ready(mc, os);
+    else flash__mc_opstate_free(mc, os);
+}
+
+/* Runs from the loop: deliver done() for every op whose requests are in. */
+static void flash__mc_flush(void *arg) {
+    flash__mc *mc = (flash__mc *)arg;
+    flash__mc_opstate *os = mc->ready_first;
+    flash_cache_op *oom = mc->oom_first;
+    mc->flush_handle = NULL;
+    mc->ready_first = mc->ready_last = NULL;
+    mc->oom_first = NULL;
+    while (oom) {
+        flash_cache_op *next = (flash_cache_op *)oom->priv[1];
+        oom->priv[0] = oom->priv[1] = NULL;
+        oom->done(oom);
+        oom = next;
+    }
+    while (os) {
+        flash__mc_opstate *next = os->ready_next;
+        flash_cache_op *op = os->op;
+        if (op) { /* not cancelled meanwhile */
+            op->priv[0] = NULL;
+            op->done(op);
+        }
+        flash__mc_opstate_free(mc, os);
+        os = next;
+    }
+}
+
+static void flash__mc_set_status(flash__mc_req *req, uint32_t k, int code) {
+    flash_cache_op *op = req->os->op;
+    if (op) op->items[req->idx[k]].status = code;
+}
+
+/* ---- connections ------------------------------------------------------------ */
+
+static void flash__mc_on_io(void *arg, int events);
+static void flash__mc_on_timer(void *arg);
+
+static void flash__mc_update_io(flash__mc_server *s) {
+    int want;
+    if (!s->io) return;
+    want = s->state == FLASH__MC_CONNECTING ? FLASH_IO_WRITE
+                                            : FLASH_IO_READ | (s->woff < s->wlen ? FLASH_IO_WRITE : 0);
+    if (want != s->io_events) {
+        s->mc->loop.vt->io_set(s->mc->loop.native, s->io, want);
+        s->io_events = want;
+    }
+}
+
+static void flash__mc_arm_timer(flash__mc_server *s) {
+    flash__mc *mc = s->mc;
+    int64_t due, wait;
+    if (s->timer) {
+        mc->loop.vt->cancel(mc->loop.native, s->timer);
+        s->timer = NULL;
+    }
+    if (s->state == FLASH__MC_CONNECTING) due = s->conn_deadline;
+    else if (s->state == FLASH__MC_READY && s->head) due = s->head->deadline;
+    else return;
+    wait = due - flash__mc_now();
+    if (wait < 0) wait = 0;
+    s->timer = mc->loop.vt->timer(mc->loop.native, (uint32_t)wait, flash__mc_on_timer, s);
+}
+
+static void flash__mc_close(flash__mc_server *s) {
+    flash__mc *mc = s->mc;
+    if (s->io) mc->loop.vt->io_stop(mc->loop.native, s->io);
+    if (s->timer) mc->loop.vt->cancel(mc->loop.native, s->timer);
+    if (s->fd >= 0) close(s->fd);
+    s->io = NULL;
+    s->timer = NULL;
+    s->io_events = 0;
+    s->fd = -1;
+    s->state = FLASH__MC_CLOSED;
+    s->wlen = s->woff = s->rlen = s->skip = 0;
+    s->stats.connected = false;
+}
+
+/* Reset the connection and fail every request on it with code. */
+static void flash__mc_fail(flash__mc_server *s, int code, bool mark_down) {
+    flash__mc *mc = s->mc;
+    flash__mc_req *req = s->head;
+    bool had = req != NULL;
+    flash__mc_close(s);
+    s->head = s->tail = NULL;
+    while (req) {
+        flash__mc_req *next = req->next;
+        uint32_t k;
+        for (k = req->pos; k < req->count; k++) flash__mc_set_status(req, k, code);
+        flash__mc_req_complete(mc, req);
+        req = next;
+    }
+    if (code == FLASH_ETIMEDOUT) s->stats.timeouts++;
+    else if (code == FLASH_EPROTO) s->stats.proto_errors++;
+    else if (had || mark_down) s->stats.failures++;
+    if (mark_down) s->down_until = flash__mc_now() + mc->retry_interval_ms;
+}
+
+static void flash__mc_connected(flash__mc_server *s) {
+    flash__mc_req *req;
+    int64_t due = flash__mc_now() + s->mc->timeout_ms;
+    s->state = FLASH__MC_READY;
+    if (s->stats.connects++) s->stats.reconnects++;
+    s->stats.connected = true;
+    for (req = s->head; req; req = req->next) req->deadline = due;
+    flash__mc_arm_timer(s);
+}
+
+/* Open the connection; false after failing (and marking down) the server. */
+static bool flash__mc_connect(flash__mc_server *s) {
+    flash__mc *mc = s->mc;
+    int one = 1, fl, rc;
+    s->fd = socket(s->addr.ss_family, SOCK_STREAM, 0);
+    if (s->fd < 0) goto fail;
+    fl = fcntl(s->fd, F_GETFL, 0);
+    if (fl < 0 || fcntl(s->fd, F_SETFL, fl | O_NONBLOCK) < 0) goto fail;
+    fcntl(s->fd, F_SETFD, FD_CLOEXEC);
+    setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    do rc = connect(s->fd, (struct sockaddr *)&s->addr, s->addrlen);
+    while (rc < 0 && errno == EINTR);
+    if (rc < 0 && errno != EINPROGRESS) goto fail;
+    s->state = FLASH__MC_CONNECTING;
+    s->io_events = FLASH_IO_WRITE;
+    s->io = mc->loop.vt->io_start(mc->loop.native, s->fd, FLASH_IO_WRITE, flash__mc_on_io, s);
+    if (!s->io) goto fail;
+    if (rc == 0) {
+        flash__mc_connected(s);
+        flash__mc_update_io(s);
+    } else {
+        s->conn_deadline = flash__mc_now() + mc->connect_timeout_ms;
+        flash__mc_arm_timer(s);
+    }
+    return true;
+fail:
+    flash__mc_fail(s, FLASH_EBACKEND, true);
+    return false;
+}
+
+/* Write what is buffered; false after failing the server. */
+static bool flash__mc_write(flash__mc_server *s) {
+    while (s->woff < s->wlen) {
+        ssize_t n = send(s->fd, s->wbuf + s->woff, s->wlen - s->woff, MSG_NOSIGNAL);
+        if (n > 0) {
+            s->woff += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        } else {
+            flash__mc_fail(s, FLASH_EBACKEND, true);
+            return false;
+        }
+    }
+    if (s->woff == s->wlen) {
+        s->woff = s->wlen = 0;
+        if (s->wcap > FLASH__MC_KEEP_BUF) {
+            flash__mc_free(s->mc, s->wbuf);
+            s->wbuf = NULL;
+            s->wcap = 0;
+        }
+    }
+    flash__mc_update_io(s);
+    return true;
+}
+
+static bool flash__mc_starts(const char *p, size_t n, const char *prefix) {
+    size_t k = strlen(prefix);
+    return n >= k && memcmp(p, prefix, k) == 0;
+}
+
+/* Map an error line to an item status. */
+static int flash__mc_error_code(const flash_memcached_reply *r) {
+    if (r->kind == FLASH_MEMCACHED_SERVER_ERROR)
+        return flash__mc_starts(r->message, r->message_len, "object too large") ? FLASH_ETOOLARGE : FLASH_EBACKEND;
+    /* CLIENT_ERROR: the command was refused, e.g. incr on a non-number */
+    if (flash__mc_starts(r->message, r->message_len, "cannot increment")) return FLASH_EINVAL;
+    return FLASH_EPROTO;
+}
+
+/* Apply one reply to the head request; FLASH_EPROTO when it does not fit. */
+static int flash__mc_apply(flash__mc_server *s, const flash_memcached_reply *r) {
+    flash__mc *mc = s->mc;
+    flash__mc_req *req = s->head;
+    flash__mc_opstate *os = req->os;
+    flash_cache_item *it;
+    uint32_t j;
+    int st;
+    if (r->kind == FLASH_MEMCACHED_MN) {
+        if (!os->quiet && req->pos != req->count) return FLASH_EPROTO;
+        s->head = req->next;
+        if (!s->head) s->tail = NULL;
+        flash__mc_req_complete(mc, req);
+        flash__mc_arm_timer(s);
+        return FLASH_OK;
+    }
+    if (r->kind == FLASH_MEMCACHED_ERROR) return FLASH_EPROTO;
+    if (r->kind == FLASH_MEMCACHED_CLIENT_ERROR || r->kind == FLASH_MEMCACHED_SERVER_ERROR) {
+        if (os->quiet) { /* the key is not named: tell the op */
+            if (os->op && !os->op->status) os->op->status = flash__mc_error_code(r);
+            return FLASH_OK;
+        }
+        if (req->pos >= req->count) return FLASH_EPROTO;
+        flash__mc_set_status(req, req->pos++, flash__mc_error_code(r));
+        return FLASH_OK;
+    }
+    if (!r->has_opaque) return FLASH_EPROTO;
+    j = r->opaque - req->base;
+    if (j >= req->count || j < req->pos || (!os->quiet && j != req->pos)) return FLASH_EPROTO;
+    req->pos = j + 1;
+    it = os->op ? &os->op->items[req->idx[j]] : NULL;
+    st = FLASH_EPROTO;
+    switch (os->code) {
+    case FLASH_CACHE_GET:
+        if (r->kind == FLASH_MEMCACHED_EN) {
+            st = FLASH_ENOTFOUND;
+        } else if (r->kind == FLASH_MEMCACHED_VA) {
+            st = FLASH_OK;
+            if (r->skip) {
+                st = FLASH_ETOOLARGE;
+            } else if (it) {
+                char *v = (char *)flash__mc_value_alloc(mc, os, r->value_len + 1);
+                if (!v) {
+                    st = FLASH_ENOMEM;
+                } else {
+                    if (r->value_len) memcpy(v, r->value, r->value_len);
+                    v[r->value_len] = 0;
+                    it->value = v;
+                    it->value_len = r->value_len;
+                    it->flags = r->flags;
+                    it->cas = r->cas;
+                }
+            }
+        } else {
+            return FLASH_EPROTO;
+        }
+        break;
+    default:
+        if (os->code == FLASH_CACHE_INCR && r->kind == FLASH_MEMCACHED_VA) {
+            uint64_t v = 0;
+            if (r->skip || !flash__mc_num(r->value, r->value + r->value_len, UINT64_MAX, &v)) {
+                st = FLASH_EPROTO;
+            } else {
+                st = FLASH_OK;
+                if (it) it->number = v;
+            }
+            break;
+        }
+        switch (r->kind) { /* HD (also quiet INCR), NF, NS, EX */
+        case FLASH_MEMCACHED_HD: st = FLASH_OK; break;
+        case FLASH_MEMCACHED_NF: st = FLASH_ENOTFOUND; break;
+        case FLASH_MEMCACHED_NS:
+        case FLASH_MEMCACHED_EX: st = FLASH_ENOTSTORED; break;
+        default: return FLASH_EPROTO;
+        }
+        break;
+    }
+    if (it) it->status = st;
+    return FLASH_OK;
+}
+
+/* Consume every complete reply in the read buffer; false after failing. */
+static bool flash__mc_process(flash__mc_server *s) {
+    size_t off = 0;
+    for (;;) {
+        flash_memcached_reply r;
+        ptrdiff_t n;
+        if (s->skip) { /* dropping an oversized value; its last two bytes are "\r\n" */
+            while (s->skip && off < s->rlen) {
+                if ((s->skip == 2 && s->rbuf[off] != '\r') || (s->skip == 1 && s->rbuf[off] != '\n')) {
+                    flash__mc_fail(s, FLASH_EPROTO, false);
+                    return false;
+                }
+                if (s->skip > 2) {
+                    size_t take = s->rlen - off < s->skip - 2 ? s->rlen - off : s->skip - 2;
+                    off += take;
+                    s->skip -= take;
+                } else {
+                    off++;
+                    s->skip--;
+                }
+            }
+            if (s->skip) break;
+        }
+        if (off == s->rlen) break;
+        if (!s->head) { /* nothing was asked: unsolicited bytes */
+            flash__mc_fail(s, FLASH_EPROTO, false);
+            return false;
+        }
+        n = flash_memcached_parse(s->rbuf + off, s->rlen - off, s->mc->max_value, &r);
+        if (n == 0) break;
+        if (n < 0 || flash__mc_apply(s, &r) != FLASH_OK) {
+            flash__mc_fail(s, FLASH_EPROTO, false);
+            return false;
+        }
+        off += (size_t)n;
+        if (r.skip) s->skip = r.value_len + 2;
+    }
+    if (off) {
+        s->rlen -= off;
+        if (s->rlen) memmove(s->rbuf, s->rbuf + off, s->rlen);
+    }
+    if (!s->rlen && s->rcap > FLASH__MC_KEEP_BUF) { /* a large value went by */
+        flash__mc_free(s->mc, s->rbuf);
+        s->rbuf = NULL;
+        s->rcap = 0;
+    }
+    return true;
+}
+
+static void flash__mc_read(flash__mc_server *s) {
+    int rounds;
+    for (rounds = 0; rounds < 16; rounds++) {
+        ssize_t n;
+        size_t room;
+        if (s->rcap - s->rlen < FLASH__MC_READ_CHUNK) {
+            size_t cap = s->rcap ? s->rcap * 2 : 2 * FLASH__MC_READ_CHUNK;
+            char *p;
+            while (cap - s->rlen < FLASH__MC_READ_CHUNK) cap *= 2;
+            p = (char *)flash__mc_realloc(s->mc, s->rbuf, s->rlen, cap);
+            if (!p) {
+                flash__mc_fail(s, FLASH_ENOMEM, false);
+                return;
+            }
+            s->rbuf = p;
+            s->rcap = cap;
+        }
+        room = s->rcap - s->rlen;
+        n = recv(s->fd, s->rbuf + s->rlen, room, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        if (n <= 0) { /* closed or reset: in-flight keys fail, an idle one just closes */
+            if (s->head) flash__mc_fail(s, FLASH_EBACKEND, true);
+            else flash__mc_close(s);
+            return;
+        }
+        s->rlen += (size_t)n;
+        if (!flash__mc_process(s)) return;
+        if ((size_t)n < room) break;
+    }
+}
+
+static void flash__mc_on_io(void *arg, int events) {
+    flash__mc_server *s = (flash__mc_server *)arg;
+    if (s->state == FLASH__MC_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+        if (err) {
+            flash__mc_fail(s, FLASH_EBACKEND, true);
+            return;
+        }
+        flash__mc_connected(s);
+        events |= FLASH_IO_WRITE;
+    }
+    if (s->state != FLASH__MC_READY) return;
+    if ((events & FLASH_IO_WRITE) && !flash__mc_write(s)) return;
+    if (events & FLASH_IO_READ) flash__mc_read(s);
+    if (s->state == FLASH__MC_READY) flash__mc_update_io(s);
+}
+
+static void flash__mc_on_timer(void *arg) {
+    flash__mc_server *s = (flash__mc_server *)arg;
+    s->timer = NULL;
+    if (s->state == FLASH__MC_CONNECTING) {
+        if (flash__mc_now() >= s->conn_deadline) flash__mc_fail(s, FLASH_ETIMEDOUT, true);
+        else flash__mc_arm_timer(s);
+    } else if (s->state == FLASH__MC_READY && s->head) {
+        if (flash__mc_now() >= s->head->deadline) flash__mc_fail(s, FLASH_ETIMEDOUT, true);
+        else flash__mc_arm_timer(s);
+    }
+}
+
+/* ---- request encoding ---------------------------------------------------------- */
+
+static bool flash__mc_reserve(flash__mc_server *s, size_t more) {
+    size_t cap;
+    char *p;
+    if (s->wcap - s->wlen >= more) return true;
+    if (s->woff) { /* drop what was sent */
+        memmove(s->wbuf, s->wbuf + s->woff, s->wlen - s->woff);
+        s->wlen -= s->woff;
+        s->woff = 0;
+        if (s->wcap - s->wlen >= more) return true;
+    }
+    cap = s->wcap ? s->wcap * 2 : 4096;
+    while (cap - s->wlen < more) cap *= 2;
+    p = (char *)flash__mc_realloc(s->mc, s->wbuf, s->wlen, cap);
+    if (!p) return false;
+    s->wbuf = p;
+    s->wcap = cap;
+    return true;
+}
+
+static void flash__mc_put(flash__mc_server *s, const void *p, size_t n) {
+    memcpy(s->wbuf + s->wlen, p, n);
+    s->wlen += n;
+}
+
+/* " <c><decimal>" */
+static void flash__mc_put_num(flash__mc_server *s, char c, uint64_t v) {
+    char tmp[24];
+    int n = 0;
+    do tmp[n++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    s->wbuf[s->wlen++] = ' ';
+    if (c) s->wbuf[s->wlen++] = c;
+    while (n) s->wbuf[s->wlen++] = tmp[--n];
+}
+
+static uint64_t flash__mc_ttl(uint32_t ttl_s) {
+    /* memcached reads more than 30 days as an absolute Unix time */
+    if (ttl_s > 2592000u) return (uint64_t)time(NULL) + ttl_s;
+    return ttl_s;
+}
+
+/* Append one request (its commands and "mn"); false when out of memory. */
+static bool flash__mc_encode(flash__mc_server *s, flash__mc_req *req, const flash_cache_op *op) {
+    uint32_t k;
+    bool quiet = req->os->quiet;
+    for (k = 0; k < req->count; k++) {
+        const flash_cache_item *it = &op->items[req->idx[k]];
+        uint64_t opaque = (uint32_t)(req->base + k);
+        size_t need = it->key_len + 128 + (op->code >= FLASH_CACHE_SET && op->code <= FLASH_CACHE_CAS ? it->value_len : 0);
+        if (!flash__mc_reserve(s, need)) return false;
+        switch (op->code) {
+        case FLASH_CACHE_GET:
+            flash__mc_put(s, "mg ", 3);
+            flash__mc_put(s, it->key, it->key_len);
+            flash__mc_put(s, " v f c", 6);
+            flash__mc_put_num(s, 'O', opaque);
+            break;
+        case FLASH_CACHE_SET:
+        case FLASH_CACHE_ADD:
+        case FLASH_CACHE_CAS:
+            flash__mc_put(s, "ms ", 3);
+            flash__mc_put(s, it->key, it->key_len);
+            flash__mc_put_num(s, 0, it->value_len);
+            if (it->flags) flash__mc_put_num(s, 'F', it->flags);
+            if (it->ttl_s) flash__mc_put_num(s, 'T', flash__mc_ttl(it->ttl_s));
+            if (op->code == FLASH_CACHE_ADD) flash__mc_put(s, " ME", 3);
+            if (op->code == FLASH_CACHE_CAS) flash__mc_put_num(s, 'C', it->cas);
+            flash__mc_put_num(s, 'O', opaque);
+            if (quiet) flash__mc_put(s, " q", 2);
+            flash__mc_put(s, "\r\n", 2);
+            if (it->value_len) flash__mc_put(s, it->value, it->value_len);
+            break;
+        case FLASH_CACHE_DELETE:
+            flash__mc_put(s, "md ", 3);
+            flash__mc_put(s, it->key, it->key_len);
+            flash__mc_put_num(s, 'O', opaque);
+            break;
+        case FLASH_CACHE_INCR:
+            flash__mc_put(s, "ma ", 3);
+            flash__mc_put(s, it->key, it->key_len);
+            flash__mc_put_num(s, 'D', it->number);
+            if (it->create) {
+                flash__mc_put_num(s, 'N', flash__mc_ttl(it->ttl_s));
+                flash__mc_put_num(s, 'J', it->initial);
+            }
+            if (!quiet) flash__mc_put(s, " v", 2);
+            flash__mc_put_num(s, 'O', opaque);
+            break;
+        }
+        if (quiet && op->code != FLASH_CACHE_SET && op->code != FLASH_CACHE_ADD && op->code != FLASH_CACHE_CAS)
+            flash__mc_put(s, " q", 2);
+        flash__mc_put(s, "\r\n", 2);
+    }
+    if (!flash__mc_reserve(s, 4)) return false;
+    flash__mc_put(s, "mn\r\n", 4);
+    return true;
+}
+
+/* ---- vtable ------------------------------------------------------------------- */
+
+static int flash__mc_key_status(const char *key, size_t len) {
+    size_t i;
+    if (!key || !len) return FLASH_EINVAL;
+    if (len > FLASH__MC_MAX_KEY) return FLASH_ETOOLARGE;
+    for (i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)key[i];
+        if (c <= ' ' || c == 127) return FLASH_EINVAL;
+    }
+    return FLASH_OK;
+}
+
+static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
+    flash__mc *mc = (flash__mc *)self;
+    flash__mc_opstate *os;
+    uint32_t *srv_of, *counts, *idx, nreqs = 0;
+    size_t i, n, bytes;
+    int64_t now = flash__mc_now();
+    size_t unsent;
+    bool store, valid_code;
+    (void)loop; /* the backend's own loop drives everything */
+    if (!mc || !op) return;
+    n = op->count;
+    op->status = FLASH_OK;
+    op->round_trips = 0;
+    op->priv[0] = op->priv[1] = NULL;
+    valid_code = op->code >= FLASH_CACHE_GET && op->code <= FLASH_CACHE_INCR;
+    store = op->code == FLASH_CACHE_SET || op->code == FLASH_CACHE_ADD || op->code == FLASH_CACHE_CAS;
+    bytes = sizeof *os + mc->nservers * sizeof(flash__mc_req) + (2 * n + mc->nservers) * sizeof(uint32_t);
+    os = NULL;
+    if (!mc->destroying && (!n || op->items) && n <= UINT32_MAX / 2 &&
+        n < (SIZE_MAX - sizeof *os) / (sizeof(flash__mc_req) + 3 * sizeof(uint32_t)))
+        os = (flash__mc_opstate *)flash__mc_alloc(mc, bytes);
+    if (!os) {
+        int code = mc->destroying ? FLASH_ECANCELED : (n && !op->items) ? FLASH_EINVAL : FLASH_ENOMEM;
+        op->status = code;
+        for (i = 0; op->items && i < n; i++) op->items[i].status = code;
+        if (mc->destroying) return; /* documented: no submit from destroy */
+        op->priv[1] = mc->oom_first;
+        op->priv[0] = mc; /* marks "in the oom list" for cancel */
+        mc->oom_first = op;
+        flash__mc_schedule_flush(mc);
+        return;
+    }
+    memset(os, 0, sizeof *os);
+    os->op = op;
+    os->code = op->code;
+    os->quiet = op->quiet && op->code != FLASH_CACHE_GET;
+    os->reqs = (flash__mc_req *)(os + 1);
+    srv_of = (uint32_t *)(os->reqs + mc->nservers);
+    idx = srv_of + n;
+    counts = idx + n;
+    memset(counts, 0, mc->nservers * sizeof *counts);
+    os->next = mc->live;
+    if (mc->live) mc->live->prev = os;
+    mc->live = os;
+    op->priv[0] = os;
+    if (!valid_code) op->status = FLASH_EINVAL;
+    for (i = 0; i < n; i++) {
+        flash_cache_item *it = &op->items[i];
+        int st = valid_code ? flash__mc_key_status(it->key, it->key_len) : FLASH_EINVAL;
+        uint32_t srv;
+        if (op->code == FLASH_CACHE_GET) {
+            it->value = NULL;
+            it->value_len = 0;
+            it->flags = 0;
+            it->cas = 0;
+        }
+        if (!st && store && it->value_len > mc->max_value) st = FLASH_ETOOLARGE;
+        if (!st && store && it->value_len && !it->value) st = FLASH_EINVAL;
+        srv_of[i] = UINT32_MAX;
+        it->status = st;
+        if (st) continue;
+        srv = flash__mc_server_of(mc, it->key, it->key_len);
+        if (mc->servers[srv].down_until > now) {
+            it->status = FLASH_EBACKEND;
+            mc->servers[srv].stats.fast_fails++;
+            continue;
+        }
+        srv_of[i] = srv;
+        counts[srv]++;
+    }
+    /* one request per touched server, items in their original order */
+    {
+        uint32_t start = 0;
+        for (i = 0; i < mc->nservers; i++) {
+            if (!counts[i]) continue;
+            os->reqs[nreqs].idx = idx + start;
+            os->reqs[nreqs].count = 0;
+            os->reqs[nreqs].os = os;
+            start += counts[i];
+            counts[i] = nreqs++; /* now: the request of server i */
+        }
+        for (i = 0; i < n; i++) {
+            flash__mc_req *req;
+            if (srv_of[i] == UINT32_MAX) continue;
+            req = &os->reqs[counts[srv_of[i]]];
+            req->idx[req->count++] = (uint32_t)i;
+        }
+    }
+    os->pending = nreqs + 1; /* + 1: held until every request is queued */
+    op->round_trips = nreqs;
+    for (i = 0; i < nreqs; i++) {
+        flash__mc_req *req = &os->reqs[i];
+        flash__mc_server *s = &mc->servers[srv_of[req->idx[0]]];
+        req->base = s->next_opaque;
+        s->next_opaque += req->count;
+        req->pos = 0;
+        req->next = NULL;
+        req->deadline = 0;
+        unsent = s->wlen - s->woff;
+        if (!flash__mc_encode(s, req, op)) { /* out of memory: this server's keys fail */
+            uint32_t k;
+            s->wlen = s->woff + unsent; /* drop the partial request */
+            for (k = 0; k < req->count; k++) op->items[req->idx[k]].status = FLASH_ENOMEM;
+            req->count = 0;
+            flash__mc_req_complete(mc, req);
+            continue;
+        }
+        s->stats.requests++;
+        s->stats.keys += req->count;
+        if (s->tail) s->tail->next = req;
+        else s->head = req;
+        s->tail = req;
+        if (s->state == FLASH__MC_CLOSED) {
+            flash__mc_connect(s); /* on failure the request already failed */
+        } else if (s->state == FLASH__MC_READY) {
+            req->deadline = now + mc->timeout_ms;
+            if (s->head == req) flash__mc_arm_timer(s);
+            flash__mc_write(s);
+        }
+    }
+    if (--os->pending == 0) flash__mc_ready(mc, os);
+}
+
+static void flash__mc_cancel(void *self, flash_cache_op *op) {
+    flash__mc *mc = (flash__mc *)self;
+    if (!mc || !op || !op->priv[0]) return;
+    if (op->priv[0] == (void *)mc) { /* in the oom list */
+        flash_cache_op *prev = NULL, *cur = mc->oom_first;
+        while (cur && cur != op) {
+            prev = cur;
+            cur = (flash_cache_op *)cur->priv[1];
+        }
+        if (cur && prev) prev->priv[1] = cur->priv[1];
+        else if (cur) mc->oom_first = (flash_cache_op *)cur->priv[1];
+    } else {
+        flash__mc_opstate *os = (flash__mc_opstate *)op->priv[0];
+        if (os->op == op) os->op = NULL; /* freed when its requests are in */
+    }
+    op->priv[0] = op->priv[1] = NULL;
+}
+
+static size_t flash__mc_max_value(void *self) { return self ? ((flash__mc *)self)->max_value : 0; }
+
+static void flash__mc_destroy(void *self) {
+    flash__mc *mc = (flash__mc *)self;
+    size_t i;
+    if (!mc) return;
+    mc->destroying = true;
+    if (mc->flush_handle) {
+        mc->loop.vt->cancel(mc->loop.native, mc->flush_handle);
+        mc->flush_handle = NULL;
+    }
+    for (i = 0; i < mc->nservers; i++) { /* unanswered keys: cancelled */
+        flash__mc_server *s = &mc->servers[i];
+        flash__mc_req *req;
+        flash__mc_close(s);
+        for (req = s->head; req; req = req->next) {
+            uint32_t k;
+            if (!req->os->op) continue;
+            for (k = req->pos; k < req->count; k++) flash__mc_set_status(req, k, FLASH_ECANCELED);
+            req->os->op->status = FLASH_ECANCELED;
+        }
+        s->head = s->tail = NULL;
+    }
+    while (mc->oom_first) {
+        flash_cache_op *op = mc->oom_first;
+        mc->oom_first = (flash_cache_op *)op->priv[1];
+        op->priv[0] = op->priv[1] = NULL;
+        op->done(op);
+    }
+    while (mc->live) { /* done for every op not cancelled, then free */
+        flash__mc_opstate *os = mc->live;
+        flash_cache_op *op = os->op;
+        mc->live = os->next;
+        if (mc->live) mc->live->prev = NULL;
+        os->next = os->prev = NULL;
+        if (op) {
+            op->priv[0] = NULL;
+            op->done(op);
+        }
+        {
+            flash__mc_block *b = os->blocks;
+            while (b) {
+                flash__mc_block *nb = b->next;
+                flash__mc_free(mc, b);
+                b = nb;
+            }
+        }
+        flash__mc_free(mc, os);
+    }
+    for (i = 0; i < mc->nservers; i++) {
+        flash__mc_free(mc, mc->servers[i].host);
+        flash__mc_free(mc, mc->servers[i].wbuf);
+        flash__mc_free(mc, mc->servers[i].rbuf);
+    }
+    flash__mc_free(mc, mc->servers);
+    flash__mc_free(mc, mc->points);
+    mc->alloc.free(mc, mc->alloc.user_data);
+}
+
+static const flash_cache_vtable flash__mc_vt = {
+    "memcached", flash__mc_submit, flash__mc_cancel, flash__mc_max_value, flash__mc_destroy,
+};
+
+static void *flash__mc_default_alloc(size_t n, void *ud) {
+    (void)ud;
+    return malloc(n);
+}
+static void flash__mc_default_free(void *p, void *ud) {
+    (void)ud;
+    free(p);
+}
+
+FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, int *error) {
+    flash_cache none = {NULL, NULL}, out;
+    flash_allocator al;
+    flash__mc *mc;
+    size_t i;
+    int rc = FLASH_EINVAL;
+    if (error) *error = FLASH_OK;
+    if (!desc || !desc->loop.vt || !desc->loop.vt->defer || !desc->loop.vt->timer || !desc->loop.vt->cancel ||
+        !desc->loop.vt->io_start || !desc->loop.vt->io_set || !desc->loop.vt->io_stop || !desc->servers ||
+        !desc->server_count || desc->server_count > UINT32_MAX / 4) {
+        if (error) *error = FLASH_EINVAL;
+        return none;
+    }
+    for (i = 0; i < desc->server_count; i++) {
+        if (!desc->servers[i].host || !desc->servers[i].host[0] || strlen(desc->servers[i].host) > 255) {
+            if (error) *error = FLASH_EINVAL;
+            return none;
+        }
+    }
+    al = desc->allocator;
+    if (!al.alloc || !al.free) {
+        al.alloc = flash__mc_default_alloc;
+        al.free = flash__mc_default_free;
+        al.user_data = NULL;
+    }
+    mc = (flash__mc *)al.alloc(sizeof *mc, al.user_data);
+    if (!mc) {
+        if (error) *error = FLASH_ENOMEM;
+        return none;
+    }
+    memset(mc, 0, sizeof *mc);
+    mc->alloc = al;
+    mc->loop = desc->loop;
+    mc->connect_timeout_ms = desc->connect_timeout_ms ? desc->connect_timeout_ms : 1000;
+    mc->timeout_ms = desc->timeout_ms ? desc->timeout_ms : 1000;
+    mc->retry_interval_ms = desc->retry_interval_ms ? desc->retry_interval_ms : 2000;
+    mc->max_value = desc->max_value ? desc->max_value : (size_t)1 << 20;
+    mc->servers = (flash__mc_server *)flash__mc_alloc(mc, desc->server_count * sizeof *mc->servers);
+    if (!mc->servers) {
+        rc = FLASH_ENOMEM;
+        goto fail;
+    }
+    memset(mc->servers, 0, desc->server_count * sizeof *mc->servers);
+    mc->nservers = desc->server_count;
+    for (i = 0; i < mc->nservers; i++) mc->servers[i].fd = -1;
+    for (i = 0; i < mc->nservers; i++) {
+        flash__mc_server *s = &mc->servers[i];
+        const flash_memcached_server *d = &desc->servers[i];
+        struct addrinfo hints, *res = NULL;
+        char port[8];
+        size_t hl = strlen(d->host);
+        s->mc = mc;
+        s->fd = -1;
+        s->port = d->port ? d->port : 11211;
+        s->weight = d->weight ? d->weight : 1;
+        s->host = (char *)flash__mc_alloc(mc, hl + 1);
+        if (!s->host) {
+            rc = FLASH_ENOMEM;
+            goto fail;
+        }
+        memcpy(s->host, d->host, hl + 1);
+        memset(&hints, 0, sizeof hints);
+        hints.ai_family = AF_UNSPEC;
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_NUMERICSERV;
+        snprintf(port, sizeof port, "%u", (unsigned)s->port);
+        if (getaddrinfo(d->host, port, &hints, &res) != 0 || !res) {
+            rc = FLASH_EINVAL;
+            goto fail;
+        }
+        if (res->ai_addrlen > sizeof s->addr) {
+            freeaddrinfo(res);
+            rc = FLASH_EINVAL;
+            goto fail;
+        }
+        memcpy(&s->addr, res->ai_addr, res->ai_addrlen);
+        s->addrlen = (socklen_t)res->ai_addrlen;
+        freeaddrinfo(res);
+    }
+    rc = flash__mc_build_continuum(mc);
+    if (rc) goto fail;
+    out.vt = &flash__mc_vt;
+    out.self = mc;
+    return out;
+fail:
+    if (error) *error = rc;
+    flash__mc_destroy(mc);
+    return none;
+}
+
+FLASH_API int flash_memcached_server_for_key(flash_cache cache, const char *key, size_t len) {
+    if (cache.vt != &flash__mc_vt || !cache.self || (!key && len)) return FLASH_EINVAL;
+    return (int)flash__mc_server_of((const flash__mc *)cache.self, key, len);
+}
+
+FLASH_API int flash_memcached_server_stats(flash_cache cache, size_t server, flash_memcached_stats *out) {
+    const flash__mc *mc = (const flash__mc *)cache.self;
+    if (cache.vt != &flash__mc_vt || !mc || server >= mc->nservers || !out) return FLASH_EINVAL;
+    *out = mc->servers[server].stats;
+    out->down = mc->servers[server].down_until > flash__mc_now();
+    return FLASH_OK;
+}
+
+#endif /* FLASH_MEMCACHED_IMPLEMENTED */
+#endif /* FLASH_IMPLEMENTATION */
