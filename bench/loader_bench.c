@@ -1,0 +1,261 @@
+/* loader_bench.c — flash's loader + promise overhead, the same work per
+   scenario as dataloader_bench.js (graphql's dataloader on node) and
+   aiodataloader_bench.py:
+
+     distinct  100k distinct keys loaded in one tick, one gather, one wait
+     dup50     100k loads of 50k keys (each twice, shuffled), one gather
+     ticks     1,000 ticks of 100 distinct loads; each tick is a gather that
+               is flash_wait-ed before the next tick starts (one context,
+               one loader for all ticks: the memo grows to 100k keys)
+     memo      100k memo hits: the 100k keys of a resolved first pass loaded
+               again from the same loader, one gather, one wait (only the
+               second pass is timed)
+
+   Keys are the strings "k<i>"; the batch function resolves each key with
+   the key itself (flash: the pointer to the loader's copy of the key; the
+   peers: the key string). distinct, dup50 and ticks time a whole request:
+   flash_ctx_reset + flash_loader_create + loads + gather + wait (the peers:
+   new DataLoader + loads + Promise.all/gather + await).
+
+   usage: loader_bench [reps]          prints "<scenario> <ns_per_load>" reps
+                                       times per scenario after one warm-up,
+                                       and one "check ..." line per scenario
+          loader_bench --callgrind S   one warm-up of scenario S, then one
+                                       run inside cg_measure() (for
+                                       valgrind --toggle-collect='cg_measure*'; GCC may clone it)
+*/
+#define FLASH_IMPLEMENTATION
+#include "flash.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define BENCH_NOINLINE __attribute__((noinline))
+#else
+#define BENCH_NOINLINE
+#endif
+
+enum { N = 100000, DUP_UNIQUE = 50000, TICKS = 1000, PER_TICK = 100 };
+
+/* Everything a run allocates fits the retained arena, so steady-state
+   requests reuse memory instead of calling malloc (the documented knob). */
+#define ARENA_RETAIN ((size_t)64 << 20)
+
+static const char *keys[N];
+static size_t lens[N];
+static uint32_t dup_seq[N];
+static flash_promise *ps[N];
+/* The gathers' value arrays (valid until the next reset): read after the
+   clock stopped. */
+static void **result_vec;
+static void **tick_vecs[TICKS];
+static flash_ctx *ctx;
+static flash_loader_desc ldesc;
+static unsigned long batch_calls, batch_keys;
+
+static void die(const char *what, int rc) {
+    fprintf(stderr, "loader_bench: %s: %s\n", what, rc ? flash_strerror(rc) : "failed");
+    exit(1);
+}
+
+static double now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* The batch function: every key resolves to (its copy of) itself. */
+static void batch_fn(flash_ctx *c, flash_batch *b, void *ud) {
+    size_t i, n = flash_batch_size(b);
+    (void)c;
+    (void)ud;
+    batch_calls++;
+    batch_keys += n;
+    for (i = 0; i < n; i++) flash_batch_resolve(b, i, (void *)flash_batch_key(b, i, NULL));
+}
+
+/* xorshift32, the same generator as the peers' scripts. */
+static uint32_t rng_state = 2463534242u;
+static uint32_t rng_next(void) {
+    uint32_t x = rng_state;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return rng_state = x;
+}
+
+static void make_keys(void) {
+    static char buf[N * 8];
+    size_t i, off = 0;
+    for (i = 0; i < N; i++) {
+        int n = snprintf(buf + off, sizeof buf - off, "k%zu", i);
+        keys[i] = buf + off;
+        lens[i] = (size_t)n;
+        off += (size_t)n + 1;
+    }
+    /* 0..49999 twice, Fisher-Yates shuffled. */
+    for (i = 0; i < N; i++) dup_seq[i] = (uint32_t)(i % DUP_UNIQUE);
+    for (i = N - 1; i > 0; i--) {
+        uint32_t j = rng_next() % (uint32_t)(i + 1), t = dup_seq[i];
+        dup_seq[i] = dup_seq[j];
+        dup_seq[j] = t;
+    }
+}
+
+static void wait_gather(size_t n, flash_promise **p, void ***values) {
+    void *v = NULL;
+    int rc = flash_wait(ctx, flash_gather(ctx, n, p), &v);
+    if (rc) die("gather", rc);
+    *values = (void **)v;
+}
+
+/* ---- scenarios: each leaves its results in result_vec / tick_vecs ------ */
+
+static void run_distinct(void) {
+    flash_loader *l;
+    size_t i;
+    flash_ctx_reset(ctx);
+    l = flash_loader_create(ctx, &ldesc);
+    for (i = 0; i < N; i++) ps[i] = flash_load(l, keys[i], lens[i]);
+    wait_gather(N, ps, &result_vec);
+}
+
+static void run_dup50(void) {
+    flash_loader *l;
+    size_t i;
+    flash_ctx_reset(ctx);
+    l = flash_loader_create(ctx, &ldesc);
+    for (i = 0; i < N; i++) ps[i] = flash_load(l, keys[dup_seq[i]], lens[dup_seq[i]]);
+    wait_gather(N, ps, &result_vec);
+}
+
+static void run_ticks(void) {
+    flash_loader *l;
+    size_t t, j;
+    flash_ctx_reset(ctx);
+    l = flash_loader_create(ctx, &ldesc);
+    for (t = 0; t < TICKS; t++) {
+        for (j = 0; j < PER_TICK; j++) ps[j] = flash_load(l, keys[t * PER_TICK + j], lens[t * PER_TICK + j]);
+        wait_gather(PER_TICK, ps, &tick_vecs[t]);
+    }
+}
+
+static flash_loader *memo_loader;
+static void memo_setup(void) {
+    void **v;
+    size_t i;
+    flash_ctx_reset(ctx);
+    memo_loader = flash_loader_create(ctx, &ldesc);
+    for (i = 0; i < N; i++) ps[i] = flash_load(memo_loader, keys[i], lens[i]);
+    wait_gather(N, ps, &v);
+}
+static void run_memo(void) {
+    size_t i;
+    for (i = 0; i < N; i++) ps[i] = flash_load(memo_loader, keys[i], lens[i]);
+    wait_gather(N, ps, &result_vec);
+}
+
+typedef struct scenario {
+    const char *name;
+    void (*setup)(void); /* untimed, before every run */
+    void (*run)(void);
+    const uint32_t *seq; /* key index of load i (NULL: i) */
+} scenario;
+
+static const scenario scenarios[] = {
+    {"distinct", NULL, run_distinct, NULL},
+    {"dup50", NULL, run_dup50, dup_seq},
+    {"ticks", NULL, run_ticks, NULL},
+    {"memo", memo_setup, run_memo, NULL},
+};
+#define NSCEN (sizeof scenarios / sizeof scenarios[0])
+
+/* FNV-1a over the result strings, each followed by a 0 byte; a result
+   that is not its own key fails the run. */
+static uint32_t check_results(const scenario *s) {
+    uint32_t h = 2166136261u;
+    size_t i;
+    for (i = 0; i < N; i++) {
+        size_t k = s->seq ? s->seq[i] : i;
+        const char *r = (const char *)(s->run == run_ticks ? tick_vecs[i / PER_TICK][i % PER_TICK] : result_vec[i]), *c;
+        if (!r || strcmp(r, keys[k]) != 0) {
+            fprintf(stderr, "loader_bench: %s: result %zu is not key %s\n", s->name, i, keys[k]);
+            exit(1);
+        }
+        for (c = r;; c++) {
+            h ^= (unsigned char)*c;
+            h *= 16777619u;
+            if (!*c) break;
+        }
+    }
+    return h;
+}
+
+static BENCH_NOINLINE void cg_measure(const scenario *s) { s->run(); }
+
+int main(int argc, char **argv) {
+    flash_desc desc;
+    int reps = 11, r;
+    size_t si;
+    const char *only = NULL;
+    if (argc > 2 && strcmp(argv[1], "--callgrind") == 0) {
+        only = argv[2];
+    } else if (argc > 1) {
+        reps = atoi(argv[1]);
+        if (reps < 1) {
+            fprintf(stderr, "usage: loader_bench [reps] | --callgrind distinct|dup50|ticks|memo\n");
+            return 2;
+        }
+    }
+    make_keys();
+    memset(&desc, 0, sizeof desc);
+    desc.arena_retain = ARENA_RETAIN;
+    ctx = flash_ctx_create(&desc);
+    if (!ctx) die("flash_ctx_create", FLASH_ENOMEM);
+    memset(&ldesc, 0, sizeof ldesc);
+    ldesc.name = "bench";
+    ldesc.batch = batch_fn;
+
+    if (only) {
+        for (si = 0; si < NSCEN; si++) {
+            const scenario *s = &scenarios[si];
+            if (strcmp(s->name, only) != 0) continue;
+            if (s->setup) s->setup();
+            s->run(); /* warm-up: arena blocks and memo tables now retained */
+            if (s->setup) s->setup();
+            cg_measure(s);
+            check_results(s);
+            flash_ctx_destroy(ctx);
+            return 0;
+        }
+        fprintf(stderr, "loader_bench: no scenario %s\n", only);
+        return 2;
+    }
+
+    printf("# flash %d.%d.%d arena_retain=%zu loads_per_scenario=%d reps=%d\n", FLASH_VERSION_MAJOR,
+           FLASH_VERSION_MINOR, FLASH_VERSION_PATCH, flash_ctx_desc(ctx)->arena_retain, N, reps);
+    for (si = 0; si < NSCEN; si++) {
+        const scenario *s = &scenarios[si];
+        unsigned long calls = 0, bkeys = 0;
+        uint32_t h = 0;
+        for (r = -1; r < reps; r++) { /* r == -1: warm-up, not printed */
+            double t0, t1;
+            if (s->setup) s->setup();
+            batch_calls = batch_keys = 0;
+            t0 = now_ns();
+            s->run();
+            t1 = now_ns();
+            calls = batch_calls;
+            bkeys = batch_keys;
+            h = check_results(s);
+            if (r >= 0) printf("%s %.2f\n", s->name, (t1 - t0) / N);
+        }
+        printf("check %s loads=%d batches=%lu batch_keys=%lu hash=%08x\n", s->name, N, calls, bkeys, (unsigned)h);
+        fflush(stdout);
+    }
+    flash_ctx_destroy(ctx);
+    return 0;
+}
