@@ -28,6 +28,7 @@
      6. cache backend vtable         multi-key get/set/add/cas/delete/incr
      7. model registry               FLASH_MODEL, key sets, codec, cache keys
      8. query engine                 memo -> one get-many -> one fetch per class
+     9. invalidation                 stale markers, versions, allowtime
 
    Everything a request allocates lives in its context's arena and is released
    by flash_ctx_reset(): users never free a result. Errors are negative ints
@@ -812,6 +813,36 @@ FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *m
 /* Finish: status 0 settles every key from what was given (no row: not
    found / empty); non-zero fails the keys not yet answered with it. */
 FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message);
+
+/* ==== 9. invalidation ======================================================= */
+
+/* Keep the cache consistent with a write. For every cache class of model m,
+   the keys made from old_row's and from new_row's field values (either may
+   be NULL: a created or a deleted row) are invalidated:
+     FLASH_INVALIDATE_UNSET    a short-lived stale marker replaces the value;
+                               with allowtime_s the value is marked stale
+                               instead (served for allowtime_s while one
+                               reader refreshes it);
+     FLASH_INVALIDATE_DYNAMIC  the class's version is bumped (one incr);
+     FLASH_INVALIDATE_OFF      nothing.
+   A few multi-key backend operations in all, and the request memo forgets
+   those keys. Call it after the database write committed. Fulfils with NULL
+   once the backend has applied everything; rejects (FLASH_EBACKEND, ...)
+   when it could not: then values may stay stale until their timeout. */
+FLASH_API flash_promise *flash_invalidate_async(flash_ctx *ctx, const flash_model *m, const void *old_row,
+                                                const void *new_row);
+FLASH_API int flash_invalidate(flash_ctx *ctx, const flash_model *m, const void *old_row, const void *new_row);
+/* Many rows of one model at once (old_rows / new_rows may be NULL, or hold
+   NULLs). */
+FLASH_API flash_promise *flash_invalidate_rows_async(flash_ctx *ctx, const flash_model *m, size_t n,
+                                                     const void *const *old_rows, const void *const *new_rows);
+/* The keys of these queries, whatever their class's mode (markers). */
+FLASH_API flash_promise *flash_invalidate_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs);
+FLASH_API int flash_invalidate_queries(flash_ctx *ctx, size_t n, flash_query *const *qs);
+/* Bump the version of every FLASH_INVALIDATE_DYNAMIC class of m: every value
+   cached under an older version becomes a miss. */
+FLASH_API flash_promise *flash_bump_version_async(flash_ctx *ctx, const flash_model *m);
+FLASH_API int flash_bump_version(flash_ctx *ctx, const flash_model *m);
 
 #ifdef __cplusplus
 } /* extern "C" */
@@ -3270,7 +3301,12 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 
 /* Value header: magic, flags, schema, dynamic version, time, [full key]. */
 #define FLASH__MAGIC 0xF1
-enum { FLASH__VF_NONE = 1, FLASH__VF_MARKER = 2, FLASH__VF_HASHED = 4 };
+enum {
+    FLASH__VF_NONE = 1,   /* a cached not-found */
+    FLASH__VF_MARKER = 2, /* an invalidation marker: no payload */
+    FLASH__VF_HASHED = 4, /* the full key follows the header */
+    FLASH__VF_STALE = 8   /* invalidated, served within allowtime */
+};
 
 typedef struct flash__binding {
     const flash_model *model; /* NULL: the default */
@@ -3330,7 +3366,9 @@ typedef struct flash__eop {
     flash_ctx *ctx;
     uint64_t gen;
     struct flash__eop *prev, *next;
-    flash__eb *eb;           /* the batch's GET, or NULL for writes */
+    flash__eb *eb;           /* the batch's GET or lock, or NULL for writes */
+    void (*then)(struct flash__eop *o); /* writes: after completion */
+    void *arg;
 } flash__eop;
 
 struct flash__engine {
@@ -3347,6 +3385,7 @@ typedef struct flash__rows {
 } flash__rows;
 
 struct flash_fetch {
+    flash_fetch *next_in_eb;
     flash__eb *eb;
     flash_class *cls;
     flash_ctx *ctx;
@@ -3373,10 +3412,17 @@ struct flash__eb {
     size_t n;
     flash__query **qs;
     flash__eop *get;         /* the GET in flight */
+    flash__eop *lock;        /* the refresh-lock ADD in flight */
     uint8_t *fill;           /* per key: FLASH__FILL_* */
-    uint64_t *cas;           /* per key: CAS of a marker seen */
-    flash_fetch **fetches;
-    size_t nfetches, fetches_pending;
+    uint64_t *cas;           /* per key: CAS of the marker / stale value seen */
+    uint64_t *ver;           /* per key: the version to write under */
+    bool *served;            /* per key: answered (stale); the fetch only refreshes */
+    flash_class **vcls;      /* FLASH_INVALIDATE_DYNAMIC classes of the batch */
+    uint64_t *vval;          /* their current versions */
+    int *verr;               /* their version key's error, or 0 */
+    size_t nver;
+    flash_fetch *fetches;    /* list */
+    size_t fetches_pending;
     bool canceled;
 };
 
@@ -3408,10 +3454,22 @@ static flash__engine *flash__engine_get(flash_ctx *ctx) {
 /* Writes (fills, markers, deletes) outlive their request: a reset detaches
    them and their request's memory stays until they complete; only
    flash_ctx_destroy cancels them. */
-static void flash__eop_link(flash_ctx *ctx, flash__eop *o) {
+/* Hold generation gen (the current one, or a zombie still held). */
+static void flash__hold_gen(flash_ctx *ctx, uint64_t gen) {
+    flash__zombie *z;
+    if (gen == ctx->gen) {
+        ctx->holds++;
+        return;
+    }
+    for (z = ctx->zombies; z; z = z->next)
+        if (z->gen == gen) z->holds++;
+}
+
+static void flash__eop_link(flash_ctx *ctx, flash__eop *o, uint64_t gen) {
     o->ctx = ctx;
-    o->gen = flash__hold(ctx);
-    ctx->inflight++;
+    o->gen = gen;
+    flash__hold_gen(ctx, gen);
+    if (gen == ctx->gen) ctx->inflight++;
     o->prev = NULL;
     o->next = ctx->writes;
     if (ctx->writes) ctx->writes->prev = o;
@@ -3451,31 +3509,42 @@ static void flash__write_done(flash_cache_op *op) {
     }
     if (ctx->desc.log_fill_errors && op->status)
         flash_ctx_log(ctx, FLASH_LOG_WARN, "cache write failed: %s", flash_strerror(op->status));
+    if (o->then) o->then(o); /* may issue more writes of the same generation */
     flash__eop_unlink(o);
 }
 
-/* Issue a write (fills, markers, deletes) the request does not wait for. */
-static void flash__write(flash_ctx *ctx, flash_cache_opcode code, flash_cache_item *items, size_t n) {
+/* Issue a write (fills, markers, deletes) that outlives the request; then
+   (optional) runs when it completed. Its memory belongs to generation gen.
+   Returns NULL (nothing issued) without a backend or memory. */
+static flash__eop *flash__write_then(flash_ctx *ctx, uint64_t gen, flash_cache_opcode code, flash_cache_item *items,
+                                     size_t n, void (*then)(flash__eop *o), void *arg) {
     flash__eop *o;
-    if (!n || !ctx->desc.cache.vt || !flash__engine_get(ctx)) return;
+    if (!n || !ctx->desc.cache.vt) return NULL;
     o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
-    if (!o) return;
+    if (!o) return NULL;
     o->op.code = code;
     o->op.items = items;
     o->op.count = n;
     o->op.quiet = false;
     o->op.done = flash__write_done;
     o->op.data = o;
-    flash__eop_link(ctx, o);
+    o->then = then;
+    o->arg = arg;
+    flash__eop_link(ctx, o, gen);
     ctx->stats.writes++;
     ctx->desc.cache.vt->submit(ctx->desc.cache.self, ctx->loop, &o->op);
+    return o;
+}
+
+static void flash__write(flash_ctx *ctx, flash_cache_opcode code, flash_cache_item *items, size_t n) {
+    flash__write_then(ctx, ctx->gen, code, items, n, NULL, NULL);
 }
 
 static bool flash__one_row(flash_class_kind k) { return k == FLASH_CLASS_GET || k == FLASH_CLASS_INSTANCE; }
 
 /* Encode a result as a cached value: header then payload. */
-static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *result, bool none, void **out,
-                               size_t *len) {
+static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *result, bool none, uint64_t version,
+                               void **out, size_t *len) {
     flash__buf b;
     const flash_class *c = q->cls;
     unsigned char hdr[6];
@@ -3488,7 +3557,7 @@ static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *resu
     hdr[4] = (unsigned char)(schema >> 16);
     hdr[5] = (unsigned char)(schema >> 24);
     flash__buf_put(&b, hdr, 6);
-    flash__buf_varint(&b, 0); /* dynamic version (layer 9) */
+    flash__buf_varint(&b, version); /* dynamic version (0 unless DYNAMIC) */
     flash__buf_varint(&b, (uint64_t)flash__now(ctx));
     if (q->full) {
         flash__buf_varint(&b, q->full_len);
@@ -3517,13 +3586,47 @@ static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *resu
     return FLASH_OK;
 }
 
+/* A value's header. */
+typedef struct flash__hdr {
+    unsigned flags;
+    uint32_t schema;
+    uint64_t version;
+    int64_t time_ms;
+    size_t size; /* bytes of header (without the full key) */
+} flash__hdr;
+
+static int flash__read_hdr(flash__rd *r, flash__hdr *h) {
+    const unsigned char *hdr = flash__rd_bytes(r, 6);
+    const unsigned char *start = r->p - 6;
+    if (!hdr || hdr[0] != FLASH__MAGIC || (hdr[1] & ~0x0Fu)) return FLASH_EPROTO;
+    h->flags = hdr[1];
+    h->schema = (uint32_t)hdr[2] | ((uint32_t)hdr[3] << 8) | ((uint32_t)hdr[4] << 16) | ((uint32_t)hdr[5] << 24);
+    h->version = flash__rd_varint(r);
+    h->time_ms = (int64_t)flash__rd_varint(r);
+    h->size = (size_t)(r->p - start);
+    return r->err ? FLASH_EPROTO : FLASH_OK;
+}
+
+static void flash__put_hdr(flash__buf *b, unsigned flags, uint32_t schema, uint64_t version, int64_t time_ms) {
+    unsigned char hdr[6];
+    hdr[0] = FLASH__MAGIC;
+    hdr[1] = (unsigned char)flags;
+    hdr[2] = (unsigned char)schema;
+    hdr[3] = (unsigned char)(schema >> 8);
+    hdr[4] = (unsigned char)(schema >> 16);
+    hdr[5] = (unsigned char)(schema >> 24);
+    flash__buf_put(b, hdr, 6);
+    flash__buf_varint(b, version);
+    flash__buf_varint(b, (uint64_t)(time_ms < 0 ? 0 : time_ms));
+}
+
 /* Decode a cached value for q. Returns 1 with *result (NULL + *none for a
-   cached not-found) when usable, 0 when it is a miss (marker, other key,
-   other schema), or a negative error for a corrupt value. */
+   cached not-found) when usable — h tells whether it is stale or of another
+   version —, 0 when it is a miss (a marker: see h, another key, another
+   schema), or a negative error for a corrupt value. */
 static int flash__decode_value(flash_ctx *ctx, const flash__query *q, const void *data, size_t len, void **result,
-                               bool *none, bool *marker) {
+                               bool *none, flash__hdr *h) {
     flash__rd r;
-    const unsigned char *hdr;
     const flash_class *c = q->cls;
     uint32_t schema;
     unsigned flags;
@@ -3532,18 +3635,10 @@ static int flash__decode_value(flash_ctx *ctx, const flash__query *q, const void
     r.err = 0;
     *result = NULL;
     *none = false;
-    *marker = false;
-    hdr = flash__rd_bytes(&r, 6);
-    if (!hdr || hdr[0] != FLASH__MAGIC) return FLASH_EPROTO;
-    flags = hdr[1];
-    schema = (uint32_t)hdr[2] | ((uint32_t)hdr[3] << 8) | ((uint32_t)hdr[4] << 16) | ((uint32_t)hdr[5] << 24);
-    (void)flash__rd_varint(&r); /* dynamic version */
-    (void)flash__rd_varint(&r); /* time */
-    if (r.err) return FLASH_EPROTO;
-    if (flags & FLASH__VF_MARKER) {
-        *marker = true;
-        return 0;
-    }
+    if (flash__read_hdr(&r, h) != FLASH_OK) return FLASH_EPROTO;
+    flags = h->flags;
+    schema = h->schema;
+    if (flags & FLASH__VF_MARKER) return r.p == r.end ? 0 : FLASH_EPROTO;
     if (schema != c->model->schema) return 0; /* written by another version of the model */
     if (flags & FLASH__VF_HASHED) {
         uint64_t n = flash__rd_varint(&r);
@@ -3607,7 +3702,7 @@ static void flash__eb_settle_none(flash__eb *eb, size_t i) {
 }
 
 static void flash__eb_maybe_end(flash__eb *eb) {
-    if (eb->fetches_pending == 0 && !eb->get && !eb->canceled) flash_batch_end(eb->batch);
+    if (eb->fetches_pending == 0 && !eb->get && !eb->lock && !eb->canceled) flash_batch_end(eb->batch);
 }
 
 /* ---- fetches ---- */
@@ -3867,19 +3962,19 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) 
         bool none;
         int fill = eb->fill[i];
         if (f->error[t]) {
-            flash_batch_reject(eb->batch, i, f->error[t], f->message[t]);
+            if (!eb->served[i]) flash_batch_reject(eb->batch, i, f->error[t], f->message[t]);
             continue;
         }
         result = flash__fetch_result(f, t);
         none = result == NULL;
         if (none && !flash__one_row(c->kind)) {
-            flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+            if (!eb->served[i]) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
             continue;
         }
         if (fill != FLASH__FILL_NONE && !(none && c->opts.no_cache_none)) {
             void *val;
             size_t len;
-            if (flash__encode_value(ctx, q, result, none, &val, &len) == FLASH_OK) {
+            if (flash__encode_value(ctx, q, result, none, eb->ver[i], &val, &len) == FLASH_OK) {
                 if (len > maxv) {
                     ctx->stats.fills_skipped++;
                     flash_ctx_log(ctx, FLASH_LOG_WARN,
@@ -3899,6 +3994,7 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) 
                 }
             }
         }
+        if (eb->served[i]) continue; /* answered stale already: this was the refresh */
         if (none) flash__eb_settle_none(eb, i);
         else flash_batch_resolve(eb->batch, i, result);
     }
@@ -3917,9 +4013,10 @@ static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
     size_t i, j, k, nf = 0;
     flash_class **classes = (flash_class **)flash__alloc(ctx, eb->n * sizeof *classes);
     size_t *counts = (size_t *)flash_calloc(ctx, eb->n, sizeof *counts);
+    flash_fetch **fs, *tail;
     if (!classes || !counts) {
         for (i = 0; i < eb->n; i++)
-            if (to_source[i]) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+            if (to_source[i] && !eb->served[i]) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
         return;
     }
     /* Classes in first-asked order. */
@@ -3930,9 +4027,8 @@ static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
         if (j == nf) classes[nf++] = eb->qs[i]->cls;
         counts[j]++;
     }
-    eb->fetches = (flash_fetch **)flash__alloc(ctx, (nf ? nf : 1) * sizeof *eb->fetches);
-    if (!eb->fetches) return;
-    eb->nfetches = nf;
+    fs = (flash_fetch **)flash__alloc(ctx, (nf ? nf : 1) * sizeof *fs);
+    if (!fs) return;
     for (j = 0; j < nf; j++) {
         flash_fetch *f = (flash_fetch *)flash_calloc(ctx, 1, sizeof *f);
         size_t n = counts[j];
@@ -3955,15 +4051,22 @@ static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
         for (i = 0, k = 0; i < eb->n; i++)
             if (to_source[i] && eb->qs[i]->cls == classes[j]) f->index[k++] = i;
         f->count = n;
-        eb->fetches[j] = f;
+        fs[j] = f;
     }
-    eb->fetches_pending = nf;
     /* Each fetch keeps the request's memory until its source answers, so a
        source without a cancel function may answer after a reset. */
-    for (j = 0; j < nf; j++) eb->fetches[j]->gen = flash__hold(ctx);
+    for (tail = eb->fetches; tail && tail->next_in_eb; tail = tail->next_in_eb) {
+    }
+    for (j = 0; j < nf; j++) {
+        fs[j]->gen = flash__hold(ctx);
+        if (tail) tail->next_in_eb = fs[j];
+        else eb->fetches = fs[j];
+        tail = fs[j];
+    }
+    eb->fetches_pending += nf;
     /* Dispatch after all are built: a fetch may complete inside the call. */
     for (j = 0; j < nf; j++) {
-        flash_fetch *f = eb->fetches[j];
+        flash_fetch *f = fs[j];
         const flash_class *c = f->cls;
         uint64_t gen = ctx->gen;
         ctx->stats.source_calls++;
@@ -3983,25 +4086,128 @@ static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
     }
 }
 
+/* The current version of q's class, or 0 (not DYNAMIC / never bumped); *err
+   when its version key could not be read. */
+static uint64_t flash__eb_version(const flash__eb *eb, const flash_class *c, int *err) {
+    size_t k;
+    *err = 0;
+    for (k = 0; k < eb->nver; k++) {
+        if (eb->vcls[k] == c) {
+            *err = eb->verr[k];
+            return eb->vval[k];
+        }
+    }
+    return 0;
+}
+
+static bool flash__parse_u64(const char *s, size_t n, uint64_t *out) {
+    uint64_t x = 0;
+    size_t i;
+    if (!s || n == 0 || n > 20) return false;
+    for (i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9' || x > (UINT64_MAX - (uint64_t)(s[i] - '0')) / 10) return false;
+        x = x * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = x;
+    return true;
+}
+
+/* The refresh lock of a key (allowtime): prefix:lock:<hash of the key>. */
+static int flash__lock_key(flash_ctx *ctx, const char *key, size_t len, char **out, size_t *out_len) {
+    size_t plen;
+    const char *p = flash__prefix(ctx, &plen);
+    char hex[33];
+    char *k;
+    if (!p) return FLASH_ENOMEM;
+    flash__hex128(hex, key, len);
+    k = (char *)flash__alloc(ctx, plen + 6 + 32 + 1);
+    if (!k) return FLASH_ENOMEM;
+    memcpy(k, p, plen);
+    memcpy(k + plen, ":lock:", 6);
+    memcpy(k + plen + 6, hex, 33);
+    *out = k;
+    *out_len = plen + 6 + 32;
+    return FLASH_OK;
+}
+
+static void flash__engine_lock_done(flash_cache_op *op) {
+    flash__eop *o = (flash__eop *)op->data;
+    flash__eb *eb = o->eb;
+    size_t i, k = 0;
+    bool *refresh = (bool *)flash_calloc(eb->ctx, eb->n, sizeof *refresh);
+    bool any = false;
+    eb->lock = NULL;
+    /* Items are in key order of the keys that asked for a lock. */
+    for (i = 0; i < eb->n && k < op->count; i++) {
+        if (!eb->served[i] || eb->fill[i] != FLASH__FILL_CAS) continue;
+        if (op->items[k].status == FLASH_OK && refresh) {
+            refresh[i] = true; /* this reader refreshes */
+            any = true;
+        }
+        k++;
+    }
+    if (any) flash__eb_fetch(eb, refresh);
+    flash__eb_maybe_end(eb);
+}
+
 /* Classify every key of the batch after the cache answered (or without a
    cache), settle the hits and send the rest to the sources. */
 static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op_status) {
     flash_ctx *ctx = eb->ctx;
-    size_t i;
+    size_t i, nlock = 0;
+    int64_t now = flash__now(ctx), lag = (int64_t)ctx->desc.lag_window_ms;
     bool *to_source = (bool *)flash_calloc(ctx, eb->n, sizeof *to_source);
     bool any = false;
     if (!to_source) {
         for (i = 0; i < eb->n; i++) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
         return;
     }
+    /* Versions first: they follow the data keys in the same get-many. */
+    for (i = 0; items && i < eb->nver; i++) {
+        const flash_cache_item *it = &items[eb->n + i];
+        int st = op_status ? op_status : it->status;
+        eb->vval[i] = 0; /* absent (never bumped, or evicted): version 0 */
+        eb->verr[i] = 0;
+        if (st == FLASH_OK && !flash__parse_u64((const char *)it->value, it->value_len, &eb->vval[i]))
+            eb->verr[i] = FLASH_EPROTO;
+        else if (st != FLASH_OK && st != FLASH_ENOTFOUND)
+            eb->verr[i] = st;
+    }
     for (i = 0; i < eb->n; i++) {
         flash__query *q = eb->qs[i];
+        int verr = 0;
+        uint64_t version = flash__eb_version(eb, q->cls, &verr);
         int st = items ? (op_status ? op_status : items[i].status) : FLASH_ENOTFOUND;
+        if (!st && verr) st = verr; /* cannot tell whether the value is current */
+        eb->ver[i] = version;
         eb->fill[i] = items ? FLASH__FILL_ADD : FLASH__FILL_NONE;
         if (items && st == FLASH_OK) {
             void *result;
-            bool none, marker;
-            int r = flash__decode_value(ctx, q, items[i].value, items[i].value_len, &result, &none, &marker);
+            bool none;
+            flash__hdr h;
+            int r = flash__decode_value(ctx, q, items[i].value, items[i].value_len, &result, &none, &h);
+            int64_t age = r >= 0 ? now - h.time_ms : 0;
+            if (r == 1 && h.version != version) {
+                r = 0; /* written under an older version: refresh, forced */
+                eb->fill[i] = FLASH__FILL_SET;
+            } else if (r == 1 && (h.flags & FLASH__VF_STALE)) {
+                if (age <= (int64_t)q->cls->opts.allowtime_s * 1000) {
+                    /* Invalidated, but within allowtime: serve it, and let
+                       one reader (whoever takes the lock) refresh it. */
+                    ctx->stats.cache_hits++;
+                    if (none) flash__eb_settle_none(eb, i);
+                    else flash_batch_resolve(eb->batch, i, result);
+                    eb->served[i] = true;
+                    if (age >= lag && !(q->flags & FLASH_Q_ONLY_CACHE)) {
+                        eb->fill[i] = FLASH__FILL_CAS;
+                        eb->cas[i] = items[i].cas;
+                        nlock++;
+                    }
+                    continue;
+                }
+                r = 0; /* too old to serve: a marker */
+                h.flags |= FLASH__VF_MARKER;
+            }
             if (r == 1) {
                 ctx->stats.cache_hits++;
                 if (none) flash__eb_settle_none(eb, i);
@@ -4009,14 +4215,17 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
                 continue;
             }
             ctx->stats.cache_misses++;
-            if (marker) {
-                eb->fill[i] = FLASH__FILL_CAS;
+            if (r == 0 && (h.flags & FLASH__VF_MARKER)) {
+                /* Invalidated: read the source, and replace the marker only
+                   if it is still the one seen; not inside the lag window,
+                   when a replica may not have the write yet. */
+                eb->fill[i] = age < lag ? FLASH__FILL_NONE : FLASH__FILL_CAS;
                 eb->cas[i] = items[i].cas;
             } else if (r < 0) {
                 flash_ctx_log(ctx, FLASH_LOG_WARN, "%s: corrupt cached value at %s (%s): replaced",
                               q->cls->name, q->key, flash_strerror(r));
                 eb->fill[i] = FLASH__FILL_SET;
-            } else {
+            } else if (eb->fill[i] != FLASH__FILL_SET) {
                 eb->fill[i] = FLASH__FILL_NONE; /* another key's or schema's value: leave it */
             }
         } else if (items && st != FLASH_ENOTFOUND) {
@@ -4038,6 +4247,36 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
         to_source[i] = true;
         any = true;
     }
+    if (nlock) {
+        /* One refresher per stale key: whoever adds its lock first. */
+        flash__eop *o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
+        flash_cache_item *li = (flash_cache_item *)flash_calloc(ctx, nlock, sizeof *li);
+        size_t k = 0;
+        if (o && li) {
+            for (i = 0; i < eb->n; i++) {
+                if (!eb->served[i] || eb->fill[i] != FLASH__FILL_CAS) continue;
+                if (flash__lock_key(ctx, eb->qs[i]->key, eb->qs[i]->key_len, (char **)&li[k].key, &li[k].key_len))
+                    break;
+                li[k].value = "1";
+                li[k].value_len = 1;
+                li[k].ttl_s = eb->qs[i]->cls->opts.allowtime_s;
+                k++;
+            }
+        }
+        if (o && li && k == nlock) {
+            o->ctx = ctx;
+            o->gen = ctx->gen;
+            o->eb = eb;
+            o->op.code = FLASH_CACHE_ADD;
+            o->op.items = li;
+            o->op.count = nlock;
+            o->op.done = flash__engine_lock_done;
+            o->op.data = o;
+            eb->lock = o;
+            ctx->stats.writes++;
+            ctx->desc.cache.vt->submit(ctx->desc.cache.self, ctx->loop, &o->op);
+        }
+    }
     if (any) flash__eb_fetch(eb, to_source);
     flash__eb_maybe_end(eb);
 }
@@ -4052,8 +4291,21 @@ static void flash__engine_get_done(flash_cache_op *op) {
     /* The batch holds the generation; the GET needs no hold of its own. */
 }
 
+/* prefix:Class:vN:@version — a DYNAMIC class's version key. */
+static int flash__version_key(flash_ctx *ctx, const flash_class *c, char **key, size_t *len) {
+    flash__buf b;
+    flash__buf_init(&b, ctx, 64);
+    flash__key_head(&b, ctx, c);
+    flash__buf_put(&b, "@version", 9);
+    if (b.err) return b.err;
+    if (b.len - 1 > FLASH__MAX_KEY) return FLASH_ETOOLARGE;
+    *key = (char *)b.p;
+    *len = b.len - 1;
+    return FLASH_OK;
+}
+
 static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
-    size_t n = flash_batch_size(b), i;
+    size_t n = flash_batch_size(b), i, k;
     flash__eb *eb = (flash__eb *)flash_calloc(ctx, 1, sizeof *eb);
     (void)ud;
     if (!eb) {
@@ -4067,19 +4319,37 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
     eb->qs = (flash__query **)flash__alloc(ctx, n * sizeof *eb->qs);
     eb->fill = (uint8_t *)flash_calloc(ctx, n, 1);
     eb->cas = (uint64_t *)flash_calloc(ctx, n, sizeof *eb->cas);
-    if (!eb->qs || !eb->fill || !eb->cas) {
+    eb->ver = (uint64_t *)flash_calloc(ctx, n, sizeof *eb->ver);
+    eb->served = (bool *)flash_calloc(ctx, n, sizeof *eb->served);
+    eb->vcls = (flash_class **)flash__alloc(ctx, n * sizeof *eb->vcls);
+    if (!eb->qs || !eb->fill || !eb->cas || !eb->ver || !eb->served || !eb->vcls) {
         flash_batch_fail(b, FLASH_ENOMEM, NULL);
         return;
     }
-    for (i = 0; i < n; i++) eb->qs[i] = (flash__query *)flash_batch_payload(b, i);
+    for (i = 0; i < n; i++) {
+        eb->qs[i] = (flash__query *)flash_batch_payload(b, i);
+        if (eb->qs[i]->cls->opts.invalidation == FLASH_INVALIDATE_DYNAMIC) {
+            for (k = 0; k < eb->nver && eb->vcls[k] != eb->qs[i]->cls; k++) {
+            }
+            if (k == eb->nver) eb->vcls[eb->nver++] = eb->qs[i]->cls;
+        }
+    }
     flash_batch_set_data(b, eb); /* for flash__engine_cancel */
+    eb->vval = (uint64_t *)flash_calloc(ctx, eb->nver ? eb->nver : 1, sizeof *eb->vval);
+    eb->verr = (int *)flash_calloc(ctx, eb->nver ? eb->nver : 1, sizeof *eb->verr);
+    if (!eb->vval || !eb->verr) {
+        flash_batch_fail(b, FLASH_ENOMEM, NULL);
+        return;
+    }
     if (!ctx->desc.cache.vt) {
+        eb->nver = 0;
         flash__eb_after_cache(eb, NULL, 0);
         return;
     }
     {
+        /* One get-many: the keys, then the versions of DYNAMIC classes. */
         flash__eop *o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
-        flash_cache_item *items = (flash_cache_item *)flash_calloc(ctx, n, sizeof *items);
+        flash_cache_item *items = (flash_cache_item *)flash_calloc(ctx, n + eb->nver, sizeof *items);
         if (!o || !items) {
             flash_batch_fail(b, FLASH_ENOMEM, NULL);
             return;
@@ -4088,12 +4358,18 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
             items[i].key = eb->qs[i]->key;
             items[i].key_len = eb->qs[i]->key_len;
         }
+        for (k = 0; k < eb->nver; k++) {
+            if (flash__version_key(ctx, eb->vcls[k], (char **)&items[n + k].key, &items[n + k].key_len)) {
+                flash_batch_fail(b, FLASH_ENOMEM, NULL);
+                return;
+            }
+        }
         o->ctx = ctx;
         o->gen = ctx->gen;
         o->eb = eb;
         o->op.code = FLASH_CACHE_GET;
         o->op.items = items;
-        o->op.count = n;
+        o->op.count = n + eb->nver;
         o->op.done = flash__engine_get_done;
         o->op.data = o;
         eb->get = o;
@@ -4104,7 +4380,7 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
 
 static void flash__engine_cancel(flash_ctx *ctx, flash_batch *b, void *ud) {
     flash__eb *eb = (flash__eb *)flash_batch_data(b);
-    size_t j;
+    flash_fetch *f;
     (void)ud;
     if (!eb) return;
     eb->canceled = true;
@@ -4112,9 +4388,12 @@ static void flash__engine_cancel(flash_ctx *ctx, flash_batch *b, void *ud) {
         if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &eb->get->op);
         eb->get = NULL;
     }
-    for (j = 0; j < eb->nfetches; j++) {
-        flash_fetch *f = eb->fetches[j];
-        if (!f || f->done) continue;
+    if (eb->lock) {
+        if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &eb->lock->op);
+        eb->lock = NULL;
+    }
+    for (f = eb->fetches; f; f = f->next_in_eb) {
+        if (f->done) continue;
         f->canceled = true;
         if (f->src.vt && f->src.vt->cancel) {
             f->src.vt->cancel(f->src.self, f);
@@ -4255,6 +4534,381 @@ FLASH_API int flash_wait_result(flash_ctx *ctx, flash_promise *p, const flash_cl
         memcpy(out, &v, sizeof v);
     }
     return rc;
+}
+
+/* ---- 9. invalidation ----------------------------------------------------- */
+
+/* An invalidation in progress: up to three phases of backend writes. */
+typedef struct flash__inv {
+    flash_promise out;
+    flash_ctx *ctx;
+    uint64_t gen;
+    size_t pending;          /* writes in flight */
+    int error;
+    const char *message;
+    flash_cache_item *soft;  /* allowtime keys: GET, then mark stale */
+    size_t nsoft;
+    const flash_class **soft_cls;
+} flash__inv;
+
+/* A marker value: the header alone. */
+static int flash__marker(flash_ctx *ctx, void **out, size_t *len) {
+    flash__buf b;
+    flash__buf_init(&b, ctx, 24);
+    flash__put_hdr(&b, FLASH__VF_MARKER, 0, 0, flash__now(ctx));
+    if (b.err) return b.err;
+    *out = b.p;
+    *len = b.len;
+    return FLASH_OK;
+}
+
+/* The same value, marked stale as of now. */
+static int flash__restamp(flash_ctx *ctx, const void *data, size_t len, void **out, size_t *out_len) {
+    flash__rd r;
+    flash__hdr h;
+    flash__buf b;
+    r.p = (const unsigned char *)data;
+    r.end = r.p + len;
+    r.err = 0;
+    if (flash__read_hdr(&r, &h) != FLASH_OK || (h.flags & FLASH__VF_MARKER)) return FLASH_EPROTO;
+    flash__buf_init(&b, ctx, len + 16);
+    flash__put_hdr(&b, h.flags | FLASH__VF_STALE, h.schema, h.version, flash__now(ctx));
+    flash__buf_put(&b, r.p, (size_t)(r.end - r.p));
+    if (b.err) return b.err;
+    *out = b.p;
+    *out_len = b.len;
+    return FLASH_OK;
+}
+
+static void flash__inv_settle(flash__inv *v) {
+    flash_ctx *ctx = v->ctx;
+    if (v->pending || v->gen != ctx->gen || v->out.state != FLASH_PENDING) return;
+    if (v->error) flash__fail(ctx, &v->out, v->error, v->message ? v->message : flash_strerror(v->error));
+    else flash__fulfil(ctx, &v->out, NULL);
+}
+
+/* Count a write's failures: a marker or bump that did not land leaves a
+   stale value possible, so the caller must hear of it. */
+static void flash__inv_note(flash__inv *v, flash_cache_op *op, bool missing_ok) {
+    size_t i;
+    for (i = 0; i < op->count && !v->error; i++) {
+        int st = op->status ? op->status : op->items[i].status;
+        if (st == FLASH_OK || (missing_ok && st == FLASH_ENOTFOUND)) continue;
+        v->error = st;
+        v->message = flash_sprintf(v->ctx, "invalidation of %.*s failed: %s", (int)op->items[i].key_len,
+                                   op->items[i].key, flash_strerror(st));
+    }
+}
+
+static void flash__inv_write(flash__inv *v, flash_cache_opcode code, flash_cache_item *items, size_t n,
+                             void (*then)(flash__eop *));
+
+static void flash__inv_done(flash__eop *o) {
+    flash__inv *v = (flash__inv *)o->arg;
+    flash__inv_note(v, &o->op, o->op.code == FLASH_CACHE_DELETE);
+    v->pending--;
+    flash__inv_settle(v);
+}
+
+/* Stale-marking lost a race (the value changed or went): a plain marker. */
+static void flash__inv_cas_done(flash__eop *o) {
+    flash__inv *v = (flash__inv *)o->arg;
+    flash_ctx *ctx = v->ctx;
+    size_t i, k = 0;
+    flash_cache_item *retry = (flash_cache_item *)flash_calloc(ctx, o->op.count, sizeof *retry);
+    for (i = 0; i < o->op.count; i++) {
+        const flash_cache_item *it = &o->op.items[i];
+        int st = o->op.status ? o->op.status : it->status;
+        if (st == FLASH_ENOTSTORED || st == FLASH_ENOTFOUND) {
+            if (retry && flash__marker(ctx, (void **)&retry[k].value, &retry[k].value_len) == FLASH_OK) {
+                retry[k].key = it->key;
+                retry[k].key_len = it->key_len;
+                retry[k].ttl_s = ctx->desc.stale_marker_ttl_s;
+                k++;
+            }
+        } else if (st != FLASH_OK && !v->error) {
+            v->error = st;
+            v->message = flash_sprintf(ctx, "invalidation of %.*s failed: %s", (int)it->key_len, it->key,
+                                       flash_strerror(st));
+        }
+    }
+    flash__inv_write(v, FLASH_CACHE_SET, retry, k, flash__inv_done);
+    v->pending--;
+    flash__inv_settle(v);
+}
+
+/* The current values of allowtime keys: mark the present ones stale (CAS),
+   put markers where there is none or only a marker. */
+static void flash__inv_soft_done(flash__eop *o) {
+    flash__inv *v = (flash__inv *)o->arg;
+    flash_ctx *ctx = v->ctx;
+    size_t i, nc = 0, nm = 0;
+    flash_cache_item *cas = (flash_cache_item *)flash_calloc(ctx, o->op.count, sizeof *cas);
+    flash_cache_item *mk = (flash_cache_item *)flash_calloc(ctx, o->op.count, sizeof *mk);
+    if (!cas || !mk) {
+        v->error = FLASH_ENOMEM;
+    } else {
+        for (i = 0; i < o->op.count; i++) {
+            const flash_cache_item *it = &o->op.items[i];
+            int st = o->op.status ? o->op.status : it->status;
+            flash_cache_item *dst;
+            if (st != FLASH_OK && st != FLASH_ENOTFOUND) {
+                if (!v->error) {
+                    v->error = st;
+                    v->message = flash_sprintf(ctx, "invalidation of %.*s failed: %s", (int)it->key_len, it->key,
+                                               flash_strerror(st));
+                }
+                continue;
+            }
+            if (st == FLASH_OK && flash__restamp(ctx, it->value, it->value_len, (void **)&cas[nc].value,
+                                                 &cas[nc].value_len) == FLASH_OK) {
+                dst = &cas[nc++];
+                dst->cas = it->cas;
+                dst->ttl_s = v->soft_cls[i]->opts.timeout_s;
+            } else {
+                dst = &mk[nm];
+                if (flash__marker(ctx, (void **)&dst->value, &dst->value_len) != FLASH_OK) continue;
+                nm++;
+                dst->ttl_s = ctx->desc.stale_marker_ttl_s;
+            }
+            dst->key = it->key;
+            dst->key_len = it->key_len;
+            dst->flags = 0;
+        }
+        flash__inv_write(v, FLASH_CACHE_CAS, cas, nc, flash__inv_cas_done);
+        flash__inv_write(v, FLASH_CACHE_SET, mk, nm, flash__inv_done);
+    }
+    v->pending--;
+    flash__inv_settle(v);
+}
+
+static void flash__inv_write(flash__inv *v, flash_cache_opcode code, flash_cache_item *items, size_t n,
+                             void (*then)(flash__eop *)) {
+    if (!n || !v->ctx->desc.cache.vt) return; /* no backend: nothing is cached */
+    if (flash__write_then(v->ctx, v->gen, code, items, n, then, v)) {
+        v->pending++;
+    } else if (!v->error) {
+        v->error = FLASH_ENOMEM;
+    }
+}
+
+/* The request memo forgets a key (both query modes). */
+static void flash__memo_drop(flash_ctx *ctx, const char *full, size_t len) {
+    flash__engine *e = (flash__engine *)ctx->engine;
+    char *k;
+    if (!e || !(k = (char *)flash__alloc(ctx, len + 1))) return;
+    memcpy(k + 1, full, len);
+    k[0] = '0';
+    flash_clear(e->loader, k, len + 1);
+    k[0] = (char)('0' + FLASH_Q_ONLY_CACHE);
+    flash_clear(e->loader, k, len + 1);
+}
+
+/* A set of targets: keys to mark (hard: markers; soft: stale-marking for
+   allowtime classes, with their classes) and version keys to bump. */
+typedef struct flash__targets {
+    flash_ctx *ctx;
+    flash_cache_item *hard, *soft, *bump;
+    const flash_class **soft_cls;
+    size_t nhard, nsoft, nbump, cap_hard, cap_soft, cap_bump;
+    int error;
+} flash__targets;
+
+/* Room for one more item in *a (arena: the old array is abandoned). */
+static bool flash__targets_room(flash__targets *t, flash_cache_item **a, size_t n, size_t *cap) {
+    flash_cache_item *b;
+    if (n < *cap) return true;
+    b = (flash_cache_item *)flash_calloc(t->ctx, *cap ? *cap * 2 : 16, sizeof *b);
+    if (!b) {
+        t->error = FLASH_ENOMEM;
+        return false;
+    }
+    if (n) memcpy(b, *a, n * sizeof *b);
+    *a = b;
+    *cap = *cap ? *cap * 2 : 16;
+    return true;
+}
+
+static bool flash__targets_has(const flash_cache_item *a, size_t n, const char *key, size_t len) {
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (a[i].key_len == len && memcmp(a[i].key, key, len) == 0) return true;
+    return false;
+}
+
+/* Add the key of class c for values v: a marker, or stale-marking when the
+   class serves stale values (allowtime). The request memo forgets it. */
+static void flash__targets_key(flash__targets *t, const flash_class *c, const flash_value *v) {
+    flash_ctx *ctx = t->ctx;
+    char *key, *full;
+    size_t len, full_len;
+    flash_cache_item *it;
+    int rc = flash__build_key(ctx, c, v, c->nfields, &key, &len, &full, &full_len);
+    if (rc) {
+        if (!t->error) t->error = rc;
+        return;
+    }
+    flash__memo_drop(ctx, full ? full : key, full ? full_len : len);
+    if (c->opts.allowtime_s > 0) {
+        size_t old_cap = t->cap_soft;
+        if (flash__targets_has(t->soft, t->nsoft, key, len)) return;
+        if (!flash__targets_room(t, &t->soft, t->nsoft, &t->cap_soft)) return;
+        if (t->cap_soft != old_cap) { /* grow the class list alongside */
+            const flash_class **bc = (const flash_class **)flash__alloc(ctx, t->cap_soft * sizeof *bc);
+            if (!bc) {
+                t->error = FLASH_ENOMEM;
+                return;
+            }
+            if (t->nsoft) memcpy(bc, t->soft_cls, t->nsoft * sizeof *bc);
+            t->soft_cls = bc;
+        }
+        t->soft_cls[t->nsoft] = c;
+        it = &t->soft[t->nsoft++];
+    } else {
+        if (flash__targets_has(t->hard, t->nhard, key, len)) return;
+        if (!flash__targets_room(t, &t->hard, t->nhard, &t->cap_hard)) return;
+        it = &t->hard[t->nhard];
+        if (flash__marker(ctx, (void **)&it->value, &it->value_len) != FLASH_OK) {
+            t->error = FLASH_ENOMEM;
+            return;
+        }
+        it->ttl_s = ctx->desc.stale_marker_ttl_s;
+        t->nhard++;
+    }
+    it->key = key;
+    it->key_len = len;
+}
+
+static void flash__targets_bump(flash__targets *t, const flash_class *c) {
+    flash_ctx *ctx = t->ctx;
+    char *key;
+    size_t len;
+    if (flash__version_key(ctx, c, &key, &len) != FLASH_OK) {
+        if (!t->error) t->error = FLASH_ENOMEM;
+        return;
+    }
+    if (flash__targets_has(t->bump, t->nbump, key, len)) return;
+    if (!flash__targets_room(t, &t->bump, t->nbump, &t->cap_bump)) return;
+    t->bump[t->nbump].key = key;
+    t->bump[t->nbump].key_len = len;
+    t->bump[t->nbump].number = 1;
+    t->bump[t->nbump].create = true;
+    /* Created at the time in ms: above any version an evicted key had. */
+    t->bump[t->nbump].initial = (uint64_t)flash__now(ctx);
+    t->nbump++;
+}
+
+/* Every key of every class of m that row may be cached under. */
+static void flash__targets_row(flash__targets *t, const flash_model *m, const void *row) {
+    const flash_class *c;
+    for (c = m->classes; c; c = c->next) {
+        flash_value v[8];
+        size_t k;
+        if (c->opts.invalidation == FLASH_INVALIDATE_OFF) continue;
+        if (c->opts.invalidation == FLASH_INVALIDATE_DYNAMIC) {
+            flash__targets_bump(t, c);
+            continue;
+        }
+        for (k = 0; k < c->nfields; k++) v[k] = flash_row_value(m, row, c->fields[k]);
+        flash__targets_key(t, c, v);
+    }
+}
+
+static flash_promise *flash__invalidate_run(flash_ctx *ctx, flash__targets *t) {
+    flash__inv *v = (flash__inv *)flash_calloc(ctx, 1, sizeof *v);
+    if (!v) return NULL;
+    flash__promise_init(&v->out);
+    v->ctx = ctx;
+    v->gen = ctx->gen;
+    if (t->error) {
+        flash__fail(ctx, &v->out, t->error, "invalidation: cannot build the keys");
+        return &v->out;
+    }
+    ctx->stats.invalidations += t->nhard + t->nsoft + t->nbump;
+    v->soft_cls = t->soft_cls;
+    flash__inv_write(v, FLASH_CACHE_SET, t->hard, t->nhard, flash__inv_done);
+    flash__inv_write(v, FLASH_CACHE_INCR, t->bump, t->nbump, flash__inv_done);
+    flash__inv_write(v, FLASH_CACHE_GET, t->soft, t->nsoft, flash__inv_soft_done);
+    flash__inv_settle(v); /* nothing to do (no backend, or no keys): done */
+    return &v->out;
+}
+
+static const flash_model *flash__model_of(const flash_model *m) {
+    if (!m || (!m->fields && !m->field_table)) return NULL;
+    if (!m->canonical) flash_register_model((flash_model *)m);
+    return m->canonical;
+}
+
+FLASH_API flash_promise *flash_invalidate_rows_async(flash_ctx *ctx, const flash_model *m, size_t n,
+                                                     const void *const *old_rows, const void *const *new_rows) {
+    flash__targets t;
+    size_t i;
+    const flash_model *cm;
+    if (!ctx) return NULL;
+    cm = flash__model_of(m);
+    if (!cm) return flash_rejected(ctx, FLASH_EINVAL, "invalidate: not a model");
+    if (cm->schema != m->schema)
+        return flash_rejected(ctx, FLASH_EINVAL, "invalidate: a model registered twice with different fields");
+    memset(&t, 0, sizeof t);
+    t.ctx = ctx;
+    for (i = 0; i < n; i++) {
+        if (old_rows && old_rows[i]) flash__targets_row(&t, cm, old_rows[i]);
+        if (new_rows && new_rows[i]) flash__targets_row(&t, cm, new_rows[i]);
+    }
+    return flash__invalidate_run(ctx, &t);
+}
+
+FLASH_API flash_promise *flash_invalidate_async(flash_ctx *ctx, const flash_model *m, const void *old_row,
+                                                const void *new_row) {
+    const void *o[1], *nw[1];
+    o[0] = old_row;
+    nw[0] = new_row;
+    return flash_invalidate_rows_async(ctx, m, 1, o, nw);
+}
+
+FLASH_API int flash_invalidate(flash_ctx *ctx, const flash_model *m, const void *old_row, const void *new_row) {
+    return flash_wait(ctx, flash_invalidate_async(ctx, m, old_row, new_row), NULL);
+}
+
+FLASH_API flash_promise *flash_invalidate_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs) {
+    flash__targets t;
+    size_t i;
+    if (!ctx) return NULL;
+    if (n && !qs) return flash_rejected(ctx, FLASH_EINVAL, "invalidate: NULL query array");
+    memset(&t, 0, sizeof t);
+    t.ctx = ctx;
+    for (i = 0; i < n; i++) {
+        const char *msg = NULL;
+        int err = 0;
+        flash_class *c = qs[i] ? flash__class_of(qs[i]->cls, &err) : NULL;
+        if (!c) return flash_rejected(ctx, err ? err : FLASH_EINVAL, "invalidate: bad query");
+        if ((err = flash__check_values(ctx, c, qs[i]->values, qs[i]->count, &msg)) != FLASH_OK)
+            return flash_rejected(ctx, err, msg);
+        flash__targets_key(&t, c, qs[i]->values);
+    }
+    return flash__invalidate_run(ctx, &t);
+}
+
+FLASH_API int flash_invalidate_queries(flash_ctx *ctx, size_t n, flash_query *const *qs) {
+    return flash_wait(ctx, flash_invalidate_queries_async(ctx, n, qs), NULL);
+}
+
+FLASH_API flash_promise *flash_bump_version_async(flash_ctx *ctx, const flash_model *m) {
+    flash__targets t;
+    const flash_class *c;
+    const flash_model *cm;
+    if (!ctx) return NULL;
+    cm = flash__model_of(m);
+    if (!cm) return flash_rejected(ctx, FLASH_EINVAL, "bump_version: not a model");
+    memset(&t, 0, sizeof t);
+    t.ctx = ctx;
+    for (c = cm->classes; c; c = c->next)
+        if (c->opts.invalidation == FLASH_INVALIDATE_DYNAMIC) flash__targets_bump(&t, c);
+    return flash__invalidate_run(ctx, &t);
+}
+
+FLASH_API int flash_bump_version(flash_ctx *ctx, const flash_model *m) {
+    return flash_wait(ctx, flash_bump_version_async(ctx, m), NULL);
 }
 
 #endif /* FLASH_IMPLEMENTED */
