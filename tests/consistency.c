@@ -5,9 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-void run_until_idle(flash_poll *loop) {
+void run_until_idle(flash_loop loop) {
     for (int i = 0; i < 1000; i++)
-        if (flash_poll_run_once(loop, false) <= 0) return;
+        if (loop.vt->run_once(loop.native, false) <= 0) return;
 }
 
 /* ---- gate ---- */
@@ -19,7 +19,7 @@ typedef struct gate_entry {
 
 struct gate {
     flash_cache inner;
-    flash_poll *loop;
+    flash_loop loop;
     bool shut;
     gate_entry q[256];
     size_t n;
@@ -70,7 +70,7 @@ static void gate_destroy_v(void *self) { (void)self; }
 
 static const flash_cache_vtable gate_vt = {"gate", gate_submit, gate_cancel, gate_max_value, gate_destroy_v};
 
-gate *gate_create(flash_cache inner, flash_poll *loop) {
+gate *gate_create(flash_cache inner, flash_loop loop) {
     gate *g = calloc(1, sizeof *g);
     g->inner = inner;
     g->loop = loop;
@@ -107,7 +107,7 @@ static bool gate_release_at(gate *g, size_t at) {
     releasing_gate = g;
     e.op->done = gate_done;
     g->inner.vt->submit(g->inner.self, e.loop, e.op);
-    for (int i = 0; i < 100000 && !g->released_done; i++) flash_poll_run_once(g->loop, true);
+    for (int i = 0; i < 100000 && !g->released_done; i++) g->loop.vt->run_once(g->loop.native, true);
     cr_assert(g->released_done, "a released operation did not complete");
     run_until_idle(g->loop);
     return true;
@@ -120,7 +120,7 @@ bool gate_release_newest(gate *g) { return g->n && gate_release_at(g, g->n - 1);
 
 struct gated_source {
     flash_table *table;
-    flash_poll *loop;
+    flash_loop loop;
     flash_fetch *q[64];
     size_t n;
 };
@@ -145,7 +145,7 @@ static void gs_cancel(void *self, flash_fetch *f) {
 
 static const flash_source_vtable gs_vt = {"gated", gs_fetch, gs_cancel};
 
-gated_source *gated_source_create(flash_table *table, flash_poll *loop) {
+gated_source *gated_source_create(flash_table *table, flash_loop loop) {
     gated_source *s = calloc(1, sizeof *s);
     s->table = table;
     s->loop = loop;

@@ -14,7 +14,7 @@
 
 typedef struct gate gate;
 /* Wraps inner (not owned). Shut: every operation waits to be released. */
-gate *gate_create(flash_cache inner, flash_poll *loop);
+gate *gate_create(flash_cache inner, flash_loop loop);
 void gate_destroy(gate *g);
 flash_cache gate_cache(gate *g);
 void gate_shut(gate *g, bool shut);
@@ -27,7 +27,7 @@ bool gate_release(gate *g);
 bool gate_release_newest(gate *g);
 
 typedef struct gated_source gated_source;
-gated_source *gated_source_create(flash_table *table, flash_poll *loop);
+gated_source *gated_source_create(flash_table *table, flash_loop loop);
 void gated_source_destroy(gated_source *s);
 flash_source gated_source_get(gated_source *s);
 size_t gated_source_waiting(const gated_source *s);
@@ -35,6 +35,6 @@ size_t gated_source_waiting(const gated_source *s);
 bool gated_source_release(gated_source *s);
 
 /* Run the loop until nothing is ready (gated work stays waiting). */
-void run_until_idle(flash_poll *loop);
+void run_until_idle(flash_loop loop);
 
 #endif

@@ -1,10 +1,17 @@
 /* tests/models.c — see models.h. */
 #include "models.h"
 #include <criterion/criterion.h>
+
+#include "backends/cache/memcached.h"
+#include "harness.h"
+#include "loops.h"
 #include <stdio.h>
 #include <string.h>
 
 test_fixture fx;
+fixture_config fixture_use;
+static const flash_test_loop *fx_loop_kind;
+static flash_test_server fx_memcached;
 static flash_stats last;
 static const char *const first_names[] = {"Ada", "Alan", "Grace", "Edsger", "Barbara"};
 
@@ -44,12 +51,24 @@ void event_by_title(flash_ctx *ctx, flash_fetch *f, void *user_data) {
     flash_fetch_done(f, 0, NULL);
 }
 
+int fixture_run_once(bool may_block) { return fx.lp.vt->run_once(fx.lp.native, may_block); }
+int fixture_attach(flash_ctx *ctx) { return fx_loop_kind->attach(ctx, fx.native); }
+
+void fixture_settle(void) {
+    for (int i = 0; i < 10000 && fixture_run_once(false) > 0; i++) {
+    }
+}
+
 void fixture_setup(const flash_desc *desc) {
     flash_desc d;
     memset(&fx, 0, sizeof fx);
     fx.db = flash_table_create();
-    fx.loop = flash_poll_create();
-    cr_assert(fx.db && fx.loop);
+    fx_loop_kind = flash_test_loop_find(fixture_use.loop ? fixture_use.loop : "poll");
+    cr_assert(fx_loop_kind, "no loop called %s", fixture_use.loop);
+    fx.native = fx_loop_kind->create();
+    cr_assert(fx.db && fx.native);
+    fx.lp = fx_loop_kind->loop(fx.native);
+    if (strcmp(fx_loop_kind->name, "poll") == 0) fx.loop = (flash_poll *)fx.native;
     for (int i = 1; i <= 100; i++) {
         char username[32];
         snprintf(username, sizeof username, "user%d", i);
@@ -71,23 +90,35 @@ void fixture_setup(const flash_desc *desc) {
         }
     if (desc) d = *desc;
     else memset(&d, 0, sizeof d);
-    if (!d.cache.vt) {
+    if (!d.cache.vt && fixture_use.backend == FIXTURE_MEMCACHED) {
+        cr_assert(flash_test_memcached_start(&fx_memcached, "-m 32"));
+        flash_memcached_server server = {"127.0.0.1", fx_memcached.port, 1};
+        flash_memcached_desc md = {0};
+        int err = 0;
+        md.loop = fx.lp;
+        md.servers = &server;
+        md.server_count = 1;
+        fx.cache = flash_memcached_create(&md, &err);
+        cr_assert(fx.cache.vt, "memcached backend: %s", flash_strerror(err));
+        d.cache = fx.cache;
+    } else if (!d.cache.vt) {
         fx.cache = flash_memory_create(NULL);
         d.cache = fx.cache;
     }
     if (!d.logger.func) d.logger.func = capture_log;
     fx.ctx = flash_ctx_create(&d);
     cr_assert(fx.ctx);
-    cr_assert_eq(flash_poll_attach(fx.ctx, fx.loop), 0);
+    cr_assert_eq(fx_loop_kind->attach(fx.ctx, fx.native), 0);
     cr_assert_eq(flash_ctx_set_source(fx.ctx, NULL, flash_table_source(fx.db)), 0);
     last = flash_ctx_stats(fx.ctx);
 }
 
 void fixture_teardown(void) {
     flash_ctx_destroy(fx.ctx);
-    flash_poll_destroy(fx.loop);
-    if (fx.cache.vt) flash_cache_destroy(fx.cache);
+    if (fx.cache.vt) flash_cache_destroy(fx.cache); /* before its loop */
+    fx_loop_kind->destroy(fx.native);
     flash_table_destroy(fx.db);
+    if (fx_memcached.pid > 0) flash_test_server_stop(&fx_memcached);
     memset(&fx, 0, sizeof fx);
 }
 

@@ -32,17 +32,34 @@ FLASH_INSTANCE_CACHE_OPT(EventCacheOnTitle, Event, (title), .fallback = event_by
 /* The same, but a not-found is not cached. */
 FLASH_INSTANCE_CACHE_OPT(EventCacheOnTitleNoNone, Event, (title), .fallback = event_by_title, .no_cache_none = true)
 
+/* What fixture_setup builds on: set before it runs (suite init). */
+typedef enum fixture_backend { FIXTURE_MEMORY = 0, FIXTURE_MEMCACHED } fixture_backend;
+typedef struct fixture_config {
+    const char *loop;         /* a name of tests/loops.h; default "poll" */
+    fixture_backend backend;  /* default: the memory backend */
+} fixture_config;
+extern fixture_config fixture_use;
+
 typedef struct test_fixture {
     flash_ctx *ctx;
     flash_table *db;
     flash_cache cache;
-    flash_poll *loop;
+    flash_poll *loop;       /* when the loop is poll, else NULL */
+    void *native;           /* the native loop, whichever it is */
+    flash_loop lp;          /* its vtable view */
     int fallback_calls;     /* events_of_owner / event_by_title calls */
     size_t fallback_keys;
     char log[4096];         /* what the context logged */
 } test_fixture;
 
 extern test_fixture fx;
+
+/* One loop iteration (may_block: wait for an event). */
+int fixture_run_once(bool may_block);
+/* Attach ctx to the fixture's loop. */
+int fixture_attach(flash_ctx *ctx);
+/* Iterate until the loop has nothing left ready. */
+void fixture_settle(void);
 
 /* users 1..100 (first_name cycles through 5 names, username "user<i>"),
    events 1..10 (slug "event<i>", owner i % 3), participants user u of event e

@@ -68,8 +68,8 @@ static void world_init(world *w, store_fn make_store) {
     w->db = flash_table_create();
     w->store = make_store(w->loop);
     cr_assert(w->store.vt, "no cache backend");
-    w->g = gate_create(w->store, w->loop);
-    w->gs = gated_source_create(w->db, w->loop);
+    w->g = gate_create(w->store, flash_poll_loop(w->loop));
+    w->gs = gated_source_create(w->db, flash_poll_loop(w->loop));
     w->reader = world_ctx(w, gate_cache(w->g), gated_source_get(w->gs));
     w->writer = world_ctx(w, gate_cache(w->g), flash_table_source(w->db));
 }
@@ -100,7 +100,7 @@ static const char *outside_read(world *w, mode m, int64_t id, bool only_cache, c
     int rc = flash_wait(ctx, flash_query_async(ctx, class_of(m), &k, 1, only_cache ? FLASH_Q_ONLY_CACHE | FLASH_Q_OR_NONE : 0), &v);
     cr_assert_eq(rc, 0, "outside read failed: %s", flash_strerror(rc));
     snprintf(buf, cap, "%s", v ? ((Account *)v)->name : "");
-    run_until_idle(w->loop); /* its own fills */
+    run_until_idle(flash_poll_loop(w->loop)); /* its own fills */
     flash_ctx_destroy(ctx);
     return buf;
 }
@@ -132,10 +132,10 @@ static void describe(const scenario *s, char *out, size_t cap) {
    cas. */
 static void release_writer(world *w, flash_promise *inv) {
     for (int i = 0; i < 10 && flash_promise_state(inv) == FLASH_PENDING; i++) {
-        run_until_idle(w->loop);
+        run_until_idle(flash_poll_loop(w->loop));
         if (!gate_release_newest(w->g)) break;
     }
-    run_until_idle(w->loop);
+    run_until_idle(flash_poll_loop(w->loop));
     cr_assert_neq(flash_promise_state(inv), FLASH_PENDING, "the invalidation never finished");
     cr_assert_eq(flash_promise_error(inv), 0, "invalidation failed: %s", flash_promise_message(inv));
 }
@@ -163,7 +163,7 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
     flash_value k = flash_v_i64(id);
     flash_promise *r = flash_query_async(w.reader, class_of(s->m), &k, 1, 0);
     flash_promise *inv = NULL;
-    run_until_idle(w.loop);
+    run_until_idle(flash_poll_loop(w.loop));
     cr_assert_eq(gate_waiting(w.g), 1, "the reader's get-many waits at the gate");
     for (int i = 0; i < 5; i++) {
         switch (s->steps[i]) {
@@ -186,7 +186,7 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
     while (gate_waiting(w.g)) gate_release(w.g);
     while (gated_source_release(w.gs)) {
     }
-    run_until_idle(w.loop);
+    run_until_idle(flash_poll_loop(w.loop));
     cr_assert_neq(flash_promise_state(r), FLASH_PENDING, "the reader never got an answer");
     cr_assert_eq(flash_promise_error(r), 0, "the reader failed: %s", flash_promise_message(r));
     const char *got = ((Account *)flash_promise_value(r))->name;

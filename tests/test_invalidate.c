@@ -169,7 +169,7 @@ FLASH_TEST(invalidate, a_marker_evicted_before_the_fill_drops_the_fill_and_stays
     now_ms += 1000;
     /* The reader sees the marker; the marker is evicted before its CAS. A
        gate holds the reader's operations until released. */
-    gate *g = gate_create(fx.cache, fx.loop);
+    gate *g = gate_create(fx.cache, fx.lp);
     flash_desc d = {0};
     d.cache = gate_cache(g);
     d.clock_ms = clock_fn;
@@ -178,9 +178,9 @@ FLASH_TEST(invalidate, a_marker_evicted_before_the_fill_drops_the_fill_and_stays
     flash_ctx_set_source(r, NULL, flash_table_source(fx.db));
     gate_shut(g, true);
     flash_promise *p = User_get_by_id_async(r, 9);
-    run_until_idle(fx.loop);
+    run_until_idle(fx.lp);
     cr_assert(gate_release(g), "the GET: marker seen");
-    run_until_idle(fx.loop); /* the source answers, the CAS fill waits */
+    run_until_idle(fx.lp); /* the source answers, the CAS fill waits */
     cr_assert_eq(gate_waiting(g), 1);
     evict("flash:User.id:v1:9");
     cr_assert(gate_release(g), "the fill");
