@@ -304,8 +304,11 @@ typedef size_t (*flash_key_fn)(const void *key, size_t len, void *out, size_t ca
 /* Custom schedule: called when a batch opens; dispatch it later with
    flash_loader_dispatch (e.g. from a timer). */
 typedef void (*flash_schedule_fn)(flash_ctx *ctx, flash_loader *loader, void *user_data);
-/* Called for each batch still in flight when the context is destroyed; after
-   it returns the batch must not be touched. */
+/* Called for each batch still in flight when the context is reset or
+   destroyed; after it returns the batch must not be touched. Without one, a
+   batch of a reset request stays valid until it is finished (all keys
+   settled, or end/complete/fail) and the callback that finished it returns;
+   its calls then return FLASH_ECANCELED. */
 typedef void (*flash_cancel_fn)(flash_ctx *ctx, flash_batch *batch, void *user_data);
 
 typedef struct flash_loader_desc {
@@ -962,6 +965,10 @@ struct flash_ctx {
     flash__zombie *zombies;
     flash__task *tasks;      /* ready queue (allocator memory) */
     size_t task_head, task_tail, task_cap;
+    struct flash__work *work; /* internal callbacks to run now (see flash__settle) */
+    size_t work_head, work_tail, work_cap;
+    bool working;
+    struct flash__later *later; /* holds released at the next drain */
     flash_batch *open_first, *open_last; /* batches waiting for dispatch */
     flash_loader *loaders;   /* this generation's loaders */
     flash_loop loop;
@@ -1032,6 +1039,7 @@ have_block:
 
 static inline void *flash__alloc(flash_ctx *ctx, size_t size) {
     flash__block *b = ctx->blocks;
+    if (size > SIZE_MAX / 2) return NULL; /* would wrap when rounded or given a header */
     size = FLASH__ROUND(size ? size : 1);
     if (b && b->cap - b->used >= size) {
         void *p = (char *)b + FLASH__BLOCK_HDR + b->used;
@@ -1052,7 +1060,7 @@ FLASH_API void *flash_calloc(flash_ctx *ctx, size_t count, size_t size) {
 }
 
 FLASH_API void *flash_memdup(flash_ctx *ctx, const void *src, size_t n) {
-    void *p = flash_alloc(ctx, n + 1);
+    void *p = n < SIZE_MAX ? flash_alloc(ctx, n + 1) : NULL;
     if (!p) return NULL;
     if (n) memcpy(p, src, n);
     ((char *)p)[n] = 0; /* so byte strings can also be used as C strings */
@@ -1129,6 +1137,35 @@ static void flash__unhold(flash_ctx *ctx, uint64_t gen) {
 }
 
 static void flash__engine_reset(flash_ctx *ctx, bool destroying); /* layer 8 */
+
+/* Holds to release at the next drain (see flash__batch_finish). */
+typedef struct flash__later {
+    struct flash__later *next;
+    uint64_t gen;
+} flash__later;
+
+static void flash__schedule_drain(flash_ctx *ctx);
+
+static void flash__unhold_later(flash_ctx *ctx, uint64_t gen) {
+    flash__later *l = (flash__later *)flash__sys_alloc(ctx, sizeof *l);
+    if (!l) {
+        flash__unhold(ctx, gen); /* out of memory: release now */
+        return;
+    }
+    l->gen = gen;
+    l->next = ctx->later;
+    ctx->later = l;
+    flash__schedule_drain(ctx);
+}
+
+static void flash__release_later(flash_ctx *ctx) {
+    while (ctx->later) {
+        flash__later *l = ctx->later;
+        ctx->later = l->next;
+        flash__unhold(ctx, l->gen);
+        flash__sys_free(ctx, l);
+    }
+}
 static void flash__loaders_release(flash_ctx *ctx);
 static void flash__cancel_drain(flash_ctx *ctx);
 
@@ -1283,6 +1320,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
     flash__engine_reset(ctx, true);
     flash__loaders_release(ctx);
     flash__cancel_drain(ctx);
+    flash__release_later(ctx);
     if (ctx->own_queue_loop) {
         /* Nothing of ours may run after this; free queued items unrun. */
         flash__qitem *it = ctx->qloop->first;
@@ -1300,6 +1338,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
         flash__sys_free(ctx, z);
     }
     flash__sys_free(ctx, ctx->tasks);
+    flash__sys_free(ctx, ctx->work);
     flash__sys_free(ctx, ctx->sources);
     flash__sys_free(ctx, ctx->prefix);
     {
@@ -1425,28 +1464,86 @@ static void flash__task_push(flash_ctx *ctx, flash_promise *p, flash__cb *cb) {
 
 static void flash__schedule_drain(flash_ctx *ctx);
 
-static void flash__run_callbacks(flash_ctx *ctx, flash_promise *p);
+static void flash__call_cb(flash_ctx *ctx, flash_promise *p, flash__cb *cb);
 
-/* True when every callback of p is internal bookkeeping (is_inline). */
-static bool flash__all_inline(const flash_promise *p) {
-    const flash__cb *cb;
-    if (!p->first.is_inline) return false;
-    if (p->has_more)
-        for (cb = p->first.next; cb; cb = cb->next)
-            if (!cb->is_inline) return false;
-    return true;
+/* An internal callback (gather, follow) waiting to run. */
+typedef struct flash__work {
+    flash_promise *p;
+    flash__cb cb;
+} flash__work;
+
+/* Run the internal callbacks of settled promises. They only record an
+   outcome (and may settle further promises): the outermost settle runs
+   them all from this list, so that long chains never recurse. */
+static void flash__work_run(flash_ctx *ctx) {
+    if (ctx->working) return;
+    ctx->working = true;
+    while (ctx->work_head < ctx->work_tail) {
+        flash__work w = ctx->work[ctx->work_head++];
+        w.cb.fn.priv(ctx, w.p, w.cb.arg, w.cb.idx);
+    }
+    ctx->work_head = ctx->work_tail = 0;
+    ctx->working = false;
 }
 
+static void flash__work_add(flash_ctx *ctx, flash_promise *p, const flash__cb *cb) {
+    if (ctx->work_tail == ctx->work_cap) {
+        size_t cap = ctx->work_cap ? ctx->work_cap * 2 : 64, live = ctx->work_tail - ctx->work_head;
+        flash__work *w = (flash__work *)flash__sys_alloc(ctx, cap * sizeof *w);
+        if (!w) { /* out of memory: run it now rather than lose it */
+            cb->fn.priv(ctx, p, cb->arg, cb->idx);
+            return;
+        }
+        if (live) memcpy(w, ctx->work + ctx->work_head, live * sizeof *w);
+        flash__sys_free(ctx, ctx->work);
+        ctx->work = w;
+        ctx->work_cap = cap;
+        ctx->work_head = 0;
+        ctx->work_tail = live;
+    }
+    ctx->work[ctx->work_tail].p = p;
+    ctx->work[ctx->work_tail].cb = *cb;
+    ctx->work_tail++;
+}
+
+/* p was just settled. Its user callbacks go to the queue, in the order they
+   were added (never run inside flash_resolve); its internal callbacks run
+   now, after those are queued, so that a gather sees rejections in the
+   order they happened and settles after the callbacks added before it. */
 static void flash__settle(flash_ctx *ctx, flash_promise *p) {
+    flash__cb first, *more, *rev = NULL;
     if (!p->first.fn.pub && !p->has_more) return;
-    if (flash__all_inline(p)) {
-        /* Waiters that are gathers or followers only record the outcome:
-           no trip through the queue. User callbacks always queue. */
-        flash__run_callbacks(ctx, p);
+    if (!p->has_more && !p->first.is_inline) { /* the common user case */
+        flash__task_push(ctx, p, NULL);
+        if (!ctx->depth) flash__schedule_drain(ctx);
         return;
     }
-    flash__task_push(ctx, p, NULL);
-    if (!ctx->depth) flash__schedule_drain(ctx);
+    first = p->first;
+    more = p->has_more ? p->first.next : NULL;
+    p->first.fn.pub = NULL;
+    p->has_more = 0;
+    while (more) { /* the extra ones are kept newest-first */
+        flash__cb *n = more->next;
+        more->next = rev;
+        rev = more;
+        more = n;
+    }
+    if (!first.is_inline) {
+        flash__cb *copy = (flash__cb *)flash__alloc(ctx, sizeof *copy);
+        if (copy) {
+            *copy = first;
+            flash__task_push(ctx, p, copy);
+        } else {
+            flash__call_cb(ctx, p, &first); /* out of memory: now rather than never */
+        }
+    }
+    for (more = rev; more; more = more->next)
+        if (!more->is_inline) flash__task_push(ctx, p, more);
+    if (!ctx->depth && ctx->task_head < ctx->task_tail) flash__schedule_drain(ctx);
+    if (first.is_inline) flash__work_add(ctx, p, &first);
+    for (more = rev; more; more = more->next)
+        if (more->is_inline) flash__work_add(ctx, p, more);
+    flash__work_run(ctx);
 }
 
 static void flash__call_cb(flash_ctx *ctx, flash_promise *p, flash__cb *cb) {
@@ -1754,7 +1851,9 @@ static void flash__dispatch_open(flash_ctx *ctx);
 /* The tick: run ready callbacks until none is left; then dispatch the open
    batches in the order they were opened; repeat while either has work. */
 static void flash__drain_impl(flash_ctx *ctx, bool dispatch) {
-    uint64_t gen = flash__hold(ctx);
+    uint64_t gen;
+    if (!ctx->depth) flash__release_later(ctx);
+    gen = flash__hold(ctx);
     ctx->depth++;
     for (;;) {
         while (ctx->task_head < ctx->task_tail) {
@@ -1835,7 +1934,10 @@ FLASH_API int flash_wait(flash_ctx *ctx, flash_promise *p, void **value) {
         ctx->running--;
         if (ctx->gen != gen) return FLASH_ECANCELED;
         if (alive < 0) return alive;
-        if (alive == 0 && p->state == FLASH_PENDING && !flash_ctx_busy(ctx) && !ctx->drain_handle)
+        /* Nothing left to run and nothing queued: work still "in flight"
+           (a batch function that never answers) cannot settle p either. */
+        if (alive == 0 && p->state == FLASH_PENDING && ctx->task_head == ctx->task_tail && !ctx->open_first &&
+            !ctx->drain_handle)
             return FLASH_EIDLE;
     }
     if (p->state == FLASH_FULFILLED) {
@@ -1932,6 +2034,7 @@ struct flash_loader {
     flash__entry **ring;       /* FIFO of memo entries when max_memo is set */
     size_t ring_head, ring_len;
     flash_batch *open;         /* batch accepting keys */
+    flash_batch *sched_first, *sched_last; /* custom schedule: batches to dispatch */
     flash_batch *inflight;     /* dispatched, not ended (for cancel) */
 };
 
@@ -2197,6 +2300,10 @@ static flash_batch *flash__batch_open(flash_loader *l) {
     b->gen = ctx->gen;
     l->open = b;
     if (l->desc.schedule) {
+        /* Kept in order until flash_loader_dispatch sends them. */
+        if (l->sched_last) l->sched_last->next_open = b;
+        else l->sched_first = b;
+        l->sched_last = b;
         l->desc.schedule(ctx, l, l->desc.user_data);
     } else {
         if (ctx->open_last) ctx->open_last->next_open = b;
@@ -2256,9 +2363,19 @@ static void flash__dispatch_open(flash_ctx *ctx) {
 FLASH_API int flash_loader_dispatch(flash_loader *l) {
     flash_batch *b;
     if (!l) return FLASH_EINVAL;
+    if (l->desc.schedule) {
+        uint64_t gen = l->ctx->gen;
+        while ((b = l->sched_first) != NULL) {
+            l->sched_first = b->next_open;
+            if (!l->sched_first) l->sched_last = NULL;
+            flash__batch_dispatch(b);
+            if (l->ctx->gen != gen) break; /* reset by the batch function */
+        }
+        return FLASH_OK;
+    }
     b = l->open;
     if (!b) return FLASH_OK;
-    if (!l->desc.schedule) {
+    {
         /* Unlink from the context's open list; it goes now. */
         flash_batch **pp = &l->ctx->open_first, *prev = NULL;
         while (*pp && *pp != b) {
@@ -2452,7 +2569,10 @@ static void flash__batch_finish(flash_batch *b) {
     flash_ctx *ctx = l->ctx;
     b->ended = true;
     if (b->gen != ctx->gen) {
-        flash__unhold(ctx, b->gen);
+        /* A reset request's batch: its memory (the batch included) goes at
+           the next drain, so the batch function may still call
+           flash_batch_end(b) before returning. */
+        flash__unhold_later(ctx, b->gen);
         return;
     }
     if (b->prev_inflight) b->prev_inflight->next_inflight = b->next_inflight;
