@@ -54,8 +54,12 @@ void event_by_title(flash_ctx *ctx, flash_fetch *f, void *user_data) {
 int fixture_run_once(bool may_block) { return fx.lp.vt->run_once(fx.lp.native, may_block); }
 int fixture_attach(flash_ctx *ctx) { return fx_loop_kind->attach(ctx, fx.native); }
 
+/* Until the fixture's context has nothing in flight, then what is ready.
+   (Not "until the loop is idle": a network backend's connections keep it
+   busy for ever.) */
 void fixture_settle(void) {
-    for (int i = 0; i < 10000 && fixture_run_once(false) > 0; i++) {
+    for (int i = 0; i < 100000 && fx.ctx && flash_ctx_busy(fx.ctx); i++) fixture_run_once(true);
+    for (int i = 0; i < 100 && fixture_run_once(false) > 0; i++) {
     }
 }
 
