@@ -37,8 +37,13 @@ all: examples
 
 examples: $(EXAMPLES)
 
+# Each example links only what it uses, so that `make demo` works on a fresh
+# machine with nothing but a C compiler: EXAMPLE_LIBS_<name>, default all.
+EXAMPLE_LIBS_demo := -lpthread
+EXAMPLE_LIBS_memcached_app := -lpthread -lm
+
 $(BUILD)/examples/%: examples/%.c $(HEADERS) | $(BUILD)/examples
-	$(CC) $(STRICT) $(OPT) -I. $< -o $@ $(ADAPTER_LIBS) -lpthread -lm
+	$(CC) $(STRICT) $(OPT) -I. $< -o $@ $(or $(EXAMPLE_LIBS_$*),$(ADAPTER_LIBS) -lpthread -lm)
 
 demo: $(BUILD)/examples/demo
 	./$(BUILD)/examples/demo
