@@ -25,7 +25,64 @@ static void flash_watchdog_arm(void) {
     signal(SIGALRM, flash_watchdog_fired);
     alarm(20);
 }
-TestSuite(loader, .init = flash_watchdog_arm);
+/* This file is also compiled as the same suite on each loop adapter
+   (tests/test_loader_*.c define LOADER_SUITE and LOADER_LOOP first): every
+   context a test creates is then attached to a new loop of that kind. */
+#ifndef LOADER_SUITE
+#define LOADER_SUITE loader
+#endif
+#undef FLASH_TEST
+#define FLASH_TEST(suite, name) LOADER_TEST_IN(LOADER_SUITE, name)
+#define LOADER_TEST_IN(suite, name) LOADER_TEST_IN_(suite, name)
+#define LOADER_TEST_IN_(suite, name)                                         \
+    static void flash_test_body_##suite##_##name(void);                      \
+    Test(suite, name) {                                                      \
+        flash_test_body_##suite##_##name();                                  \
+        flash_test_check_leaks();                                            \
+    }                                                                        \
+    static void flash_test_body_##suite##_##name(void)
+TestSuite(LOADER_SUITE, .init = flash_watchdog_arm);
+
+/* A context on its own (tests that attach a poll loop themselves). */
+static flash_ctx *plain_ctx(void) { return (flash_ctx_create)(NULL); }
+
+#ifdef LOADER_LOOP
+#include "loops.h"
+static struct {
+    flash_ctx *ctx;
+    void *native;
+} loop_of[64];
+static const flash_test_loop *loader_loop(void) {
+    const flash_test_loop *L = flash_test_loop_find(LOADER_LOOP);
+    cr_assert(L, "no loop %s", LOADER_LOOP);
+    return L;
+}
+static flash_ctx *ctx_on_loop(const flash_desc *d) {
+    flash_ctx *ctx = (flash_ctx_create)(d);
+    if (!ctx) return NULL;
+    for (int i = 0; i < 64; i++) {
+        if (!loop_of[i].ctx) {
+            loop_of[i].ctx = ctx;
+            loop_of[i].native = loader_loop()->create();
+            cr_assert_eq(loader_loop()->attach(ctx, loop_of[i].native), 0);
+            return ctx;
+        }
+    }
+    cr_assert_fail("too many contexts");
+    return ctx;
+}
+static void ctx_off_loop(flash_ctx *ctx) {
+    (flash_ctx_destroy)(ctx);
+    for (int i = 0; i < 64; i++) {
+        if (loop_of[i].ctx == ctx) {
+            loader_loop()->destroy(loop_of[i].native);
+            loop_of[i].ctx = NULL;
+        }
+    }
+}
+#define flash_ctx_create(d) ctx_on_loop(d)
+#define flash_ctx_destroy(c) ctx_off_loop(c)
+#endif
 
 #define IV(n) ((void *)(intptr_t)(n))
 #define VI(p) ((int)(intptr_t)(p))
@@ -852,7 +909,7 @@ static void timer_schedule(flash_ctx *ctx, flash_loader *l, void *ud) {
 
 FLASH_TEST(loader, custom_schedule_dispatches_from_a_poll_timer) {
     static const flash_loader_desc d = {.batch = record_batch, .user_data = "T", .schedule = timer_schedule};
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     cr_assert_eq(flash_poll_attach(ctx, loop), 0);
     flash_loader *l = flash_loader_for(ctx, &d);
@@ -880,7 +937,7 @@ FLASH_TEST(loader, custom_schedule_dispatches_from_a_poll_timer) {
 FLASH_TEST(loader, custom_schedule_with_max_batch_dispatches_every_batch) {
     static const flash_loader_desc d = {
         .batch = record_batch, .user_data = "T", .schedule = timer_schedule, .max_batch = 2};
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     flash_loader *l = flash_loader_for(ctx, &d);
@@ -966,7 +1023,7 @@ static const flash_loader_desc async_end_desc = {.name = "async", .batch = async
 static const flash_loader_desc async_cancel_desc = {.name = "async", .batch = async_batch, .cancel = cancel_batch};
 
 FLASH_TEST(loader, async_batch_completes_later_from_a_poll_timer) {
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     flash_loader *l = flash_loader_for(ctx, &async_desc);
@@ -988,7 +1045,7 @@ FLASH_TEST(loader, async_batch_completes_later_from_a_poll_timer) {
 }
 
 FLASH_TEST(loader, reset_with_cancel_fn_cancels_in_flight_and_drops_open_batches) {
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     flash_loader *l = flash_loader_for(ctx, &async_cancel_desc);
@@ -1018,7 +1075,7 @@ FLASH_TEST(loader, reset_with_cancel_fn_cancels_in_flight_and_drops_open_batches
 }
 
 FLASH_TEST(loader, reset_without_cancel_fn_late_resolve_is_ecanceled) {
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     flash_loader *l = flash_loader_for(ctx, &async_desc);
@@ -1044,7 +1101,7 @@ FLASH_TEST(loader, reset_without_cancel_fn_late_resolve_is_ecanceled) {
 /* Same, but the batch function ends its batch after settling every key, the
    usual shape of an async batch function. */
 FLASH_TEST(loader, reset_without_cancel_fn_late_resolve_then_end_is_ecanceled) {
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     flash_loader *l = flash_loader_for(ctx, &async_end_desc);
@@ -1063,7 +1120,7 @@ FLASH_TEST(loader, reset_without_cancel_fn_late_resolve_then_end_is_ecanceled) {
 }
 
 FLASH_TEST(loader, destroy_calls_cancel_for_in_flight_batches) {
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     flash_loader *l = flash_loader_for(ctx, &async_cancel_desc);
@@ -1153,7 +1210,7 @@ FLASH_TEST(loader, many_keys_in_one_batch) {
 }
 
 FLASH_TEST(loader, orphaned_batch_never_completed_is_freed_at_destroy) {
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     flash_loader *l = flash_loader_for(ctx, &async_desc);
@@ -1289,7 +1346,7 @@ FLASH_TEST(loader, memo_matches_a_model_with_a_key_fn) {
 }
 
 FLASH_TEST(loader, orphaned_batches_of_two_old_requests_complete_late) {
-    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_ctx *ctx = plain_ctx();
     flash_poll *loop = flash_poll_create();
     flash_poll_attach(ctx, loop);
     npend = 0;
