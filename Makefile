@@ -41,6 +41,7 @@ examples: $(EXAMPLES)
 # machine with nothing but a C compiler: EXAMPLE_LIBS_<name>, default all.
 EXAMPLE_LIBS_demo := -lpthread
 EXAMPLE_LIBS_memcached_app := -lpthread -lm
+EXAMPLE_LIBS_http_server := -luv -lsqlite3 -lpq -lpthread -lm
 
 $(BUILD)/examples/%: examples/%.c $(HEADERS) | $(BUILD)/examples
 	$(CC) $(STRICT) $(OPT) -I. $< -o $@ $(or $(EXAMPLE_LIBS_$*),$(ADAPTER_LIBS) -lpthread -lm)
@@ -75,12 +76,16 @@ $(BUILD)/tests/flash_tests: $(TEST_SRC) $(SRCLIST) $(wildcard tests/*.h) $(HEADE
 $(BUILD)/asan/flash_tests: $(TEST_SRC) $(SRCLIST) $(wildcard tests/*.h) $(HEADERS) | $(BUILD)/asan
 	$(CC) $(STRICT) $(SAN) -I. $(TEST_SRC) -o $@ $(TEST_LIBS)
 
-test-unit: $(BUILD)/tests/flash_tests
-	@echo "== Criterion suite"
-	./$(BUILD)/tests/flash_tests --jobs 2 2>&1
+# tests/test_http.c drives the HTTP example as a real server process.
+TEST_BINARIES := $(BUILD)/examples/http_server
 
-test-asan: $(BUILD)/asan/flash_tests
+test-unit: $(BUILD)/tests/flash_tests $(TEST_BINARIES)
+	@echo "== Criterion suite"
+	FLASH_HTTP_SERVER=$(BUILD)/examples/http_server ./$(BUILD)/tests/flash_tests --jobs 2 2>&1
+
+test-asan: $(BUILD)/asan/flash_tests $(TEST_BINARIES)
 	@echo "== Criterion suite under ASan+UBSan"
+	FLASH_HTTP_SERVER=$(BUILD)/examples/http_server \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ./$(BUILD)/asan/flash_tests --jobs 2 2>&1
 

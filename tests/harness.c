@@ -274,3 +274,196 @@ long long flash_test_memcached_stat(const flash_test_server *s, const char *name
     char *p = strstr(buf, needle);
     return p ? atoll(p + strlen(needle)) : -1;
 }
+
+/* ---- PostgreSQL --------------------------------------------------------- */
+
+#include <dirent.h>
+#if defined(__has_include)
+#if __has_include(<libpq-fe.h>)
+#include <libpq-fe.h>
+#else
+#include <postgresql/libpq-fe.h>
+#endif
+#else
+#include <libpq-fe.h>
+#endif
+
+/* $FLASH_PG_BIN, else the newest /usr/lib/postgresql/<version>/bin. */
+static const char *pg_bin(void) {
+    static char found[96];
+    const char *b = getenv("FLASH_PG_BIN");
+    if (b && *b) return b;
+    if (!found[0]) {
+        int best = 0;
+        DIR *d = opendir("/usr/lib/postgresql");
+        struct dirent *e;
+        while (d && (e = readdir(d)) != NULL) {
+            char path[320];
+            int v = atoi(e->d_name);
+            snprintf(path, sizeof path, "/usr/lib/postgresql/%s/bin/initdb", e->d_name);
+            if (v > best && access(path, X_OK) == 0) {
+                best = v;
+                snprintf(found, sizeof found, "/usr/lib/postgresql/%d/bin", v);
+            }
+        }
+        if (d) closedir(d);
+        if (!found[0]) snprintf(found, sizeof found, "/usr/lib/postgresql/15/bin");
+    }
+    return found;
+}
+
+/* In a child: give up root for postgres (or nobody). */
+static bool pg_drop_root(void) {
+    if (geteuid() != 0) return true;
+    struct passwd *pw = getpwnam("postgres");
+    if (!pw) pw = getpwnam("nobody");
+    return pw && setgroups(0, NULL) == 0 && setgid(pw->pw_gid) == 0 && setuid(pw->pw_uid) == 0;
+}
+
+static void pg_chown_dir(const char *dir) {
+    if (geteuid() != 0) return;
+    struct passwd *pw = getpwnam("postgres");
+    if (!pw) pw = getpwnam("nobody");
+    if (pw && chown(dir, pw->pw_uid, pw->pw_gid) != 0) { /* initdb will say */
+    }
+}
+
+static bool pg_initdb(const flash_test_server *s) {
+    char data[96], log[96], exe[160];
+    snprintf(data, sizeof data, "%s/data", s->dir);
+    snprintf(log, sizeof log, "%s/initdb.log", s->dir);
+    snprintf(exe, sizeof exe, "%s/initdb", pg_bin());
+    pid_t pid = fork();
+    if (pid < 0) return false;
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        if (!pg_drop_root()) _exit(126);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        execl(exe, "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C",
+              (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    if (waitpid(pid, &status, 0) != pid) return false;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+static bool pg_spawn(flash_test_server *s) {
+    char data[96], log[96], exe[160], port[16];
+    snprintf(data, sizeof data, "%s/data", s->dir);
+    snprintf(log, sizeof log, "%s/postgres.log", s->dir);
+    snprintf(exe, sizeof exe, "%s/postgres", pg_bin());
+    snprintf(port, sizeof port, "%u", s->port);
+    snprintf(s->extra, sizeof s->extra, "host=127.0.0.1 port=%u user=postgres dbname=postgres", s->port);
+    pid_t pid = fork();
+    if (pid < 0) return false;
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        int devnull = open("/dev/null", O_RDONLY);
+        if (devnull >= 0) dup2(devnull, 0);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        setsid(); /* its own group: a stop can reach the backends too */
+        if (!pg_drop_root()) _exit(126);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() == 1) _exit(125);
+        execl(exe, "postgres", "-D", data, "-p", port, "-k", s->dir, "-c", "listen_addresses=127.0.0.1", "-c",
+              "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "log_statement=all",
+              "-c", "max_connections=30", "-c", "shared_buffers=16MB", "-c", "logging_collector=off", (char *)NULL);
+        _exit(127);
+    }
+    s->pid = pid;
+    for (int i = 0; i < 1000; i++) { /* up to 10 s */
+        if (PQping(s->extra) == PQPING_OK) return true;
+        int status;
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            s->pid = 0;
+            return false;
+        }
+        sleep_ms(10);
+    }
+    kill(-pid, SIGKILL);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    s->pid = 0;
+    return false;
+}
+
+bool flash_test_postgres_start(flash_test_server *s) {
+    memset(s, 0, sizeof *s);
+    snprintf(s->kind, sizeof s->kind, "postgres");
+    snprintf(s->dir, sizeof s->dir, "/tmp/flash-test-XXXXXX");
+    if (!mkdtemp(s->dir)) return false;
+    pg_chown_dir(s->dir);
+    if (!pg_initdb(s)) {
+        cr_log_error("initdb failed (see %s/initdb.log)", s->dir);
+        kill_and_remove(0, s->dir);
+        s->dir[0] = 0;
+        return false;
+    }
+    for (int attempt = 0; attempt < 5; attempt++) {
+        s->port = flash_test_free_port();
+        if (s->port && pg_spawn(s)) {
+            remember(s);
+            return true;
+        }
+    }
+    cr_log_error("could not start postgres (see %s/postgres.log)", s->dir);
+    kill_and_remove(0, s->dir);
+    s->dir[0] = 0;
+    return false;
+}
+
+void flash_test_postgres_halt(flash_test_server *s) {
+    if (s->pid <= 0) return;
+    forget(s->pid);
+    kill(s->pid, SIGCONT);
+    kill(s->pid, SIGINT); /* fast shutdown: backends end, clients see it */
+    for (int i = 0; i < 1000; i++) { /* up to 10 s */
+        if (waitpid(s->pid, NULL, WNOHANG) == s->pid) {
+            s->pid = 0;
+            return;
+        }
+        sleep_ms(10);
+    }
+    kill(-s->pid, SIGKILL);
+    kill(s->pid, SIGKILL);
+    waitpid(s->pid, NULL, 0);
+    s->pid = 0;
+}
+
+bool flash_test_postgres_restart(flash_test_server *s) {
+    if (s->pid > 0) flash_test_postgres_halt(s);
+    for (int attempt = 0; attempt < 50; attempt++) { /* the port may linger briefly */
+        if (pg_spawn(s)) {
+            remember(s);
+            return true;
+        }
+        sleep_ms(20);
+    }
+    return false;
+}
+
+void flash_test_postgres_stop(flash_test_server *s) {
+    flash_test_postgres_halt(s);
+    kill_and_remove(0, s->dir);
+    s->dir[0] = 0;
+}
+
+long flash_test_postgres_log_count(const flash_test_server *s, const char *needle) {
+    char path[96], line[4096];
+    long n = 0;
+    snprintf(path, sizeof path, "%s/postgres.log", s->dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    while (fgets(line, sizeof line, f))
+        if (strstr(line, needle)) n++;
+    fclose(f);
+    return n;
+}

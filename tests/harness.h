@@ -69,4 +69,21 @@ int flash_test_memcached_command(const flash_test_server *s, const char *cmd, ch
 /* The value of one memcached `stats` counter, or -1. */
 long long flash_test_memcached_stat(const flash_test_server *s, const char *name);
 
+/* PostgreSQL ($FLASH_PG_BIN, else the newest /usr/lib/postgresql/N/bin): initdb into
+   a temp dir (as user postgres, or nobody, when run as root), then postgres
+   on a free 127.0.0.1 port, its unix socket in the temp dir, fsync off and
+   log_statement=all logged to <dir>/postgres.log. Waits until it answers.
+   s->extra holds the libpq conninfo ("host=127.0.0.1 port=N user=postgres
+   dbname=postgres"). Use the postgres functions below on it, not
+   flash_test_server_restart / _stop. */
+bool flash_test_postgres_start(flash_test_server *s);
+/* Stop the server (fast shutdown), keeping its data: a database that is down. */
+void flash_test_postgres_halt(flash_test_server *s);
+/* Start it again on the same port and data (after halt). */
+bool flash_test_postgres_restart(flash_test_server *s);
+/* Stop and remove the temp dir. */
+void flash_test_postgres_stop(flash_test_server *s);
+/* How many lines of <dir>/postgres.log contain needle, or -1. */
+long flash_test_postgres_log_count(const flash_test_server *s, const char *needle);
+
 #endif

@@ -9,3 +9,5 @@
 #include "backends/loop/libev.h"
 #include "backends/loop/libevent.h"
 #include "backends/loop/libuv.h"
+#include "backends/source/sqlite.h"
+#include "backends/source/postgres.h"

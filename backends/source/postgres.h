@@ -1,0 +1,1275 @@
+/* backends/source/postgres.h — PostgreSQL as a flash source, asynchronous.
+
+   Reads misses with ONE statement per class per batch, generated from the
+   model's field table (table: opts.table, default the model's name; columns:
+   the field names, in field order), over libpq's non-blocking API driven by
+   the flash loop: the socket is watched with io_start/io_set, the connect
+   (PQconnectStart/PQconnectPoll), the writes (PQflush) and the reads
+   (PQconsumeInput/PQisBusy/PQgetResult) never block.
+
+       int err;
+       flash_pg *pg = flash_pg_source_create("host=/run/postgresql dbname=app",
+                                             flash_poll_loop(loop), &err);
+       flash_ctx_set_source(ctx, NULL, flash_pg_source(pg));
+       ...
+       flash_ctx_destroy(ctx);
+       flash_pg_destroy(pg);                // before the loop
+
+   or flash_pg_create(&desc, &err) for the options of flash_pg_desc.
+
+   SQL (identifiers double-quoted; keys are bound as ONE text-format array
+   parameter per key field, never spliced into the SQL)
+     one key field     SELECT "id","slug","title" FROM "events" WHERE "slug" = ANY($1::text[])
+     several fields    SELECT ... FROM "participants"
+                         WHERE ("user","event") IN (SELECT * FROM unnest($1::int8[], $2::int8[]))
+     NULL key parts    SELECT ... WHERE "slug" = ANY($1::text[]) OR "slug" IS NULL
+                       SELECT ... FROM "t" AS flash_r WHERE EXISTS (SELECT 1 FROM
+                         unnest($1::int8[], $2::text[]) AS flash_k(k0, k1)
+                         WHERE flash_r."a" IS NOT DISTINCT FROM flash_k.k0 AND ...)
+   Array element types: I64 int8, I32 int4, F64 float8, BOOL bool, STR text,
+   BYTES bytea. Each distinct statement is prepared once per connection
+   (PQsendPrepare, named flash_<n>) and then run with PQsendQueryPrepared.
+
+   CONNECTIONS
+     desc.connections (default 1) connections, opened on demand. Each runs one
+     query at a time; fetches beyond that wait in a FIFO queue and are sent
+     as soon as a connection is free (results are read as they come: a batch
+     is one statement, whatever its size). The loop given at create must be
+     the loop of every context using the source.
+
+   TYPES (column type -> field; results are text format)
+     I64    int2 int4 int8 oid
+     I32    int2 int4, and int8 / oid when the value fits (else the row is rejected)
+     F64    float4 float8 numeric int2 int4 int8
+     BOOL   bool
+     STR    anything but bytea (its text form); NULL -> NULL pointer
+     BYTES  bytea (hex or escape output, decoded); other types: their text
+            bytes; NULL -> {NULL, 0}
+   The column types of every result are checked against the field table: a
+   column of another type fails the whole fetch with FLASH_ESOURCE naming
+   the table, column and types. A row with NULL in an I64/I32/F64/BOOL field
+   or an I32 value out of range is rejected: the key(s) it would have
+   answered fail with FLASH_ESOURCE (message: table and column); the other
+   keys of the batch are answered.
+
+   FAILURES
+     server down / refused / bad login    the fetch fails with FLASH_ESOURCE
+                                          and libpq's message; then, for
+                                          retry_interval_ms, fetches fail at
+                                          once without trying to connect
+     connect takes > connect_timeout_ms   FLASH_ETIMEDOUT, same rest
+     connection lost mid-query            FLASH_ESOURCE; the next fetch
+                                          reconnects. A query sent on a
+                                          connection that had been idle and
+                                          is found dead (server restarted) is
+                                          retried once on a new connection.
+     query takes > query_timeout_ms       FLASH_ETIMEDOUT; the connection is
+                                          closed (the server notices on its
+                                          next write; set statement_timeout
+                                          in the conninfo options to bound it
+                                          there too) and reopened on demand
+     SQL error (no such table, ...)       FLASH_ESOURCE with the server's message
+   cancel (context reset or destroyed): a queued fetch is dropped; one in
+   flight is forgotten and its results are discarded when they come.
+
+   LIMITS
+     Single-threaded: use a source from its loop's thread. Rows are matched
+     to keys by field values (byte equality): keep key columns' collations
+     deterministic. Column names are the field names: rename with a VIEW.
+     STR keys must be valid in the client encoding (else the server fails
+     the whole fetch). Numbers are parsed with strtoll/strtod: keep the C
+     locale's LC_NUMERIC.
+
+   Include after flash.h; the implementation comes with FLASH_IMPLEMENTATION.
+   Link with -lpq. LICENSE: MIT, see the end of flash.h.
+*/
+#ifndef FLASH_POSTGRES_H
+#define FLASH_POSTGRES_H
+#include "../../flash.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct flash_pg flash_pg;
+
+/* Zero-initialise; every zero field means its default. */
+typedef struct flash_pg_desc {
+    const char *conninfo;        /* required: a libpq connection string (copied) */
+    flash_loop loop;             /* required: the loop of the contexts using it */
+    uint32_t connections;        /* default: 1 */
+    uint32_t connect_timeout_ms; /* default: 2000 */
+    uint32_t query_timeout_ms;   /* default: 5000, from sending a fetch's query to its result */
+    uint32_t retry_interval_ms;  /* default: 1000: after a failed connect, fetches fail
+                                    at once for this long; UINT32_MAX: 0 ms */
+} flash_pg_desc;
+
+/* Counters (cumulative) and state. */
+typedef struct flash_pg_stats {
+    uint64_t fetches;          /* fetch calls (one per class per batch) */
+    uint64_t queries;          /* statements executed (PQsendQueryPrepared) */
+    uint64_t prepares;         /* statements prepared */
+    uint64_t rows;             /* rows read */
+    uint64_t rejected;         /* rows rejected (NULL in a non-null field, out of range) */
+    uint64_t errors;           /* fetches failed by the server or the connection */
+    uint64_t timeouts;         /* queries and connects over their timeout */
+    uint64_t connects;         /* connections established */
+    uint64_t connect_failures; /* connection attempts that failed */
+    uint64_t fast_fails;       /* fetches failed without trying, while marked down */
+    uint64_t lost;             /* connections lost (by the server or the network) */
+    uint64_t retries;          /* queries retried on a new connection */
+    uint64_t canceled;         /* fetches cancelled (context reset or destroyed) */
+    uint32_t connected;        /* connections open now */
+    uint32_t queued;           /* fetches waiting for a connection now */
+} flash_pg_stats;
+
+/* A source, or NULL with *err (when err is not NULL) set to FLASH_EINVAL
+   (no conninfo or loop, a conninfo libpq cannot parse) or FLASH_ENOMEM.
+   Nothing is connected yet: the first fetch connects. */
+FLASH_API flash_pg *flash_pg_create(const flash_pg_desc *desc, int *err);
+/* The same with the defaults. */
+FLASH_API flash_pg *flash_pg_source_create(const char *conninfo, flash_loop loop, int *err);
+FLASH_API flash_source flash_pg_source(flash_pg *pg);
+/* Closes the connections. Fetches still attached (contexts alive) finish
+   with FLASH_ECANCELED: destroy contexts first, or let them see that. */
+FLASH_API void flash_pg_destroy(flash_pg *pg);
+FLASH_API flash_pg_stats flash_pg_stats_get(const flash_pg *pg);
+/* The last connection error ("" if none). */
+FLASH_API const char *flash_pg_last_error(const flash_pg *pg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FLASH_POSTGRES_H */
+
+#ifdef FLASH_IMPLEMENTATION
+#ifndef FLASH_POSTGRES_IMPLEMENTED
+#define FLASH_POSTGRES_IMPLEMENTED
+#include <errno.h>
+#include <float.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__has_include)
+#if __has_include(<libpq-fe.h>)
+#include <libpq-fe.h>
+#else
+#include <postgresql/libpq-fe.h>
+#endif
+#else
+#include <libpq-fe.h>
+#endif
+
+/* Type OIDs (pg_type.h is a server header). */
+enum {
+    FLASH__PG_BOOL = 16, FLASH__PG_BYTEA = 17, FLASH__PG_NAME = 19, FLASH__PG_INT8 = 20, FLASH__PG_INT2 = 21,
+    FLASH__PG_INT4 = 23, FLASH__PG_TEXT = 25, FLASH__PG_OID = 26, FLASH__PG_FLOAT4 = 700, FLASH__PG_FLOAT8 = 701,
+    FLASH__PG_NUMERIC = 1700
+};
+
+enum { FLASH__PG_DOWN = 0, FLASH__PG_CONNECTING, FLASH__PG_IDLE, FLASH__PG_BUSY };
+enum { FLASH__PG_PREPARE = 1, FLASH__PG_EXEC };
+
+/* A distinct statement: (model, key fields, NULL form). */
+typedef struct flash__pg_stmt {
+    const flash_model *model;
+    size_t nkeys;
+    int keys[8];
+    bool nulls;
+    char *sql;
+} flash__pg_stmt;
+
+typedef struct flash__pg_job {
+    struct flash__pg_job *next;
+    flash_fetch *f;       /* NULL once cancelled: results are discarded */
+    size_t stmt;
+    int nparams;
+    char *params[8];      /* text-format array literals */
+    bool retried;
+} flash__pg_job;
+
+typedef struct flash__pg_conn {
+    struct flash_pg *pg;
+    PGconn *conn;
+    int state, stage, fd, events;
+    void *io, *timer;
+    flash__pg_job *job;   /* in flight */
+    PGresult *res;        /* the EXEC result, until the NULL that ends it */
+    uint32_t *names;      /* per statement: prepared name number, 0 = not yet */
+    size_t names_cap;
+    uint32_t next_name, pending_name;
+    uint64_t served;      /* queries completed on this connection */
+    bool tried;           /* a connect was tried in this kick */
+} flash__pg_conn;
+
+struct flash_pg {
+    char *conninfo;
+    flash_loop loop;
+    flash_pg_desc desc;
+    flash__pg_conn *conns;
+    size_t nconns;
+    flash__pg_stmt *stmts;
+    size_t nstmts, stmts_cap;
+    flash__pg_job *head, *tail;
+    bool down;            /* resting after a failed connect */
+    void *down_timer;
+    int down_code;
+    bool kicking, rekick;
+    flash_pg_stats stats;
+    char last_error[256];
+};
+
+/* ---- small helpers ---- */
+
+typedef struct flash__pg_buf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} flash__pg_buf;
+
+static void flash__pg_put(flash__pg_buf *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 128;
+        char *p;
+        while (cap < b->len + n + 1) cap *= 2;
+        p = (char *)realloc(b->p, cap);
+        if (!p) {
+            b->oom = true;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = 0;
+}
+static void flash__pg_puts(flash__pg_buf *b, const char *s) { flash__pg_put(b, s, strlen(s)); }
+
+static void flash__pg_ident(flash__pg_buf *b, const char *name, bool dotted) {
+    const char *p;
+    flash__pg_put(b, "\"", 1);
+    for (p = name; *p; p++) {
+        if (*p == '"') flash__pg_put(b, "\"\"", 2);
+        else if (*p == '.' && dotted) flash__pg_put(b, "\".\"", 3);
+        else flash__pg_put(b, p, 1);
+    }
+    flash__pg_put(b, "\"", 1);
+}
+
+static const char *flash__pg_table(const flash_model *m) { return m->opts.table ? m->opts.table : m->name; }
+
+static const char *flash__pg_type_name(flash_type t) {
+    switch (t) {
+    case FLASH_I64: return "I64";
+    case FLASH_I32: return "I32";
+    case FLASH_F64: return "F64";
+    case FLASH_BOOL: return "BOOL";
+    case FLASH_STR: return "STR";
+    case FLASH_BYTES: return "BYTES";
+    }
+    return "?";
+}
+
+static const char *flash__pg_array_type(flash_type t) {
+    switch (t) {
+    case FLASH_I64: return "int8[]";
+    case FLASH_I32: return "int4[]";
+    case FLASH_F64: return "float8[]";
+    case FLASH_BOOL: return "bool[]";
+    case FLASH_STR: return "text[]";
+    case FLASH_BYTES: return "bytea[]";
+    }
+    return "text[]";
+}
+
+static const char *flash__pg_oid_name(Oid t) {
+    switch (t) {
+    case FLASH__PG_BOOL: return "bool";
+    case FLASH__PG_BYTEA: return "bytea";
+    case FLASH__PG_NAME: return "name";
+    case FLASH__PG_INT8: return "int8";
+    case FLASH__PG_INT2: return "int2";
+    case FLASH__PG_INT4: return "int4";
+    case FLASH__PG_TEXT: return "text";
+    case FLASH__PG_OID: return "oid";
+    case FLASH__PG_FLOAT4: return "float4";
+    case FLASH__PG_FLOAT8: return "float8";
+    case FLASH__PG_NUMERIC: return "numeric";
+    case 1043: return "varchar";
+    case 1042: return "bpchar";
+    default: return NULL;
+    }
+}
+
+static bool flash__pg_compatible(flash_type t, Oid o) {
+    switch (t) {
+    case FLASH_I64:
+    case FLASH_I32: return o == FLASH__PG_INT2 || o == FLASH__PG_INT4 || o == FLASH__PG_INT8 || o == FLASH__PG_OID;
+    case FLASH_F64:
+        return o == FLASH__PG_FLOAT4 || o == FLASH__PG_FLOAT8 || o == FLASH__PG_NUMERIC || o == FLASH__PG_INT2 ||
+               o == FLASH__PG_INT4 || o == FLASH__PG_INT8;
+    case FLASH_BOOL: return o == FLASH__PG_BOOL;
+    case FLASH_STR: return o != FLASH__PG_BYTEA;
+    case FLASH_BYTES: return true;
+    }
+    return false;
+}
+
+/* libpq's messages span lines ("...\n\tIs the server running ...\n"):
+   one line, without the trailing newline. */
+static void flash__pg_msg(char *out, size_t cap, const char *prefix, const char *msg) {
+    size_t n, i, o = 0;
+    snprintf(out, cap, "%s%s", prefix, msg && *msg ? msg : "unknown error");
+    n = strlen(out);
+    for (i = 0; i < n; i++) {
+        char c = out[i] == '\n' || out[i] == '\t' ? ' ' : out[i];
+        if (c == ' ' && (o == 0 || out[o - 1] == ' ')) continue;
+        out[o++] = c;
+    }
+    while (o && out[o - 1] == ' ') o--;
+    out[o] = 0;
+}
+
+/* ---- array parameters ---- */
+
+static void flash__pg_elem(flash__pg_buf *b, const flash_value *v) {
+    char tmp[64];
+    static const char hex[] = "0123456789abcdef";
+    size_t i;
+    if (v->is_null) {
+        flash__pg_puts(b, "NULL");
+        return;
+    }
+    switch (v->type) {
+    case FLASH_I64: snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i64); flash__pg_puts(b, tmp); return;
+    case FLASH_I32: snprintf(tmp, sizeof tmp, "%ld", (long)v->u.i32); flash__pg_puts(b, tmp); return;
+    case FLASH_BOOL: flash__pg_puts(b, v->u.b ? "t" : "f"); return;
+    case FLASH_F64:
+        if (v->u.f64 != v->u.f64) flash__pg_puts(b, "NaN");
+        else if (v->u.f64 > DBL_MAX) flash__pg_puts(b, "Infinity");
+        else if (v->u.f64 < -DBL_MAX) flash__pg_puts(b, "-Infinity");
+        else {
+            snprintf(tmp, sizeof tmp, "%.17g", v->u.f64);
+            flash__pg_puts(b, tmp);
+        }
+        return;
+    case FLASH_STR: /* "..." with \ and " escaped: the array literal's quoting */
+        flash__pg_put(b, "\"", 1);
+        for (i = 0; i < v->u.s.len; i++) {
+            char c = v->u.s.ptr[i];
+            if (c == '"' || c == '\\') flash__pg_put(b, "\\", 1);
+            flash__pg_put(b, &c, 1);
+        }
+        flash__pg_put(b, "\"", 1);
+        return;
+    case FLASH_BYTES: /* "\\x0102": bytea's hex input, its backslash escaped */
+        flash__pg_puts(b, "\"\\\\x");
+        for (i = 0; i < v->u.s.len; i++) {
+            unsigned char c = (unsigned char)v->u.s.ptr[i];
+            char h[2];
+            h[0] = hex[c >> 4];
+            h[1] = hex[c & 15];
+            flash__pg_put(b, h, 2);
+        }
+        flash__pg_put(b, "\"", 1);
+        return;
+    }
+}
+
+/* ---- statements ---- */
+
+static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
+    const flash_model *m = flash_fetch_model(f);
+    size_t nk = flash_fetch_nfields(f), i, j;
+    flash__pg_stmt *st;
+    flash__pg_buf b;
+    for (i = 0; i < pg->nstmts; i++) {
+        st = &pg->stmts[i];
+        if (st->model != m || st->nkeys != nk || st->nulls != nulls) continue;
+        for (j = 0; j < nk && st->keys[j] == flash_fetch_field(f, j); j++) {
+        }
+        if (j == nk) return (long)i;
+    }
+    if (pg->nstmts == pg->stmts_cap) {
+        size_t cap = pg->stmts_cap ? pg->stmts_cap * 2 : 8;
+        flash__pg_stmt *n = (flash__pg_stmt *)realloc(pg->stmts, cap * sizeof *n);
+        if (!n) return -1;
+        pg->stmts = n;
+        pg->stmts_cap = cap;
+    }
+    memset(&b, 0, sizeof b);
+    flash__pg_puts(&b, "SELECT ");
+    for (i = 0; i < m->nfields; i++) {
+        if (i) flash__pg_puts(&b, ",");
+        flash__pg_ident(&b, m->fields[i].name, false);
+    }
+    flash__pg_puts(&b, " FROM ");
+    flash__pg_ident(&b, flash__pg_table(m), true);
+    if (nk == 1) {
+        const char *k = m->fields[flash_fetch_field(f, 0)].name;
+        flash__pg_puts(&b, " WHERE ");
+        flash__pg_ident(&b, k, false);
+        flash__pg_puts(&b, " = ANY($1::");
+        flash__pg_puts(&b, flash__pg_array_type(m->fields[flash_fetch_field(f, 0)].type));
+        flash__pg_puts(&b, ")");
+        if (nulls) {
+            flash__pg_puts(&b, " OR ");
+            flash__pg_ident(&b, k, false);
+            flash__pg_puts(&b, " IS NULL");
+        }
+    } else {
+        char tmp[48];
+        if (nulls) flash__pg_puts(&b, " AS flash_r WHERE EXISTS (SELECT 1 FROM unnest(");
+        else {
+            flash__pg_puts(&b, " WHERE (");
+            for (j = 0; j < nk; j++) {
+                if (j) flash__pg_puts(&b, ",");
+                flash__pg_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+            }
+            flash__pg_puts(&b, ") IN (SELECT * FROM unnest(");
+        }
+        for (j = 0; j < nk; j++) {
+            snprintf(tmp, sizeof tmp, "%s$%d::%s", j ? ", " : "", (int)j + 1,
+                     flash__pg_array_type(m->fields[flash_fetch_field(f, j)].type));
+            flash__pg_puts(&b, tmp);
+        }
+        if (nulls) {
+            flash__pg_puts(&b, ") AS flash_k(");
+            for (j = 0; j < nk; j++) {
+                snprintf(tmp, sizeof tmp, "%sk%d", j ? ", " : "", (int)j);
+                flash__pg_puts(&b, tmp);
+            }
+            flash__pg_puts(&b, ") WHERE ");
+            for (j = 0; j < nk; j++) {
+                if (j) flash__pg_puts(&b, " AND ");
+                flash__pg_puts(&b, "flash_r.");
+                flash__pg_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+                snprintf(tmp, sizeof tmp, " IS NOT DISTINCT FROM flash_k.k%d", (int)j);
+                flash__pg_puts(&b, tmp);
+            }
+            flash__pg_puts(&b, ")");
+        } else {
+            flash__pg_puts(&b, "))");
+        }
+    }
+    if (b.oom) {
+        free(b.p);
+        return -1;
+    }
+    st = &pg->stmts[pg->nstmts];
+    memset(st, 0, sizeof *st);
+    st->model = m;
+    st->nkeys = nk;
+    for (j = 0; j < nk; j++) st->keys[j] = flash_fetch_field(f, j);
+    st->nulls = nulls;
+    st->sql = b.p;
+    return (long)pg->nstmts++;
+}
+
+/* ---- jobs ---- */
+
+static void flash__pg_job_free(flash__pg_job *job) {
+    int i;
+    for (i = 0; i < job->nparams; i++) free(job->params[i]);
+    free(job);
+}
+
+/* Answer and free a job. */
+static void flash__pg_finish(flash_pg *pg, flash__pg_job *job, int code, const char *msg) {
+    flash_fetch *f = job->f;
+    flash__pg_job_free(job);
+    if (code) pg->stats.errors++;
+    if (f) flash_fetch_done(f, code, msg);
+}
+
+static void flash__pg_push(flash_pg *pg, flash__pg_job *job, bool front) {
+    pg->stats.queued++;
+    if (front) {
+        job->next = pg->head;
+        pg->head = job;
+        if (!pg->tail) pg->tail = job;
+        return;
+    }
+    job->next = NULL;
+    if (pg->tail) pg->tail->next = job;
+    else pg->head = job;
+    pg->tail = job;
+}
+
+static flash__pg_job *flash__pg_pop(flash_pg *pg) {
+    flash__pg_job *job = pg->head;
+    if (!job) return NULL;
+    pg->head = job->next;
+    if (!pg->head) pg->tail = NULL;
+    job->next = NULL;
+    pg->stats.queued--;
+    return job;
+}
+
+static void flash__pg_fail_queue(flash_pg *pg, int code, const char *msg) {
+    flash__pg_job *job;
+    while ((job = flash__pg_pop(pg)) != NULL) flash__pg_finish(pg, job, code, msg);
+}
+
+/* ---- connections ---- */
+
+static void flash__pg_kick(flash_pg *pg);
+static void flash__pg_on_io(void *arg, int events);
+
+static void flash__pg_watch(flash__pg_conn *c, int events) {
+    flash_loop *l = &c->pg->loop;
+    int fd = PQsocket(c->conn);
+    /* While connecting, libpq may close its socket and open another (next
+       host or address), possibly under the same number: watch afresh. */
+    if (c->io && (fd != c->fd || c->state == FLASH__PG_CONNECTING)) {
+        l->vt->io_stop(l->native, c->io);
+        c->io = NULL;
+    }
+    c->fd = fd;
+    if (!c->io) {
+        c->io = fd >= 0 ? l->vt->io_start(l->native, fd, events, flash__pg_on_io, c) : NULL;
+        c->events = events;
+        return;
+    }
+    if (events != c->events) {
+        l->vt->io_set(l->native, c->io, events);
+        c->events = events;
+    }
+}
+
+static void flash__pg_stop_timer(flash__pg_conn *c) {
+    if (c->timer) c->pg->loop.vt->cancel(c->pg->loop.native, c->timer);
+    c->timer = NULL;
+}
+
+/* Close the connection; its job (if any) is the caller's. */
+static void flash__pg_close(flash__pg_conn *c) {
+    flash_loop *l = &c->pg->loop;
+    if (c->io) l->vt->io_stop(l->native, c->io);
+    c->io = NULL;
+    flash__pg_stop_timer(c);
+    if (c->res) PQclear(c->res);
+    c->res = NULL;
+    if (c->conn) {
+        if (c->state == FLASH__PG_IDLE || c->state == FLASH__PG_BUSY) c->pg->stats.connected--;
+        PQfinish(c->conn);
+    }
+    c->conn = NULL;
+    c->state = FLASH__PG_DOWN;
+    c->fd = -1;
+    c->events = 0;
+    c->served = 0;
+    if (c->names) memset(c->names, 0, c->names_cap * sizeof *c->names);
+}
+
+static void flash__pg_up(void *arg) {
+    flash_pg *pg = (flash_pg *)arg;
+    pg->down_timer = NULL;
+    pg->down = false;
+}
+
+static bool flash__pg_any_alive(const flash_pg *pg) {
+    size_t i;
+    for (i = 0; i < pg->nconns; i++)
+        if (pg->conns[i].state != FLASH__PG_DOWN) return true;
+    return false;
+}
+
+/* A connect failed: rest, and fail the fetches that were waiting for it. */
+static void flash__pg_connect_failed(flash__pg_conn *c, int code, const char *msg) {
+    flash_pg *pg = c->pg;
+    flash__pg_close(c);
+    pg->stats.connect_failures++;
+    if (code == FLASH_ETIMEDOUT) pg->stats.timeouts++;
+    snprintf(pg->last_error, sizeof pg->last_error, "%s", msg);
+    pg->down_code = code;
+    if (!pg->down && pg->desc.retry_interval_ms != UINT32_MAX) {
+        pg->down = true;
+        pg->down_timer = pg->loop.vt->timer(pg->loop.native, pg->desc.retry_interval_ms, flash__pg_up, pg);
+        if (!pg->down_timer) pg->down = false;
+    }
+    if (!flash__pg_any_alive(pg)) flash__pg_fail_queue(pg, code, msg);
+    flash__pg_kick(pg);
+}
+
+static void flash__pg_connect_timeout(void *arg) {
+    flash__pg_conn *c = (flash__pg_conn *)arg;
+    char msg[128];
+    c->timer = NULL;
+    snprintf(msg, sizeof msg, "postgres: connect timed out after %u ms", (unsigned)c->pg->desc.connect_timeout_ms);
+    flash__pg_connect_failed(c, FLASH_ETIMEDOUT, msg);
+}
+
+static void flash__pg_connect(flash__pg_conn *c) {
+    flash_pg *pg = c->pg;
+    char msg[256];
+    c->conn = PQconnectStart(pg->conninfo);
+    c->state = FLASH__PG_CONNECTING;
+    c->fd = -1;
+    if (!c->conn || PQstatus(c->conn) == CONNECTION_BAD || PQsocket(c->conn) < 0) {
+        flash__pg_msg(msg, sizeof msg, "postgres: ", c->conn ? PQerrorMessage(c->conn) : "out of memory");
+        flash__pg_connect_failed(c, FLASH_ESOURCE, msg);
+        return;
+    }
+    flash__pg_watch(c, FLASH_IO_WRITE); /* PQconnectPoll starts as if it said WRITING */
+    c->timer = pg->loop.vt->timer(pg->loop.native, pg->desc.connect_timeout_ms, flash__pg_connect_timeout, c);
+    if (!c->io || !c->timer) flash__pg_connect_failed(c, FLASH_ENOMEM, "postgres: out of memory");
+}
+
+/* Notices (RAISE NOTICE, ...) are not printed: a library stays quiet. */
+static void flash__pg_notice(void *arg, const char *message) {
+    (void)arg;
+    (void)message;
+}
+
+static void flash__pg_connect_step(flash__pg_conn *c) {
+    flash_pg *pg = c->pg;
+    char msg[256];
+    switch (PQconnectPoll(c->conn)) {
+    case PGRES_POLLING_READING: flash__pg_watch(c, FLASH_IO_READ); return;
+    case PGRES_POLLING_WRITING: flash__pg_watch(c, FLASH_IO_WRITE); return;
+    case PGRES_POLLING_OK:
+        flash__pg_stop_timer(c);
+        if (PQsetnonblocking(c->conn, 1) != 0) {
+            flash__pg_msg(msg, sizeof msg, "postgres: ", PQerrorMessage(c->conn));
+            flash__pg_connect_failed(c, FLASH_ESOURCE, msg);
+            return;
+        }
+        PQsetNoticeProcessor(c->conn, flash__pg_notice, NULL);
+        c->state = FLASH__PG_IDLE;
+        pg->stats.connects++;
+        pg->stats.connected++;
+        pg->last_error[0] = 0;
+        flash__pg_watch(c, FLASH_IO_READ); /* idle: notice a server that goes away */
+        flash__pg_kick(pg);
+        return;
+    default:
+        flash__pg_msg(msg, sizeof msg, "postgres: ", PQerrorMessage(c->conn));
+        flash__pg_connect_failed(c, FLASH_ESOURCE, msg);
+        return;
+    }
+}
+
+/* The connection broke with a job on it. */
+static void flash__pg_lost(flash__pg_conn *c, const char *why) {
+    flash_pg *pg = c->pg;
+    flash__pg_job *job = c->job;
+    bool reused = c->served > 0;
+    char msg[320];
+    flash__pg_msg(msg, sizeof msg, "postgres: connection lost: ", why);
+    c->job = NULL;
+    flash__pg_close(c);
+    pg->stats.lost++;
+    if (job) {
+        if (job->f && reused && !job->retried) { /* idle connection found dead: once more */
+            job->retried = true;
+            pg->stats.retries++;
+            flash__pg_push(pg, job, true);
+        } else {
+            flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
+        }
+    }
+    flash__pg_kick(pg);
+}
+
+static void flash__pg_query_timeout(void *arg) {
+    flash__pg_conn *c = (flash__pg_conn *)arg;
+    flash_pg *pg = c->pg;
+    flash__pg_job *job = c->job;
+    char msg[256];
+    c->timer = NULL;
+    c->job = NULL;
+    pg->stats.timeouts++;
+    snprintf(msg, sizeof msg, "postgres: query on %s took more than %u ms: connection reset",
+             job ? flash__pg_table(pg->stmts[job->stmt].model) : "?", (unsigned)pg->desc.query_timeout_ms);
+    flash__pg_close(c);
+    if (job) flash__pg_finish(pg, job, FLASH_ETIMEDOUT, msg);
+    flash__pg_kick(pg);
+}
+
+/* Send what libpq has buffered; watch for writability while it has more. */
+static bool flash__pg_flush(flash__pg_conn *c) {
+    int r = PQflush(c->conn);
+    if (r < 0) return false;
+    flash__pg_watch(c, r ? (FLASH_IO_READ | FLASH_IO_WRITE) : FLASH_IO_READ);
+    return true;
+}
+
+static bool flash__pg_send(flash__pg_conn *c) {
+    flash_pg *pg = c->pg;
+    flash__pg_job *job = c->job;
+    char name[32];
+    int ok;
+    if (c->names_cap < pg->nstmts) {
+        size_t cap = pg->stmts_cap;
+        uint32_t *n = (uint32_t *)realloc(c->names, cap * sizeof *n);
+        if (!n) return false;
+        memset(n + c->names_cap, 0, (cap - c->names_cap) * sizeof *n);
+        c->names = n;
+        c->names_cap = cap;
+    }
+    if (!c->names[job->stmt]) {
+        c->pending_name = ++c->next_name;
+        snprintf(name, sizeof name, "flash_%u", (unsigned)c->pending_name);
+        c->stage = FLASH__PG_PREPARE;
+        ok = PQsendPrepare(c->conn, name, pg->stmts[job->stmt].sql, job->nparams, NULL);
+    } else {
+        snprintf(name, sizeof name, "flash_%u", (unsigned)c->names[job->stmt]);
+        c->stage = FLASH__PG_EXEC;
+        pg->stats.queries++;
+        ok = PQsendQueryPrepared(c->conn, name, job->nparams, (const char *const *)job->params, NULL, NULL, 0);
+    }
+    return ok && flash__pg_flush(c);
+}
+
+static void flash__pg_start(flash__pg_conn *c, flash__pg_job *job) {
+    flash_pg *pg = c->pg;
+    c->job = job;
+    c->state = FLASH__PG_BUSY;
+    c->timer = pg->loop.vt->timer(pg->loop.native, pg->desc.query_timeout_ms, flash__pg_query_timeout, c);
+    if (!c->timer) {
+        c->job = NULL;
+        c->state = FLASH__PG_IDLE;
+        flash__pg_finish(pg, job, FLASH_ENOMEM, "postgres: out of memory");
+        return;
+    }
+    if (!flash__pg_send(c)) flash__pg_lost(c, PQerrorMessage(c->conn));
+}
+
+/* Dispatch queued fetches to idle connections, opening connections as
+   needed. Re-entrant calls fold into the running one. */
+static void flash__pg_kick(flash_pg *pg) {
+    size_t i;
+    if (pg->kicking) {
+        pg->rekick = true;
+        return;
+    }
+    pg->kicking = true;
+    do {
+        pg->rekick = false;
+        for (i = 0; i < pg->nconns; i++) pg->conns[i].tried = false;
+        while (pg->head) {
+            flash__pg_conn *idle = NULL, *down = NULL;
+            size_t connecting = 0;
+            for (i = 0; i < pg->nconns; i++) {
+                flash__pg_conn *c = &pg->conns[i];
+                if (c->state == FLASH__PG_IDLE && !idle) idle = c;
+                if (c->state == FLASH__PG_DOWN && !c->tried && !down) down = c;
+                if (c->state == FLASH__PG_CONNECTING) connecting++;
+            }
+            if (idle) {
+                flash__pg_start(idle, flash__pg_pop(pg));
+                continue;
+            }
+            if (pg->down && !flash__pg_any_alive(pg)) {
+                char msg[320];
+                size_t n = pg->stats.queued;
+                snprintf(msg, sizeof msg, "%s (server marked down, next try within %u ms)", pg->last_error,
+                         (unsigned)pg->desc.retry_interval_ms);
+                pg->stats.fast_fails += n;
+                flash__pg_fail_queue(pg, pg->down_code ? pg->down_code : FLASH_ESOURCE, msg);
+                break;
+            }
+            if (down && !pg->down && connecting < pg->stats.queued) {
+                down->tried = true;
+                flash__pg_connect(down);
+                continue;
+            }
+            break; /* wait for a connection */
+        }
+    } while (pg->rekick);
+    pg->kicking = false;
+}
+
+/* ---- results ---- */
+
+static int flash__pg_parse_i64(const char *s, int64_t *out) {
+    char *end;
+    long long v;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || end == s || *end) return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+static int flash__pg_hexval(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* bytea's text output (hex, or the old escape format) into a new buffer. */
+static int flash__pg_bytea(const char *s, size_t len, flash_bytes *out) {
+    unsigned char *buf = (unsigned char *)malloc(len + 1), *o = buf;
+    size_t i;
+    if (!buf) return -1;
+    if (len >= 2 && s[0] == '\\' && s[1] == 'x') {
+        for (i = 2; i + 1 < len; i += 2) {
+            int h = flash__pg_hexval(s[i]), l = flash__pg_hexval(s[i + 1]);
+            if (h < 0 || l < 0) break;
+            *o++ = (unsigned char)(h * 16 + l);
+        }
+        if (i != len) {
+            free(buf);
+            return -1;
+        }
+    } else {
+        for (i = 0; i < len; i++) {
+            if (s[i] != '\\') *o++ = (unsigned char)s[i];
+            else if (i + 1 < len && s[i + 1] == '\\') *o++ = '\\', i++;
+            else if (i + 3 < len) {
+                *o++ = (unsigned char)(((s[i + 1] - '0') << 6) | ((s[i + 2] - '0') << 3) | (s[i + 3] - '0'));
+                i += 3;
+            } else {
+                free(buf);
+                return -1;
+            }
+        }
+    }
+    out->data = buf;
+    out->len = (size_t)(o - buf);
+    return 0;
+}
+
+/* Read column col of row r into the field at row: 0; or 1 with *why =
+   "NULL" / "range" / "value"; -1 out of memory. *owned: a buffer to free. */
+static int flash__pg_read(const PGresult *res, int r, int col, const flash_field *fd, char *row, const char **why,
+                          void **owned) {
+    Oid t = PQftype(res, col);
+    const char *s = PQgetvalue(res, r, col);
+    char *p = row + fd->offset;
+    *why = NULL;
+    *owned = NULL;
+    if (PQgetisnull(res, r, col)) {
+        if (fd->type == FLASH_STR) {
+            const char *v = NULL;
+            memcpy(p, &v, sizeof v);
+            return 0;
+        }
+        if (fd->type == FLASH_BYTES) {
+            flash_bytes v = {NULL, 0};
+            memcpy(p, &v, sizeof v);
+            return 0;
+        }
+        *why = "NULL";
+        return 1;
+    }
+    switch (fd->type) {
+    case FLASH_I64:
+    case FLASH_I32: {
+        int64_t v;
+        if (flash__pg_parse_i64(s, &v)) return *why = "value", 1;
+        if (fd->type == FLASH_I64) {
+            memcpy(p, &v, sizeof v);
+        } else {
+            int32_t x;
+            if (v < INT32_MIN || v > INT32_MAX) return *why = "range", 1;
+            x = (int32_t)v;
+            memcpy(p, &x, sizeof x);
+        }
+        return 0;
+    }
+    case FLASH_F64: {
+        char *end;
+        double v = strtod(s, &end);
+        if (end == s || *end) return *why = "value", 1;
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
+    case FLASH_BOOL: {
+        bool v = s[0] == 't';
+        if ((s[0] != 't' && s[0] != 'f') || s[1]) return *why = "value", 1;
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
+    case FLASH_STR: memcpy(p, &s, sizeof s); return 0;
+    case FLASH_BYTES: {
+        flash_bytes v;
+        size_t len = (size_t)PQgetlength(res, r, col);
+        if (t == FLASH__PG_BYTEA) {
+            if (flash__pg_bytea(s, len, &v)) return *why = "value", 1;
+            *owned = (void *)v.data;
+        } else {
+            v.data = s;
+            v.len = len;
+        }
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
+    }
+    return *why = "value", 1;
+}
+
+/* A row that cannot be read: fail every key tuple it could belong to. */
+static void flash__pg_reject(flash_pg *pg, flash_fetch *f, const PGresult *res, int r, int bad, const char *why) {
+    const flash_model *m = flash_fetch_model(f);
+    const flash_field *fd = &m->fields[bad];
+    size_t nk = flash_fetch_nfields(f), i, j;
+    flash_value kv[8];
+    bool wild[8];
+    void *kept[8] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    char msg[384];
+    pg->stats.rejected++;
+    if (strcmp(why, "NULL") == 0)
+        snprintf(msg, sizeof msg, "postgres: %s.%s is NULL, but %s.%s is a non-null %s field", flash__pg_table(m),
+                 fd->name, m->name, fd->name, flash__pg_type_name(fd->type));
+    else if (strcmp(why, "range") == 0)
+        snprintf(msg, sizeof msg, "postgres: %s.%s = %.40s is out of range for %s.%s (I32)", flash__pg_table(m),
+                 fd->name, PQgetvalue(res, r, bad), m->name, fd->name);
+    else
+        snprintf(msg, sizeof msg, "postgres: %s.%s = '%.40s' is not a valid %s for %s.%s", flash__pg_table(m),
+                 fd->name, PQgetvalue(res, r, bad), flash__pg_type_name(fd->type), m->name, fd->name);
+    for (j = 0; j < nk; j++) {
+        int col = flash_fetch_field(f, j);
+        flash_field kf = m->fields[col];
+        char tmp[sizeof(flash_bytes) + sizeof(double)];
+        const char *w;
+        void *owned = NULL;
+        kf.offset = 0;
+        wild[j] = false;
+        memset(&kv[j], 0, sizeof kv[j]);
+        if (flash__pg_read(res, r, col, &kf, tmp, &w, &owned) != 0) {
+            if (w && strcmp(w, "NULL") == 0) kv[j] = flash_v_null(kf.type);
+            else wild[j] = true;
+            continue;
+        }
+        switch (kf.type) {
+        case FLASH_I64: { int64_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i64(x); break; }
+        case FLASH_I32: { int32_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i32(x); break; }
+        case FLASH_F64: { double x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_f64(x); break; }
+        case FLASH_BOOL: { bool x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bool(x); break; }
+        case FLASH_STR: { const char *x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_str(x); break; }
+        case FLASH_BYTES: { flash_bytes x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bytes(x); break; }
+        }
+        kept[j] = owned; /* freed after the matching */
+    }
+    for (i = 0; i < flash_fetch_count(f); i++) {
+        const flash_value *key = flash_fetch_key(f, i);
+        for (j = 0; j < nk; j++)
+            if (!wild[j] && !flash_value_eq(&kv[j], &key[j])) break;
+        if (j == nk) flash_fetch_fail(f, i, FLASH_ESOURCE, msg);
+    }
+    for (j = 0; j < nk; j++) free(kept[j]);
+}
+
+/* Answer a job's fetch from its result. */
+static void flash__pg_answer(flash_pg *pg, flash__pg_job *job, PGresult *res) {
+    flash_fetch *f = job->f;
+    const flash_model *m = flash_fetch_model(f);
+    int nrows, r, i, status = FLASH_OK;
+    char msg[512];
+    char *row;
+    msg[0] = 0;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        flash__pg_msg(msg, sizeof msg, "postgres: ", PQresultErrorMessage(res));
+        flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
+        return;
+    }
+    if ((size_t)PQnfields(res) != m->nfields) {
+        snprintf(msg, sizeof msg, "postgres: %s: %d columns for %zu fields", flash__pg_table(m), PQnfields(res),
+                 m->nfields);
+        flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
+        return;
+    }
+    for (i = 0; i < PQnfields(res); i++) {
+        const flash_field *fd = &m->fields[i];
+        Oid t = PQftype(res, i);
+        if (!flash__pg_compatible(fd->type, t)) {
+            const char *tn = flash__pg_oid_name(t);
+            char oid[24];
+            snprintf(oid, sizeof oid, "type oid %u", (unsigned)t);
+            snprintf(msg, sizeof msg, "postgres: %s.%s is %s, which does not map to %s.%s (%s)", flash__pg_table(m),
+                     fd->name, tn ? tn : oid, m->name, fd->name, flash__pg_type_name(fd->type));
+            flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
+            return;
+        }
+    }
+    row = (char *)calloc(1, m->size ? m->size : 1);
+    if (!row) {
+        flash__pg_finish(pg, job, FLASH_ENOMEM, NULL);
+        return;
+    }
+    nrows = PQntuples(res);
+    for (r = 0; r < nrows && status == FLASH_OK; r++) {
+        void *owned[64];
+        size_t nowned = 0, k;
+        int bad = -1;
+        const char *why = NULL;
+        pg->stats.rows++;
+        memset(row, 0, m->size);
+        for (i = 0; i < (int)m->nfields && bad < 0; i++) {
+            void *o = NULL;
+            int rc = flash__pg_read(res, r, i, &m->fields[i], row, &why, &o);
+            if (o && nowned < sizeof owned / sizeof owned[0]) owned[nowned++] = o;
+            else if (o) { /* more bytea fields than slots: keep going, leak-free */
+                free(o);
+                rc = -1;
+            }
+            if (rc < 0) status = FLASH_ENOMEM;
+            else if (rc) bad = i;
+        }
+        if (status == FLASH_OK) {
+            if (bad >= 0) flash__pg_reject(pg, f, res, r, bad, why);
+            else flash_fetch_row(f, row);
+        }
+        for (k = 0; k < nowned; k++) free(owned[k]);
+    }
+    free(row);
+    flash__pg_finish(pg, job, status, status ? "postgres: out of memory reading rows" : NULL);
+}
+
+/* A query (PREPARE or EXEC stage) has delivered all its results. */
+static void flash__pg_stage_done(flash__pg_conn *c, PGresult *res) {
+    flash_pg *pg = c->pg;
+    flash__pg_job *job = c->job;
+    char msg[512];
+    if (PQstatus(c->conn) == CONNECTION_BAD) { /* the server went away meanwhile */
+        const char *why = res ? PQresultErrorMessage(res) : PQerrorMessage(c->conn);
+        flash__pg_msg(msg, sizeof msg, "", why);
+        if (res) PQclear(res);
+        flash__pg_lost(c, msg);
+        return;
+    }
+    if (c->stage == FLASH__PG_PREPARE) {
+        if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
+            flash__pg_msg(msg, sizeof msg, "postgres: ", res ? PQresultErrorMessage(res) : PQerrorMessage(c->conn));
+            if (res) PQclear(res);
+            c->job = NULL;
+            c->state = FLASH__PG_IDLE;
+            flash__pg_stop_timer(c);
+            flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
+            flash__pg_kick(pg);
+            return;
+        }
+        PQclear(res);
+        pg->stats.prepares++;
+        c->names[job->stmt] = c->pending_name;
+        if (!flash__pg_send(c)) flash__pg_lost(c, PQerrorMessage(c->conn));
+        return;
+    }
+    /* EXEC */
+    c->job = NULL;
+    c->state = FLASH__PG_IDLE;
+    c->served++;
+    flash__pg_stop_timer(c);
+    if (!res) {
+        flash__pg_msg(msg, sizeof msg, "postgres: ", PQerrorMessage(c->conn));
+        flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
+    } else {
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) c->names[job->stmt] = 0; /* re-prepare next time */
+        if (job->f) flash__pg_answer(pg, job, res);
+        else flash__pg_job_free(job); /* cancelled: discard */
+        PQclear(res);
+    }
+    flash__pg_kick(pg);
+}
+
+static void flash__pg_on_io(void *arg, int events) {
+    flash__pg_conn *c = (flash__pg_conn *)arg;
+    if (c->state == FLASH__PG_CONNECTING) {
+        flash__pg_connect_step(c);
+        return;
+    }
+    if (c->state == FLASH__PG_IDLE) { /* nothing asked: the server closing, or a notice */
+        if (!PQconsumeInput(c->conn) || PQstatus(c->conn) == CONNECTION_BAD) {
+            flash_pg *pg = c->pg;
+            flash__pg_close(c);
+            pg->stats.lost++;
+            flash__pg_kick(pg);
+        }
+        return;
+    }
+    if (c->state != FLASH__PG_BUSY) return;
+    if ((events & FLASH_IO_WRITE) && (c->events & FLASH_IO_WRITE) && !flash__pg_flush(c)) {
+        flash__pg_lost(c, PQerrorMessage(c->conn));
+        return;
+    }
+    if (!(events & FLASH_IO_READ)) return;
+    if (!PQconsumeInput(c->conn)) {
+        flash__pg_lost(c, PQerrorMessage(c->conn));
+        return;
+    }
+    if ((c->events & FLASH_IO_WRITE) && !flash__pg_flush(c)) {
+        flash__pg_lost(c, PQerrorMessage(c->conn));
+        return;
+    }
+    while (!PQisBusy(c->conn)) {
+        PGresult *res = PQgetResult(c->conn);
+        if (!res) { /* this stage is complete */
+            PGresult *kept = c->res;
+            c->res = NULL;
+            flash__pg_stage_done(c, kept);
+            return;
+        }
+        if (!c->res) c->res = res;
+        else PQclear(res); /* one statement, one result: ignore extras */
+    }
+}
+
+/* ---- the source ---- */
+
+static void flash__pg_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
+    flash_pg *pg = (flash_pg *)self;
+    size_t n = flash_fetch_count(f), nk = flash_fetch_nfields(f), i, j;
+    bool nulls = false;
+    flash__pg_job *job;
+    long stmt;
+    (void)ctx;
+    pg->stats.fetches++;
+    for (i = 0; i < n && !nulls; i++)
+        for (j = 0; j < nk; j++) nulls = nulls || flash_fetch_key(f, i)[j].is_null;
+    stmt = flash__pg_stmt_for(pg, f, nulls);
+    job = stmt >= 0 ? (flash__pg_job *)calloc(1, sizeof *job) : NULL;
+    if (!job) {
+        flash_fetch_done(f, FLASH_ENOMEM, NULL);
+        return;
+    }
+    job->f = f;
+    job->stmt = (size_t)stmt;
+    job->nparams = (int)nk;
+    for (j = 0; j < nk; j++) {
+        flash__pg_buf b;
+        bool first = true;
+        memset(&b, 0, sizeof b);
+        flash__pg_put(&b, "{", 1);
+        for (i = 0; i < n; i++) {
+            const flash_value *key = flash_fetch_key(f, i);
+            if (nk == 1 && key[0].is_null) continue; /* single field: the IS NULL branch */
+            if (!first) flash__pg_put(&b, ",", 1);
+            first = false;
+            flash__pg_elem(&b, &key[j]);
+        }
+        flash__pg_put(&b, "}", 1);
+        job->params[j] = b.p;
+        if (b.oom) {
+            free(b.p);
+            job->params[j] = NULL;
+            job->nparams = (int)j;
+            flash__pg_job_free(job);
+            flash_fetch_done(f, FLASH_ENOMEM, NULL);
+            return;
+        }
+    }
+    flash__pg_push(pg, job, false);
+    flash__pg_kick(pg);
+}
+
+static void flash__pg_cancel(void *self, flash_fetch *f) {
+    flash_pg *pg = (flash_pg *)self;
+    flash__pg_job **pp, *job;
+    size_t i;
+    for (i = 0; i < pg->nconns; i++) {
+        if (pg->conns[i].job && pg->conns[i].job->f == f) {
+            pg->conns[i].job->f = NULL; /* in flight: its results are discarded */
+            pg->stats.canceled++;
+            return;
+        }
+    }
+    for (pp = &pg->head; (job = *pp) != NULL; pp = &job->next) {
+        if (job->f != f) continue;
+        *pp = job->next;
+        if (pg->tail == job) {
+            flash__pg_job *t = pg->head;
+            while (t && t->next) t = t->next;
+            pg->tail = t;
+        }
+        pg->stats.queued--;
+        pg->stats.canceled++;
+        flash__pg_job_free(job);
+        return;
+    }
+}
+
+static const flash_source_vtable flash__pg_vt = {"postgres", flash__pg_fetch, flash__pg_cancel};
+
+FLASH_API flash_source flash_pg_source(flash_pg *pg) {
+    flash_source s;
+    s.vt = &flash__pg_vt;
+    s.self = pg;
+    return s;
+}
+
+FLASH_API flash_pg *flash_pg_create(const flash_pg_desc *desc, int *err) {
+    flash_pg *pg;
+    PQconninfoOption *opts;
+    char *perr = NULL;
+    size_t i, len;
+    if (err) *err = FLASH_EINVAL;
+    if (!desc || !desc->conninfo || !desc->loop.vt || !desc->loop.vt->io_start || !desc->loop.vt->timer) return NULL;
+    opts = PQconninfoParse(desc->conninfo, &perr);
+    if (perr) PQfreemem(perr);
+    if (!opts) return NULL;
+    PQconninfoFree(opts);
+    if (err) *err = FLASH_ENOMEM;
+    pg = (flash_pg *)calloc(1, sizeof *pg);
+    if (!pg) return NULL;
+    pg->desc = *desc;
+    if (!pg->desc.connections) pg->desc.connections = 1;
+    if (!pg->desc.connect_timeout_ms) pg->desc.connect_timeout_ms = 2000;
+    if (!pg->desc.query_timeout_ms) pg->desc.query_timeout_ms = 5000;
+    if (!pg->desc.retry_interval_ms) pg->desc.retry_interval_ms = 1000;
+    pg->loop = desc->loop;
+    len = strlen(desc->conninfo) + 1;
+    pg->conninfo = (char *)malloc(len);
+    pg->nconns = pg->desc.connections;
+    pg->conns = (flash__pg_conn *)calloc(pg->nconns, sizeof *pg->conns);
+    if (!pg->conninfo || !pg->conns) {
+        free(pg->conninfo);
+        free(pg->conns);
+        free(pg);
+        return NULL;
+    }
+    memcpy(pg->conninfo, desc->conninfo, len);
+    pg->desc.conninfo = pg->conninfo;
+    for (i = 0; i < pg->nconns; i++) {
+        pg->conns[i].pg = pg;
+        pg->conns[i].fd = -1;
+    }
+    if (err) *err = FLASH_OK;
+    return pg;
+}
+
+FLASH_API flash_pg *flash_pg_source_create(const char *conninfo, flash_loop loop, int *err) {
+    flash_pg_desc d;
+    memset(&d, 0, sizeof d);
+    d.conninfo = conninfo;
+    d.loop = loop;
+    return flash_pg_create(&d, err);
+}
+
+FLASH_API void flash_pg_destroy(flash_pg *pg) {
+    size_t i;
+    if (!pg) return;
+    pg->kicking = true; /* no dispatch from here on */
+    for (i = 0; i < pg->nconns; i++) {
+        flash__pg_conn *c = &pg->conns[i];
+        flash__pg_job *job = c->job;
+        c->job = NULL;
+        flash__pg_close(c);
+        if (job) flash__pg_finish(pg, job, FLASH_ECANCELED, "postgres: source destroyed");
+        free(c->names);
+    }
+    flash__pg_fail_queue(pg, FLASH_ECANCELED, "postgres: source destroyed");
+    if (pg->down_timer) pg->loop.vt->cancel(pg->loop.native, pg->down_timer);
+    for (i = 0; i < pg->nstmts; i++) free(pg->stmts[i].sql);
+    free(pg->stmts);
+    free(pg->conns);
+    free(pg->conninfo);
+    free(pg);
+}
+
+FLASH_API flash_pg_stats flash_pg_stats_get(const flash_pg *pg) {
+    flash_pg_stats z;
+    if (pg) return pg->stats;
+    memset(&z, 0, sizeof z);
+    return z;
+}
+
+FLASH_API const char *flash_pg_last_error(const flash_pg *pg) { return pg ? pg->last_error : ""; }
+
+#endif /* FLASH_POSTGRES_IMPLEMENTED */
+#endif /* FLASH_IMPLEMENTATION */

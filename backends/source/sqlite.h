@@ -1,0 +1,535 @@
+/* backends/source/sqlite.h — an SQLite database as a flash source.
+
+   Reads misses from SQLite with ONE statement per class per batch, generated
+   from the model's field table: the table is the model's opts.table (default:
+   its name), the columns are its field names, in field order.
+
+       sqlite3 *db;
+       sqlite3_open("app.db", &db);
+       flash_sqlite *sq = flash_sqlite_create(db);        // does not own db
+       flash_ctx_set_source(ctx, NULL, flash_sqlite_source(sq));
+       ...
+       flash_ctx_destroy(ctx);
+       flash_sqlite_destroy(sq);                          // finalizes its statements
+       sqlite3_close(db);
+
+   SQL (identifiers double-quoted; every key value is bound, never spliced)
+     one key field      SELECT "id","slug","title" FROM "events" WHERE "slug" IN (?,?,?,?)
+     several fields     SELECT ... FROM "participants" WHERE ("user","event") IN (VALUES (?,?),(?,?))
+     a key with a NULL  SELECT ... FROM "users" WHERE "first_name" IS ?          (one per such key)
+   The number of tuples is rounded up to a power of two (the last tuple is
+   repeated as padding), so a handful of statements per key set are prepared
+   once and cached; batches over max_keys tuples (default 1024, capped by
+   SQLite's variable limit) are split into several statements.
+
+   TYPES (column value -> field)
+     I64, I32   INTEGER (I32: within range)          NULL: the row is rejected
+     F64        REAL or INTEGER                      NULL: rejected
+     BOOL       INTEGER (non-zero is true)           NULL: rejected
+     STR        TEXT                                 NULL: a NULL pointer
+     BYTES      BLOB or TEXT                         NULL: {NULL, 0}
+   Any other storage class is a type mismatch. A rejected row fails the key(s)
+   it would have answered with FLASH_ESOURCE and a message naming the table and
+   column; the other keys of the batch are answered. An SQLite error (no such
+   table, I/O, SQLITE_BUSY after the connection's busy timeout) fails the
+   keys not yet answered with FLASH_ESOURCE and sqlite3_errmsg.
+
+   LIMITS
+     SQLite is synchronous: a fetch runs (and answers) inside the call and
+     blocks the loop while it reads. Set sqlite3_busy_timeout() yourself.
+     Rows are matched to keys by their field values (byte equality): use the
+     default BINARY collation on key columns. Column names are the field
+     names: rename with a VIEW. One thread at a time per flash_sqlite.
+
+   Include after flash.h; the implementation comes with FLASH_IMPLEMENTATION.
+   LICENSE: MIT, see the end of flash.h.
+*/
+#ifndef FLASH_SQLITE_H
+#define FLASH_SQLITE_H
+#include "../../flash.h"
+#include <sqlite3.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct flash_sqlite flash_sqlite;
+
+/* Counters (cumulative). */
+typedef struct flash_sqlite_stats {
+    uint64_t fetches;    /* fetch calls (one per class per batch) */
+    uint64_t statements; /* statement executions */
+    uint64_t prepares;   /* statements prepared (statement-cache misses) */
+    uint64_t rows;       /* rows read */
+    uint64_t rejected;   /* rows rejected: NULL in a non-null field, type mismatch */
+    uint64_t errors;     /* fetches failed by an SQLite error */
+} flash_sqlite_stats;
+
+/* NULL when db is NULL or out of memory. The database is not owned. */
+FLASH_API flash_sqlite *flash_sqlite_create(sqlite3 *db);
+/* Finalizes the cached statements: call before sqlite3_close. */
+FLASH_API void flash_sqlite_destroy(flash_sqlite *s);
+FLASH_API flash_source flash_sqlite_source(flash_sqlite *s);
+FLASH_API sqlite3 *flash_sqlite_db(const flash_sqlite *s);
+FLASH_API flash_sqlite_stats flash_sqlite_stats_get(const flash_sqlite *s);
+/* Key tuples per statement (rounded down to a power of two, at least 1);
+   default 1024. Larger batches are split. */
+FLASH_API void flash_sqlite_set_max_keys(flash_sqlite *s, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FLASH_SQLITE_H */
+
+#ifdef FLASH_IMPLEMENTATION
+#ifndef FLASH_SQLITE_IMPLEMENTED
+#define FLASH_SQLITE_IMPLEMENTED
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A cached statement: one per (model, key fields, tuples); tuples 0 is the
+   NULL-key form (k1 IS ? AND ...). */
+typedef struct flash__sq_stmt {
+    struct flash__sq_stmt *next;
+    const flash_model *model;
+    size_t nkeys;
+    int keys[8];
+    size_t tuples;
+    sqlite3_stmt *stmt;
+} flash__sq_stmt;
+
+struct flash_sqlite {
+    sqlite3 *db;
+    flash__sq_stmt *stmts;
+    size_t max_keys;
+    flash_sqlite_stats stats;
+};
+
+/* A growable string. */
+typedef struct flash__sq_buf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} flash__sq_buf;
+
+static void flash__sq_put(flash__sq_buf *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        char *p;
+        while (cap < b->len + n + 1) cap *= 2;
+        p = (char *)realloc(b->p, cap);
+        if (!p) {
+            b->oom = true;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = 0;
+}
+static void flash__sq_puts(flash__sq_buf *b, const char *s) { flash__sq_put(b, s, strlen(s)); }
+
+/* "name" with quotes doubled; "a.b" becomes "a"."b" (schema-qualified). */
+static void flash__sq_ident(flash__sq_buf *b, const char *name, bool dotted) {
+    const char *p;
+    flash__sq_put(b, "\"", 1);
+    for (p = name; *p; p++) {
+        if (*p == '"') flash__sq_put(b, "\"\"", 2);
+        else if (*p == '.' && dotted) flash__sq_put(b, "\".\"", 3);
+        else flash__sq_put(b, p, 1);
+    }
+    flash__sq_put(b, "\"", 1);
+}
+
+FLASH_API flash_sqlite *flash_sqlite_create(sqlite3 *db) {
+    flash_sqlite *s;
+    if (!db) return NULL;
+    s = (flash_sqlite *)calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->db = db;
+    s->max_keys = 1024;
+    return s;
+}
+
+FLASH_API void flash_sqlite_destroy(flash_sqlite *s) {
+    if (!s) return;
+    while (s->stmts) {
+        flash__sq_stmt *st = s->stmts;
+        s->stmts = st->next;
+        sqlite3_finalize(st->stmt);
+        free(st);
+    }
+    free(s);
+}
+
+FLASH_API sqlite3 *flash_sqlite_db(const flash_sqlite *s) { return s ? s->db : NULL; }
+
+FLASH_API flash_sqlite_stats flash_sqlite_stats_get(const flash_sqlite *s) {
+    flash_sqlite_stats z;
+    if (s) return s->stats;
+    memset(&z, 0, sizeof z);
+    return z;
+}
+
+FLASH_API void flash_sqlite_set_max_keys(flash_sqlite *s, size_t n) {
+    size_t p = 1;
+    if (!s) return;
+    while (p * 2 <= n) p *= 2;
+    s->max_keys = p;
+}
+
+/* The statement for (model, key fields, tuples), prepared on first use. */
+static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, sqlite3_stmt **out, bool *owned,
+                         char *err, size_t errcap) {
+    const flash_model *m = flash_fetch_model(f);
+    size_t nk = flash_fetch_nfields(f), i, j;
+    flash__sq_stmt *st, **pp;
+    flash__sq_buf b;
+    int rc;
+    *owned = false;
+    for (pp = &s->stmts; (st = *pp) != NULL; pp = &st->next) {
+        if (st->model != m || st->nkeys != nk || st->tuples != tuples) continue;
+        for (j = 0; j < nk && st->keys[j] == flash_fetch_field(f, j); j++) {
+        }
+        if (j < nk) continue;
+        if (pp != &s->stmts) { /* move to the front: the hot ones stay first */
+            *pp = st->next;
+            st->next = s->stmts;
+            s->stmts = st;
+        }
+        if (!sqlite3_stmt_busy(st->stmt)) {
+            *out = st->stmt;
+            return FLASH_OK;
+        }
+        break; /* in use further up the stack (re-entered): prepare a private one */
+    }
+    memset(&b, 0, sizeof b);
+    flash__sq_puts(&b, "SELECT ");
+    for (i = 0; i < m->nfields; i++) {
+        if (i) flash__sq_puts(&b, ",");
+        flash__sq_ident(&b, m->fields[i].name, false);
+    }
+    flash__sq_puts(&b, " FROM ");
+    flash__sq_ident(&b, m->opts.table ? m->opts.table : m->name, true);
+    flash__sq_puts(&b, " WHERE ");
+    if (tuples == 0) {
+        for (j = 0; j < nk; j++) {
+            if (j) flash__sq_puts(&b, " AND ");
+            flash__sq_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+            flash__sq_puts(&b, " IS ?");
+        }
+    } else {
+        if (nk > 1) flash__sq_puts(&b, "(");
+        for (j = 0; j < nk; j++) {
+            if (j) flash__sq_puts(&b, ",");
+            flash__sq_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+        }
+        flash__sq_puts(&b, nk > 1 ? ") IN (VALUES " : " IN (");
+        for (i = 0; i < tuples; i++) {
+            if (i) flash__sq_puts(&b, ",");
+            if (nk > 1) flash__sq_puts(&b, "(");
+            for (j = 0; j < nk; j++) flash__sq_puts(&b, j ? ",?" : "?");
+            if (nk > 1) flash__sq_puts(&b, ")");
+        }
+        flash__sq_puts(&b, ")");
+    }
+    if (b.oom) {
+        free(b.p);
+        return FLASH_ENOMEM;
+    }
+    *out = NULL;
+    rc = sqlite3_prepare_v3(s->db, b.p, (int)b.len + 1, SQLITE_PREPARE_PERSISTENT, out, NULL);
+    free(b.p);
+    if (rc != SQLITE_OK) {
+        snprintf(err, errcap, "sqlite: %s: %s", m->opts.table ? m->opts.table : m->name, sqlite3_errmsg(s->db));
+        sqlite3_finalize(*out);
+        *out = NULL;
+        return FLASH_ESOURCE;
+    }
+    s->stats.prepares++;
+    if (st) { /* the cached one is busy: use this one once */
+        *owned = true;
+        return FLASH_OK;
+    }
+    st = (flash__sq_stmt *)calloc(1, sizeof *st);
+    if (!st) {
+        *owned = true; /* still usable, just not cached */
+        return FLASH_OK;
+    }
+    st->model = m;
+    st->nkeys = nk;
+    for (j = 0; j < nk; j++) st->keys[j] = flash_fetch_field(f, j);
+    st->tuples = tuples;
+    st->stmt = *out;
+    st->next = s->stmts;
+    s->stmts = st;
+    return FLASH_OK;
+}
+
+static int flash__sq_bind(sqlite3_stmt *st, int at, const flash_value *v) {
+    if (v->is_null) return sqlite3_bind_null(st, at);
+    switch (v->type) {
+    case FLASH_I64: return sqlite3_bind_int64(st, at, (sqlite3_int64)v->u.i64);
+    case FLASH_I32: return sqlite3_bind_int(st, at, v->u.i32);
+    case FLASH_F64: return sqlite3_bind_double(st, at, v->u.f64);
+    case FLASH_BOOL: return sqlite3_bind_int(st, at, v->u.b ? 1 : 0);
+    case FLASH_STR: return sqlite3_bind_text(st, at, v->u.s.ptr ? v->u.s.ptr : "", (int)v->u.s.len, SQLITE_STATIC);
+    case FLASH_BYTES:
+        if (!v->u.s.len) return sqlite3_bind_zeroblob(st, at, 0);
+        return sqlite3_bind_blob(st, at, v->u.s.ptr, (int)v->u.s.len, SQLITE_STATIC);
+    }
+    return SQLITE_MISUSE;
+}
+
+static const char *flash__sq_type_name(flash_type t) {
+    switch (t) {
+    case FLASH_I64: return "I64";
+    case FLASH_I32: return "I32";
+    case FLASH_F64: return "F64";
+    case FLASH_BOOL: return "BOOL";
+    case FLASH_STR: return "STR";
+    case FLASH_BYTES: return "BYTES";
+    }
+    return "?";
+}
+
+static const char *flash__sq_class_name(int c) {
+    switch (c) {
+    case SQLITE_INTEGER: return "INTEGER";
+    case SQLITE_FLOAT: return "REAL";
+    case SQLITE_TEXT: return "TEXT";
+    case SQLITE_BLOB: return "BLOB";
+    default: return "NULL";
+    }
+}
+
+/* Read column col into the field at row; 0, or non-zero with *why set. */
+static int flash__sq_read(sqlite3_stmt *st, int col, const flash_field *fd, char *row, const char **why) {
+    int c = sqlite3_column_type(st, col);
+    char *p = row + fd->offset;
+    *why = NULL;
+    switch (fd->type) {
+    case FLASH_I64:
+    case FLASH_I32:
+    case FLASH_BOOL: {
+        sqlite3_int64 x;
+        if (c == SQLITE_NULL) return *why = "NULL", 1;
+        if (c != SQLITE_INTEGER) return *why = "mismatch", 1;
+        x = sqlite3_column_int64(st, col);
+        if (fd->type == FLASH_I64) {
+            int64_t v = (int64_t)x;
+            memcpy(p, &v, sizeof v);
+        } else if (fd->type == FLASH_I32) {
+            int32_t v;
+            if (x < INT32_MIN || x > INT32_MAX) return *why = "range", 1;
+            v = (int32_t)x;
+            memcpy(p, &v, sizeof v);
+        } else {
+            bool v = x != 0;
+            memcpy(p, &v, sizeof v);
+        }
+        return 0;
+    }
+    case FLASH_F64: {
+        double v;
+        if (c == SQLITE_NULL) return *why = "NULL", 1;
+        if (c != SQLITE_FLOAT && c != SQLITE_INTEGER) return *why = "mismatch", 1;
+        v = sqlite3_column_double(st, col);
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
+    case FLASH_STR: {
+        const char *v = NULL;
+        if (c != SQLITE_NULL) {
+            if (c != SQLITE_TEXT) return *why = "mismatch", 1;
+            v = (const char *)sqlite3_column_text(st, col);
+            if (!v) return *why = "nomem", 1;
+        }
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
+    case FLASH_BYTES: {
+        flash_bytes v = {NULL, 0};
+        if (c != SQLITE_NULL) {
+            if (c != SQLITE_BLOB && c != SQLITE_TEXT) return *why = "mismatch", 1;
+            v.data = c == SQLITE_BLOB ? sqlite3_column_blob(st, col) : (const void *)sqlite3_column_text(st, col);
+            v.len = (size_t)sqlite3_column_bytes(st, col);
+            if (!v.data) v.data = ""; /* an empty blob is not NULL */
+        }
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
+    }
+    return *why = "mismatch", 1;
+}
+
+/* A row that cannot be read: fail every key tuple it could belong to. Key
+   parts read from their columns leniently; a part that cannot be read
+   matches any key (the row matched the WHERE, so it belongs to one). */
+static void flash__sq_reject(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, int bad, const char *why) {
+    const flash_model *m = flash_fetch_model(f);
+    const flash_field *fd = &m->fields[bad];
+    size_t nk = flash_fetch_nfields(f), i, j;
+    flash_value kv[8];
+    bool wild[8];
+    char msg[384];
+    const char *table = m->opts.table ? m->opts.table : m->name;
+    int c = sqlite3_column_type(st, bad);
+    s->stats.rejected++;
+    if (strcmp(why, "NULL") == 0)
+        snprintf(msg, sizeof msg, "sqlite: %s.%s is NULL, but %s.%s is a non-null %s field", table, fd->name,
+                 m->name, fd->name, flash__sq_type_name(fd->type));
+    else if (strcmp(why, "range") == 0)
+        snprintf(msg, sizeof msg, "sqlite: %s.%s = %lld is out of range for %s.%s (I32)", table, fd->name,
+                 (long long)sqlite3_column_int64(st, bad), m->name, fd->name);
+    else
+        snprintf(msg, sizeof msg, "sqlite: %s.%s holds a %s value, but %s.%s is a %s field", table, fd->name,
+                 flash__sq_class_name(c), m->name, fd->name, flash__sq_type_name(fd->type));
+    for (j = 0; j < nk; j++) {
+        int col = flash_fetch_field(f, j);
+        const flash_field *kf = &m->fields[col];
+        char tmp[sizeof(flash_bytes) + sizeof(int64_t) + sizeof(double)];
+        const char *w;
+        flash_field shifted = *kf;
+        shifted.offset = 0;
+        wild[j] = false;
+        memset(&kv[j], 0, sizeof kv[j]);
+        if (flash__sq_read(st, col, &shifted, tmp, &w) != 0) {
+            if (strcmp(w, "NULL") == 0) kv[j] = flash_v_null(kf->type);
+            else wild[j] = true;
+            continue;
+        }
+        switch (kf->type) {
+        case FLASH_I64: { int64_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i64(x); break; }
+        case FLASH_I32: { int32_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i32(x); break; }
+        case FLASH_F64: { double x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_f64(x); break; }
+        case FLASH_BOOL: { bool x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bool(x); break; }
+        case FLASH_STR: { const char *x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_str(x); break; }
+        case FLASH_BYTES: { flash_bytes x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bytes(x); break; }
+        }
+    }
+    for (i = 0; i < flash_fetch_count(f); i++) {
+        const flash_value *key = flash_fetch_key(f, i);
+        for (j = 0; j < nk; j++)
+            if (!wild[j] && !flash_value_eq(&kv[j], &key[j])) break;
+        if (j == nk) flash_fetch_fail(f, i, FLASH_ESOURCE, msg);
+    }
+}
+
+/* Step through st, handing rows to f. 0, or FLASH_ESOURCE with err set. */
+static int flash__sq_rows(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, char *row, char *err, size_t errcap) {
+    const flash_model *m = flash_fetch_model(f);
+    int rc;
+    bool shape = true;
+    s->stats.statements++;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        size_t i;
+        int bad = -1;
+        const char *why = NULL;
+        s->stats.rows++;
+        if ((size_t)sqlite3_column_count(st) != m->nfields) {
+            shape = false;
+            break;
+        }
+        memset(row, 0, m->size);
+        for (i = 0; i < m->nfields && bad < 0; i++)
+            if (flash__sq_read(st, (int)i, &m->fields[i], row, &why) != 0) bad = (int)i;
+        if (bad >= 0 && strcmp(why, "nomem") == 0) {
+            snprintf(err, errcap, "sqlite: out of memory reading %s", m->opts.table ? m->opts.table : m->name);
+            sqlite3_reset(st);
+            return FLASH_ENOMEM;
+        }
+        if (bad >= 0) flash__sq_reject(s, f, st, bad, why);
+        else flash_fetch_row(f, row);
+    }
+    if (rc != SQLITE_DONE) {
+        snprintf(err, errcap, "sqlite: %s: %s", m->opts.table ? m->opts.table : m->name,
+                 shape ? sqlite3_errmsg(s->db) : "unexpected column count");
+        sqlite3_reset(st);
+        return FLASH_ESOURCE;
+    }
+    sqlite3_reset(st);
+    return FLASH_OK;
+}
+
+static void flash__sq_release(sqlite3_stmt *st, bool owned) {
+    if (owned) sqlite3_finalize(st);
+    else sqlite3_clear_bindings(st);
+}
+
+static void flash__sq_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
+    flash_sqlite *s = (flash_sqlite *)self;
+    const flash_model *m = flash_fetch_model(f);
+    size_t n = flash_fetch_count(f), nk = flash_fetch_nfields(f), i, j, max;
+    size_t *plain = NULL, nplain = 0;
+    char err[512];
+    char *row;
+    int rc = FLASH_OK, lim;
+    (void)ctx;
+    s->stats.fetches++;
+    err[0] = 0;
+    lim = sqlite3_limit(s->db, SQLITE_LIMIT_VARIABLE_NUMBER, -1);
+    max = s->max_keys;
+    while (max > 1 && max * nk > (size_t)(lim > 0 ? lim : 999)) max /= 2;
+    row = (char *)calloc(1, m->size ? m->size : 1);
+    plain = (size_t *)malloc((n ? n : 1) * sizeof *plain);
+    if (!row || !plain) {
+        free(row);
+        free(plain);
+        flash_fetch_done(f, FLASH_ENOMEM, NULL);
+        return;
+    }
+    /* Tuples without NULLs go through IN; the others one by one with IS. */
+    for (i = 0; i < n && rc == FLASH_OK; i++) {
+        const flash_value *key = flash_fetch_key(f, i);
+        bool has_null = false;
+        for (j = 0; j < nk; j++) has_null = has_null || key[j].is_null;
+        if (!has_null) {
+            plain[nplain++] = i;
+            continue;
+        }
+        {
+            sqlite3_stmt *st;
+            bool owned;
+            rc = flash__sq_get(s, f, 0, &st, &owned, err, sizeof err);
+            if (rc) break;
+            for (j = 0; j < nk; j++) flash__sq_bind(st, (int)j + 1, &key[j]);
+            rc = flash__sq_rows(s, f, st, row, err, sizeof err);
+            flash__sq_release(st, owned);
+        }
+    }
+    for (i = 0; i < nplain && rc == FLASH_OK; i += max) {
+        size_t chunk = nplain - i < max ? nplain - i : max, tuples = 1, t;
+        sqlite3_stmt *st;
+        bool owned;
+        while (tuples < chunk) tuples *= 2;
+        rc = flash__sq_get(s, f, tuples, &st, &owned, err, sizeof err);
+        if (rc) break;
+        for (t = 0; t < tuples; t++) { /* pad with the last tuple */
+            const flash_value *key = flash_fetch_key(f, plain[i + (t < chunk ? t : chunk - 1)]);
+            for (j = 0; j < nk; j++) flash__sq_bind(st, (int)(t * nk + j) + 1, &key[j]);
+        }
+        rc = flash__sq_rows(s, f, st, row, err, sizeof err);
+        flash__sq_release(st, owned);
+    }
+    free(row);
+    free(plain);
+    if (rc) s->stats.errors++;
+    flash_fetch_done(f, rc, rc ? err : NULL);
+}
+
+static const flash_source_vtable flash__sq_vt = {"sqlite", flash__sq_fetch, NULL};
+
+FLASH_API flash_source flash_sqlite_source(flash_sqlite *s) {
+    flash_source src;
+    src.vt = &flash__sq_vt;
+    src.self = s;
+    return src;
+}
+
+#endif /* FLASH_SQLITE_IMPLEMENTED */
+#endif /* FLASH_IMPLEMENTATION */

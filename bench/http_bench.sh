@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# bench/http_bench.sh — examples/http_server under wrk, on memcached + SQLite.
+#
+# Starts a memcached (free loopback port) and the server on a seeded SQLite
+# file in a temp dir, then runs wrk twice over GET /events/event<1..100>
+# (random slugs): first from a cold cache, then warm. For each run prints
+# wrk's requests/s and, from /stats deltas, cache round trips, cache hits and
+# source (database) calls per request. Everything is killed and removed on
+# exit.
+#
+#   bench/http_bench.sh            (builds build/examples/http_server if missing)
+#
+# Environment: HTTP_BENCH_SECONDS (default 5), HTTP_BENCH_CONNECTIONS (32),
+# HTTP_BENCH_THREADS (2), HTTP_SERVER (default build/examples/http_server).
+#
+# Expected round trips per request: 2 (event + participant list, then the
+# users), 1 for the tenth of the events with no participants: 1.9.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+SECONDS_=${HTTP_BENCH_SECONDS:-5}
+CONNS=${HTTP_BENCH_CONNECTIONS:-32}
+THREADS=${HTTP_BENCH_THREADS:-2}
+bin=${HTTP_SERVER:-$root/build/examples/http_server}
+
+fail() {
+    echo "http_bench: FAILED: $*" >&2
+    exit 1
+}
+command -v wrk >/dev/null || fail "wrk is not installed"
+command -v memcached >/dev/null || fail "memcached is not installed"
+command -v curl >/dev/null || fail "curl is not installed"
+if [ ! -x "$bin" ]; then
+    make -s -C "$root" "build/examples/http_server" >&2 || fail "could not build $bin"
+fi
+
+tmp=$(mktemp -d /tmp/flash-http-bench-XXXXXX)
+chmod 755 "$tmp"
+mc_pid=""
+srv_pid=""
+cleanup() {
+    [ -n "$srv_pid" ] && kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null || true
+    [ -n "$mc_pid" ] && kill "$mc_pid" 2>/dev/null && wait "$mc_pid" 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT INT TERM
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    local p
+    for _ in $(seq 1 50); do
+        p=$((20000 + RANDOM % 40000))
+        if port_free "$p"; then
+            echo "$p"
+            return
+        fi
+    done
+    fail "no free port"
+}
+
+mc_port=$(free_port)
+user_opt=()
+[ "$(id -u)" = 0 ] && user_opt=(-u nobody)
+memcached -l 127.0.0.1 -p "$mc_port" -U 0 -t 1 -m 64 "${user_opt[@]}" &
+mc_pid=$!
+
+http_port=$(free_port)
+"$bin" --sqlite "$tmp/bench.db" --seed --memcached "127.0.0.1:$mc_port" --port "$http_port" >"$tmp/server.log" 2>&1 &
+srv_pid=$!
+for _ in $(seq 1 300); do
+    curl -s -o /dev/null "http://127.0.0.1:$http_port/stats" && break
+    kill -0 "$srv_pid" 2>/dev/null || fail "http_server exited: $(cat "$tmp/server.log")"
+    sleep 0.01
+done
+curl -s -o /dev/null "http://127.0.0.1:$http_port/stats" || fail "http_server does not answer"
+
+cat >"$tmp/slugs.lua" <<'EOF'
+request = function()
+    return wrk.format("GET", "/events/event" .. math.random(1, 100))
+end
+EOF
+
+stat() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p" <<<"$2"; }
+
+printf 'flash http_server: memcached + SQLite, wrk -t%s -c%s -d%ss, GET /events/event<1..100>\n\n' \
+    "$THREADS" "$CONNS" "$SECONDS_"
+printf '%-8s %12s %16s %14s %16s %8s\n' run requests/s "round trips/req" "cache hits/req" "source calls/req" non-200
+for run in cold warm; do
+    before=$(curl -s "http://127.0.0.1:$http_port/stats")
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECONDS_}s" -s "$tmp/slugs.lua" "http://127.0.0.1:$http_port/")
+    after=$(curl -s "http://127.0.0.1:$http_port/stats")
+    rps=$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' <<<"$out")
+    [ -n "$rps" ] || fail "wrk: $out"
+    n=$(($(stat event_requests "$after") - $(stat event_requests "$before")))
+    ok=$(($(stat 200 "$after") - $(stat 200 "$before")))
+    rt=$(($(stat cache_round_trips "$after") - $(stat cache_round_trips "$before")))
+    hits=$(($(stat cache_hits "$after") - $(stat cache_hits "$before")))
+    src=$(($(stat source_calls "$after") - $(stat source_calls "$before")))
+    [ "$n" -gt 0 ] || fail "no requests counted"
+    awk -v run="$run" -v rps="$rps" -v n="$n" -v rt="$rt" -v hits="$hits" -v src="$src" -v bad=$((n - ok)) \
+        'BEGIN { printf "%-8s %12.0f %16.3f %14.2f %16.4f %8d\n", run, rps, rt / n, hits / n, src / n, bad }'
+done
+echo
+echo "(2 round trips per request with participants: event + list, then users; 1 without: 1.9 expected)"
