@@ -570,6 +570,8 @@ FLASH_API flash_value flash_v_strn(const char *s, size_t n);
 FLASH_API flash_value flash_v_bytes(flash_bytes b);
 FLASH_API flash_value flash_v_null(flash_type type);
 FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field);
+/* The value of a field of type `type` stored at p (p: a struct member). */
+FLASH_API flash_value flash_field_value(flash_type type, const void *p);
 FLASH_API bool flash_value_eq(const flash_value *a, const flash_value *b);
 
 /* Rows: deep copy into the arena, and the compact binary codec. */
@@ -813,8 +815,16 @@ FLASH_API int flash_fetch_set_row(flash_fetch *f, size_t i, const void *row); /*
 FLASH_API int flash_fetch_set_count(flash_fetch *f, size_t i, int64_t count);
 FLASH_API int flash_fetch_add_id(flash_fetch *f, size_t i, int64_t id);
 FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message);
+/* Fail every key tuple whose parts equal parts[] (parts[j] ignored where
+   any[j]; any may be NULL): for a row that matched but cannot be read.
+   Returns how many keys failed. */
+FLASH_API int flash_fetch_fail_where(flash_fetch *f, const flash_value *parts, const bool *any, int code,
+                                     const char *message);
 /* Finish: status 0 settles every key from what was given (no row: not
-   found / empty); non-zero fails the keys not yet answered with it. */
+   found / empty); non-zero fails the keys not yet answered with it.
+   Key values (flash_fetch_key) live until then: a source answering later
+   reads them before, or copies them. The class (flash_fetch_class(f)->kind)
+   tells whether one row, a list, a count or ids is wanted. */
 FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message);
 
 /* ==== 9. invalidation ======================================================= */
@@ -2875,12 +2885,17 @@ FLASH_API flash_value flash_v_null(flash_type type) {
 }
 
 FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field) {
-    const char *p;
     flash_value v;
     memset(&v, 0, sizeof v);
     if (!m || !row || field < 0 || (size_t)field >= m->nfields) return v;
-    p = (const char *)row + m->fields[field].offset;
-    switch (m->fields[field].type) {
+    return flash_field_value(m->fields[field].type, (const char *)row + m->fields[field].offset);
+}
+
+FLASH_API flash_value flash_field_value(flash_type type, const void *p) {
+    flash_value v;
+    memset(&v, 0, sizeof v);
+    if (!p) return v;
+    switch (type) {
     case FLASH_I64: {
         int64_t x;
         memcpy(&x, p, sizeof x);
@@ -3998,6 +4013,21 @@ FLASH_API int flash_fetch_add_id(flash_fetch *f, size_t i, int64_t id) {
     f->rows_tail[i] = r;
     f->nrows[i]++;
     return FLASH_OK;
+}
+
+FLASH_API int flash_fetch_fail_where(flash_fetch *f, const flash_value *parts, const bool *any, int code,
+                                     const char *message) {
+    size_t i, j, n = 0;
+    int rc = flash__fetch_check(f);
+    if (rc) return rc;
+    if (!parts) return FLASH_EINVAL;
+    for (i = 0; i < f->count; i++) {
+        const flash_value *key = f->eb->qs[f->index[i]]->values;
+        for (j = 0; j < f->cls->nfields; j++)
+            if (!(any && any[j]) && !flash_value_eq(&parts[j], &key[j])) break;
+        if (j == f->cls->nfields && flash_fetch_fail(f, i, code, message) == FLASH_OK) n++;
+    }
+    return (int)n;
 }
 
 FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message) {

@@ -908,7 +908,7 @@ static int flash__pg_read(const PGresult *res, int r, int col, const flash_field
 static void flash__pg_reject(flash_pg *pg, flash_fetch *f, const PGresult *res, int r, int bad, const char *why) {
     const flash_model *m = flash_fetch_model(f);
     const flash_field *fd = &m->fields[bad];
-    size_t nk = flash_fetch_nfields(f), i, j;
+    size_t nk = flash_fetch_nfields(f), j;
     flash_value kv[8];
     bool wild[8];
     void *kept[8] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
@@ -937,22 +937,10 @@ static void flash__pg_reject(flash_pg *pg, flash_fetch *f, const PGresult *res, 
             else wild[j] = true;
             continue;
         }
-        switch (kf.type) {
-        case FLASH_I64: { int64_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i64(x); break; }
-        case FLASH_I32: { int32_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i32(x); break; }
-        case FLASH_F64: { double x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_f64(x); break; }
-        case FLASH_BOOL: { bool x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bool(x); break; }
-        case FLASH_STR: { const char *x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_str(x); break; }
-        case FLASH_BYTES: { flash_bytes x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bytes(x); break; }
-        }
+        kv[j] = flash_field_value(kf.type, tmp);
         kept[j] = owned; /* freed after the matching */
     }
-    for (i = 0; i < flash_fetch_count(f); i++) {
-        const flash_value *key = flash_fetch_key(f, i);
-        for (j = 0; j < nk; j++)
-            if (!wild[j] && !flash_value_eq(&kv[j], &key[j])) break;
-        if (j == nk) flash_fetch_fail(f, i, FLASH_ESOURCE, msg);
-    }
+    flash_fetch_fail_where(f, kv, wild, FLASH_ESOURCE, msg);
     for (j = 0; j < nk; j++) free(kept[j]);
 }
 

@@ -373,7 +373,7 @@ static int flash__sq_read(sqlite3_stmt *st, int col, const flash_field *fd, char
 static void flash__sq_reject(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, int bad, const char *why) {
     const flash_model *m = flash_fetch_model(f);
     const flash_field *fd = &m->fields[bad];
-    size_t nk = flash_fetch_nfields(f), i, j;
+    size_t nk = flash_fetch_nfields(f), j;
     flash_value kv[8];
     bool wild[8];
     char msg[384];
@@ -403,21 +403,9 @@ static void flash__sq_reject(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, 
             else wild[j] = true;
             continue;
         }
-        switch (kf->type) {
-        case FLASH_I64: { int64_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i64(x); break; }
-        case FLASH_I32: { int32_t x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_i32(x); break; }
-        case FLASH_F64: { double x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_f64(x); break; }
-        case FLASH_BOOL: { bool x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bool(x); break; }
-        case FLASH_STR: { const char *x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_str(x); break; }
-        case FLASH_BYTES: { flash_bytes x; memcpy(&x, tmp, sizeof x); kv[j] = flash_v_bytes(x); break; }
-        }
+        kv[j] = flash_field_value(kf->type, tmp);
     }
-    for (i = 0; i < flash_fetch_count(f); i++) {
-        const flash_value *key = flash_fetch_key(f, i);
-        for (j = 0; j < nk; j++)
-            if (!wild[j] && !flash_value_eq(&kv[j], &key[j])) break;
-        if (j == nk) flash_fetch_fail(f, i, FLASH_ESOURCE, msg);
-    }
+    flash_fetch_fail_where(f, kv, wild, FLASH_ESOURCE, msg);
 }
 
 /* Step through st, handing rows to f. 0, or FLASH_ESOURCE with err set. */
