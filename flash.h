@@ -1523,10 +1523,21 @@ static void flash__work_add(flash_ctx *ctx, flash_promise *p, const flash__cb *c
 static void flash__settle(flash_ctx *ctx, flash_promise *p) {
     flash__cb first, *more, *rev = NULL;
     if (!p->first.fn.pub && !p->has_more) return;
-    if (!p->has_more && !p->first.is_inline) { /* the common user case */
-        flash__task_push(ctx, p, NULL);
-        if (!ctx->depth) flash__schedule_drain(ctx);
-        return;
+    if (!p->has_more) {
+        if (!p->first.is_inline) { /* the common user case */
+            flash__task_push(ctx, p, NULL);
+            if (!ctx->depth) flash__schedule_drain(ctx);
+            return;
+        }
+        if (!ctx->working) { /* one internal callback: run it at once */
+            first = p->first;
+            p->first.fn.pub = NULL;
+            ctx->working = true; /* settles it causes go to the work list */
+            first.fn.priv(ctx, p, first.arg, first.idx);
+            ctx->working = false;
+            flash__work_run(ctx);
+            return;
+        }
     }
     first = p->first;
     more = p->has_more ? p->first.next : NULL;
@@ -1550,9 +1561,17 @@ static void flash__settle(flash_ctx *ctx, flash_promise *p) {
     for (more = rev; more; more = more->next)
         if (!more->is_inline) flash__task_push(ctx, p, more);
     if (!ctx->depth && ctx->task_head < ctx->task_tail) flash__schedule_drain(ctx);
-    if (first.is_inline) flash__work_add(ctx, p, &first);
+    if (ctx->working) { /* inside another settle's internal callbacks: later */
+        if (first.is_inline) flash__work_add(ctx, p, &first);
+        for (more = rev; more; more = more->next)
+            if (more->is_inline) flash__work_add(ctx, p, more);
+        return;
+    }
+    ctx->working = true;
+    if (first.is_inline) first.fn.priv(ctx, p, first.arg, first.idx);
     for (more = rev; more; more = more->next)
-        if (more->is_inline) flash__work_add(ctx, p, more);
+        if (more->is_inline) more->fn.priv(ctx, p, more->arg, more->idx);
+    ctx->working = false;
     flash__work_run(ctx);
 }
 
@@ -1833,6 +1852,13 @@ static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise 
             flash__gather_cb(ctx, &stand_in, g, i);
         } else if (p->state != FLASH_PENDING) {
             flash__gather_cb(ctx, p, g, i); /* settled already: record it now */
+        } else if (!p->first.fn.pub && !p->has_more) {
+            /* The usual case: the gather is the promise's only waiter. */
+            p->first.fn.priv = flash__gather_cb;
+            p->first.is_priv = 1;
+            p->first.is_inline = 1;
+            p->first.arg = g;
+            p->first.idx = (uint32_t)i;
         } else if (flash__add_cb(ctx, p, NULL, flash__gather_cb, g, (uint32_t)i, true) != FLASH_OK) {
             flash_promise oom;
             flash__promise_init(&oom);
