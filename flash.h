@@ -94,6 +94,19 @@ enum {
 };
 FLASH_API const char *flash_strerror(int code);
 
+/* A growing NUL-terminated string in malloc'd memory, for adapters that
+   build text outliving a request (SQL statements, protocol lines, replies).
+   Zero-initialise; oom sticks once an allocation failed. */
+typedef struct flash_strbuf {
+    char *data; /* NULL until something was put */
+    size_t len, cap;
+    bool oom;
+} flash_strbuf;
+FLASH_API void flash_strbuf_put(flash_strbuf *b, const void *s, size_t n);
+FLASH_API void flash_strbuf_puts(flash_strbuf *b, const char *s);
+FLASH_API void flash_strbuf_printf(flash_strbuf *b, const char *fmt, ...) FLASH__PRINTF(2, 3);
+FLASH_API void flash_strbuf_free(flash_strbuf *b);
+
 typedef struct flash_allocator {
     void *(*alloc)(size_t size, void *user_data); /* default: malloc */
     void (*free)(void *ptr, void *user_data);     /* default: free */
@@ -569,6 +582,7 @@ FLASH_API flash_value flash_v_str(const char *s);          /* NULL: SQL NULL */
 FLASH_API flash_value flash_v_strn(const char *s, size_t n);
 FLASH_API flash_value flash_v_bytes(flash_bytes b);
 FLASH_API flash_value flash_v_null(flash_type type);
+FLASH_API const char *flash_type_name(flash_type type); /* "I64", "STR", ... */
 FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field);
 /* The value of a field of type `type` stored at p (p: a struct member). */
 FLASH_API flash_value flash_field_value(flash_type type, const void *p);
@@ -921,6 +935,64 @@ FLASH_API const char *flash_strerror(int code) {
     case FLASH_EUNSUPPORTED: return "not supported";
     default: return "unknown error";
     }
+}
+
+/* Room for n more bytes and the NUL. */
+static bool flash__strbuf_reserve(flash_strbuf *b, size_t n) {
+    size_t cap;
+    char *p;
+    if (b->oom) return false;
+    if (b->cap - b->len > n) return true;
+    cap = b->cap ? b->cap : 128;
+    while (cap - b->len <= n) {
+        if (cap > SIZE_MAX / 2) {
+            b->oom = true;
+            return false;
+        }
+        cap *= 2;
+    }
+    p = (char *)realloc(b->data, cap);
+    if (!p) {
+        b->oom = true;
+        return false;
+    }
+    b->data = p;
+    b->cap = cap;
+    return true;
+}
+
+FLASH_API void flash_strbuf_put(flash_strbuf *b, const void *s, size_t n) {
+    if (!b || !flash__strbuf_reserve(b, n)) return;
+    if (n) memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = 0;
+}
+
+FLASH_API void flash_strbuf_puts(flash_strbuf *b, const char *s) {
+    if (s) flash_strbuf_put(b, s, strlen(s));
+}
+
+FLASH_API void flash_strbuf_printf(flash_strbuf *b, const char *fmt, ...) {
+    va_list ap;
+    int n;
+    if (!b || !fmt) return;
+    va_start(ap, fmt);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0) b->oom = true;
+    if (n < 0 || !flash__strbuf_reserve(b, (size_t)n)) return;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+FLASH_API void flash_strbuf_free(flash_strbuf *b) {
+    if (!b) return;
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+    b->oom = false;
 }
 
 static void *flash__default_alloc(size_t size, void *ud) { (void)ud; return malloc(size); }
@@ -3277,7 +3349,7 @@ static void flash__buf_escape(flash__buf *b, const char *s, size_t n) {
     }
 }
 
-static const char *flash__type_name(flash_type t) {
+FLASH_API const char *flash_type_name(flash_type t) {
     switch (t) {
     case FLASH_I64: return "I64";
     case FLASH_I32: return "I32";
@@ -3302,7 +3374,7 @@ static int flash__check_values(flash_ctx *ctx, const flash_class *c, const flash
         const flash_field *f = &c->model->fields[c->fields[i]];
         if (v[i].type != f->type) {
             *message = flash_sprintf(ctx, "%s: key field '%s' is %s, got %s", c->name, f->name,
-                                     flash__type_name(f->type), flash__type_name(v[i].type));
+                                     flash_type_name(f->type), flash_type_name(v[i].type));
             return FLASH_EINVAL;
         }
         if (v[i].type == FLASH_STR && !v[i].is_null) {

@@ -61,59 +61,26 @@ FLASH_INSTANCE_CACHE(EventCacheOnSlug, Event, (slug))
 FLASH_MODEL_OPT(Participant, PARTICIPANT_FIELDS, .table = "event_participants")
 FLASH_LIST_CACHE(EventParticipants, Participant, (event_slug))
 
-/* ---- a growable buffer ---- */
+/* ---- replies are built in a flash_strbuf ---- */
 
-typedef struct buf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} buf;
-
-static void put(buf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (cap < b->len + n + 1) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-static void puts_(buf *b, const char *s) { put(b, s, strlen(s)); }
-static void putf(buf *b, const char *fmt, ...) FLASH__PRINTF(2, 3);
-static void putf(buf *b, const char *fmt, ...) {
-    char tmp[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n > 0) put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
-}
-static void put_json_str(buf *b, const char *s) {
+static void put_json_str(flash_strbuf *b, const char *s) {
     if (!s) {
-        puts_(b, "null");
+        flash_strbuf_puts(b, "null");
         return;
     }
-    put(b, "\"", 1);
+    flash_strbuf_put(b, "\"", 1);
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
         if (c == '"' || c == '\\') {
             char e[2] = {'\\', (char)c};
-            put(b, e, 2);
+            flash_strbuf_put(b, e, 2);
         } else if (c < 0x20) {
-            putf(b, "\\u%04x", c);
+            flash_strbuf_printf(b, "\\u%04x", c);
         } else {
-            put(b, s, 1);
+            flash_strbuf_put(b, s, 1);
         }
     }
-    put(b, "\"", 1);
+    flash_strbuf_put(b, "\"", 1);
 }
 
 /* ---- server state ---- */
@@ -233,25 +200,25 @@ static void respond(client *c, int status, const char *body, size_t len) {
         c->busy = false;
         return;
     }
-    buf b = {0};
-    putf(&b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\nConnection: %s\r\n\r\n",
+    flash_strbuf b = {0};
+    flash_strbuf_printf(&b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\nConnection: %s\r\n\r\n",
          status, reason(status), len, c->keepalive ? "keep-alive" : "close");
-    put(&b, body, len);
+    flash_strbuf_put(&b, body, len);
     wreq *r = calloc(1, sizeof *r);
     if (b.oom || !r) {
-        free(b.p);
+        free(b.data);
         free(r);
         c->busy = false;
         client_close(c);
         return;
     }
     r->c = c;
-    r->data = b.p;
+    r->data = b.data;
     r->w.data = r;
     c->refs++;
-    uv_buf_t ub = uv_buf_init(b.p, (unsigned)b.len);
+    uv_buf_t ub = uv_buf_init(b.data, (unsigned)b.len);
     if (uv_write(&r->w, (uv_stream_t *)&c->tcp, &ub, 1, on_written) != 0) {
-        free(b.p);
+        free(b.data);
         free(r);
         c->refs--;
         c->busy = false;
@@ -260,17 +227,17 @@ static void respond(client *c, int status, const char *body, size_t len) {
 }
 
 static void respond_error(client *c, int status, const char *error, const char *detail) {
-    buf b = {0};
-    puts_(&b, "{\"error\":");
+    flash_strbuf b = {0};
+    flash_strbuf_puts(&b, "{\"error\":");
     put_json_str(&b, error);
     if (detail && *detail) {
-        puts_(&b, ",\"detail\":");
+        flash_strbuf_puts(&b, ",\"detail\":");
         put_json_str(&b, detail);
     }
-    puts_(&b, "}");
+    flash_strbuf_puts(&b, "}");
     if (status == 400 || status == 405 || status == 431) counters.bad++;
-    respond(c, status, b.oom ? "{}" : b.p, b.oom ? 2 : b.len);
-    free(b.p);
+    respond(c, status, b.oom ? "{}" : b.data, b.oom ? 2 : b.len);
+    free(b.data);
 }
 
 /* ---- GET /events/<slug> ---- */
@@ -283,29 +250,29 @@ static int by_id(const void *a, const void *b) {
 
 /* Step 3: the event, its participants' users: the JSON document. */
 static flash_promise *render(flash_ctx *ctx, const Event *e, User **users, size_t n) {
-    buf b = {0};
+    flash_strbuf b = {0};
     size_t i, shown = 0;
     if (n) qsort(users, n, sizeof *users, by_id);
-    putf(&b, "{\"event\":{\"id\":%lld,\"slug\":", (long long)e->id);
+    flash_strbuf_printf(&b, "{\"event\":{\"id\":%lld,\"slug\":", (long long)e->id);
     put_json_str(&b, e->slug);
-    puts_(&b, ",\"title\":");
+    flash_strbuf_puts(&b, ",\"title\":");
     put_json_str(&b, e->title);
-    puts_(&b, "},\"participants\":[");
+    flash_strbuf_puts(&b, "},\"participants\":[");
     for (i = 0; i < n; i++) {
         if (!users[i]) continue; /* a participant whose user is gone */
-        putf(&b, "%s{\"id\":%lld,\"username\":", shown++ ? "," : "", (long long)users[i]->id);
+        flash_strbuf_printf(&b, "%s{\"id\":%lld,\"username\":", shown++ ? "," : "", (long long)users[i]->id);
         put_json_str(&b, users[i]->username);
-        puts_(&b, ",\"first_name\":");
+        flash_strbuf_puts(&b, ",\"first_name\":");
         put_json_str(&b, users[i]->first_name);
-        puts_(&b, "}");
+        flash_strbuf_puts(&b, "}");
     }
-    puts_(&b, "]}");
+    flash_strbuf_puts(&b, "]}");
     if (b.oom) {
-        free(b.p);
+        free(b.data);
         return flash_rejected(ctx, FLASH_ENOMEM, NULL);
     }
-    char *json = flash_strdup(ctx, b.p);
-    free(b.p);
+    char *json = flash_strdup(ctx, b.data);
+    free(b.data);
     return json ? flash_fulfilled(ctx, json) : flash_rejected(ctx, FLASH_ENOMEM, NULL);
 }
 
@@ -414,24 +381,24 @@ static void serve_stats(client *c) {
         t.source_rows += s.source_rows, t.fills += s.fills, t.fills_skipped += s.fills_skipped;
     }
     uint64_t events = counters.ok + counters.not_found + counters.unavailable + counters.failed;
-    buf b = {0};
-    putf(&b, "{\"requests\":%llu,\"event_requests\":%llu,", (unsigned long long)counters.requests,
+    flash_strbuf b = {0};
+    flash_strbuf_printf(&b, "{\"requests\":%llu,\"event_requests\":%llu,", (unsigned long long)counters.requests,
          (unsigned long long)events);
-    putf(&b, "\"status\":{\"200\":%llu,\"404\":%llu,\"4xx\":%llu,\"503\":%llu,\"500\":%llu},",
+    flash_strbuf_printf(&b, "\"status\":{\"200\":%llu,\"404\":%llu,\"4xx\":%llu,\"503\":%llu,\"500\":%llu},",
          (unsigned long long)counters.ok, (unsigned long long)counters.not_found, (unsigned long long)counters.bad,
          (unsigned long long)counters.unavailable, (unsigned long long)counters.failed);
-    putf(&b, "\"cache_round_trips\":%llu,\"cache_round_trips_per_request\":%.3f,",
+    flash_strbuf_printf(&b, "\"cache_round_trips\":%llu,\"cache_round_trips_per_request\":%.3f,",
          (unsigned long long)t.cache_round_trips, events ? (double)t.cache_round_trips / (double)events : 0.0);
-    putf(&b, "\"cache_keys\":%llu,\"cache_hits\":%llu,\"cache_misses\":%llu,\"cache_errors\":%llu,",
+    flash_strbuf_printf(&b, "\"cache_keys\":%llu,\"cache_hits\":%llu,\"cache_misses\":%llu,\"cache_errors\":%llu,",
          (unsigned long long)t.cache_keys, (unsigned long long)t.cache_hits, (unsigned long long)t.cache_misses,
          (unsigned long long)t.cache_errors);
-    putf(&b, "\"source_calls\":%llu,\"source_keys\":%llu,\"source_rows\":%llu,\"fills\":%llu,",
+    flash_strbuf_printf(&b, "\"source_calls\":%llu,\"source_keys\":%llu,\"source_rows\":%llu,\"fills\":%llu,",
          (unsigned long long)t.source_calls, (unsigned long long)t.source_keys, (unsigned long long)t.source_rows,
          (unsigned long long)t.fills);
-    putf(&b, "\"loads\":%llu,\"memo_hits\":%llu,\"contexts\":%zu,\"cache\":\"%s\",\"source\":\"%s\"}",
+    flash_strbuf_printf(&b, "\"loads\":%llu,\"memo_hits\":%llu,\"contexts\":%zu,\"cache\":\"%s\",\"source\":\"%s\"}",
          (unsigned long long)t.loads, (unsigned long long)t.memo_hits, npool, cache.vt->name, source.vt->name);
-    respond(c, 200, b.oom ? "{}" : b.p, b.oom ? 2 : b.len);
-    free(b.p);
+    respond(c, 200, b.oom ? "{}" : b.data, b.oom ? 2 : b.len);
+    free(b.data);
 }
 
 /* ---- HTTP/1.1 parsing ---- */
@@ -574,9 +541,9 @@ static const char *const first_names[] = {"Ada", "Alan", "Grace", "Edsger", "Bar
 /* Users 1..1000, events 1..100 (slug event<i>), event e has (e % 10) * 3
    participants (none for event10, event20, ...), and the view. */
 static char *seed_sql(bool postgres) {
-    buf b = {0};
-    if (postgres) puts_(&b, "SET client_min_messages = warning;");
-    puts_(&b, "DROP VIEW IF EXISTS event_participants; DROP TABLE IF EXISTS participants;"
+    flash_strbuf b = {0};
+    if (postgres) flash_strbuf_puts(&b, "SET client_min_messages = warning;");
+    flash_strbuf_puts(&b, "DROP VIEW IF EXISTS event_participants; DROP TABLE IF EXISTS participants;"
               "DROP TABLE IF EXISTS events; DROP TABLE IF EXISTS users;"
               "CREATE TABLE users (id BIGINT PRIMARY KEY, username TEXT NOT NULL UNIQUE, first_name TEXT);"
               "CREATE TABLE events (id BIGINT PRIMARY KEY, slug TEXT NOT NULL UNIQUE, title TEXT NOT NULL);"
@@ -584,25 +551,25 @@ static char *seed_sql(bool postgres) {
               "CREATE INDEX participants_event ON participants (event);"
               "CREATE VIEW event_participants AS SELECT p.id, p.\"user\", p.event, e.slug AS event_slug"
               " FROM participants p JOIN events e ON e.id = p.event;");
-    puts_(&b, "BEGIN;");
-    puts_(&b, "INSERT INTO users VALUES ");
+    flash_strbuf_puts(&b, "BEGIN;");
+    flash_strbuf_puts(&b, "INSERT INTO users VALUES ");
     for (int i = 1; i <= 1000; i++)
-        putf(&b, "%s(%d,'user%d','%s')", i > 1 ? "," : "", i, i, first_names[i % 8]);
-    puts_(&b, "; INSERT INTO events VALUES ");
-    for (int i = 1; i <= 100; i++) putf(&b, "%s(%d,'event%d','Event %d')", i > 1 ? "," : "", i, i, i);
-    puts_(&b, "; INSERT INTO participants VALUES ");
+        flash_strbuf_printf(&b, "%s(%d,'user%d','%s')", i > 1 ? "," : "", i, i, first_names[i % 8]);
+    flash_strbuf_puts(&b, "; INSERT INTO events VALUES ");
+    for (int i = 1; i <= 100; i++) flash_strbuf_printf(&b, "%s(%d,'event%d','Event %d')", i > 1 ? "," : "", i, i, i);
+    flash_strbuf_puts(&b, "; INSERT INTO participants VALUES ");
     int id = 0;
     for (int e = 1; e <= 100; e++)
         for (int k = 0; k < (e % 10) * 3; k++) {
             id++;
-            putf(&b, "%s(%d,%d,%d)", id > 1 ? "," : "", id, (e * 7 + k * 13) % 1000 + 1, e);
+            flash_strbuf_printf(&b, "%s(%d,%d,%d)", id > 1 ? "," : "", id, (e * 7 + k * 13) % 1000 + 1, e);
         }
-    puts_(&b, "; COMMIT;");
+    flash_strbuf_puts(&b, "; COMMIT;");
     if (b.oom) {
-        free(b.p);
+        free(b.data);
         return NULL;
     }
-    return b.p;
+    return b.data;
 }
 
 static int seed_sqlite(void) {

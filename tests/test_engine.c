@@ -16,14 +16,6 @@
 #endif
 #undef FLASH_TEST
 #define FLASH_TEST(suite, name) FLASH_TEST_IN(ENGINE_SUITE, name)
-#define FLASH_TEST_IN(suite, name) FLASH_TEST_IN_(suite, name)
-#define FLASH_TEST_IN_(suite, name)                                          \
-    static void flash_test_body_##suite##_##name(void);                      \
-    Test(suite, name) {                                                      \
-        flash_test_body_##suite##_##name();                                  \
-        flash_test_check_leaks();                                            \
-    }                                                                        \
-    static void flash_test_body_##suite##_##name(void)
 
 static void setup(void) {
     fixture_use.loop = ENGINE_LOOP;

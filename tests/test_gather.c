@@ -10,19 +10,7 @@
 #include "flash.h"
 #include "harness.h"
 
-/* Watchdog: a test that spins (a bug) crashes after 20 s instead of hanging
-   the run (Criterion's own .timeout can hang the runner, Snaipe/Criterion#345). */
-static void flash_watchdog_fired(int sig) {
-    static const char m[] = "watchdog: test still running after 20 s, aborting\n";
-    (void)sig;
-    (void)!write(2, m, sizeof m - 1);
-    abort();
-}
-static void flash_watchdog_arm(void) {
-    signal(SIGALRM, flash_watchdog_fired);
-    alarm(20);
-}
-TestSuite(gather, .init = flash_watchdog_arm);
+TestSuite(gather, .init = flash_test_watchdog);
 
 #define IV(n) ((void *)(intptr_t)(n))
 #define VI(p) ((int)(intptr_t)(p))

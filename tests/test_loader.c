@@ -13,18 +13,6 @@
 #include "backends/loop/poll.h"
 #include "harness.h"
 
-/* Watchdog: a test that spins (a bug) crashes after 20 s instead of hanging
-   the run (Criterion's own .timeout can hang the runner, Snaipe/Criterion#345). */
-static void flash_watchdog_fired(int sig) {
-    static const char m[] = "watchdog: test still running after 20 s, aborting\n";
-    (void)sig;
-    (void)!write(2, m, sizeof m - 1);
-    abort();
-}
-static void flash_watchdog_arm(void) {
-    signal(SIGALRM, flash_watchdog_fired);
-    alarm(20);
-}
 /* This file is also compiled as the same suite on each loop adapter
    (tests/test_loader_*.c define LOADER_SUITE and LOADER_LOOP first): every
    context a test creates is then attached to a new loop of that kind. */
@@ -32,16 +20,8 @@ static void flash_watchdog_arm(void) {
 #define LOADER_SUITE loader
 #endif
 #undef FLASH_TEST
-#define FLASH_TEST(suite, name) LOADER_TEST_IN(LOADER_SUITE, name)
-#define LOADER_TEST_IN(suite, name) LOADER_TEST_IN_(suite, name)
-#define LOADER_TEST_IN_(suite, name)                                         \
-    static void flash_test_body_##suite##_##name(void);                      \
-    Test(suite, name) {                                                      \
-        flash_test_body_##suite##_##name();                                  \
-        flash_test_check_leaks();                                            \
-    }                                                                        \
-    static void flash_test_body_##suite##_##name(void)
-TestSuite(LOADER_SUITE, .init = flash_watchdog_arm);
+#define FLASH_TEST(suite, name) FLASH_TEST_IN(LOADER_SUITE, name)
+TestSuite(LOADER_SUITE, .init = flash_test_watchdog);
 
 /* A context on its own (tests that attach a poll loop themselves). */
 static flash_ctx *plain_ctx(void) { return (flash_ctx_create)(NULL); }

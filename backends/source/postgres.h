@@ -221,56 +221,19 @@ struct flash_pg {
 
 /* ---- small helpers ---- */
 
-typedef struct flash__pg_buf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} flash__pg_buf;
 
-static void flash__pg_put(flash__pg_buf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 128;
-        char *p;
-        while (cap < b->len + n + 1) cap *= 2;
-        p = (char *)realloc(b->p, cap);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-static void flash__pg_puts(flash__pg_buf *b, const char *s) { flash__pg_put(b, s, strlen(s)); }
-
-static void flash__pg_ident(flash__pg_buf *b, const char *name, bool dotted) {
+static void flash__pg_ident(flash_strbuf *b, const char *name, bool dotted) {
     const char *p;
-    flash__pg_put(b, "\"", 1);
+    flash_strbuf_put(b, "\"", 1);
     for (p = name; *p; p++) {
-        if (*p == '"') flash__pg_put(b, "\"\"", 2);
-        else if (*p == '.' && dotted) flash__pg_put(b, "\".\"", 3);
-        else flash__pg_put(b, p, 1);
+        if (*p == '"') flash_strbuf_put(b, "\"\"", 2);
+        else if (*p == '.' && dotted) flash_strbuf_put(b, "\".\"", 3);
+        else flash_strbuf_put(b, p, 1);
     }
-    flash__pg_put(b, "\"", 1);
+    flash_strbuf_put(b, "\"", 1);
 }
 
 static const char *flash__pg_table(const flash_model *m) { return m->opts.table ? m->opts.table : m->name; }
-
-static const char *flash__pg_type_name(flash_type t) {
-    switch (t) {
-    case FLASH_I64: return "I64";
-    case FLASH_I32: return "I32";
-    case FLASH_F64: return "F64";
-    case FLASH_BOOL: return "BOOL";
-    case FLASH_STR: return "STR";
-    case FLASH_BYTES: return "BYTES";
-    }
-    return "?";
-}
 
 static const char *flash__pg_array_type(flash_type t) {
     switch (t) {
@@ -334,46 +297,46 @@ static void flash__pg_msg(char *out, size_t cap, const char *prefix, const char 
 
 /* ---- array parameters ---- */
 
-static void flash__pg_elem(flash__pg_buf *b, const flash_value *v) {
+static void flash__pg_elem(flash_strbuf *b, const flash_value *v) {
     char tmp[64];
     static const char hex[] = "0123456789abcdef";
     size_t i;
     if (v->is_null) {
-        flash__pg_puts(b, "NULL");
+        flash_strbuf_puts(b, "NULL");
         return;
     }
     switch (v->type) {
-    case FLASH_I64: snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i64); flash__pg_puts(b, tmp); return;
-    case FLASH_I32: snprintf(tmp, sizeof tmp, "%ld", (long)v->u.i32); flash__pg_puts(b, tmp); return;
-    case FLASH_BOOL: flash__pg_puts(b, v->u.b ? "t" : "f"); return;
+    case FLASH_I64: snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i64); flash_strbuf_puts(b, tmp); return;
+    case FLASH_I32: snprintf(tmp, sizeof tmp, "%ld", (long)v->u.i32); flash_strbuf_puts(b, tmp); return;
+    case FLASH_BOOL: flash_strbuf_puts(b, v->u.b ? "t" : "f"); return;
     case FLASH_F64:
-        if (v->u.f64 != v->u.f64) flash__pg_puts(b, "NaN");
-        else if (v->u.f64 > DBL_MAX) flash__pg_puts(b, "Infinity");
-        else if (v->u.f64 < -DBL_MAX) flash__pg_puts(b, "-Infinity");
+        if (v->u.f64 != v->u.f64) flash_strbuf_puts(b, "NaN");
+        else if (v->u.f64 > DBL_MAX) flash_strbuf_puts(b, "Infinity");
+        else if (v->u.f64 < -DBL_MAX) flash_strbuf_puts(b, "-Infinity");
         else {
             snprintf(tmp, sizeof tmp, "%.17g", v->u.f64);
-            flash__pg_puts(b, tmp);
+            flash_strbuf_puts(b, tmp);
         }
         return;
     case FLASH_STR: /* "..." with \ and " escaped: the array literal's quoting */
-        flash__pg_put(b, "\"", 1);
+        flash_strbuf_put(b, "\"", 1);
         for (i = 0; i < v->u.s.len; i++) {
             char c = v->u.s.ptr[i];
-            if (c == '"' || c == '\\') flash__pg_put(b, "\\", 1);
-            flash__pg_put(b, &c, 1);
+            if (c == '"' || c == '\\') flash_strbuf_put(b, "\\", 1);
+            flash_strbuf_put(b, &c, 1);
         }
-        flash__pg_put(b, "\"", 1);
+        flash_strbuf_put(b, "\"", 1);
         return;
     case FLASH_BYTES: /* "\\x0102": bytea's hex input, its backslash escaped */
-        flash__pg_puts(b, "\"\\\\x");
+        flash_strbuf_puts(b, "\"\\\\x");
         for (i = 0; i < v->u.s.len; i++) {
             unsigned char c = (unsigned char)v->u.s.ptr[i];
             char h[2];
             h[0] = hex[c >> 4];
             h[1] = hex[c & 15];
-            flash__pg_put(b, h, 2);
+            flash_strbuf_put(b, h, 2);
         }
-        flash__pg_put(b, "\"", 1);
+        flash_strbuf_put(b, "\"", 1);
         return;
     }
 }
@@ -384,7 +347,7 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
     const flash_model *m = flash_fetch_model(f);
     size_t nk = flash_fetch_nfields(f), i, j;
     flash__pg_stmt *st;
-    flash__pg_buf b;
+    flash_strbuf b;
     for (i = 0; i < pg->nstmts; i++) {
         st = &pg->stmts[i];
         if (st->model != m || st->nkeys != nk || st->nulls != nulls) continue;
@@ -400,62 +363,62 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
         pg->stmts_cap = cap;
     }
     memset(&b, 0, sizeof b);
-    flash__pg_puts(&b, "SELECT ");
+    flash_strbuf_puts(&b, "SELECT ");
     for (i = 0; i < m->nfields; i++) {
-        if (i) flash__pg_puts(&b, ",");
+        if (i) flash_strbuf_puts(&b, ",");
         flash__pg_ident(&b, m->fields[i].name, false);
     }
-    flash__pg_puts(&b, " FROM ");
+    flash_strbuf_puts(&b, " FROM ");
     flash__pg_ident(&b, flash__pg_table(m), true);
     if (nk == 1) {
         const char *k = m->fields[flash_fetch_field(f, 0)].name;
-        flash__pg_puts(&b, " WHERE ");
+        flash_strbuf_puts(&b, " WHERE ");
         flash__pg_ident(&b, k, false);
-        flash__pg_puts(&b, " = ANY($1::");
-        flash__pg_puts(&b, flash__pg_array_type(m->fields[flash_fetch_field(f, 0)].type));
-        flash__pg_puts(&b, ")");
+        flash_strbuf_puts(&b, " = ANY($1::");
+        flash_strbuf_puts(&b, flash__pg_array_type(m->fields[flash_fetch_field(f, 0)].type));
+        flash_strbuf_puts(&b, ")");
         if (nulls) {
-            flash__pg_puts(&b, " OR ");
+            flash_strbuf_puts(&b, " OR ");
             flash__pg_ident(&b, k, false);
-            flash__pg_puts(&b, " IS NULL");
+            flash_strbuf_puts(&b, " IS NULL");
         }
     } else {
         char tmp[48];
-        if (nulls) flash__pg_puts(&b, " AS flash_r WHERE EXISTS (SELECT 1 FROM unnest(");
+        if (nulls) flash_strbuf_puts(&b, " AS flash_r WHERE EXISTS (SELECT 1 FROM unnest(");
         else {
-            flash__pg_puts(&b, " WHERE (");
+            flash_strbuf_puts(&b, " WHERE (");
             for (j = 0; j < nk; j++) {
-                if (j) flash__pg_puts(&b, ",");
+                if (j) flash_strbuf_puts(&b, ",");
                 flash__pg_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
             }
-            flash__pg_puts(&b, ") IN (SELECT * FROM unnest(");
+            flash_strbuf_puts(&b, ") IN (SELECT * FROM unnest(");
         }
         for (j = 0; j < nk; j++) {
             snprintf(tmp, sizeof tmp, "%s$%d::%s", j ? ", " : "", (int)j + 1,
                      flash__pg_array_type(m->fields[flash_fetch_field(f, j)].type));
-            flash__pg_puts(&b, tmp);
+            flash_strbuf_puts(&b, tmp);
         }
         if (nulls) {
-            flash__pg_puts(&b, ") AS flash_k(");
+            flash_strbuf_puts(&b, ") AS flash_k(");
             for (j = 0; j < nk; j++) {
                 snprintf(tmp, sizeof tmp, "%sk%d", j ? ", " : "", (int)j);
-                flash__pg_puts(&b, tmp);
+                flash_strbuf_puts(&b, tmp);
             }
-            flash__pg_puts(&b, ") WHERE ");
+            flash_strbuf_puts(&b, ") WHERE ");
             for (j = 0; j < nk; j++) {
-                if (j) flash__pg_puts(&b, " AND ");
-                flash__pg_puts(&b, "flash_r.");
+                if (j) flash_strbuf_puts(&b, " AND ");
+                flash_strbuf_puts(&b, "flash_r.");
                 flash__pg_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
                 snprintf(tmp, sizeof tmp, " IS NOT DISTINCT FROM flash_k.k%d", (int)j);
-                flash__pg_puts(&b, tmp);
+                flash_strbuf_puts(&b, tmp);
             }
-            flash__pg_puts(&b, ")");
+            flash_strbuf_puts(&b, ")");
         } else {
-            flash__pg_puts(&b, "))");
+            flash_strbuf_puts(&b, "))");
         }
     }
     if (b.oom) {
-        free(b.p);
+        free(b.data);
         return -1;
     }
     st = &pg->stmts[pg->nstmts];
@@ -464,7 +427,7 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
     st->nkeys = nk;
     for (j = 0; j < nk; j++) st->keys[j] = flash_fetch_field(f, j);
     st->nulls = nulls;
-    st->sql = b.p;
+    st->sql = b.data;
     return (long)pg->nstmts++;
 }
 
@@ -916,13 +879,13 @@ static void flash__pg_reject(flash_pg *pg, flash_fetch *f, const PGresult *res, 
     pg->stats.rejected++;
     if (strcmp(why, "NULL") == 0)
         snprintf(msg, sizeof msg, "postgres: %s.%s is NULL, but %s.%s is a non-null %s field", flash__pg_table(m),
-                 fd->name, m->name, fd->name, flash__pg_type_name(fd->type));
+                 fd->name, m->name, fd->name, flash_type_name(fd->type));
     else if (strcmp(why, "range") == 0)
         snprintf(msg, sizeof msg, "postgres: %s.%s = %.40s is out of range for %s.%s (I32)", flash__pg_table(m),
                  fd->name, PQgetvalue(res, r, bad), m->name, fd->name);
     else
         snprintf(msg, sizeof msg, "postgres: %s.%s = '%.40s' is not a valid %s for %s.%s", flash__pg_table(m),
-                 fd->name, PQgetvalue(res, r, bad), flash__pg_type_name(fd->type), m->name, fd->name);
+                 fd->name, PQgetvalue(res, r, bad), flash_type_name(fd->type), m->name, fd->name);
     for (j = 0; j < nk; j++) {
         int col = flash_fetch_field(f, j);
         flash_field kf = m->fields[col];
@@ -971,7 +934,7 @@ static void flash__pg_answer(flash_pg *pg, flash__pg_job *job, PGresult *res) {
             char oid[24];
             snprintf(oid, sizeof oid, "type oid %u", (unsigned)t);
             snprintf(msg, sizeof msg, "postgres: %s.%s is %s, which does not map to %s.%s (%s)", flash__pg_table(m),
-                     fd->name, tn ? tn : oid, m->name, fd->name, flash__pg_type_name(fd->type));
+                     fd->name, tn ? tn : oid, m->name, fd->name, flash_type_name(fd->type));
             flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
             return;
         }
@@ -1120,21 +1083,21 @@ static void flash__pg_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
     job->stmt = (size_t)stmt;
     job->nparams = (int)nk;
     for (j = 0; j < nk; j++) {
-        flash__pg_buf b;
+        flash_strbuf b;
         bool first = true;
         memset(&b, 0, sizeof b);
-        flash__pg_put(&b, "{", 1);
+        flash_strbuf_put(&b, "{", 1);
         for (i = 0; i < n; i++) {
             const flash_value *key = flash_fetch_key(f, i);
             if (nk == 1 && key[0].is_null) continue; /* single field: the IS NULL branch */
-            if (!first) flash__pg_put(&b, ",", 1);
+            if (!first) flash_strbuf_put(&b, ",", 1);
             first = false;
             flash__pg_elem(&b, &key[j]);
         }
-        flash__pg_put(&b, "}", 1);
-        job->params[j] = b.p;
+        flash_strbuf_put(&b, "}", 1);
+        job->params[j] = b.data;
         if (b.oom) {
-            free(b.p);
+            free(b.data);
             job->params[j] = NULL;
             job->nparams = (int)j;
             flash__pg_job_free(job);

@@ -107,42 +107,17 @@ struct flash_sqlite {
 };
 
 /* A growable string. */
-typedef struct flash__sq_buf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} flash__sq_buf;
-
-static void flash__sq_put(flash__sq_buf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        char *p;
-        while (cap < b->len + n + 1) cap *= 2;
-        p = (char *)realloc(b->p, cap);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-static void flash__sq_puts(flash__sq_buf *b, const char *s) { flash__sq_put(b, s, strlen(s)); }
 
 /* "name" with quotes doubled; "a.b" becomes "a"."b" (schema-qualified). */
-static void flash__sq_ident(flash__sq_buf *b, const char *name, bool dotted) {
+static void flash__sq_ident(flash_strbuf *b, const char *name, bool dotted) {
     const char *p;
-    flash__sq_put(b, "\"", 1);
+    flash_strbuf_put(b, "\"", 1);
     for (p = name; *p; p++) {
-        if (*p == '"') flash__sq_put(b, "\"\"", 2);
-        else if (*p == '.' && dotted) flash__sq_put(b, "\".\"", 3);
-        else flash__sq_put(b, p, 1);
+        if (*p == '"') flash_strbuf_put(b, "\"\"", 2);
+        else if (*p == '.' && dotted) flash_strbuf_put(b, "\".\"", 3);
+        else flash_strbuf_put(b, p, 1);
     }
-    flash__sq_put(b, "\"", 1);
+    flash_strbuf_put(b, "\"", 1);
 }
 
 FLASH_API flash_sqlite *flash_sqlite_create(sqlite3 *db) {
@@ -188,7 +163,7 @@ static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, s
     const flash_model *m = flash_fetch_model(f);
     size_t nk = flash_fetch_nfields(f), i, j;
     flash__sq_stmt *st, **pp;
-    flash__sq_buf b;
+    flash_strbuf b;
     int rc;
     *owned = false;
     for (pp = &s->stmts; (st = *pp) != NULL; pp = &st->next) {
@@ -208,42 +183,42 @@ static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, s
         break; /* in use further up the stack (re-entered): prepare a private one */
     }
     memset(&b, 0, sizeof b);
-    flash__sq_puts(&b, "SELECT ");
+    flash_strbuf_puts(&b, "SELECT ");
     for (i = 0; i < m->nfields; i++) {
-        if (i) flash__sq_puts(&b, ",");
+        if (i) flash_strbuf_puts(&b, ",");
         flash__sq_ident(&b, m->fields[i].name, false);
     }
-    flash__sq_puts(&b, " FROM ");
+    flash_strbuf_puts(&b, " FROM ");
     flash__sq_ident(&b, m->opts.table ? m->opts.table : m->name, true);
-    flash__sq_puts(&b, " WHERE ");
+    flash_strbuf_puts(&b, " WHERE ");
     if (tuples == 0) {
         for (j = 0; j < nk; j++) {
-            if (j) flash__sq_puts(&b, " AND ");
+            if (j) flash_strbuf_puts(&b, " AND ");
             flash__sq_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
-            flash__sq_puts(&b, " IS ?");
+            flash_strbuf_puts(&b, " IS ?");
         }
     } else {
-        if (nk > 1) flash__sq_puts(&b, "(");
+        if (nk > 1) flash_strbuf_puts(&b, "(");
         for (j = 0; j < nk; j++) {
-            if (j) flash__sq_puts(&b, ",");
+            if (j) flash_strbuf_puts(&b, ",");
             flash__sq_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
         }
-        flash__sq_puts(&b, nk > 1 ? ") IN (VALUES " : " IN (");
+        flash_strbuf_puts(&b, nk > 1 ? ") IN (VALUES " : " IN (");
         for (i = 0; i < tuples; i++) {
-            if (i) flash__sq_puts(&b, ",");
-            if (nk > 1) flash__sq_puts(&b, "(");
-            for (j = 0; j < nk; j++) flash__sq_puts(&b, j ? ",?" : "?");
-            if (nk > 1) flash__sq_puts(&b, ")");
+            if (i) flash_strbuf_puts(&b, ",");
+            if (nk > 1) flash_strbuf_puts(&b, "(");
+            for (j = 0; j < nk; j++) flash_strbuf_puts(&b, j ? ",?" : "?");
+            if (nk > 1) flash_strbuf_puts(&b, ")");
         }
-        flash__sq_puts(&b, ")");
+        flash_strbuf_puts(&b, ")");
     }
     if (b.oom) {
-        free(b.p);
+        free(b.data);
         return FLASH_ENOMEM;
     }
     *out = NULL;
-    rc = sqlite3_prepare_v3(s->db, b.p, (int)b.len + 1, SQLITE_PREPARE_PERSISTENT, out, NULL);
-    free(b.p);
+    rc = sqlite3_prepare_v3(s->db, b.data, (int)b.len + 1, SQLITE_PREPARE_PERSISTENT, out, NULL);
+    free(b.data);
     if (rc != SQLITE_OK) {
         snprintf(err, errcap, "sqlite: %s: %s", m->opts.table ? m->opts.table : m->name, sqlite3_errmsg(s->db));
         sqlite3_finalize(*out);
@@ -283,18 +258,6 @@ static int flash__sq_bind(sqlite3_stmt *st, int at, const flash_value *v) {
         return sqlite3_bind_blob(st, at, v->u.s.ptr, (int)v->u.s.len, SQLITE_STATIC);
     }
     return SQLITE_MISUSE;
-}
-
-static const char *flash__sq_type_name(flash_type t) {
-    switch (t) {
-    case FLASH_I64: return "I64";
-    case FLASH_I32: return "I32";
-    case FLASH_F64: return "F64";
-    case FLASH_BOOL: return "BOOL";
-    case FLASH_STR: return "STR";
-    case FLASH_BYTES: return "BYTES";
-    }
-    return "?";
 }
 
 static const char *flash__sq_class_name(int c) {
@@ -382,13 +345,13 @@ static void flash__sq_reject(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, 
     s->stats.rejected++;
     if (strcmp(why, "NULL") == 0)
         snprintf(msg, sizeof msg, "sqlite: %s.%s is NULL, but %s.%s is a non-null %s field", table, fd->name,
-                 m->name, fd->name, flash__sq_type_name(fd->type));
+                 m->name, fd->name, flash_type_name(fd->type));
     else if (strcmp(why, "range") == 0)
         snprintf(msg, sizeof msg, "sqlite: %s.%s = %lld is out of range for %s.%s (I32)", table, fd->name,
                  (long long)sqlite3_column_int64(st, bad), m->name, fd->name);
     else
         snprintf(msg, sizeof msg, "sqlite: %s.%s holds a %s value, but %s.%s is a %s field", table, fd->name,
-                 flash__sq_class_name(c), m->name, fd->name, flash__sq_type_name(fd->type));
+                 flash__sq_class_name(c), m->name, fd->name, flash_type_name(fd->type));
     for (j = 0; j < nk; j++) {
         int col = flash_fetch_field(f, j);
         const flash_field *kf = &m->fields[col];
