@@ -14,7 +14,7 @@
    or one Criterion test per loop, leak-checked like FLASH_TEST:
 
        FLASH_LOOP_TEST(suite, name) { ... L->create() ... }
-       FLASH_LOOP_TEST_OPT(suite, name, .timeout = 10) { ... }
+       FLASH_LOOP_TEST_OPT(suite, name, .disabled = true) { ... }
 */
 #ifndef FLASH_TEST_LOOPS_H
 #define FLASH_TEST_LOOPS_H
