@@ -2000,14 +2000,6 @@ FLASH_API void flash_drain(flash_ctx *ctx) {
     if (ctx) flash__drain_impl(ctx, true);
 }
 
-/* For code called back from the loop (backend replies, timers): run the
-   continuations now, leave batch dispatch to the end of the loop iteration so
-   that replies arriving together still form one batch. */
-static FLASH__UNUSED void flash__after_callback(flash_ctx *ctx) {
-    if (ctx->depth) return;
-    flash__drain_impl(ctx, false);
-}
-
 FLASH_API int flash_ctx_attach_loop(flash_ctx *ctx, flash_loop loop) {
     if (!ctx || !loop.vt || !loop.vt->defer || !loop.vt->cancel || !loop.vt->run_once) return FLASH_EINVAL;
     if (!ctx->own_queue_loop) return FLASH_ESTATE;
