@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# flash benchmarks: flash's loader against graphql's dataloader (node, required)
-# and Python's aiodataloader (optional), run interleaved on this machine, then
-# the memory checks. Prints one table; exits non-zero when a required peer
-# could not be run, the peers did different work, or memory grew.
+# flash benchmarks, two parts (BENCH_PARTS, default both):
+#
+#   loader     flash's loader against graphql's dataloader (node, required)
+#              and Python's aiodataloader (optional), run interleaved, then
+#              the memory checks
+#   memcached  the full path over a real memcached (started here on a free
+#              loopback port, killed on exit) against libmemcached's multi-get
+#              and the N+1 pattern, with flash's and the server's counters
+#              checked (bench/memcached_bench.c)
+#
+# Prints one table per part; exits non-zero when a required peer could not be
+# run, the peers did different work, a count did not verify, or memory grew.
 #
 #   bench/run.sh [--no-build]
 #
 # Environment: BENCH_RUNS (default 5, at least 5 for the medians to mean
 # anything), BENCH_REPS (timed repetitions per scenario per run, default 11),
-# BENCH_PY_REPS (default 3: aiodataloader is slow), DATALOADER_DIR (npm
-# prefix for the dataloader package, default bench/out/npm), PYTHON.
+# BENCH_PY_REPS (default 3: aiodataloader is slow), BENCH_MC_REPS (memcached
+# part, default BENCH_REPS), BENCH_PARTS ("loader memcached"), DATALOADER_DIR
+# (npm prefix for the dataloader package, default bench/out/npm), PYTHON.
 #
 # Nothing of the peers is committed: npm installs dataloader into
-# bench/out/npm (git-ignored) when it is missing.
+# bench/out/npm (git-ignored) when it is missing; memcached and
+# libmemcached-dev are installed with apt-get when missing (as root).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,6 +30,8 @@ out=$here/out
 RUNS=${BENCH_RUNS:-5}
 REPS=${BENCH_REPS:-11}
 PY_REPS=${BENCH_PY_REPS:-3}
+MC_REPS=${BENCH_MC_REPS:-$REPS}
+PARTS=${BENCH_PARTS:-loader memcached}
 DL_DIR=${DATALOADER_DIR:-$out/npm}
 SCENARIOS="distinct dup50 ticks memo"
 
@@ -28,14 +40,15 @@ fail() {
     exit 1
 }
 note() { echo "bench: $*" >&2; }
+has_part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 mkdir -p "$out"
-if [ "${1:-}" != --no-build ]; then
-    make -s -C "$here" build
-fi
-[ -x "$out/loader_bench" ] && [ -x "$out/memory_bench" ] || fail "bench programs not built"
 [ "$RUNS" -ge 1 ] 2>/dev/null || fail "BENCH_RUNS must be a number"
 [ "$RUNS" -ge 5 ] || note "BENCH_RUNS=$RUNS: fewer than 5 runs, medians are weak"
+[ "$MC_REPS" -ge 1 ] 2>/dev/null || fail "BENCH_MC_REPS must be a number"
+for p in $PARTS; do
+    case $p in loader | memcached) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached)" ;; esac
+done
 
 as_root() { [ "$(id -u)" = 0 ]; }
 apt_ready() {
@@ -45,189 +58,380 @@ apt_ready() {
     fi
 }
 
-# ---- node + graphql's dataloader (required) ---------------------------------
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    as_root && command -v apt-get >/dev/null 2>&1 || fail "node/npm missing and cannot apt-get install them (not root)"
-    note "installing nodejs and npm (Debian packages)"
-    apt_ready
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null \
-        || fail "apt-get install nodejs npm failed"
-fi
-DL=$DL_DIR/node_modules/dataloader
-if ! node -e "require('$DL')" >/dev/null 2>&1; then
-    note "installing graphql's dataloader with npm into $DL_DIR"
-    mkdir -p "$DL_DIR"
-    npm install --prefix "$DL_DIR" --no-save --no-audit --no-fund --loglevel=error dataloader@^2 >&2 \
-        || fail "npm install dataloader failed: the dataloader column cannot be measured"
-    node -e "require('$DL')" >/dev/null 2>&1 || fail "dataloader installed in $DL_DIR but node cannot load it"
-fi
-
-# ---- Python's aiodataloader (optional) ---------------------------------------
-PY=""
-PY_REASON=""
-find_py() {
-    local c
-    for c in ${PYTHON:-} python3 /usr/bin/python3; do
-        command -v "$c" >/dev/null 2>&1 || continue
-        if "$c" -c 'import aiodataloader' >/dev/null 2>&1; then
-            PY=$c
-            return 0
-        fi
-    done
-    return 1
-}
-if ! find_py; then
-    pkgs=""
-    if command -v apt-cache >/dev/null 2>&1; then
-        apt_ready
-        pkgs=$(apt-cache search --names-only aiodataloader 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
-    fi
-    if [ -n "$pkgs" ] && as_root; then
-        note "installing $pkgs (Debian packages)"
-        # shellcheck disable=SC2086
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1 || true
-        find_py || PY_REASON="Debian package(s) $pkgs installed but no python3 imports aiodataloader"
-    elif [ -n "$pkgs" ]; then
-        PY_REASON="Debian package(s) $pkgs exist but installing needs root"
-    else
-        PY_REASON="no python3 here imports aiodataloader, no Debian package provides it (apt-cache search aiodataloader: nothing), and PyPI is not reachable from this machine"
-    fi
-fi
-
-# ---- interleaved runs ---------------------------------------------------------
-rm -f "$out"/flash.* "$out"/node.* "$out"/py.* "$out"/err.*
-run_flash() { "$out/loader_bench" "$REPS" >"$out/flash.$1" 2>"$out/err.flash.$1" || { cat "$out/err.flash.$1" >&2; fail "loader_bench (flash) failed"; }; }
-run_node() { DATALOADER_PATH=$DL node "$here/dataloader_bench.js" "$REPS" >"$out/node.$1" 2>"$out/err.node.$1" || { cat "$out/err.node.$1" >&2; fail "dataloader_bench.js (node) failed"; }; }
-run_py() {
-    if ! "$PY" "$here/aiodataloader_bench.py" "$PY_REPS" >"$out/py.$1" 2>"$out/err.py.$1"; then
-        cat "$out/err.py.$1" >&2
-        PY_REASON="aiodataloader_bench.py failed with $PY (see bench/out/err.py.$1)"
-        PY=""
-    fi
-}
-
-note "running $RUNS interleaved runs (flash $REPS reps, dataloader $REPS reps${PY:+, aiodataloader $PY_REPS reps} per scenario each)"
-for r in $(seq 1 "$RUNS"); do
-    # Alternate who goes first so that drift on the machine hits both sides.
-    if [ $((r % 2)) = 1 ]; then
-        run_flash "$r"; run_node "$r"; [ -z "$PY" ] || run_py "$r"
-    else
-        [ -z "$PY" ] || run_py "$r"; run_node "$r"; run_flash "$r"
-    fi
-done
-
-# Same work on every side: same batches, same keys per batch, same results.
-checks() { grep '^check ' "$1" || true; }
-for r in $(seq 1 "$RUNS"); do
-    [ "$(checks "$out/flash.$r" | wc -l)" = 4 ] || fail "loader_bench printed no checks in run $r"
-    diff <(checks "$out/flash.$r") <(checks "$out/node.$r") >&2 \
-        || fail "flash and dataloader did different work (check lines differ in run $r)"
-    if [ -n "$PY" ]; then
-        diff <(checks "$out/flash.$r") <(checks "$out/py.$r") >&2 \
-            || fail "flash and aiodataloader did different work (check lines differ in run $r)"
-    fi
-done
-
-# ---- statistics ------------------------------------------------------------------
 median() { sort -g | awk '{a[NR] = $1} END { if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-values() { # scenario files...
-    local s=$1
-    shift
-    awk -v s="$s" '$1 == s { print $2 }' "$@"
-}
-# Median ns/load over every timed repetition of every run.
-med_all() { values "$2" "$out/$1".[0-9]* | median; }
-# Median over runs of (peer's median in run r) / (flash's median in run r).
-paired_ratio() { # peer scenario
-    local r f p
-    for r in $(seq 1 "$RUNS"); do
-        f=$(values "$2" "$out/flash.$r" | median)
-        p=$(values "$2" "$out/$1.$r" | median)
-        awk -v p="$p" -v f="$f" 'BEGIN { if (f > 0) printf "%.4f\n", p / f }'
-    done | median
-}
 fmt() { awk -v x="$1" -v d="${2:-1}" 'BEGIN { if (x == "nan" || x == "") print "n/a"; else printf "%.*f\n", d, x }'; }
 
-# ---- instructions per load (callgrind: repeatable where seconds are not) -----
-declare -A IPL
-CG_NOTE=""
-if command -v valgrind >/dev/null 2>&1; then
-    for s in $SCENARIOS; do
-        cg=$out/callgrind.$s.out
-        valgrind --tool=callgrind --callgrind-out-file="$cg" --toggle-collect='cg_measure*' \
-            "$out/loader_bench" --callgrind "$s" >"$out/callgrind.$s.log" 2>&1 \
-            || { cat "$out/callgrind.$s.log" >&2; fail "callgrind run of scenario $s failed"; }
-        ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$cg")
-        [ -n "$ir" ] && [ "$ir" -gt 0 ] || fail "no instruction count in $cg"
-        IPL[$s]=$(awk -v ir="$ir" 'BEGIN { printf "%.0f\n", ir / 100000 }')
-    done
-    CG_NOTE="instructions/load: callgrind Ir inside one timed-equivalent run (after a warm-up) / 100,000; see bench/out/callgrind.<scenario>.out"
-else
-    for s in $SCENARIOS; do IPL[$s]="n/a"; done
-    CG_NOTE="instructions/load: n/a (valgrind not installed)"
-fi
-
-# ---- memory -----------------------------------------------------------------------
-mem_rc=0
-"$out/memory_bench" >"$out/memory.txt" 2>"$out/memory.err" || mem_rc=$?
-
-# ---- the table --------------------------------------------------------------------
-label() {
-    case $1 in
-    distinct) echo "(a) 100k distinct loads, one tick" ;;
-    dup50) echo "(b) 100k loads, 50% duplicates" ;;
-    ticks) echo "(c) 1,000 ticks x 100 loads" ;;
-    memo) echo "(d) 100k memo hits" ;;
-    esac
-}
-flash_hdr=$(grep -m1 '^# flash' "$out/flash.1" | sed 's/^# //')
-node_hdr=$(grep -m1 '^# dataloader' "$out/node.1" | sed 's/^# //')
-echo
-echo "== flash loader + promise overhead: ns per load (lower is better)"
-echo "   $flash_hdr"
-echo "   peer: $node_hdr"
-if [ -n "$PY" ]; then
-    echo "   peer: $(grep -m1 '^# aiodataloader' "$out/py.1" | sed 's/^# //') ($PY)"
-fi
-echo "   $(nproc 2>/dev/null || echo '?') cores; $RUNS interleaved runs; ns/load = median of all timed repetitions;"
-echo "   ratio = median over runs of (peer median / flash median) in the same run; design target: flash <= 30 ns/load"
-echo
-row() { printf '%-36s | %11s | %11s | %13s | %10s | %14s | %10s\n' "$@"; }
-row "scenario" "flash ns" "flash instr" "dataloader ns" "dl/flash" "aiodataloader" "aio/flash"
-row "------------------------------------" "-----------" "-----------" "-------------" "----------" "--------------" "----------"
-for s in $SCENARIOS; do
-    f=$(med_all flash "$s")
-    n=$(med_all node "$s")
-    nr=$(paired_ratio node "$s")
-    if [ -n "$PY" ]; then
-        p=$(fmt "$(med_all py "$s")" 0)
-        pr="$(fmt "$(paired_ratio py "$s")" 1)x"
-    else
-        p="n/a*"
-        pr="n/a*"
+# ---- memcached + libmemcached-dev (the memcached part; before the build) -----
+if has_part memcached; then
+    mc_need=()
+    command -v memcached >/dev/null 2>&1 || mc_need+=(memcached)
+    [ -e /usr/include/libmemcached/memcached.h ] || mc_need+=(libmemcached-dev)
+    if [ ${#mc_need[@]} -gt 0 ]; then
+        as_root && command -v apt-get >/dev/null 2>&1 \
+            || fail "${mc_need[*]} missing and cannot apt-get install (not root): the memcached part cannot run (BENCH_PARTS=loader skips it)"
+        note "installing ${mc_need[*]} (Debian packages)"
+        apt_ready
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends "${mc_need[@]}" >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "${mc_need[@]}" >/dev/null; } \
+            || fail "apt-get install ${mc_need[*]} failed"
+        # Debian starts the service on install; the benchmark starts its own.
+        if [[ " ${mc_need[*]} " == *" memcached "* ]] && command -v service >/dev/null 2>&1; then
+            service memcached stop >/dev/null 2>&1 || true
+        fi
     fi
-    row "$(label "$s")" "$(fmt "$f" 1)" "${IPL[$s]}" "$(fmt "$n" 0)" "$(fmt "$nr" 1)x" "$p" "$pr"
-done
-echo
-echo "   (c): one context and one loader for all ticks, flash_wait on each tick's gather (the memo grows to 100k)."
-echo "   (a)-(c) time a whole request (flash_ctx_reset + loader + loads + gather + wait; peers: new DataLoader + loads"
-echo "   + Promise.all / asyncio.gather + await); (d) times only the second pass over resolved keys."
-echo "   $CG_NOTE"
-[ -n "$PY" ] || echo "   * aiodataloader: n/a (not installable here: $PY_REASON)"
-echo
-echo "== memory (bench/memory_bench)"
-awk '$1 == "memory" {
-        name = $2; $1 = ""; $2 = ""; sub(/^  */, "")
-        printf "   %-38s %s\n", name, $0
-     }' "$out/memory.txt"
-[ ! -s "$out/memory.err" ] || cat "$out/memory.err" >&2
-
-status=0
-if [ "$mem_rc" = 0 ]; then
-    echo "   memory across 100k flash_run cycles: flat (PASS)"
-else
-    echo "   memory: FAIL (see the FAIL lines above)"
-    echo "bench: FAILED: memory_bench (exit $mem_rc)" >&2
-    status=1
 fi
+
+bins=()
+has_part loader && bins+=(out/loader_bench out/memory_bench)
+has_part memcached && bins+=(out/memcached_bench)
+if [ "${1:-}" != --no-build ]; then
+    make -s -C "$here" "${bins[@]}"
+fi
+for b in "${bins[@]}"; do
+    [ -x "$here/$b" ] || fail "bench program $b not built"
+done
+status=0
+
+# ==== part 1: loader + promise overhead, memory =================================
+if has_part loader; then
+    # ---- node + graphql's dataloader (required) ---------------------------------
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        as_root && command -v apt-get >/dev/null 2>&1 || fail "node/npm missing and cannot apt-get install them (not root)"
+        note "installing nodejs and npm (Debian packages)"
+        apt_ready
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null \
+            || fail "apt-get install nodejs npm failed"
+    fi
+    DL=$DL_DIR/node_modules/dataloader
+    if ! node -e "require('$DL')" >/dev/null 2>&1; then
+        note "installing graphql's dataloader with npm into $DL_DIR"
+        mkdir -p "$DL_DIR"
+        npm install --prefix "$DL_DIR" --no-save --no-audit --no-fund --loglevel=error dataloader@^2 >&2 \
+            || fail "npm install dataloader failed: the dataloader column cannot be measured"
+        node -e "require('$DL')" >/dev/null 2>&1 || fail "dataloader installed in $DL_DIR but node cannot load it"
+    fi
+
+    # ---- Python's aiodataloader (optional) ---------------------------------------
+    PY=""
+    PY_REASON=""
+    find_py() {
+        local c
+        for c in ${PYTHON:-} python3 /usr/bin/python3; do
+            command -v "$c" >/dev/null 2>&1 || continue
+            if "$c" -c 'import aiodataloader' >/dev/null 2>&1; then
+                PY=$c
+                return 0
+            fi
+        done
+        return 1
+    }
+    if ! find_py; then
+        pkgs=""
+        if command -v apt-cache >/dev/null 2>&1; then
+            apt_ready
+            pkgs=$(apt-cache search --names-only aiodataloader 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
+        fi
+        if [ -n "$pkgs" ] && as_root; then
+            note "installing $pkgs (Debian packages)"
+            # shellcheck disable=SC2086
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1 || true
+            find_py || PY_REASON="Debian package(s) $pkgs installed but no python3 imports aiodataloader"
+        elif [ -n "$pkgs" ]; then
+            PY_REASON="Debian package(s) $pkgs exist but installing needs root"
+        else
+            PY_REASON="no python3 here imports aiodataloader, no Debian package provides it (apt-cache search aiodataloader: nothing), and PyPI is not reachable from this machine"
+        fi
+    fi
+
+    # ---- interleaved runs ---------------------------------------------------------
+    rm -f "$out"/flash.* "$out"/node.* "$out"/py.* "$out"/err.*
+    run_flash() { "$out/loader_bench" "$REPS" >"$out/flash.$1" 2>"$out/err.flash.$1" || { cat "$out/err.flash.$1" >&2; fail "loader_bench (flash) failed"; }; }
+    run_node() { DATALOADER_PATH=$DL node "$here/dataloader_bench.js" "$REPS" >"$out/node.$1" 2>"$out/err.node.$1" || { cat "$out/err.node.$1" >&2; fail "dataloader_bench.js (node) failed"; }; }
+    run_py() {
+        if ! "$PY" "$here/aiodataloader_bench.py" "$PY_REPS" >"$out/py.$1" 2>"$out/err.py.$1"; then
+            cat "$out/err.py.$1" >&2
+            PY_REASON="aiodataloader_bench.py failed with $PY (see bench/out/err.py.$1)"
+            PY=""
+        fi
+    }
+
+    note "running $RUNS interleaved runs (flash $REPS reps, dataloader $REPS reps${PY:+, aiodataloader $PY_REPS reps} per scenario each)"
+    for r in $(seq 1 "$RUNS"); do
+        # Alternate who goes first so that drift on the machine hits both sides.
+        if [ $((r % 2)) = 1 ]; then
+            run_flash "$r"; run_node "$r"; [ -z "$PY" ] || run_py "$r"
+        else
+            [ -z "$PY" ] || run_py "$r"; run_node "$r"; run_flash "$r"
+        fi
+    done
+
+    # Same work on every side: same batches, same keys per batch, same results.
+    checks() { grep '^check ' "$1" || true; }
+    for r in $(seq 1 "$RUNS"); do
+        [ "$(checks "$out/flash.$r" | wc -l)" = 4 ] || fail "loader_bench printed no checks in run $r"
+        diff <(checks "$out/flash.$r") <(checks "$out/node.$r") >&2 \
+            || fail "flash and dataloader did different work (check lines differ in run $r)"
+        if [ -n "$PY" ]; then
+            diff <(checks "$out/flash.$r") <(checks "$out/py.$r") >&2 \
+                || fail "flash and aiodataloader did different work (check lines differ in run $r)"
+        fi
+    done
+
+    # ---- statistics ------------------------------------------------------------------
+    values() { # scenario files...
+        local s=$1
+        shift
+        awk -v s="$s" '$1 == s { print $2 }' "$@"
+    }
+    # Median ns/load over every timed repetition of every run.
+    med_all() { values "$2" "$out/$1".[0-9]* | median; }
+    # Median over runs of (peer's median in run r) / (flash's median in run r).
+    paired_ratio() { # peer scenario
+        local r f p
+        for r in $(seq 1 "$RUNS"); do
+            f=$(values "$2" "$out/flash.$r" | median)
+            p=$(values "$2" "$out/$1.$r" | median)
+            awk -v p="$p" -v f="$f" 'BEGIN { if (f > 0) printf "%.4f\n", p / f }'
+        done | median
+    }
+
+    # ---- instructions per load (callgrind: repeatable where seconds are not) -----
+    declare -A IPL
+    CG_NOTE=""
+    if command -v valgrind >/dev/null 2>&1; then
+        for s in $SCENARIOS; do
+            cg=$out/callgrind.$s.out
+            valgrind --tool=callgrind --callgrind-out-file="$cg" --toggle-collect='cg_measure*' \
+                "$out/loader_bench" --callgrind "$s" >"$out/callgrind.$s.log" 2>&1 \
+                || { cat "$out/callgrind.$s.log" >&2; fail "callgrind run of scenario $s failed"; }
+            ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$cg")
+            [ -n "$ir" ] && [ "$ir" -gt 0 ] || fail "no instruction count in $cg"
+            IPL[$s]=$(awk -v ir="$ir" 'BEGIN { printf "%.0f\n", ir / 100000 }')
+        done
+        CG_NOTE="instructions/load: callgrind Ir inside one timed-equivalent run (after a warm-up) / 100,000; see bench/out/callgrind.<scenario>.out"
+    else
+        for s in $SCENARIOS; do IPL[$s]="n/a"; done
+        CG_NOTE="instructions/load: n/a (valgrind not installed)"
+    fi
+
+    # ---- memory -----------------------------------------------------------------------
+    mem_rc=0
+    "$out/memory_bench" >"$out/memory.txt" 2>"$out/memory.err" || mem_rc=$?
+
+    # ---- the table --------------------------------------------------------------------
+    label() {
+        case $1 in
+        distinct) echo "(a) 100k distinct loads, one tick" ;;
+        dup50) echo "(b) 100k loads, 50% duplicates" ;;
+        ticks) echo "(c) 1,000 ticks x 100 loads" ;;
+        memo) echo "(d) 100k memo hits" ;;
+        esac
+    }
+    flash_hdr=$(grep -m1 '^# flash' "$out/flash.1" | sed 's/^# //')
+    node_hdr=$(grep -m1 '^# dataloader' "$out/node.1" | sed 's/^# //')
+    echo
+    echo "== flash loader + promise overhead: ns per load (lower is better)"
+    echo "   $flash_hdr"
+    echo "   peer: $node_hdr"
+    if [ -n "$PY" ]; then
+        echo "   peer: $(grep -m1 '^# aiodataloader' "$out/py.1" | sed 's/^# //') ($PY)"
+    fi
+    echo "   $(nproc 2>/dev/null || echo '?') cores; $RUNS interleaved runs; ns/load = median of all timed repetitions;"
+    echo "   ratio = median over runs of (peer median / flash median) in the same run; design target: flash <= 30 ns/load"
+    echo
+    row() { printf '%-36s | %11s | %11s | %13s | %10s | %14s | %10s\n' "$@"; }
+    row "scenario" "flash ns" "flash instr" "dataloader ns" "dl/flash" "aiodataloader" "aio/flash"
+    row "------------------------------------" "-----------" "-----------" "-------------" "----------" "--------------" "----------"
+    for s in $SCENARIOS; do
+        f=$(med_all flash "$s")
+        n=$(med_all node "$s")
+        nr=$(paired_ratio node "$s")
+        if [ -n "$PY" ]; then
+            p=$(fmt "$(med_all py "$s")" 0)
+            pr="$(fmt "$(paired_ratio py "$s")" 1)x"
+        else
+            p="n/a*"
+            pr="n/a*"
+        fi
+        row "$(label "$s")" "$(fmt "$f" 1)" "${IPL[$s]}" "$(fmt "$n" 0)" "$(fmt "$nr" 1)x" "$p" "$pr"
+    done
+    echo
+    echo "   (c): one context and one loader for all ticks, flash_wait on each tick's gather (the memo grows to 100k)."
+    echo "   (a)-(c) time a whole request (flash_ctx_reset + loader + loads + gather + wait; peers: new DataLoader + loads"
+    echo "   + Promise.all / asyncio.gather + await); (d) times only the second pass over resolved keys."
+    echo "   $CG_NOTE"
+    [ -n "$PY" ] || echo "   * aiodataloader: n/a (not installable here: $PY_REASON)"
+    echo
+    echo "== memory (bench/memory_bench)"
+    awk '$1 == "memory" {
+            name = $2; $1 = ""; $2 = ""; sub(/^  */, "")
+            printf "   %-38s %s\n", name, $0
+         }' "$out/memory.txt"
+    [ ! -s "$out/memory.err" ] || cat "$out/memory.err" >&2
+
+    if [ "$mem_rc" = 0 ]; then
+        echo "   memory across 100k flash_run cycles: flat (PASS)"
+    else
+        echo "   memory: FAIL (see the FAIL lines above)"
+        echo "bench: FAILED: memory_bench (exit $mem_rc)" >&2
+        status=1
+    fi
+fi
+
+# ==== part 2: the full path over memcached ======================================
+if has_part memcached; then
+    mc_pid=""
+    stop_mc() {
+        if [ -n "$mc_pid" ]; then
+            kill "$mc_pid" 2>/dev/null || true
+            wait "$mc_pid" 2>/dev/null || true
+            mc_pid=""
+        fi
+    }
+    trap stop_mc EXIT
+    trap 'exit 130' INT TERM HUP
+    port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+    # A free loopback port: one nobody listens on, then memcached must bind it
+    # (another process may win the race: try again elsewhere).
+    MC_PORT=""
+    MC_ARGS="-l 127.0.0.1 -U 0 -m 256"
+    mc_user=()
+    as_root && mc_user=(-u nobody) # memcached will not run as root without -u
+    for _ in 1 2 3 4 5 6 7 8; do
+        port=$((20000 + RANDOM % 30000))
+        ! port_open "$port" || continue
+        # shellcheck disable=SC2086
+        memcached $MC_ARGS -p "$port" ${mc_user[@]+"${mc_user[@]}"} >"$out/memcached.log" 2>&1 &
+        mc_pid=$!
+        for _i in $(seq 1 200); do
+            if port_open "$port"; then
+                MC_PORT=$port
+                break
+            fi
+            kill -0 "$mc_pid" 2>/dev/null || break
+            sleep 0.02
+        done
+        [ -z "$MC_PORT" ] || break
+        stop_mc
+    done
+    [ -n "$MC_PORT" ] || { cat "$out/memcached.log" >&2; fail "could not start memcached on a free loopback port"; }
+    note "memcached $MC_ARGS -p $MC_PORT (pid $mc_pid); $RUNS runs of memcached_bench, $MC_REPS reps per scenario each"
+
+    rm -f "$out"/mc.* "$out"/err.mc.* "$out"/callgrind.mc.*
+    for r in $(seq 1 "$RUNS"); do
+        if ! "$out/memcached_bench" "$MC_PORT" "$MC_REPS" >"$out/mc.$r" 2>"$out/err.mc.$r"; then
+            cat "$out/err.mc.$r" >&2
+            kill -0 "$mc_pid" 2>/dev/null || note "memcached (pid $mc_pid) is gone: it exited or something killed it"
+            fail "memcached_bench failed in run $r (see above; bench/out/mc.$r)"
+        fi
+    done
+    MC_SIZES="1000 10000"
+    MC_ROWS="flash flash_mb raw libmc libmc_bin flash_n1 libmc_n1"
+    # Every run verified the same things (it exits non-zero otherwise).
+    nver=$(grep -c '^verify ' "$out/mc.1" || true)
+    [ "$nver" -ge 12 ] || fail "memcached_bench printed only $nver verify lines in run 1"
+    for r in $(seq 2 "$RUNS"); do
+        [ "$(grep -c '^verify ' "$out/mc.$r" || true)" = "$nver" ] || fail "memcached_bench run $r verified other things than run 1"
+    done
+
+    mc_vals() { # row/N files... (MC_COL: 2 = ns/key, 3 = server CPU ns/key)
+        local s=$1
+        shift
+        awk -v s="$s" -v c="${MC_COL:-2}" '$1 == s { print $c }' "$@"
+    }
+    # Median ns/key (or server CPU ns/key) over every timed repetition of every run.
+    mc_med_all() { mc_vals "$1/$2" "$out"/mc.[0-9]* | median; }
+    mc_srv_all() { MC_COL=3 mc_vals "$1/$2" "$out"/mc.[0-9]* | median; }
+    # Median over runs of (row median in run r) / (base row median in run r).
+    mc_ratio() { # row N [base]
+        local r f p
+        for r in $(seq 1 "$RUNS"); do
+            f=$(mc_vals "${3:-flash}/$2" "$out/mc.$r" | median)
+            p=$(mc_vals "$1/$2" "$out/mc.$r" | median)
+            awk -v p="$p" -v f="$f" 'BEGIN { if (f > 0 && p != "nan" && f != "nan") printf "%.4f\n", p / f }'
+        done | median
+    }
+
+    # ---- instructions per key (callgrind: the client's own work, repeatable) ---
+    declare -A MIPK
+    if command -v valgrind >/dev/null 2>&1; then
+        # On the keys run 1 seeded (its key prefix): no seed under valgrind.
+        mc_prefix=$(awk '$1 == "prefix" { print $2; exit }' "$out/mc.1")
+        [ -n "$mc_prefix" ] || fail "memcached_bench printed no key prefix in run 1"
+        note "callgrind: instructions per key of each row"
+        for n in $MC_SIZES; do
+            for s in $MC_ROWS; do
+                [ -n "$(mc_vals "$s/$n" "$out/mc.1")" ] || { MIPK[$s/$n]="-"; continue; }
+                cg=$out/callgrind.mc.$s.$n.out
+                valgrind --tool=callgrind --callgrind-out-file="$cg" --toggle-collect='cg_measure*' \
+                    "$out/memcached_bench" "$MC_PORT" --callgrind "$s" "$n" "$mc_prefix" >"$out/callgrind.mc.$s.$n.log" 2>&1 \
+                    || { cat "$out/callgrind.mc.$s.$n.log" >&2; fail "callgrind run of memcached row $s/$n failed"; }
+                ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$cg")
+                [ -n "$ir" ] && [ "$ir" -gt 0 ] || fail "no instruction count in $cg"
+                MIPK[$s/$n]=$(awk -v ir="$ir" -v n="$n" 'BEGIN { printf "%.0f\n", ir / n }')
+            done
+        done
+        MCG_NOTE="instr/key: callgrind Ir of the client process inside one run after a warm-up / N (user space only: not the server, not the kernel); bench/out/callgrind.mc.<row>.<N>.out"
+    else
+        for n in $MC_SIZES; do for s in $MC_ROWS; do MIPK[$s/$n]="n/a"; done; done
+        MCG_NOTE="instr/key: n/a (valgrind not installed)"
+    fi
+    stop_mc
+
+    mc_label() {
+        case $1 in
+        flash) echo "(a) flash: N x get_by_id, gather, decoded" ;;
+        flash_mb) echo "(a) flash, default max_batch: N/1000 ops" ;;
+        raw) echo "(a) flash backend alone: 1 GET op, bytes" ;;
+        libmc) echo "(b) libmemcached mget+fetch_result, text" ;;
+        libmc_bin) echo "(b) libmemcached mget+fetch_result, bin" ;;
+        flash_n1) echo "(c) N+1 flash: flash_wait per key" ;;
+        libmc_n1) echo "(c) N+1 libmemcached: memcached_get/key" ;;
+        esac
+    }
+    echo
+    echo "== full path over memcached: ns per key (lower is better)"
+    echo "   $(grep -m1 '^# flash' "$out/mc.1" | sed 's/^# //')"
+    echo "   memcached $MC_ARGS (started by run.sh); $(nproc 2>/dev/null || echo '?') cores shared by client and server;" \
+        "$RUNS runs x $MC_REPS reps, order rotated every rep"
+    echo "   ns/key = median of all timed reps (wall clock, client + server); x flash = median over runs of"
+    echo "   (row median / flash median) in the same run; srv = memcached's CPU ns/key (rusage, median);"
+    echo "   instr = the client's instructions/key (callgrind)"
+    echo
+    mrow() { printf '%-41s |%8s |%8s |%7s |%8s |%8s |%7s |%7s |%7s\n' "$@"; }
+    mrow "row: N keys, all cached" "1k ns" "x flash" "1k srv" "10k ns" "x flash" "10k srv" "1k ins" "10k ins"
+    mrow "-----------------------------------------" "--------" "--------" "-------" "--------" "--------" "-------" "-------" "-------"
+    for s in $MC_ROWS; do
+        cells=()
+        for n in $MC_SIZES; do
+            if [ -z "$(mc_vals "$s/$n" "$out/mc.1")" ]; then
+                cells+=("-" "-" "-")
+            else
+                cells+=("$(fmt "$(mc_med_all "$s" "$n")" 0)" "$(fmt "$(mc_ratio "$s" "$n")" 2)x" "$(fmt "$(mc_srv_all "$s" "$n")" 0)")
+            fi
+        done
+        mrow "$(mc_label "$s")" "${cells[@]}" "${MIPK[$s/1000]}" "${MIPK[$s/10000]}"
+    done
+    echo
+    for n in $MC_SIZES; do
+        echo "   N=$n: libmemcached (text) / flash backend alone (bytes vs bytes): $(fmt "$(mc_ratio libmc "$n" raw)" 2)x;" \
+            "flash / flash backend alone (the model layer: keys, memo, decode): $(fmt "$(mc_ratio flash "$n" raw)" 2)x"
+    done
+    for n in $MC_SIZES; do
+        rr=$(mc_ratio libmc "$n")
+        verdict=$(awk -v r="$rr" 'BEGIN { if (r == "nan" || r == "") print "n/a"; else if (r >= 1) print "met"; else print "NOT met" }')
+        echo "   target \"flash at least as fast per key as libmemcached's multi-get\", N=$n: $verdict (libmemcached/flash = $(fmt "$rr" 2)x)"
+    done
+    grep -m1 '^# libmc_bin' "$out/mc.1" | sed 's/^# /   /' || true
+    echo "   $MCG_NOTE"
+    echo "   Timed: (a) flash_ctx_reset + the queries + flash_gather + flash_wait (the model layer builds the keys,"
+    echo "   memoises, decodes every row into a User struct); backend alone and (b): values as bytes, not decoded."
+    echo "   flash speaks the meta protocol (mg per key + mn); libmemcached text sends one multi-key get."
+    echo
+    echo "== memcached counts (verified before the timed reps of every run; run 1 shown)"
+    grep '^verify ' "$out/mc.1" | sed 's/^verify /   /'
+    echo "   verified: all $RUNS runs ($nver checks each)"
+fi
+
 exit $status
