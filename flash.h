@@ -820,9 +820,10 @@ FLASH_API size_t flash_fetch_nfields(const flash_fetch *f);      /* key fields *
 FLASH_API int flash_fetch_field(const flash_fetch *f, size_t j);  /* field index of key part j */
 FLASH_API size_t flash_fetch_count(const flash_fetch *f);         /* key tuples */
 FLASH_API const flash_value *flash_fetch_key(const flash_fetch *f, size_t i); /* nfields values */
-/* A row matching one or more of the key tuples; copied. Rows nobody asked
-   for are ignored (and counted); a second row for a one-row class fails that
-   key with FLASH_EMULTIPLE. */
+/* A row matching one of the key tuples (matched by hash): copied, counted
+   in source_rows. A row nobody asked for returns FLASH_ENOTFOUND and is
+   ignored (so a source may hand over rows unfiltered); a second row for a
+   one-row class fails that key with FLASH_EMULTIPLE. */
 FLASH_API int flash_fetch_row(flash_fetch *f, const void *row);
 /* Custom fallbacks may answer key i directly: */
 FLASH_API int flash_fetch_set_row(flash_fetch *f, size_t i, const void *row); /* NULL: none */
@@ -1064,6 +1065,8 @@ struct flash_ctx {
     size_t nsources;
     char *prefix;            /* layer 7: escaped key prefix */
     size_t prefix_len;
+    struct flash__khead *kheads; /* layer 7: escaped "prefix:Class:vN:" per class */
+    size_t nkheads;
     void *spare_tables[48];  /* recycled memo tables, one per log2 size */
     size_t spare_table_bytes;
     struct flash__qloop *qloop;
@@ -1219,6 +1222,7 @@ static void flash__unhold(flash_ctx *ctx, uint64_t gen) {
 }
 
 static void flash__engine_reset(flash_ctx *ctx, bool destroying); /* layer 8 */
+static void flash__kheads_free(flash_ctx *ctx);                   /* layer 7 */
 
 /* Holds to release at the next drain (see flash__batch_finish). */
 typedef struct flash__later {
@@ -1423,6 +1427,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
     flash__sys_free(ctx, ctx->work);
     flash__sys_free(ctx, ctx->sources);
     flash__sys_free(ctx, ctx->prefix);
+    flash__kheads_free(ctx);
     {
         size_t i;
         for (i = 0; i < sizeof ctx->spare_tables / sizeof ctx->spare_tables[0]; i++)
@@ -3404,19 +3409,81 @@ static const char *flash__prefix(flash_ctx *ctx, size_t *len) {
 }
 
 /* prefix:Class:vN: — the part every key of a class starts with. */
+/* The escaped "prefix:Class:vN:" of each class is made once per context
+   (it was half of the cost of a query's key) and kept across resets. */
+typedef struct flash__khead {
+    const flash_class *cls;
+    char *head;
+    size_t len;
+} flash__khead;
+#define FLASH__KHEADS 32
+
 static void flash__key_head(flash__buf *b, flash_ctx *ctx, const flash_class *c) {
-    size_t plen;
-    const char *p = flash__prefix(ctx, &plen);
+    size_t plen, i;
+    const char *p;
     char v[24];
+    flash__buf h;
+    flash__khead *k;
+    for (i = 0; i < ctx->nkheads; i++) {
+        if (ctx->kheads[i].cls == c) {
+            flash__buf_put(b, ctx->kheads[i].head, ctx->kheads[i].len);
+            return;
+        }
+    }
+    p = flash__prefix(ctx, &plen);
     if (!p) {
         b->err = FLASH_ENOMEM;
         return;
     }
-    flash__buf_put(b, p, plen);
-    flash__buf_put(b, ":", 1);
-    flash__buf_escape(b, c->name, strlen(c->name));
+    flash__buf_init(&h, ctx, 64);
+    flash__buf_put(&h, p, plen);
+    flash__buf_put(&h, ":", 1);
+    flash__buf_escape(&h, c->name, strlen(c->name));
     snprintf(v, sizeof v, ":v%u:", (unsigned)c->opts.version);
-    flash__buf_put(b, v, strlen(v));
+    flash__buf_put(&h, v, strlen(v));
+    if (h.err) {
+        b->err = h.err;
+        return;
+    }
+    flash__buf_put(b, h.p, h.len);
+    /* Remember it (the oldest goes when the table is full). */
+    if (!ctx->kheads) {
+        ctx->kheads = (flash__khead *)flash__sys_alloc(ctx, FLASH__KHEADS * sizeof *ctx->kheads);
+        if (!ctx->kheads) return;
+    }
+    if (ctx->nkheads == FLASH__KHEADS) {
+        flash__sys_free(ctx, ctx->kheads[0].head);
+        memmove(&ctx->kheads[0], &ctx->kheads[1], (FLASH__KHEADS - 1) * sizeof *ctx->kheads);
+        ctx->nkheads--;
+    }
+    k = &ctx->kheads[ctx->nkheads];
+    k->head = (char *)flash__sys_alloc(ctx, h.len);
+    if (!k->head) return;
+    memcpy(k->head, h.p, h.len);
+    k->len = h.len;
+    k->cls = c;
+    ctx->nkheads++;
+}
+
+static void flash__kheads_free(flash_ctx *ctx) {
+    size_t i;
+    for (i = 0; i < ctx->nkheads; i++) flash__sys_free(ctx, ctx->kheads[i].head);
+    flash__sys_free(ctx, ctx->kheads);
+    ctx->kheads = NULL;
+    ctx->nkheads = 0;
+}
+
+/* Decimal digits of v: no escaping needed ('-' and digits are kept). */
+static void flash__buf_int(flash__buf *b, int64_t v) {
+    char tmp[24];
+    size_t n = sizeof tmp;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[--n] = (char)('0' + (int)(u % 10));
+        u /= 10;
+    } while (u);
+    if (v < 0) tmp[--n] = '-';
+    flash__buf_put(b, tmp + n, sizeof tmp - n);
 }
 
 static void flash__key_value(flash__buf *b, const flash_value *v) {
@@ -3426,8 +3493,8 @@ static void flash__key_value(flash__buf *b, const flash_value *v) {
         return;
     }
     switch (v->type) {
-    case FLASH_I64: snprintf(num, sizeof num, "%lld", (long long)v->u.i64); break;
-    case FLASH_I32: snprintf(num, sizeof num, "%d", (int)v->u.i32); break;
+    case FLASH_I64: flash__buf_int(b, v->u.i64); return;
+    case FLASH_I32: flash__buf_int(b, v->u.i32); return;
     case FLASH_F64: {
         char *comma;
         double d = v->u.f64 == 0.0 ? 0.0 : v->u.f64; /* -0.0 keys as 0 */
@@ -4061,9 +4128,9 @@ FLASH_API int flash_fetch_row(flash_fetch *f, const void *row) {
     if (rc) return rc;
     if (!row) return FLASH_EINVAL;
     if (!f->map && (rc = flash__fetch_map_build(f)) != FLASH_OK) return rc;
-    f->ctx->stats.source_rows++;
     t = flash__fetch_match(f, row);
     if (t < 0) return FLASH_ENOTFOUND; /* a row nobody asked for: ignored */
+    f->ctx->stats.source_rows++;
     return flash__fetch_add(f, (size_t)t, row);
 }
 
@@ -4525,7 +4592,7 @@ static void flash__engine_get_done(flash_cache_op *op) {
     flash__eop *o = (flash__eop *)op->data;
     flash__eb *eb = o->eb;
     flash_ctx *ctx = o->ctx;
-    ctx->stats.cache_round_trips += op->round_trips ? op->round_trips : 1;
+    ctx->stats.cache_round_trips += op->round_trips; /* 0 when every key failed fast */
     eb->get = NULL;
     flash__eb_after_cache(eb, op->items, op->status);
     /* The batch holds the generation; the GET needs no hold of its own. */

@@ -224,29 +224,18 @@ FLASH_API void flash_table_fail_next(flash_table *t, int code, const char *messa
 FLASH_API uint64_t flash_table_fetches(const flash_table *t) { return t ? t->fetches : 0; }
 FLASH_API uint64_t flash_table_keys_fetched(const flash_table *t) { return t ? t->keys : 0; }
 
-/* Answer f from the rows: every row whose key fields equal a key tuple. */
+/* Answer f from the rows: flash_fetch_row matches each row to its key
+   tuple by hash and ignores the others, so one pass over the table. */
 static void flash__table_answer(flash_table *t, flash_fetch *f) {
     const flash__trows *r = flash__table_model(t, flash_fetch_model(f), false);
-    size_t nf = flash_fetch_nfields(f), nk = flash_fetch_count(f), i, k, j;
+    size_t i;
     if (t->fail_code) {
         int code = t->fail_code;
         t->fail_code = 0;
         flash_fetch_done(f, code, t->fail_message[0] ? t->fail_message : NULL);
         return;
     }
-    for (i = 0; r && i < r->count; i++) {
-        for (k = 0; k < nk; k++) {
-            const flash_value *key = flash_fetch_key(f, k);
-            for (j = 0; j < nf; j++) {
-                flash_value v = flash_row_value(r->model, r->rows[i], flash_fetch_field(f, j));
-                if (!flash_value_eq(&v, &key[j])) break;
-            }
-            if (j == nf) {
-                flash_fetch_row(f, r->rows[i]);
-                break; /* key tuples are unique: a row matches at most one */
-            }
-        }
-    }
+    for (i = 0; r && i < r->count; i++) flash_fetch_row(f, r->rows[i]);
     flash_fetch_done(f, FLASH_OK, NULL);
 }
 
