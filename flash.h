@@ -996,6 +996,16 @@ FLASH_API void flash_strbuf_free(flash_strbuf *b) {
     b->oom = false;
 }
 
+/* A 64-bit finaliser (murmur3's fmix64): spreads every input bit. */
+static uint64_t flash__mix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return x;
+}
+
 static void *flash__default_alloc(size_t size, void *ud) { (void)ud; return malloc(size); }
 static void flash__default_free(void *p, void *ud) { (void)ud; free(p); }
 
@@ -1057,11 +1067,13 @@ struct flash_ctx {
     flash_loop loop;
     bool own_queue_loop;     /* loop is the internal defer-only queue */
     void *drain_handle;      /* deferred drain scheduled on the loop */
+    uint64_t memo_seed;      /* seeds memo hashes (see flash__memo_hash) */
     int depth;               /* drains on the stack: new tasks get run */
     int running;             /* flash_wait / flash_run on the stack */
     void *engine;            /* layer 8 state, per generation */
     struct flash__binding *sources; /* layer 8: model -> source, kept across resets */
     struct flash__eop *writes;      /* layer 8: cache writes in flight, any generation */
+    struct flash_fetch *fetches;    /* layer 8: source fetches not done, any generation */
     size_t nsources;
     char *prefix;            /* layer 7: escaped key prefix */
     size_t prefix_len;
@@ -1384,6 +1396,14 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
     if (!ctx) return NULL;
     memset(ctx, 0, sizeof *ctx);
     ctx->desc = d;
+    {
+        /* Unpredictable enough against flooding: the time and the address
+           (no shared state: contexts are made in any thread). */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ctx->memo_seed =
+            flash__mix64((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30) ^ (uint64_t)(uintptr_t)ctx);
+    }
     ctx->qloop = (flash__qloop *)flash__sys_alloc(ctx, sizeof *ctx->qloop);
     if (!ctx->qloop) {
         d.allocator.free(ctx, d.allocator.user_data);
@@ -2145,9 +2165,9 @@ struct flash_loader {
 
 /* 64-bit hash of a byte string: 8 bytes a round, one multiply-xorshift
    each; short keys (most keys) take one or two rounds. */
-static inline uint64_t flash__hash(const void *data, size_t n) {
+static inline uint64_t flash__hash_seeded(const void *data, size_t n, uint64_t seed) {
     const unsigned char *s = (const unsigned char *)data;
-    uint64_t h = 0x9E3779B97F4A7C15ull ^ (uint64_t)n, k;
+    uint64_t h = (0x9E3779B97F4A7C15ull ^ (uint64_t)n) + seed, k;
     while (n >= 8) {
         memcpy(&k, s, 8);
         h = (h ^ k) * 0xbf58476d1ce4e5b9ull;
@@ -2172,6 +2192,13 @@ static inline uint64_t flash__hash(const void *data, size_t n) {
     h ^= h >> 29;
     return h;
 }
+
+/* Unseeded: what must agree across processes (hashed cache keys, checks). */
+static inline uint64_t flash__hash(const void *data, size_t n) { return flash__hash_seeded(data, n, 0); }
+
+/* Memo keys may be chosen by clients (slugs): the memo hashes them with a
+   seed of the context's, so colliding keys cannot be precomputed. */
+#define flash__memo_hash(l, k, n) flash__hash_seeded((k), (n), (l)->ctx->memo_seed)
 
 /* Equal keys of equal length n; short ones without a libc call. */
 static inline bool flash__keyeq(const char *a, const char *b, size_t n) {
@@ -2503,7 +2530,7 @@ static inline flash_promise *flash__load(flash_loader *l, const void *key, size_
     flash_ctx *ctx = l->ctx;
     flash__entry *e;
     flash__slot *slot = NULL;
-    uint64_t h = flash__hash(mkey, mlen);
+    uint64_t h = flash__memo_hash(l, mkey, mlen);
     bool own_mkey = mkey != key;
     if (l->cap) {
         slot = flash__memo_find(l, mkey, mlen, h);
@@ -2603,7 +2630,7 @@ FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *va
     uint64_t h;
     if (!l || !key || !len) return FLASH_EINVAL;
     if (l->desc.key_fn && !(mkey = flash__mkey(l, key, len, buf, sizeof buf, &mlen))) return FLASH_ENOMEM;
-    h = flash__hash(mkey, mlen);
+    h = flash__memo_hash(l, mkey, mlen);
     if (l->cap && flash__memo_find(l, mkey, mlen, h)->gen == l->gen) return FLASH_OK; /* never overwrites */
     if ((l->count + 1) * 2 > l->cap && flash__memo_grow(l) != FLASH_OK) return FLASH_ENOMEM;
     slot = flash__memo_find(l, mkey, mlen, h);
@@ -2629,7 +2656,7 @@ FLASH_API int flash_clear(flash_loader *l, const void *key, size_t len) {
     if (!l || !key || !len) return FLASH_EINVAL;
     if (l->desc.key_fn && !(mkey = flash__mkey(l, key, len, buf, sizeof buf, &mlen))) return FLASH_ENOMEM;
     if (!l->cap) return FLASH_OK;
-    slot = flash__memo_find(l, mkey, mlen, flash__hash(mkey, mlen));
+    slot = flash__memo_find(l, mkey, mlen, flash__memo_hash(l, mkey, mlen));
     if (slot->gen == l->gen) flash__memo_remove_slot(l, slot);
     return FLASH_OK;
 }
@@ -3592,7 +3619,10 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 /* ---- 8. query engine ----------------------------------------------------- */
 
 /* Value header: magic, flags, schema, dynamic version, time, [full key]. */
-#define FLASH__MAGIC 0xF1
+/* Format 2: magic, flags, schema (4), check (4), then varints. The check
+   covers every other byte, so corruption is a miss, never another row. */
+#define FLASH__MAGIC 0xF2
+#define FLASH__HDR_FIXED 10
 enum {
     FLASH__VF_NONE = 1,   /* a cached not-found */
     FLASH__VF_MARKER = 2, /* an invalidation marker: no payload */
@@ -3678,6 +3708,7 @@ typedef struct flash__rows {
 
 struct flash_fetch {
     flash_fetch *next_in_eb;
+    flash_fetch *prev_live, *next_live; /* ctx->fetches: every fetch not done */
     flash__eb *eb;
     flash_class *cls;
     flash_ctx *ctx;
@@ -3777,8 +3808,16 @@ static void flash__eop_unlink(flash__eop *o) {
     flash__unhold(ctx, o->gen);
 }
 
+static void flash__fetch_cancel(flash_ctx *ctx, flash_fetch *f);
+
 static void flash__engine_reset(flash_ctx *ctx, bool destroying) {
     flash__eop *o;
+    flash_fetch *f, *next;
+    /* Fetches of this request (refreshes may outlive their batch). */
+    for (f = ctx->fetches; f; f = next) {
+        next = f->next_live;
+        if (destroying || f->gen == ctx->gen) flash__fetch_cancel(ctx, f);
+    }
     if (destroying) {
         while ((o = ctx->writes) != NULL) {
             if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &o->op);
@@ -3834,23 +3873,70 @@ static void flash__write(flash_ctx *ctx, flash_cache_opcode code, flash_cache_it
 
 static bool flash__one_row(flash_class_kind k) { return k == FLASH_CLASS_GET || k == FLASH_CLASS_INSTANCE; }
 
+/* A value's header. */
+typedef struct flash__hdr {
+    unsigned flags;
+    uint32_t schema;
+    uint64_t version;
+    int64_t time_ms;
+    size_t size; /* bytes of header (without the full key) */
+} flash__hdr;
+
+static uint32_t flash__le32(const unsigned char *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+static void flash__put_le32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+/* The check of a value: a hash of its bytes around the check field. */
+static uint32_t flash__check_of(const unsigned char *v, size_t len) {
+    uint64_t a = flash__hash(v, 6), b = flash__hash(v + FLASH__HDR_FIXED, len - FLASH__HDR_FIXED);
+    return (uint32_t)((a * 0x9E3779B97F4A7C15ull) ^ b ^ (b >> 32));
+}
+
+/* A value's header; FLASH_EPROTO when it is malformed or its check fails. */
+static int flash__read_hdr(flash__rd *r, flash__hdr *h) {
+    const unsigned char *start = r->p;
+    const unsigned char *hdr = flash__rd_bytes(r, FLASH__HDR_FIXED);
+    if (!hdr || hdr[0] != FLASH__MAGIC || (hdr[1] & ~0x0Fu)) return FLASH_EPROTO;
+    if (flash__le32(hdr + 6) != flash__check_of(start, (size_t)(r->end - start))) return FLASH_EPROTO;
+    h->flags = hdr[1];
+    h->schema = flash__le32(hdr + 2);
+    h->version = flash__rd_varint(r);
+    h->time_ms = (int64_t)flash__rd_varint(r);
+    h->size = (size_t)(r->p - start);
+    return r->err ? FLASH_EPROTO : FLASH_OK;
+}
+
+/* Starts a value in b (which must be empty); flash__seal finishes it. */
+static void flash__put_hdr(flash__buf *b, unsigned flags, uint32_t schema, uint64_t version, int64_t time_ms) {
+    unsigned char hdr[FLASH__HDR_FIXED];
+    hdr[0] = FLASH__MAGIC;
+    hdr[1] = (unsigned char)flags;
+    flash__put_le32(hdr + 2, schema);
+    flash__put_le32(hdr + 6, 0); /* the check, written by flash__seal */
+    flash__buf_put(b, hdr, FLASH__HDR_FIXED);
+    flash__buf_varint(b, version);
+    flash__buf_varint(b, (uint64_t)(time_ms < 0 ? 0 : time_ms));
+}
+
+static void flash__seal(flash__buf *b) {
+    if (!b->err) flash__put_le32(b->p + 6, flash__check_of(b->p, b->len));
+}
+
 /* Encode a result as a cached value: header then payload. */
 static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *result, bool none, uint64_t version,
                                void **out, size_t *len) {
     flash__buf b;
     const flash_class *c = q->cls;
-    unsigned char hdr[6];
-    uint32_t schema = c->model->schema;
     flash__buf_init(&b, ctx, 64);
-    hdr[0] = FLASH__MAGIC;
-    hdr[1] = (unsigned char)((none ? FLASH__VF_NONE : 0) | (q->full ? FLASH__VF_HASHED : 0));
-    hdr[2] = (unsigned char)schema;
-    hdr[3] = (unsigned char)(schema >> 8);
-    hdr[4] = (unsigned char)(schema >> 16);
-    hdr[5] = (unsigned char)(schema >> 24);
-    flash__buf_put(&b, hdr, 6);
-    flash__buf_varint(&b, version); /* dynamic version (0 unless DYNAMIC) */
-    flash__buf_varint(&b, (uint64_t)flash__now(ctx));
+    /* version: the dynamic version (0 unless DYNAMIC) */
+    flash__put_hdr(&b, (none ? FLASH__VF_NONE : 0) | (q->full ? FLASH__VF_HASHED : 0), c->model->schema, version,
+                   flash__now(ctx));
     if (q->full) {
         flash__buf_varint(&b, q->full_len);
         flash__buf_put(&b, q->full, q->full_len);
@@ -3872,44 +3958,35 @@ static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *resu
             for (i = 0; i < l->count; i++) flash__encode_row(&b, c->model, l->items[i]);
         }
     }
+    flash__seal(&b);
     if (b.err) return b.err;
     *out = b.p;
     *len = b.len;
     return FLASH_OK;
 }
 
-/* A value's header. */
-typedef struct flash__hdr {
-    unsigned flags;
-    uint32_t schema;
-    uint64_t version;
-    int64_t time_ms;
-    size_t size; /* bytes of header (without the full key) */
-} flash__hdr;
-
-static int flash__read_hdr(flash__rd *r, flash__hdr *h) {
-    const unsigned char *hdr = flash__rd_bytes(r, 6);
-    const unsigned char *start = r->p - 6;
-    if (!hdr || hdr[0] != FLASH__MAGIC || (hdr[1] & ~0x0Fu)) return FLASH_EPROTO;
-    h->flags = hdr[1];
-    h->schema = (uint32_t)hdr[2] | ((uint32_t)hdr[3] << 8) | ((uint32_t)hdr[4] << 16) | ((uint32_t)hdr[5] << 24);
-    h->version = flash__rd_varint(r);
-    h->time_ms = (int64_t)flash__rd_varint(r);
-    h->size = (size_t)(r->p - start);
-    return r->err ? FLASH_EPROTO : FLASH_OK;
+/* Rows a source gave for q carry q's key values: a decoded value whose rows
+   do not is corrupt, whatever its check says. (Custom fallbacks may answer
+   with any rows: not checked.) */
+static bool flash__row_has_key(const flash__query *q, const void *row) {
+    size_t k;
+    for (k = 0; k < q->cls->nfields; k++) {
+        flash_value v = flash_row_value(q->cls->model, row, q->cls->fields[k]);
+        if (!flash_value_eq(&v, &q->values[k])) return false;
+    }
+    return true;
 }
 
-static void flash__put_hdr(flash__buf *b, unsigned flags, uint32_t schema, uint64_t version, int64_t time_ms) {
-    unsigned char hdr[6];
-    hdr[0] = FLASH__MAGIC;
-    hdr[1] = (unsigned char)flags;
-    hdr[2] = (unsigned char)schema;
-    hdr[3] = (unsigned char)(schema >> 8);
-    hdr[4] = (unsigned char)(schema >> 16);
-    hdr[5] = (unsigned char)(schema >> 24);
-    flash__buf_put(b, hdr, 6);
-    flash__buf_varint(b, version);
-    flash__buf_varint(b, (uint64_t)(time_ms < 0 ? 0 : time_ms));
+static bool flash__rows_match(const flash__query *q, void *result) {
+    const flash_class *c = q->cls;
+    size_t i;
+    if (flash__one_row(c->kind)) return flash__row_has_key(q, result);
+    if (c->kind == FLASH_CLASS_FILTER || c->kind == FLASH_CLASS_LIST) {
+        const flash_list *l = (const flash_list *)result;
+        for (i = 0; i < l->count; i++)
+            if (!flash__row_has_key(q, l->items[i])) return false;
+    }
+    return true;
 }
 
 /* Decode a cached value for q. Returns 1 with *result (NULL + *none for a
@@ -3981,6 +4058,7 @@ static int flash__decode_value(flash_ctx *ctx, const flash__query *q, const void
     }
     if (r.err) return r.err;
     if (r.p != r.end) return FLASH_EPROTO;
+    if (!c->opts.fallback && !flash__rows_match(q, *result)) return FLASH_EPROTO;
     return 1;
 }
 
@@ -4055,6 +4133,30 @@ static long flash__fetch_match(flash_fetch *f, const void *row) {
         j = (j + 1) & (f->map_cap - 1);
     }
     return -1;
+}
+
+/* f is done (answered or cancelled): off the context's list, and its
+   request's memory released. */
+static void flash__fetch_finish(flash_fetch *f) {
+    flash_ctx *ctx = f->ctx;
+    f->done = true;
+    if (f->prev_live) f->prev_live->next_live = f->next_live;
+    else if (ctx->fetches == f) ctx->fetches = f->next_live;
+    if (f->next_live) f->next_live->prev_live = f->prev_live;
+    f->prev_live = f->next_live = NULL;
+    flash__unhold(ctx, f->gen);
+}
+
+/* Its request ended: a source with a cancel function drops it now; any
+   other answers later into flash_fetch_done, which then only releases it. */
+static void flash__fetch_cancel(flash_ctx *ctx, flash_fetch *f) {
+    (void)ctx;
+    if (f->done) return;
+    f->canceled = true;
+    if (f->src.vt && f->src.vt->cancel) {
+        f->src.vt->cancel(f->src.self, f);
+        flash__fetch_finish(f);
+    }
 }
 
 static int flash__fetch_check(flash_fetch *f) {
@@ -4242,13 +4344,11 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) 
     int rc = flash__fetch_check(f);
     if (rc == FLASH_ECANCELED && f && !f->done) {
         /* A late answer for a reset request: release its memory now. */
-        f->done = true;
-        flash__unhold(f->ctx, f->gen);
+        flash__fetch_finish(f);
         return rc;
     }
     if (rc) return rc;
-    f->done = true;
-    flash__unhold(f->ctx, f->gen);
+    flash__fetch_finish(f);
     eb = f->eb;
     ctx = f->ctx;
     c = f->cls;
@@ -4369,6 +4469,9 @@ static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
         if (tail) tail->next_in_eb = fs[j];
         else eb->fetches = fs[j];
         tail = fs[j];
+        fs[j]->next_live = ctx->fetches; /* so that reset and destroy find it */
+        if (ctx->fetches) ctx->fetches->prev_live = fs[j];
+        ctx->fetches = fs[j];
     }
     eb->fetches_pending += nf;
     /* Dispatch after all are built: a fetch may complete inside the call. */
@@ -4440,21 +4543,25 @@ static int flash__lock_key(flash_ctx *ctx, const char *key, size_t len, char **o
 static void flash__engine_lock_done(flash_cache_op *op) {
     flash__eop *o = (flash__eop *)op->data;
     flash__eb *eb = o->eb;
-    size_t i, k = 0;
-    bool *refresh = (bool *)flash_calloc(eb->ctx, eb->n, sizeof *refresh);
-    bool any = false;
+    flash_ctx *ctx = o->ctx;
     eb->lock = NULL;
-    /* Items are in key order of the keys that asked for a lock. */
-    for (i = 0; i < eb->n && k < op->count; i++) {
-        if (!eb->served[i] || eb->fill[i] != FLASH__FILL_CAS) continue;
-        if (op->items[k].status == FLASH_OK && refresh) {
-            refresh[i] = true; /* this reader refreshes */
-            any = true;
+    if (o->gen == ctx->gen && !eb->canceled) { /* a reset request refreshes nothing */
+        size_t i, k = 0;
+        bool *refresh = (bool *)flash_calloc(ctx, eb->n, sizeof *refresh);
+        bool any = false;
+        /* Items are in key order of the keys that asked for a lock. */
+        for (i = 0; i < eb->n && k < op->count; i++) {
+            if (!eb->served[i] || eb->fill[i] != FLASH__FILL_CAS) continue;
+            if (op->items[k].status == FLASH_OK && refresh) {
+                refresh[i] = true; /* this reader refreshes */
+                any = true;
+            }
+            k++;
         }
-        k++;
+        if (any) flash__eb_fetch(eb, refresh);
+        flash__eb_maybe_end(eb);
     }
-    if (any) flash__eb_fetch(eb, refresh);
-    flash__eb_maybe_end(eb);
+    flash__eop_unlink(o); /* last: it held the request's memory */
 }
 
 /* Classify every key of the batch after the cache answered (or without a
@@ -4571,14 +4678,15 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
             }
         }
         if (o && li && k == nlock) {
-            o->ctx = ctx;
-            o->gen = ctx->gen;
             o->eb = eb;
             o->op.code = FLASH_CACHE_ADD;
             o->op.items = li;
             o->op.count = nlock;
             o->op.done = flash__engine_lock_done;
             o->op.data = o;
+            /* Tracked like a write: it may outlive the batch (every key was
+               already answered stale), and holds the request's memory. */
+            flash__eop_link(ctx, o, ctx->gen);
             eb->lock = o;
             ctx->stats.writes++;
             ctx->desc.cache.vt->submit(ctx->desc.cache.self, ctx->loop, &o->op);
@@ -4697,17 +4805,10 @@ static void flash__engine_cancel(flash_ctx *ctx, flash_batch *b, void *ud) {
     }
     if (eb->lock) {
         if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &eb->lock->op);
+        flash__eop_unlink(eb->lock);
         eb->lock = NULL;
     }
-    for (f = eb->fetches; f; f = f->next_in_eb) {
-        if (f->done) continue;
-        f->canceled = true;
-        if (f->src.vt && f->src.vt->cancel) {
-            f->src.vt->cancel(f->src.self, f);
-            f->done = true;
-            flash__unhold(ctx, f->gen);
-        }
-    }
+    for (f = eb->fetches; f; f = f->next_in_eb) flash__fetch_cancel(ctx, f);
 }
 
 /* ---- queries ---- */
@@ -4863,6 +4964,7 @@ static int flash__marker(flash_ctx *ctx, void **out, size_t *len) {
     flash__buf b;
     flash__buf_init(&b, ctx, 24);
     flash__put_hdr(&b, FLASH__VF_MARKER, 0, 0, flash__now(ctx));
+    flash__seal(&b);
     if (b.err) return b.err;
     *out = b.p;
     *len = b.len;
@@ -4881,6 +4983,7 @@ static int flash__restamp(flash_ctx *ctx, const void *data, size_t len, void **o
     flash__buf_init(&b, ctx, len + 16);
     flash__put_hdr(&b, h.flags | FLASH__VF_STALE, h.schema, h.version, flash__now(ctx));
     flash__buf_put(&b, r.p, (size_t)(r.end - r.p));
+    flash__seal(&b);
     if (b.err) return b.err;
     *out = b.p;
     *out_len = b.len;

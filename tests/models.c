@@ -139,4 +139,17 @@ flash_stats stats_delta(void) {
 }
 
 const flash_class *other_tu_user_by_id(void) { return &User__get_by_id; }
+
+/* The class name "SchemaProbe" on ProbeA here and on ProbeB in
+   test_engine.c: the same cache keys, another schema (what two deployments
+   with different model definitions see). */
+#define PROBE_A_FIELDS(F) F(I64, id) F(STR, name)
+FLASH_MODEL(ProbeA, PROBE_A_FIELDS)
+FLASH_INSTANCE_CACHE(SchemaProbe, ProbeA, (id))
+const char *schema_probe_a(flash_ctx *ctx, flash_table *db, int64_t id, const char *name) {
+    ProbeA row = {id, name};
+    void *v = NULL;
+    flash_table_put(db, &ProbeA_model, &row);
+    return flash_wait(ctx, SchemaProbe_resolve_async(ctx, id), &v) == 0 ? ((ProbeA *)v)->name : NULL;
+}
 const flash_model *other_tu_user_model(void) { return &User_model; }

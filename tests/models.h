@@ -72,4 +72,7 @@ flash_stats stats_delta(void);
 /* Class copies as seen from another translation unit (models.c). */
 const flash_class *other_tu_user_by_id(void);
 const flash_model *other_tu_user_model(void);
+/* Puts ProbeA {id, name} in db and resolves the class "SchemaProbe" defined
+   on ProbeA (see test_engine.c); returns the name read. */
+const char *schema_probe_a(flash_ctx *ctx, flash_table *db, int64_t id, const char *name);
 #endif

@@ -537,7 +537,7 @@ FLASH_TEST(engine, a_10kB_key_is_hashed_and_its_full_key_checked_on_read) {
 }
 
 FLASH_TEST(engine, a_corrupt_cached_value_is_a_miss_replaced_and_logged) {
-    raw_set(&User__get_by_id, flash_v_i64(11), "\xF1\x00", 2); /* truncated header */
+    raw_set(&User__get_by_id, flash_v_i64(11), "\xF2\x00", 2); /* truncated header */
     User *u = wait_ok(User_get_by_id_async(fx.ctx, 11));
     cr_assert_eq(u->id, 11);
     cr_assert(strstr(fx.log, "corrupt cached value"), "log: %s", fx.log);
@@ -549,14 +549,26 @@ FLASH_TEST(engine, a_corrupt_cached_value_is_a_miss_replaced_and_logged) {
     cr_assert_eq(stats_delta().cache_hits, 1, "the corrupt value was replaced");
 }
 
+/* "SchemaProbe" on ProbeB here, on ProbeA in models.c: same keys, other
+   schema. */
+#define PROBE_B_FIELDS(F) F(I64, id) F(I64, weight) F(BOOL, flag)
+FLASH_MODEL(ProbeB, PROBE_B_FIELDS)
+FLASH_INSTANCE_CACHE(SchemaProbe, ProbeB, (id))
+
 FLASH_TEST(engine, a_value_of_another_schema_is_a_miss) {
-    unsigned char v[] = {0xF1, 0, 1, 2, 3, 4, 0, 0}; /* good header, other schema */
-    raw_set(&User__get_by_id, flash_v_i64(12), v, sizeof v);
-    User *u = wait_ok(User_get_by_id_async(fx.ctx, 12));
-    cr_assert_eq(u->id, 12);
+    const char *name = schema_probe_a(fx.ctx, fx.db, 2, "from A"); /* cached with ProbeA's schema */
+    cr_assert_str_eq(name, "from A");
+    fixture_settle();
+    flash_ctx_reset(fx.ctx);
+    ProbeB b = {2, 77, true};
+    flash_table_put(fx.db, &ProbeB_model, &b);
+    stats_delta();
+    ProbeB *got = wait_ok(SchemaProbe_resolve_async(fx.ctx, 2));
+    cr_assert_eq(got->weight, 77, "never ProbeA's bytes read as a ProbeB");
     flash_stats s = stats_delta();
     cr_assert_eq(s.cache_misses, 1);
     cr_assert_eq(s.source_calls, 1);
+    cr_assert_not(strstr(fx.log, "corrupt"), "another schema is not corruption: %s", fx.log);
 }
 
 /* ---- registration ---- */
