@@ -3698,7 +3698,7 @@ struct flash__engine {
 };
 
 /* What the engine decided for one key after the cache answered. */
-enum { FLASH__FILL_NONE = 0, FLASH__FILL_ADD, FLASH__FILL_CAS, FLASH__FILL_SET };
+enum { FLASH__FILL_NONE = 0, FLASH__FILL_ADD, FLASH__FILL_CAS, FLASH__FILL_KINDS };
 
 /* Rows (or ids) collected for one key tuple of a list-like class. */
 typedef struct flash__rows {
@@ -4338,8 +4338,8 @@ static size_t flash__max_value(flash_ctx *ctx) {
 FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) {
     flash__eb *eb;
     flash_ctx *ctx;
-    flash_cache_item *fills[4] = {NULL, NULL, NULL, NULL};
-    size_t nfill[4] = {0, 0, 0, 0}, t, maxv;
+    flash_cache_item *fills[FLASH__FILL_KINDS] = {NULL, NULL, NULL};
+    size_t nfill[FLASH__FILL_KINDS] = {0, 0, 0}, t, maxv;
     const flash_class *c;
     int rc = flash__fetch_check(f);
     if (rc == FLASH_ECANCELED && f && !f->done) {
@@ -4405,10 +4405,9 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) 
         if (none) flash__eb_settle_none(eb, i);
         else flash_batch_resolve(eb->batch, i, result);
     }
-    ctx->stats.fills += nfill[FLASH__FILL_ADD] + nfill[FLASH__FILL_CAS] + nfill[FLASH__FILL_SET];
+    ctx->stats.fills += nfill[FLASH__FILL_ADD] + nfill[FLASH__FILL_CAS];
     flash__write(ctx, FLASH_CACHE_ADD, fills[FLASH__FILL_ADD], nfill[FLASH__FILL_ADD]);
     flash__write(ctx, FLASH_CACHE_CAS, fills[FLASH__FILL_CAS], nfill[FLASH__FILL_CAS]);
-    flash__write(ctx, FLASH_CACHE_SET, fills[FLASH__FILL_SET], nfill[FLASH__FILL_SET]);
     eb->fetches_pending--;
     flash__eb_maybe_end(eb);
     return FLASH_OK;
@@ -4602,8 +4601,11 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
             int r = flash__decode_value(ctx, q, items[i].value, items[i].value_len, &result, &none, &h);
             int64_t age = r >= 0 ? now - h.time_ms : 0;
             if (r == 1 && h.version != version) {
-                r = 0; /* written under an older version: refresh, forced */
-                eb->fill[i] = FLASH__FILL_SET;
+                /* Written under an older version: refresh it, but only if it
+                   is still the value seen (an invalidation may land first). */
+                r = 0;
+                eb->fill[i] = FLASH__FILL_CAS;
+                eb->cas[i] = items[i].cas;
             } else if (r == 1 && (h.flags & FLASH__VF_STALE)) {
                 if (age <= (int64_t)q->cls->opts.allowtime_s * 1000) {
                     /* Invalidated, but within allowtime: serve it, and let
@@ -4638,8 +4640,9 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
             } else if (r < 0) {
                 flash_ctx_log(ctx, FLASH_LOG_WARN, "%s: corrupt cached value at %s (%s): replaced",
                               q->cls->name, q->key, flash_strerror(r));
-                eb->fill[i] = FLASH__FILL_SET;
-            } else if (eb->fill[i] != FLASH__FILL_SET) {
+                eb->fill[i] = FLASH__FILL_CAS; /* as above: never over a newer write */
+                eb->cas[i] = items[i].cas;
+            } else if (eb->fill[i] != FLASH__FILL_CAS) {
                 eb->fill[i] = FLASH__FILL_NONE; /* another key's or schema's value: leave it */
             }
         } else if (items && st != FLASH_ENOTFOUND) {

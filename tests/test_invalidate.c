@@ -200,6 +200,53 @@ FLASH_TEST(invalidate, a_marker_evicted_before_the_fill_drops_the_fill_and_stays
     cr_assert_eq(stats_delta().cache_hits, 1);
 }
 
+/* Write raw bytes at a key, as a foreign or damaged writer would. */
+static void put_raw(const char *key, const char *value, size_t len) {
+    int done = 0;
+    flash_cache_item it = {.key = key, .key_len = strlen(key), .value = value, .value_len = len, .ttl_s = 60};
+    flash_cache_op op = {.code = FLASH_CACHE_SET, .items = &it, .count = 1, .done = done_flag, .data = &done};
+    fx.cache.vt->submit(fx.cache.self, flash_poll_loop(fx.loop), &op);
+    while (!done) flash_poll_run_once(fx.loop, true);
+    cr_assert_eq(it.status, 0);
+}
+
+FLASH_TEST(invalidate, a_corrupt_value_replaced_while_a_write_lands_keeps_the_writers_marker) {
+    /* A reader finds a corrupt value, reads the source (the old row) and
+       is held before its fill; meanwhile a writer commits and invalidates.
+       The fill must not overwrite the marker (a blind set would cache the
+       old row until its timeout). */
+    put_raw("flash:User.id:v1:12", "\xF2\x00garbage", 9);
+    gate *g = gate_create(fx.cache, fx.lp);
+    flash_desc d = {0};
+    d.cache = gate_cache(g);
+    d.clock_ms = clock_fn;
+    flash_ctx *r = flash_ctx_create(&d);
+    flash_poll_attach(r, fx.loop);
+    flash_ctx_set_source(r, NULL, flash_table_source(fx.db));
+    gate_shut(g, true);
+    flash_promise *p = User_get_by_id_async(r, 12);
+    run_until_idle(fx.lp);
+    cr_assert(gate_release(g), "the GET: a corrupt value");
+    run_until_idle(fx.lp); /* the source answers the old row; the fill waits */
+    cr_assert_eq(gate_waiting(g), 1);
+    User old = *(User *)get(r, p), now = old;
+    cr_assert_str_eq(old.username, "user12");
+    now.username = "renamed12";
+    flash_table_put(fx.db, &User_model, &now);
+    cr_assert_eq(flash_invalidate(fx.ctx, &User_model, &old, &now), 0);
+    settle_writes();
+    cr_assert(gate_release(g), "the fill");
+    run_until_idle(fx.lp);
+    flash_stats s = flash_ctx_stats(r);
+    flash_ctx_destroy(r);
+    gate_destroy(g);
+    cr_assert_eq(s.fills, 1);
+    cr_assert_eq(s.fills_skipped, 1, "the fill lost its CAS to the writer's marker");
+    now_ms += 1000; /* past the lag window */
+    flash_ctx_reset(fx.ctx);
+    cr_assert_str_eq(((User *)get(fx.ctx, User_get_by_id_async(fx.ctx, 12)))->username, "renamed12");
+}
+
 FLASH_TEST(invalidate, dynamic_versions_are_bumped_and_an_evicted_version_key_is_version_zero) {
     DynMember m1 = {1, "one", 7}, m2 = {2, "two", 7};
     flash_table_put(fx.db, &DynMember_model, &m1);
