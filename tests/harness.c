@@ -15,6 +15,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -254,14 +255,29 @@ void flash_test_server_stop(flash_test_server *s) {
     s->dir[0] = 0;
 }
 
-void flash_test_server_pause(flash_test_server *s, bool paused) {
-    if (s->pid > 0) kill(s->pid, paused ? SIGSTOP : SIGCONT);
+/* Returns once the server has really stopped (or resumed): a stop signal
+   is delivered asynchronously, and a "paused" server that still answers
+   makes a timeout test flaky. */
+bool flash_test_server_pause(flash_test_server *s, bool paused) {
+    int st = 0;
+    if (s->pid <= 0) return false;
+    if (kill(s->pid, paused ? SIGSTOP : SIGCONT) != 0) return false;
+    if (!paused) {
+        (void)waitpid(s->pid, &st, WCONTINUED | WNOHANG);
+        return true;
+    }
+    return waitpid(s->pid, &st, WUNTRACED) == s->pid && WIFSTOPPED(st);
 }
 
 int flash_test_memcached_command(const flash_test_server *s, const char *cmd, char *buf, size_t cap) {
     int fd = connect_port(s->port);
     size_t used = 0;
-    if (fd < 0 || cap == 0) return -1;
+    struct timeval tv = {2, 0}; /* a stopped server must not hang the test */
+    if (fd < 0 || cap == 0) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     if (write(fd, cmd, strlen(cmd)) < 0) {
         close(fd);
         return -1;

@@ -71,8 +71,9 @@ bool flash_test_redis_start(flash_test_server *s);
 bool flash_test_server_restart(flash_test_server *s);
 void flash_test_server_stop(flash_test_server *s);
 /* Pause / resume the process (SIGSTOP / SIGCONT): a server that accepts but
-   never answers. */
-void flash_test_server_pause(flash_test_server *s, bool paused);
+   never answers. A pause returns once the stop has taken effect (false when
+   it did not). */
+bool flash_test_server_pause(flash_test_server *s, bool paused);
 /* Send a text command and read one reply into buf (for `stats`). Returns the
    reply length or -1. Stops at "END\r\n" for memcached stats. */
 int flash_test_memcached_command(const flash_test_server *s, const char *cmd, char *buf, size_t cap);
