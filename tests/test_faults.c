@@ -12,10 +12,9 @@
        answered from the source when the cache fails;
      - nothing leaks (FLASH_TEST's LeakSanitizer check), no operation is left
        in the wrapper.
-   The schedules corrupt values only in ways the codec can detect (cut short,
-   grown, header bits flipped). Bit flips inside a row, and stale serving
-   (allowtime) under faults, have tests of their own that fail until the
-   bugs kept in tests/test_regressions.c are fixed. */
+   The schedules corrupt values every way the wrapper knows (cut short,
+   grown, bits flipped in the header or in a row). Allowtime classes (stale
+   values served while one reader refreshes) run schedules of their own. */
 #define _POSIX_C_SOURCE 200809L
 #include <signal.h>
 #include <stdio.h>
@@ -148,9 +147,9 @@ static void on_settled(flash_ctx *ctx, flash_promise *p, void *arg) {
 }
 
 /* Queries of the allowtime class (stale values served while a lock-holder
-   refreshes) are left out of the main schedules: they hit the bug kept in
-   tests/test_regressions.c (allowtime_refresh_lock_in_flight_survives_a_reset)
-   and run in their own test. */
+   refreshes) run in schedules of their own, so that a failure there names
+   that path (it found the bug replayed in tests/test_regressions.c,
+   allowtime_refresh_lock_in_flight_survives_a_reset). */
 static bool stale_probes;
 
 static void random_probe(probe *q, uint64_t *rng) {
@@ -474,6 +473,7 @@ static void schedule_desc(uint64_t seed, faulty_desc *d) {
     memset(d, 0, sizeof *d);
     d->seed = seed;
     d->timeout_ms = TIMEOUT_MS;
+    d->corrupt_mode = FAULTY_CORRUPT_ANY;
     switch (seed % 5) {
     case 0: /* a little of everything */
         d->p_drop = d->p_fail = d->p_delay = d->p_reorder = 30;
@@ -544,9 +544,8 @@ FAULT_TEST(seeded_schedules_settle_every_promise_once_with_a_correct_answer_or_a
     run_schedules(1000, "faults");
 }
 
-/* The same with the allowtime class in the mix. KNOWN FAILURE until the bug
-   in test_regressions.c (allowtime_refresh_lock_in_flight_survives_a_reset)
-   is fixed: a delayed lock completes after its request was reset. */
+/* The same with the allowtime class in the mix: delayed refresh locks that
+   complete after their request was reset. */
 FAULT_TEST(seeded_schedules_with_stale_serving_allowtime_classes) {
     stale_probes = true;
     run_schedules(300, "faults (allowtime)");
@@ -701,10 +700,9 @@ FAULT_TEST(reset_and_destroy_with_faulty_operations_in_flight_leave_nothing_behi
     cr_assert_gt(faulty_get_stats(fw).canceled, 0, "some operations were cancelled in flight");
 }
 
-/* KNOWN FAILURE (reported): the value codec has no integrity check, so a
-   bit flipped inside a cached value's payload decodes to another valid row
-   and the engine serves it for the query's key. This test states the
-   guarantee the issue asks for ("never a wrong row"). */
+/* A bit flipped inside a cached value's payload: value format 1 decoded it
+   as another valid row and served it (tests/test_regressions.c); format 2's
+   check makes it a miss, answered by the source. */
 FAULT_TEST(payload_corruption_never_serves_a_wrong_row) {
     int ok, failed, wrong;
     no_faults();
