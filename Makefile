@@ -3,7 +3,10 @@
 #   make            build the examples
 #   make demo       run the demo (memory backend, no server needed)
 #   make test       install missing test packages, check every header as C and
-#                   C++, run the Criterion suite, then again under ASan+UBSan
+#                   C++, a 10 s libFuzzer smoke per harness, the threads test
+#                   under TSan, the examples under valgrind, then the Criterion
+#                   suite plain and under ASan+UBSan (its Synthesis line last)
+#   make fuzz       each libFuzzer harness for FUZZ_SECONDS (default 300)
 #   make bench      run the benchmarks against their peers
 #   make clean
 
@@ -31,7 +34,7 @@ EXAMPLES     := $(patsubst examples/%.c,$(BUILD)/examples/%,$(EXAMPLE_SRC))
 SRCLIST := $(BUILD)/.test-sources
 $(shell mkdir -p $(BUILD); echo '$(TEST_SRC)' | cmp -s - $(SRCLIST) 2>/dev/null || echo '$(TEST_SRC)' > $(SRCLIST))
 
-.PHONY: all examples demo test deps headers test-unit test-asan bench clean
+.PHONY: all examples demo test deps headers test-unit test-asan fuzz fuzz-smoke test-tsan valgrind bench clean
 
 all: examples
 
@@ -51,7 +54,8 @@ demo: $(BUILD)/examples/demo
 
 # ---- tests ------------------------------------------------------------------
 
-test: deps headers test-unit test-asan
+# The Criterion suites run last, so that the final line is their Synthesis.
+test: deps headers fuzz-smoke test-tsan valgrind test-unit test-asan
 
 deps:
 	@./tests/deps.sh
@@ -88,6 +92,26 @@ test-asan: $(BUILD)/asan/flash_tests $(TEST_BINARIES)
 	FLASH_HTTP_SERVER=$(BUILD)/examples/http_server \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ./$(BUILD)/asan/flash_tests --jobs 2 2>&1
+
+# libFuzzer harnesses in tests/fuzz (clang): the codec and header decoder, the
+# key builder, the memcached reply parser. Crashes land in tests/fuzz/crashes.
+FUZZ_SECONDS ?= 300
+fuzz:
+	FUZZ_JOBS=2 ./tests/fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz-smoke:
+	@echo "== libFuzzer smoke (10 s per harness)"
+	@FUZZ_JOBS=2 ./tests/fuzz/run.sh 10
+
+# Several threads, each with its own contexts, against one memcached.
+test-tsan:
+	@echo "== threads under ThreadSanitizer"
+	@CC=$(CC) ./tests/tsan.sh
+
+# Every example under valgrind memcheck; any report fails.
+valgrind: examples
+	@echo "== examples under valgrind"
+	@VALGRIND_NO_BUILD=1 ./tests/valgrind.sh
 
 # ---- benchmarks ---------------------------------------------------------------
 

@@ -18,6 +18,8 @@ have_header postgresql/libpq-fe.h || need+=(libpq-dev)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 have_cmd valgrind                 || need+=(valgrind)
 have_cmd clang                    || need+=(clang)
+# libFuzzer's runtime: only recommended by clang, and we install without those.
+ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a >/dev/null 2>&1 || need+=(libclang-rt-dev)
 have_cmd g++                      || need+=(g++)
 have_cmd curl                     || need+=(curl)
 
