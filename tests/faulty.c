@@ -1,6 +1,7 @@
 /* tests/faulty.c — see faulty.h. */
 #define _POSIX_C_SOURCE 200809L
 #include "faulty.h"
+#include "harness.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,12 +39,6 @@ struct faulty {
     size_t pending;
     faulty_stats st;
 };
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static uint64_t splitmix(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
@@ -84,7 +79,7 @@ static void unlink_fop(fop *o) {
 static void finish(fop *o) {
     faulty *f = o->f;
     flash_cache_op *op = o->outer;
-    int64_t lat = now_ms() - o->t0;
+    int64_t lat = flash_test_now_ms() - o->t0;
     unlink_fop(o);
     f->st.completed++;
     if (lat > 0 && (uint64_t)lat > f->st.max_latency_ms) f->st.max_latency_ms = (uint64_t)lat;
@@ -260,7 +255,7 @@ static void f_submit(void *self, flash_loop loop, flash_cache_op *op) {
     o->outer = op;
     o->loop = loop;
     o->count = n;
-    o->t0 = now_ms();
+    o->t0 = flash_test_now_ms();
     o->items = must(calloc(n ? n : 1, sizeof *o->items));
     o->vals = must(calloc(n ? n : 1, sizeof *o->vals));
     o->item_fault = must(calloc(n ? n : 1, 1));

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -117,9 +118,9 @@ uint16_t flash_test_free_port(void) {
     return port;
 }
 
-static int connect_port(uint16_t port) {
+int flash_test_connect(uint16_t port) {
     struct sockaddr_in a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     if (fd < 0) return -1;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
@@ -129,12 +130,19 @@ static int connect_port(uint16_t port) {
         close(fd);
         return -1;
     }
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     return fd;
 }
 
-static void sleep_ms(int ms) {
+int64_t flash_test_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void flash_test_sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) continue;
 }
 
 static bool spawn(flash_test_server *s) {
@@ -191,7 +199,7 @@ static bool spawn(flash_test_server *s) {
     }
     s->pid = pid;
     for (int i = 0; i < 400; i++) { /* up to 4 s */
-        int fd = connect_port(s->port);
+        int fd = flash_test_connect(s->port);
         if (fd >= 0) {
             close(fd);
             return true;
@@ -201,7 +209,7 @@ static bool spawn(flash_test_server *s) {
             s->pid = 0;
             return false;
         }
-        sleep_ms(10);
+        flash_test_sleep_ms(10);
     }
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
@@ -243,7 +251,7 @@ bool flash_test_server_restart(flash_test_server *s) {
             remember(s);
             return true;
         }
-        sleep_ms(20);
+        flash_test_sleep_ms(20);
     }
     return false;
 }
@@ -270,7 +278,7 @@ bool flash_test_server_pause(flash_test_server *s, bool paused) {
 }
 
 int flash_test_memcached_command(const flash_test_server *s, const char *cmd, char *buf, size_t cap) {
-    int fd = connect_port(s->port);
+    int fd = flash_test_connect(s->port);
     size_t used = 0;
     struct timeval tv = {2, 0}; /* a stopped server must not hang the test */
     if (fd < 0 || cap == 0) {
@@ -414,7 +422,7 @@ static bool pg_spawn(flash_test_server *s) {
             s->pid = 0;
             return false;
         }
-        sleep_ms(10);
+        flash_test_sleep_ms(10);
     }
     kill(-pid, SIGKILL);
     kill(pid, SIGKILL);
@@ -458,7 +466,7 @@ void flash_test_postgres_halt(flash_test_server *s) {
             s->pid = 0;
             return;
         }
-        sleep_ms(10);
+        flash_test_sleep_ms(10);
     }
     kill(-s->pid, SIGKILL);
     kill(s->pid, SIGKILL);
@@ -473,7 +481,7 @@ bool flash_test_postgres_restart(flash_test_server *s) {
             remember(s);
             return true;
         }
-        sleep_ms(20);
+        flash_test_sleep_ms(20);
     }
     return false;
 }

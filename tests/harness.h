@@ -63,6 +63,11 @@ typedef struct flash_test_server {
 /* A free TCP port on 127.0.0.1 (bound and released; races are retried by
    the start functions). */
 uint16_t flash_test_free_port(void);
+/* A blocking TCP connection to 127.0.0.1:port (TCP_NODELAY), or -1. */
+int flash_test_connect(uint16_t port);
+/* CLOCK_MONOTONIC in ms, and a sleep that survives signals. */
+int64_t flash_test_now_ms(void);
+void flash_test_sleep_ms(int ms);
 /* Start memcached; extra: more arguments ("-m 64 -I 2m") or NULL. Waits until
    it accepts connections. Returns false (with a Criterion log) on failure. */
 bool flash_test_memcached_start(flash_test_server *s, const char *extra);

@@ -126,14 +126,19 @@ void fixture_teardown(void) {
     memset(&fx, 0, sizeof fx);
 }
 
-flash_stats stats_delta(void) {
+flash_stats stats_sub(flash_stats now, flash_stats before) {
     /* flash_stats is all uint64_t counters: subtract field by field. */
-    flash_stats now = flash_ctx_stats(fx.ctx), d;
-    uint64_t n[sizeof now / sizeof(uint64_t)], l[sizeof now / sizeof(uint64_t)];
+    flash_stats d;
+    uint64_t n[sizeof now / sizeof(uint64_t)], b[sizeof now / sizeof(uint64_t)];
     memcpy(n, &now, sizeof now);
-    memcpy(l, &last, sizeof last);
-    for (size_t i = 0; i < sizeof n / sizeof n[0]; i++) n[i] -= l[i];
+    memcpy(b, &before, sizeof before);
+    for (size_t i = 0; i < sizeof n / sizeof n[0]; i++) n[i] -= b[i];
     memcpy(&d, n, sizeof d);
+    return d;
+}
+
+flash_stats stats_delta(void) {
+    flash_stats now = flash_ctx_stats(fx.ctx), d = stats_sub(now, last);
     last = now;
     return d;
 }

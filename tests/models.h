@@ -67,8 +67,9 @@ void fixture_settle(void);
    memory backend, its logger to one that appends to fx.log. */
 void fixture_setup(const flash_desc *desc);
 void fixture_teardown(void);
-/* The counters since the last call. */
+/* The counters since the last call (of fx.ctx), and now - before. */
 flash_stats stats_delta(void);
+flash_stats stats_sub(flash_stats now, flash_stats before);
 /* Class copies as seen from another translation unit (models.c). */
 const flash_class *other_tu_user_by_id(void);
 const flash_model *other_tu_user_model(void);

@@ -31,15 +31,28 @@ static void setup(void) {
 static void teardown(void) { fixture_teardown(); }
 TestSuite(invalidate, .init = setup, .fini = teardown);
 
-/* A second context on the same backend, loop and database: another request. */
-static flash_ctx *other_ctx(void) {
+/* Another request: a context on cache and the fixture's loop and database. */
+static flash_ctx *ctx_on(flash_cache cache) {
     flash_desc d = {0};
-    d.cache = fx.cache;
+    d.cache = cache;
     d.clock_ms = clock_fn;
     flash_ctx *c = flash_ctx_create(&d);
     flash_poll_attach(c, fx.loop);
     flash_ctx_set_source(c, NULL, flash_table_source(fx.db));
     return c;
+}
+static flash_ctx *other_ctx(void) { return ctx_on(fx.cache); }
+
+/* A reader r on gate g asks for User id: its GET is let through, the source
+   answers, and its fill is held at the gate. */
+static flash_promise *read_until_the_fill(gate *g, flash_ctx *r, int64_t id) {
+    gate_shut(g, true);
+    flash_promise *p = User_get_by_id_async(r, id);
+    run_until_idle(fx.lp);
+    cr_assert(gate_release(g), "the GET");
+    run_until_idle(fx.lp); /* the source answers; the fill waits */
+    cr_assert_eq(gate_waiting(g), 1, "the fill is held");
+    return p;
 }
 
 static void *get(flash_ctx *ctx, flash_promise *p) {
@@ -170,18 +183,8 @@ FLASH_TEST(invalidate, a_marker_evicted_before_the_fill_drops_the_fill_and_stays
     /* The reader sees the marker; the marker is evicted before its CAS. A
        gate holds the reader's operations until released. */
     gate *g = gate_create(fx.cache, fx.lp);
-    flash_desc d = {0};
-    d.cache = gate_cache(g);
-    d.clock_ms = clock_fn;
-    flash_ctx *r = flash_ctx_create(&d);
-    flash_poll_attach(r, fx.loop);
-    flash_ctx_set_source(r, NULL, flash_table_source(fx.db));
-    gate_shut(g, true);
-    flash_promise *p = User_get_by_id_async(r, 9);
-    run_until_idle(fx.lp);
-    cr_assert(gate_release(g), "the GET: marker seen");
-    run_until_idle(fx.lp); /* the source answers, the CAS fill waits */
-    cr_assert_eq(gate_waiting(g), 1);
+    flash_ctx *r = ctx_on(gate_cache(g));
+    flash_promise *p = read_until_the_fill(g, r, 9); /* saw the marker: a CAS fill */
     evict("flash:User.id:v1:9");
     cr_assert(gate_release(g), "the fill");
     cr_assert_str_eq(((User *)get(r, p))->username, "user9");
@@ -217,18 +220,8 @@ FLASH_TEST(invalidate, a_corrupt_value_replaced_while_a_write_lands_keeps_the_wr
        old row until its timeout). */
     put_raw("flash:User.id:v1:12", "\xF2\x00garbage", 9);
     gate *g = gate_create(fx.cache, fx.lp);
-    flash_desc d = {0};
-    d.cache = gate_cache(g);
-    d.clock_ms = clock_fn;
-    flash_ctx *r = flash_ctx_create(&d);
-    flash_poll_attach(r, fx.loop);
-    flash_ctx_set_source(r, NULL, flash_table_source(fx.db));
-    gate_shut(g, true);
-    flash_promise *p = User_get_by_id_async(r, 12);
-    run_until_idle(fx.lp);
-    cr_assert(gate_release(g), "the GET: a corrupt value");
-    run_until_idle(fx.lp); /* the source answers the old row; the fill waits */
-    cr_assert_eq(gate_waiting(g), 1);
+    flash_ctx *r = ctx_on(gate_cache(g));
+    flash_promise *p = read_until_the_fill(g, r, 12); /* saw the corrupt value */
     User old = *(User *)get(r, p), now = old;
     cr_assert_str_eq(old.username, "user12");
     now.username = "renamed12";

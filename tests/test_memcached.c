@@ -34,17 +34,6 @@
     }                                                                        \
     static void mc_body_##name(void)
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 typedef struct opts {
     uint32_t timeout_ms, connect_timeout_ms, retry_interval_ms;
     size_t max_value;
@@ -115,10 +104,10 @@ static void submit(flash_poll *p, flash_cache c, flash_cache_op *op) {
 }
 
 static void wait_done(flash_poll *p, flash_cache_op *op) {
-    int64_t start = now_ms();
+    int64_t start = flash_test_now_ms();
     while (*(int *)op->data == 0) {
         cr_assert_geq(flash_poll_run_once(p, true), 0);
-        cr_assert_lt(now_ms() - start, 10000, "op never completed");
+        cr_assert_lt(flash_test_now_ms() - start, 10000, "op never completed");
     }
     for (int i = 0; i < 3; i++) flash_poll_run_once(p, false);
     cr_assert_eq(*(int *)op->data, 1, "done ran more than once");
@@ -456,7 +445,7 @@ MC_TEST(ttl_expires) {
     op_init(&op, FLASH_CACHE_INCR, &it[3], 1, &done);
     run(p, c, &op);
     for (int i = 0; i < 4; i++) cr_assert_eq(it[i].status, FLASH_OK);
-    sleep_ms(2500);
+    flash_test_sleep_ms(2500);
     key(&it[0], "short");
     key(&it[1], "forever");
     key(&it[2], "forty-days");
@@ -666,7 +655,7 @@ MC_TEST(bad_ops_and_descs) {
     cr_assert_eq(st.fast_fails, 2);
     cr_assert_eq(st.requests, 1);
     /* after the retry interval: tried again */
-    sleep_ms(1100);
+    flash_test_sleep_ms(1100);
     op_init(&op, FLASH_CACHE_GET, it, 2, &done);
     run(p, c, &op);
     cr_assert_eq(it[0].status, FLASH_EBACKEND);
@@ -853,7 +842,7 @@ MC_TEST(killed_server_fails_only_its_keys_then_recovers) {
 
     /* back (empty) after the retry interval: reachable, refilled, hits */
     cr_assert(flash_test_server_restart(&s[1]));
-    sleep_ms(1100);
+    flash_test_sleep_ms(1100);
     cr_assert_eq(get_pool(p, c, &dead_keys, 1, &others), FLASH_ENOTFOUND);
     st = mstats(c, 1);
     cr_assert(!st.down);
@@ -921,7 +910,7 @@ MC_TEST(stopped_server_times_out_without_blocking_the_loop) {
         if (flash_memcached_server_for_key(c, pool_keys[i], strlen(pool_keys[i])) == 1) live_key = pool_keys[i];
     key(&one, live_key);
     op_init(&other, FLASH_CACHE_GET, &one, 1, &other_done);
-    int64_t start = now_ms();
+    int64_t start = flash_test_now_ms();
     submit(p, c, &op);
     submit(p, c, &other);
     int ticks_at_other = -1;
@@ -929,7 +918,7 @@ MC_TEST(stopped_server_times_out_without_blocking_the_loop) {
         cr_assert_geq(flash_poll_run_once(p, true), 0);
         if (other_done && ticks_at_other < 0) ticks_at_other = t.ticks;
     }
-    int64_t took = now_ms() - start;
+    int64_t took = flash_test_now_ms() - start;
     wait_done(p, &op);
     cr_assert_eq(one.status, FLASH_OK);
     cr_assert(ticks_at_other >= 0 && ticks_at_other < t.ticks, "the live server's op waited for the stopped one");
@@ -961,7 +950,7 @@ MC_TEST(stopped_server_times_out_without_blocking_the_loop) {
 
     /* resumed: back after the retry interval */
     flash_test_server_pause(&s[0], false);
-    sleep_ms(1100);
+    flash_test_sleep_ms(1100);
     cr_assert_eq(get_pool(p, c, &dead_keys, 0, &others), FLASH_OK);
     flash_cache_destroy(c);
     flash_poll_destroy(p);
@@ -1038,7 +1027,7 @@ static void fake_serve(int fd, int mode) {
             olen += (size_t)sprintf(out + olen, "MN\r\n");
             write_all(fd, out, olen);
             if (mode == FAKE_UNSOLICITED) { /* answered; then a reply nobody asked for */
-                sleep_ms(50);
+                flash_test_sleep_ms(50);
                 write_all(fd, "HD O1\r\n", 7);
             }
             if (mode != FAKE_GOOD) {
@@ -1138,7 +1127,7 @@ static void misbehaving_server(int mode, int want, bool marks_down) {
                 assert_value(&it[i], keys[i]);
             }
         }
-        if (round == 1 && marks_down) sleep_ms(1100);
+        if (round == 1 && marks_down) flash_test_sleep_ms(1100);
     }
     cr_assert_gt(on_fake, 0);
     flash_memcached_stats st = mstats(c, 1);
@@ -1183,8 +1172,8 @@ MC_TEST(unsolicited_reply_resets_the_connection) {
     op_init(&op, FLASH_CACHE_GET, &it, 1, &done);
     run(p, c, &op);
     cr_assert_eq(it.status, FLASH_ENOTFOUND);
-    int64_t start = now_ms();
-    while (mstats(c, 0).proto_errors == 0 && now_ms() - start < 5000) flash_poll_run_once(p, false);
+    int64_t start = flash_test_now_ms();
+    while (mstats(c, 0).proto_errors == 0 && flash_test_now_ms() - start < 5000) flash_poll_run_once(p, false);
     cr_assert_eq(mstats(c, 0).proto_errors, 1);
     cr_assert(!mstats(c, 0).down);
     op_init(&op, FLASH_CACHE_GET, &it, 1, &done);

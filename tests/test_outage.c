@@ -48,17 +48,6 @@ static void watchdog_fired(int sig) {
 #define RETRY_MS 1000    /* a down server's rest */
 #define SLACK_MS 1500    /* scheduling slack on a loaded 2-core machine (ASan) */
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 /* ---- a slow proxy: forwards requests at once, replies late and in pieces ---- */
 
 typedef struct proxy {
@@ -70,22 +59,6 @@ typedef struct proxy {
     pthread_t th;
     int cfd, ufd;            /* the one connection pair (the backend opens one per server) */
 } proxy;
-
-static int connect_to(uint16_t port) {
-    struct sockaddr_in a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-    if (fd < 0) return -1;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(fd);
-        return -1;
-    }
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    return fd;
-}
 
 static bool write_all(int fd, const char *p, size_t n) {
     while (n) {
@@ -119,7 +92,7 @@ static void *proxy_main(void *arg) {
                 proxy_close_pair(px); /* a reconnect replaces the old pair */
                 setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                 px->cfd = c;
-                px->ufd = connect_to(px->target);
+                px->ufd = flash_test_connect(px->target);
                 if (px->ufd < 0) proxy_close_pair(px);
             }
             continue;
@@ -135,7 +108,7 @@ static void *proxy_main(void *arg) {
                 proxy_close_pair(px);
                 continue;
             }
-            sleep_ms(px->delay_ms);
+            flash_test_sleep_ms(px->delay_ms);
             for (ssize_t off = 0; off < r;) {
                 size_t k = 1 + (piece * 7u) % 61u;
                 if (k > (size_t)(r - off)) k = (size_t)(r - off);
@@ -145,7 +118,7 @@ static void *proxy_main(void *arg) {
                 }
                 off += (ssize_t)k;
                 atomic_fetch_add(&px->pieces, 1);
-                if (++piece % 16 == 0) sleep_ms(1); /* let the client read a piece at a time */
+                if (++piece % 16 == 0) flash_test_sleep_ms(1); /* let the client read a piece at a time */
             }
         }
     }
@@ -246,12 +219,7 @@ TestSuite(outage, .init = setup, .fini = teardown);
 
 static flash_stats last;
 static flash_stats delta(void) {
-    flash_stats now = flash_ctx_stats(ctx), d;
-    uint64_t n[sizeof now / sizeof(uint64_t)], l[sizeof now / sizeof(uint64_t)];
-    memcpy(n, &now, sizeof now);
-    memcpy(l, &last, sizeof last);
-    for (size_t i = 0; i < sizeof n / sizeof n[0]; i++) n[i] -= l[i];
-    memcpy(&d, n, sizeof d);
+    flash_stats now = flash_ctx_stats(ctx), d = stats_sub(now, last);
     last = now;
     return d;
 }
@@ -264,8 +232,8 @@ static flash_memcached_stats mstats(void) {
 
 /* Run the loop until the context has nothing in flight (fills included). */
 static void settle(void) {
-    int64_t end = now_ms() + 10000;
-    while (flash_ctx_busy(ctx) && now_ms() < end) fixture_run_once(true);
+    int64_t end = flash_test_now_ms() + 10000;
+    while (flash_ctx_busy(ctx) && flash_test_now_ms() < end) fixture_run_once(true);
     cr_assert(!flash_ctx_busy(ctx), "the context is still busy after 10 s");
 }
 
@@ -294,9 +262,9 @@ static void check_users(flash_promise *g, int n) {
 }
 
 static int64_t users(int n) {
-    int64_t t0 = now_ms();
+    int64_t t0 = flash_test_now_ms();
     check_users(ask_users(n), n);
-    int64_t took = now_ms() - t0;
+    int64_t took = flash_test_now_ms() - t0;
     settle();
     return took;
 }
@@ -322,12 +290,12 @@ OUTAGE_TEST(memcached_killed_mid_batch_falls_back_to_the_source_then_hits_after_
     cr_assert_eq(mstats().requests, sent + 1, "the get-many was sent");
     for (int i = 0; i < 5; i++) fixture_run_once(false);
     cr_assert_eq(flash_promise_state(g), FLASH_PENDING, "no answer from a stopped server");
-    int64_t t0 = now_ms();
+    int64_t t0 = flash_test_now_ms();
     kill(srv.pid, SIGKILL); /* dies stopped, mid-batch */
     cr_assert(flash_test_server_restart(&srv));
     cr_assert(own_server(&srv), "another test's memcached took the port on restart (harness race)");
     check_users(g, 100);
-    int64_t took = now_ms() - t0;
+    int64_t took = flash_test_now_ms() - t0;
     d = delta();
     cr_assert_eq(d.cache_errors, 100, "every key of the batch failed in the cache");
     cr_assert_eq(d.source_keys, 100, "and was read from the source");
@@ -346,7 +314,7 @@ OUTAGE_TEST(memcached_killed_mid_batch_falls_back_to_the_source_then_hits_after_
 
     /* Back (empty) after the retry interval: the next batch misses and
        refills, and the one after hits again. */
-    while (mstats().down) sleep_ms(20);
+    while (mstats().down) flash_test_sleep_ms(20);
     users(100);
     d = delta();
     st = mstats();
@@ -397,7 +365,7 @@ OUTAGE_TEST(server_that_accepts_but_never_answers_times_out_and_the_source_answe
     /* Resumed: after the retry interval the values written before the stop
        are served again. */
     flash_test_server_pause(&srv, false);
-    while (mstats().down) sleep_ms(20);
+    while (mstats().down) flash_test_sleep_ms(20);
     users(30);
     d = delta();
     cr_assert_eq(d.cache_hits, 30, "served by memcached again");

@@ -43,11 +43,6 @@ static fixture fx(void) {
     return f;
 }
 
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 static int run_until_idle(flash_poll *p) {
     int iterations = 0;
     while (flash_poll_run_once(p, true) > 0 && iterations < 10000) iterations++;
@@ -308,7 +303,7 @@ FLASH_TEST(poll, timers_due_in_the_same_iteration_fire_in_due_order) {
     fixture f = fx();
     f.vt->timer(f.n, 1, tag_fn, IV(1));
     f.vt->timer(f.n, 5, tag_fn, IV(5));
-    sleep_ms(20); /* not a timing assertion: makes both due before run_once */
+    flash_test_sleep_ms(20); /* not a timing assertion: makes both due before run_once */
     flash_poll_run_once(f.poll, true);
     cr_assert_eq(nseq, 2);
     cr_assert_eq(seq[0], 1, "fired %d before %d", seq[0], seq[1]);
@@ -465,7 +460,7 @@ FLASH_TEST(poll, callbacks_after_a_timer_settle_run_in_the_same_iteration) {
     flash_promise *q = flash_then(ctx, flash_then(ctx, a.p, count_then, NULL), count_then, NULL);
     loop.vt->timer(loop.native, 1, settle_from_timer, &a);
     chained_runs = 0;
-    sleep_ms(3);
+    flash_test_sleep_ms(3);
     flash_poll_run_once(poll, true); /* driven by hand, not by flash_wait */
     cr_assert_eq(chained_runs, 2, "the settle scheduled a drain at the end of the iteration");
     cr_assert_eq(flash_promise_state(q), FLASH_FULFILLED);

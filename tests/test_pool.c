@@ -119,11 +119,6 @@ FLASH_TEST(pool, a_gather_of_1000_gets_over_3_servers_is_3_requests) {
     stop_pool();
 }
 
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 FLASH_TEST(pool, a_dead_server_fails_over_only_its_keys_and_hits_again_after_restart) {
     start_pool(200);
     flash_ctx *ctx = new_ctx();
@@ -136,7 +131,7 @@ FLASH_TEST(pool, a_dead_server_fails_over_only_its_keys_and_hits_again_after_res
     cr_assert_eq(s.source_calls, 1);
     cr_assert_eq(s.source_keys, dead_keys, "and only they went to the source");
     cr_assert(flash_test_server_restart(&servers[1]));
-    sleep_ms(300); /* past retry_interval_ms */
+    flash_test_sleep_ms(300); /* past retry_interval_ms */
     s = request(ctx); /* reconnects; the restarted server is empty: refill */
     cr_assert_eq(s.cache_errors, 0);
     cr_assert_eq(s.source_keys, dead_keys);

@@ -18,11 +18,6 @@
 #define FLASH_SOURCE_DIR "."
 #endif
 
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 /* A model of this file's own: an allowtime instance cache. */
 #define REG_FIELDS(F) F(I64, id) F(STR, name)
 FLASH_MODEL(RegItem, REG_FIELDS)
@@ -59,7 +54,7 @@ FLASH_TEST(regressions, allowtime_refresh_lock_in_flight_survives_a_reset) {
     flash_ctx_reset(fx.ctx);
     cr_assert_eq(flash_invalidate(fx.ctx, &RegItem_model, &it, &it), 0); /* marked stale */
     fixture_settle();
-    sleep_ms(5); /* past the lag window */
+    flash_test_sleep_ms(5); /* past the lag window */
 
     flash_ctx_reset(fx.ctx);
     stats_delta();
