@@ -835,6 +835,9 @@ FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *m
    Returns how many keys failed. */
 FLASH_API int flash_fetch_fail_where(flash_fetch *f, const flash_value *parts, const bool *any, int code,
                                      const char *message);
+/* For SQL sources: append name to b as a quoted identifier ("a""b"); with
+   dotted, "schema.table" becomes "schema"."table". */
+FLASH_API void flash_sql_ident(flash_strbuf *b, const char *name, bool dotted);
 /* Finish: status 0 settles every key from what was given (no row: not
    found / empty); non-zero fails the keys not yet answered with it.
    Key values (flash_fetch_key) live until then: a source answering later
@@ -4287,6 +4290,18 @@ FLASH_API int flash_fetch_fail_where(flash_fetch *f, const flash_value *parts, c
         if (j == f->cls->nfields && flash_fetch_fail(f, i, code, message) == FLASH_OK) n++;
     }
     return (int)n;
+}
+
+FLASH_API void flash_sql_ident(flash_strbuf *b, const char *name, bool dotted) {
+    const char *p;
+    if (!b || !name) return;
+    flash_strbuf_put(b, "\"", 1);
+    for (p = name; *p; p++) {
+        if (*p == '"') flash_strbuf_put(b, "\"\"", 2);
+        else if (*p == '.' && dotted) flash_strbuf_put(b, "\".\"", 3);
+        else flash_strbuf_put(b, p, 1);
+    }
+    flash_strbuf_put(b, "\"", 1);
 }
 
 FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message) {

@@ -33,6 +33,14 @@ FLASH_FILTER_KEYS(SqPart, (event))
 FLASH_MODEL_OPT(SqGhost, SQ_GHOST_FIELDS, .table = "no_such_table")
 FLASH_GET_KEYS(SqGhost, (id))
 
+/* Odd table names: a quote inside, and schema-qualified. */
+#define SQ_ODD_FIELDS(F) F(I64, id) F(STR, name)
+FLASH_MODEL_OPT(SqOdd, SQ_ODD_FIELDS, .table = "we\"ird; --")
+FLASH_GET_KEYS(SqOdd, (id))
+#define SQ_QUALIFIED_FIELDS(F) F(I64, id) F(STR, slug) F(STR, title)
+FLASH_MODEL_OPT(SqQualified, SQ_QUALIFIED_FIELDS, .table = "main.events")
+FLASH_GET_KEYS(SqQualified, (id))
+
 static char dir[64];
 static char path[128];
 static sqlite3 *db;
@@ -263,6 +271,20 @@ FLASH_TEST(sqlite, sql_metacharacters_in_keys_are_bound_never_spliced) {
     cr_assert_eq(flash_ctx_set_source(ctx, NULL, flash_sqlite_source(sq)), 0);
     SqEvent *e = wait_ok(SqEventOnSlug_resolve_async(ctx, evil[0]));
     cr_assert_eq(e->id, 99);
+}
+
+FLASH_TEST(sqlite, table_names_are_quoted_identifiers_and_may_name_a_schema) {
+    exec("CREATE TABLE \"we\"\"ird; --\" (id INTEGER PRIMARY KEY, name TEXT);"
+         "INSERT INTO \"we\"\"ird; --\" VALUES (1, 'odd one');");
+    SqOdd *odd = wait_ok(SqOdd_get_by_id_async(ctx, 1));
+    cr_assert_str_eq(odd->name, "odd one");
+    SqQualified *e = wait_ok(SqQualified_get_by_id_async(ctx, 3));
+    cr_assert_str_eq(e->slug, "event3");
+    flash_strbuf b = {0};
+    flash_sql_ident(&b, "s.t\"x", true);
+    flash_sql_ident(&b, "s.t", false);
+    cr_assert_str_eq(b.data, "\"s\".\"t\"\"x\"\"s.t\"");
+    flash_strbuf_free(&b);
 }
 
 FLASH_TEST(sqlite, a_null_in_a_non_null_field_fails_only_that_key) {

@@ -221,18 +221,6 @@ struct flash_pg {
 
 /* ---- small helpers ---- */
 
-
-static void flash__pg_ident(flash_strbuf *b, const char *name, bool dotted) {
-    const char *p;
-    flash_strbuf_put(b, "\"", 1);
-    for (p = name; *p; p++) {
-        if (*p == '"') flash_strbuf_put(b, "\"\"", 2);
-        else if (*p == '.' && dotted) flash_strbuf_put(b, "\".\"", 3);
-        else flash_strbuf_put(b, p, 1);
-    }
-    flash_strbuf_put(b, "\"", 1);
-}
-
 static const char *flash__pg_table(const flash_model *m) { return m->opts.table ? m->opts.table : m->name; }
 
 static const char *flash__pg_array_type(flash_type t) {
@@ -366,20 +354,20 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
     flash_strbuf_puts(&b, "SELECT ");
     for (i = 0; i < m->nfields; i++) {
         if (i) flash_strbuf_puts(&b, ",");
-        flash__pg_ident(&b, m->fields[i].name, false);
+        flash_sql_ident(&b, m->fields[i].name, false);
     }
     flash_strbuf_puts(&b, " FROM ");
-    flash__pg_ident(&b, flash__pg_table(m), true);
+    flash_sql_ident(&b, flash__pg_table(m), true);
     if (nk == 1) {
         const char *k = m->fields[flash_fetch_field(f, 0)].name;
         flash_strbuf_puts(&b, " WHERE ");
-        flash__pg_ident(&b, k, false);
+        flash_sql_ident(&b, k, false);
         flash_strbuf_puts(&b, " = ANY($1::");
         flash_strbuf_puts(&b, flash__pg_array_type(m->fields[flash_fetch_field(f, 0)].type));
         flash_strbuf_puts(&b, ")");
         if (nulls) {
             flash_strbuf_puts(&b, " OR ");
-            flash__pg_ident(&b, k, false);
+            flash_sql_ident(&b, k, false);
             flash_strbuf_puts(&b, " IS NULL");
         }
     } else {
@@ -389,7 +377,7 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
             flash_strbuf_puts(&b, " WHERE (");
             for (j = 0; j < nk; j++) {
                 if (j) flash_strbuf_puts(&b, ",");
-                flash__pg_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+                flash_sql_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
             }
             flash_strbuf_puts(&b, ") IN (SELECT * FROM unnest(");
         }
@@ -408,7 +396,7 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
             for (j = 0; j < nk; j++) {
                 if (j) flash_strbuf_puts(&b, " AND ");
                 flash_strbuf_puts(&b, "flash_r.");
-                flash__pg_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+                flash_sql_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
                 snprintf(tmp, sizeof tmp, " IS NOT DISTINCT FROM flash_k.k%d", (int)j);
                 flash_strbuf_puts(&b, tmp);
             }

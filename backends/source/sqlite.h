@@ -106,20 +106,6 @@ struct flash_sqlite {
     flash_sqlite_stats stats;
 };
 
-/* A growable string. */
-
-/* "name" with quotes doubled; "a.b" becomes "a"."b" (schema-qualified). */
-static void flash__sq_ident(flash_strbuf *b, const char *name, bool dotted) {
-    const char *p;
-    flash_strbuf_put(b, "\"", 1);
-    for (p = name; *p; p++) {
-        if (*p == '"') flash_strbuf_put(b, "\"\"", 2);
-        else if (*p == '.' && dotted) flash_strbuf_put(b, "\".\"", 3);
-        else flash_strbuf_put(b, p, 1);
-    }
-    flash_strbuf_put(b, "\"", 1);
-}
-
 FLASH_API flash_sqlite *flash_sqlite_create(sqlite3 *db) {
     flash_sqlite *s;
     if (!db) return NULL;
@@ -186,22 +172,22 @@ static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, s
     flash_strbuf_puts(&b, "SELECT ");
     for (i = 0; i < m->nfields; i++) {
         if (i) flash_strbuf_puts(&b, ",");
-        flash__sq_ident(&b, m->fields[i].name, false);
+        flash_sql_ident(&b, m->fields[i].name, false);
     }
     flash_strbuf_puts(&b, " FROM ");
-    flash__sq_ident(&b, m->opts.table ? m->opts.table : m->name, true);
+    flash_sql_ident(&b, m->opts.table ? m->opts.table : m->name, true);
     flash_strbuf_puts(&b, " WHERE ");
     if (tuples == 0) {
         for (j = 0; j < nk; j++) {
             if (j) flash_strbuf_puts(&b, " AND ");
-            flash__sq_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+            flash_sql_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
             flash_strbuf_puts(&b, " IS ?");
         }
     } else {
         if (nk > 1) flash_strbuf_puts(&b, "(");
         for (j = 0; j < nk; j++) {
             if (j) flash_strbuf_puts(&b, ",");
-            flash__sq_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+            flash_sql_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
         }
         flash_strbuf_puts(&b, nk > 1 ? ") IN (VALUES " : " IN (");
         for (i = 0; i < tuples; i++) {
