@@ -9,6 +9,7 @@ have_cmd() { command -v "$1" >/dev/null 2>&1; }
 
 have_header criterion/criterion.h || need+=(libcriterion-dev)
 have_cmd memcached                || need+=(memcached)
+have_cmd redis-server             || need+=(redis-server)
 have_header libmemcached/memcached.h || need+=(libmemcached-dev)  # ketama cross-check and bench only
 have_header uv.h                  || need+=(libuv1-dev)
 have_header ev.h                  || need+=(libev-dev)

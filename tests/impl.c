@@ -6,6 +6,7 @@
 #include "backends/cache/memory.h"
 #include "backends/source/table.h"
 #include "backends/cache/memcached.h"
+#include "backends/cache/redis.h"
 #include "backends/loop/libev.h"
 #include "backends/loop/libevent.h"
 #include "backends/loop/libuv.h"

@@ -3,6 +3,7 @@
 #include <criterion/criterion.h>
 
 #include "backends/cache/memcached.h"
+#include "backends/cache/redis.h"
 #include "harness.h"
 #include "loops.h"
 #include <stdio.h>
@@ -11,7 +12,7 @@
 test_fixture fx;
 fixture_config fixture_use;
 static const flash_test_loop *fx_loop_kind;
-static flash_test_server fx_memcached;
+static flash_test_server fx_memcached, fx_redis;
 static flash_stats last;
 static const char *const first_names[] = {"Ada", "Alan", "Grace", "Edsger", "Barbara"};
 
@@ -105,6 +106,16 @@ void fixture_setup(const flash_desc *desc) {
         fx.cache = flash_memcached_create(&md, &err);
         cr_assert(fx.cache.vt, "memcached backend: %s", flash_strerror(err));
         d.cache = fx.cache;
+    } else if (!d.cache.vt && fixture_use.backend == FIXTURE_REDIS) {
+        cr_assert(flash_test_redis_start(&fx_redis));
+        flash_redis_desc rd = {0};
+        int err = 0;
+        rd.loop = fx.lp;
+        rd.host = "127.0.0.1";
+        rd.port = fx_redis.port;
+        fx.cache = flash_redis_create(&rd, &err);
+        cr_assert(fx.cache.vt, "redis backend: %s", flash_strerror(err));
+        d.cache = fx.cache;
     } else if (!d.cache.vt) {
         fx.cache = flash_memory_create(NULL);
         d.cache = fx.cache;
@@ -123,6 +134,7 @@ void fixture_teardown(void) {
     fx_loop_kind->destroy(fx.native);
     flash_table_destroy(fx.db);
     if (fx_memcached.pid > 0) flash_test_server_stop(&fx_memcached);
+    if (fx_redis.pid > 0) flash_test_server_stop(&fx_redis);
     memset(&fx, 0, sizeof fx);
 }
 
