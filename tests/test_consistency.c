@@ -1,11 +1,12 @@
 /* Consistency: invalidation on write, race-free fills, stale markers with
    CAS, the replication-lag window, dynamic versions, allowtime — and the
    interleaving harness that runs every schedule of a reader against a
-   writer, on the memory backend and on real memcached. */
+   writer, on the memory backend, on real memcached and on real Redis. */
 #include <stdio.h>
 #include <string.h>
 
 #include "backends/cache/memcached.h"
+#include "backends/cache/redis.h"
 #include "backends/cache/memory.h"
 #include "consistency.h"
 #include "harness.h"
@@ -45,7 +46,7 @@ typedef flash_cache (*store_fn)(flash_poll *loop);
 typedef struct world {
     flash_poll *loop;
     flash_table *db;
-    flash_cache store; /* memory, or memcached */
+    flash_cache store; /* memory, memcached or Redis */
     gate *g;
     gated_source *gs;
     flash_ctx *reader, *writer;
@@ -277,4 +278,24 @@ FLASH_TEST(consistency, the_same_schedules_on_real_memcached) {
     int runs = run_all(modes, 3, memcached_store, 500000, "memcached");
     cr_assert_eq(runs, 3 * 3 * 2 * 10);
     flash_test_server_stop(&mc);
+}
+
+static flash_test_server rs;
+static flash_cache redis_store(flash_poll *loop) {
+    flash_redis_desc d = {0};
+    int err = 0;
+    d.loop = flash_poll_loop(loop);
+    d.host = "127.0.0.1";
+    d.port = rs.port;
+    flash_cache c = flash_redis_create(&d, &err);
+    cr_assert(c.vt, "redis backend: %s", flash_strerror(err));
+    return c;
+}
+
+FLASH_TEST(consistency, the_same_schedules_on_real_redis) {
+    cr_assert(flash_test_redis_start(&rs));
+    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
+    int runs = run_all(modes, 3, redis_store, 700000, "redis");
+    cr_assert_eq(runs, 3 * 3 * 2 * 10);
+    flash_test_server_stop(&rs);
 }

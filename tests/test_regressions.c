@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "backends/cache/memcached.h"
+#include "backends/cache/redis.h"
 #include "harness.h"
 #include "models.h"
 
@@ -197,30 +198,55 @@ static void replay_row(const unsigned char *data, size_t size, const char *name)
     flash_ctx_reset(replay_ctx);
 }
 
-/* fuzz_memcached: parsing in 1-byte reads agrees with parsing the whole. */
-static void replay_reply(const unsigned char *data, size_t size, const char *name) {
+/* The reply parsers, as one shape: bytes taken (0: more needed, < 0:
+   garbage) and, for an oversized value, the bytes that follow it to drop. */
+typedef ptrdiff_t (*reply_parse_fn)(const char *buf, size_t len, size_t max_value, size_t *skip);
+
+static ptrdiff_t parse_memcached(const char *buf, size_t len, size_t max_value, size_t *skip) {
+    flash_memcached_reply r;
+    ptrdiff_t k = flash_memcached_parse(buf, len, max_value, &r);
+    *skip = k > 0 && r.skip ? r.value_len + 2 : 0;
+    return k;
+}
+
+static ptrdiff_t parse_redis(const char *buf, size_t len, size_t max_value, size_t *skip) {
+    flash_redis_reply r;
+    ptrdiff_t k = flash_redis_parse(buf, len, max_value, &r);
+    *skip = k > 0 && r.skip ? r.len + 2 : 0;
+    return k;
+}
+
+/* fuzz_memcached / fuzz_redis (tests/fuzz/stream.h's input layout): every
+   strict prefix of a reply asks for more bytes. */
+static void replay_stream(const unsigned char *data, size_t size, const char *name, reply_parse_fn parse) {
     static const size_t max_values[8] = {(size_t)1 << 20, 0, 1, 2, 3, 5, 10, 64};
     if (size < 2) return;
     size_t max_value = max_values[data[0] % 8], nchunks = data[1] % 16;
     if (2 + nchunks > size) return;
     const char *s = (const char *)data + 2 + nchunks;
-    size_t n = size - 2 - nchunks, off = 0;
+    size_t n = size - 2 - nchunks, off = 0, skip, skip_part;
     while (off < n) {
-        flash_memcached_reply whole, part;
-        ptrdiff_t k = flash_memcached_parse(s + off, n - off, max_value, &whole);
+        ptrdiff_t k = parse(s + off, n - off, max_value, &skip);
         cr_assert(k == 0 || k == FLASH_EPROTO || (k > 0 && (size_t)k <= n - off), "%s", name);
         if (k <= 0) break;
         for (size_t cut = 1; cut < (size_t)k; cut++) {
             char *pre = malloc(cut);
             cr_assert(pre);
             memcpy(pre, s + off, cut);
-            ptrdiff_t kp = flash_memcached_parse(pre, cut, max_value, &part);
+            ptrdiff_t kp = parse(pre, cut, max_value, &skip_part);
             free(pre);
             cr_assert(kp == 0, "%s: a %zu-byte prefix of a %td-byte reply parsed as %td", name, cut, k, kp);
         }
         off += (size_t)k;
-        if (whole.skip) off += whole.value_len + 2 < n - off ? whole.value_len + 2 : n - off;
+        off += skip < n - off ? skip : n - off;
     }
+}
+
+static void replay_memcached(const unsigned char *data, size_t size, const char *name) {
+    replay_stream(data, size, name, parse_memcached);
+}
+static void replay_redis(const unsigned char *data, size_t size, const char *name) {
+    replay_stream(data, size, name, parse_redis);
 }
 
 FLASH_TEST(regressions, saved_fuzz_inputs_replay_cleanly) {
@@ -229,8 +255,10 @@ FLASH_TEST(regressions, saved_fuzz_inputs_replay_cleanly) {
     size_t n = 0;
     n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/corpus/fuzz_codec", NULL, replay_row);
     n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/crashes", "fuzz_codec-", replay_row);
-    n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/corpus/fuzz_memcached", NULL, replay_reply);
-    n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/crashes", "fuzz_memcached-", replay_reply);
+    n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/corpus/fuzz_memcached", NULL, replay_memcached);
+    n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/crashes", "fuzz_memcached-", replay_memcached);
+    n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/corpus/fuzz_redis", NULL, replay_redis);
+    n += replay_dir(FLASH_SOURCE_DIR "/tests/fuzz/crashes", "fuzz_redis-", replay_redis);
     flash_ctx_destroy(replay_ctx);
     cr_assert_gt(n, 0, "no saved fuzz input found (run from the source tree)");
 }
