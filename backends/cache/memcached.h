@@ -74,6 +74,10 @@
      (the loop the contexts are attached to) drives everything. It uses
      op->priv[0] and priv[1].
 
+   The connection itself (buffers, the FIFO of requests, deadlines, down
+   marking, deferred done() calls) is backends/cache/pipeline.h, shared
+   with the other network transport; this file is the protocol.
+
    LICENSE: MIT, see the end of flash.h.
 */
 #ifndef FLASH_MEMCACHED_H
@@ -168,27 +172,14 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
 #ifdef FLASH_IMPLEMENTATION
 #ifndef FLASH_MEMCACHED_IMPLEMENTED
 #define FLASH_MEMCACHED_IMPLEMENTED
-#include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
+#include "pipeline.h" /* the connection: buffers, FIFO, timeouts, failures */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
-
-#ifndef MSG_NOSIGNAL
-#define MSG_NOSIGNAL 0
-#endif
 
 #define FLASH__MC_MAX_LINE 4096
-#define FLASH__MC_MAX_KEY 250
-#define FLASH__MC_READ_CHUNK 16384
 #define FLASH__MC_BLOCK 16384
-#define FLASH__MC_KEEP_BUF (256u << 10) /* larger idle buffers are freed */
 
 /* ---- MD5 (RFC 1321), for ketama ----------------------------------------- */
 
@@ -355,20 +346,17 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
 
 /* ---- state ----------------------------------------------------------------- */
 
-enum { FLASH__MC_CLOSED = 0, FLASH__MC_CONNECTING, FLASH__MC_READY };
-
 typedef struct flash__mc flash__mc;
 typedef struct flash__mc_server flash__mc_server;
 typedef struct flash__mc_opstate flash__mc_opstate;
 
 /* One server's share of one op: its commands, answered in order. */
 typedef struct flash__mc_req {
-    struct flash__mc_req *next; /* the server's in-flight FIFO */
+    flash__pipe_req in_pipe;    /* first: the server's in-flight FIFO, deadline */
     flash__mc_opstate *os;
     uint32_t *idx;              /* item indices, in command order */
     uint32_t count, pos;        /* commands; the next one not yet answered */
     uint32_t base;              /* opaque of the first command */
-    int64_t deadline;           /* monotonic ms; 0 until the connection is up */
 } flash__mc_req;
 
 typedef struct flash__mc_block {
@@ -378,7 +366,7 @@ typedef struct flash__mc_block {
 
 struct flash__mc_opstate {
     flash__mc_opstate *prev, *next; /* every live opstate */
-    flash__mc_opstate *ready_next;
+    flash__pipe_fin fin;            /* in the queue of finished ops */
     flash_cache_op *op;             /* NULL once cancelled */
     flash_cache_opcode code;
     bool quiet;
@@ -392,21 +380,9 @@ struct flash__mc_server {
     char *host;
     uint16_t port;
     uint32_t weight;
-    struct sockaddr_storage addr;
-    socklen_t addrlen;
-    int fd, state;
-    void *io;
-    int io_events;
-    void *timer;
-    int64_t conn_deadline, down_until;
-    char *wbuf;
-    size_t wlen, woff, wcap;
-    char *rbuf;
-    size_t rlen, rcap;
-    size_t skip;                    /* bytes of an oversized value (+ "\r\n") to drop */
-    flash__mc_req *head, *tail;
+    flash__pipe pipe;               /* the connection */
     uint32_t next_opaque;
-    flash_memcached_stats stats;
+    flash_memcached_stats stats;    /* requests, keys, fast_fails (the rest: pipe.counts) */
 };
 
 typedef struct flash__mc_point {
@@ -414,7 +390,6 @@ typedef struct flash__mc_point {
 } flash__mc_point;
 
 struct flash__mc {
-    flash_loop loop;
     flash_allocator alloc;
     uint32_t connect_timeout_ms, timeout_ms, retry_interval_ms;
     size_t max_value;
@@ -423,10 +398,7 @@ struct flash__mc {
     flash__mc_point *points;
     size_t npoints;
     flash__mc_opstate *live;
-    flash__mc_opstate *ready_first, *ready_last;
-    flash_cache_op *oom_first;      /* ops we had no memory for, chained by priv[1] */
-    void *flush_handle;
-    bool destroying;
+    flash__pipe_finq finished;      /* done() calls, from the loop */
 };
 
 
@@ -434,20 +406,6 @@ static void *flash__mc_alloc(flash__mc *mc, size_t n) { return mc->alloc.alloc(n
 static void flash__mc_free(flash__mc *mc, void *p) {
     if (p) mc->alloc.free(p, mc->alloc.user_data);
 }
-static void *flash__mc_realloc(flash__mc *mc, void *old, size_t used, size_t n) {
-    void *p = flash__mc_alloc(mc, n);
-    if (!p) return NULL;
-    if (used) memcpy(p, old, used);
-    flash__mc_free(mc, old);
-    return p;
-}
-
-static int64_t flash__mc_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* ---- ketama ------------------------------------------------------------------ */
 
 static int flash__mc_point_cmp(const void *a, const void *b) {
@@ -553,54 +511,22 @@ static void *flash__mc_value_alloc(flash__mc *mc, flash__mc_opstate *os, size_t 
     return p;
 }
 
-static void flash__mc_flush(void *arg);
-
-static void flash__mc_schedule_flush(flash__mc *mc) {
-    if (mc->flush_handle || mc->destroying) return;
-    mc->flush_handle = mc->loop.vt->defer(mc->loop.native, flash__mc_flush, mc);
-    if (!mc->flush_handle) mc->flush_handle = mc->loop.vt->timer(mc->loop.native, 0, flash__mc_flush, mc);
-    /* Both out of memory: the next submit or I/O event schedules it again. */
-}
-
-static void flash__mc_ready(flash__mc *mc, flash__mc_opstate *os) {
-    os->ready_next = NULL;
-    if (mc->ready_last) mc->ready_last->ready_next = os;
-    else mc->ready_first = os;
-    mc->ready_last = os;
-    flash__mc_schedule_flush(mc);
+/* done() unless cancelled, then free (the finished queue's callback). */
+static void flash__mc_finish(void *owner, flash__pipe_fin *f) {
+    flash__mc_opstate *os = (flash__mc_opstate *)((char *)f - offsetof(flash__mc_opstate, fin));
+    flash_cache_op *op = os->op;
+    if (op) {
+        op->priv[0] = NULL;
+        op->done(op);
+    }
+    flash__mc_opstate_free((flash__mc *)owner, os);
 }
 
 static void flash__mc_req_complete(flash__mc *mc, flash__mc_req *req) {
     flash__mc_opstate *os = req->os;
     if (--os->pending) return;
-    if (os->op) flash__mc_ready(mc, os);
+    if (os->op) flash__pipe_finished(&mc->finished, &os->fin);
     else flash__mc_opstate_free(mc, os);
-}
-
-/* Runs from the loop: deliver done() for every op whose requests are in. */
-static void flash__mc_flush(void *arg) {
-    flash__mc *mc = (flash__mc *)arg;
-    flash__mc_opstate *os = mc->ready_first;
-    flash_cache_op *oom = mc->oom_first;
-    mc->flush_handle = NULL;
-    mc->ready_first = mc->ready_last = NULL;
-    mc->oom_first = NULL;
-    while (oom) {
-        flash_cache_op *next = (flash_cache_op *)oom->priv[1];
-        oom->priv[0] = oom->priv[1] = NULL;
-        oom->done(oom);
-        oom = next;
-    }
-    while (os) {
-        flash__mc_opstate *next = os->ready_next;
-        flash_cache_op *op = os->op;
-        if (op) { /* not cancelled meanwhile */
-            op->priv[0] = NULL;
-            op->done(op);
-        }
-        flash__mc_opstate_free(mc, os);
-        os = next;
-    }
 }
 
 static void flash__mc_set_status(flash__mc_req *req, uint32_t k, int code) {
@@ -608,137 +534,7 @@ static void flash__mc_set_status(flash__mc_req *req, uint32_t k, int code) {
     if (op) op->items[req->idx[k]].status = code;
 }
 
-/* ---- connections ------------------------------------------------------------ */
-
-static void flash__mc_on_io(void *arg, int events);
-static void flash__mc_on_timer(void *arg);
-
-static void flash__mc_update_io(flash__mc_server *s) {
-    int want;
-    if (!s->io) return;
-    want = s->state == FLASH__MC_CONNECTING ? FLASH_IO_WRITE
-                                            : FLASH_IO_READ | (s->woff < s->wlen ? FLASH_IO_WRITE : 0);
-    if (want != s->io_events) {
-        s->mc->loop.vt->io_set(s->mc->loop.native, s->io, want);
-        s->io_events = want;
-    }
-}
-
-static void flash__mc_arm_timer(flash__mc_server *s) {
-    flash__mc *mc = s->mc;
-    int64_t due, wait;
-    if (s->timer) {
-        mc->loop.vt->cancel(mc->loop.native, s->timer);
-        s->timer = NULL;
-    }
-    if (s->state == FLASH__MC_CONNECTING) due = s->conn_deadline;
-    else if (s->state == FLASH__MC_READY && s->head) due = s->head->deadline;
-    else return;
-    wait = due - flash__mc_now();
-    if (wait < 0) wait = 0;
-    s->timer = mc->loop.vt->timer(mc->loop.native, (uint32_t)wait, flash__mc_on_timer, s);
-}
-
-static void flash__mc_close(flash__mc_server *s) {
-    flash__mc *mc = s->mc;
-    if (s->io) mc->loop.vt->io_stop(mc->loop.native, s->io);
-    if (s->timer) mc->loop.vt->cancel(mc->loop.native, s->timer);
-    if (s->fd >= 0) close(s->fd);
-    s->io = NULL;
-    s->timer = NULL;
-    s->io_events = 0;
-    s->fd = -1;
-    s->state = FLASH__MC_CLOSED;
-    s->wlen = s->woff = s->rlen = s->skip = 0;
-    s->stats.connected = false;
-}
-
-/* Reset the connection and fail every request on it with code. */
-static void flash__mc_fail(flash__mc_server *s, int code, bool mark_down) {
-    flash__mc *mc = s->mc;
-    flash__mc_req *req = s->head;
-    bool had = req != NULL;
-    flash__mc_close(s);
-    s->head = s->tail = NULL;
-    while (req) {
-        flash__mc_req *next = req->next;
-        uint32_t k;
-        for (k = req->pos; k < req->count; k++) flash__mc_set_status(req, k, code);
-        flash__mc_req_complete(mc, req);
-        req = next;
-    }
-    if (code == FLASH_ETIMEDOUT) s->stats.timeouts++;
-    else if (code == FLASH_EPROTO) s->stats.proto_errors++;
-    else if (had || mark_down) s->stats.failures++;
-    if (mark_down) s->down_until = flash__mc_now() + mc->retry_interval_ms;
-}
-
-static void flash__mc_connected(flash__mc_server *s) {
-    flash__mc_req *req;
-    int64_t due = flash__mc_now() + s->mc->timeout_ms;
-    s->state = FLASH__MC_READY;
-    if (s->stats.connects++) s->stats.reconnects++;
-    s->stats.connected = true;
-    for (req = s->head; req; req = req->next) req->deadline = due;
-    flash__mc_arm_timer(s);
-}
-
-/* Open the connection; false after failing (and marking down) the server. */
-static bool flash__mc_connect(flash__mc_server *s) {
-    flash__mc *mc = s->mc;
-    int one = 1, fl, rc;
-    s->fd = socket(s->addr.ss_family, SOCK_STREAM, 0);
-    if (s->fd < 0) goto fail;
-    fl = fcntl(s->fd, F_GETFL, 0);
-    if (fl < 0 || fcntl(s->fd, F_SETFL, fl | O_NONBLOCK) < 0) goto fail;
-    fcntl(s->fd, F_SETFD, FD_CLOEXEC);
-    setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    do rc = connect(s->fd, (struct sockaddr *)&s->addr, s->addrlen);
-    while (rc < 0 && errno == EINTR);
-    if (rc < 0 && errno != EINPROGRESS) goto fail;
-    s->state = FLASH__MC_CONNECTING;
-    s->io_events = FLASH_IO_WRITE;
-    s->io = mc->loop.vt->io_start(mc->loop.native, s->fd, FLASH_IO_WRITE, flash__mc_on_io, s);
-    if (!s->io) goto fail;
-    if (rc == 0) {
-        flash__mc_connected(s);
-        flash__mc_update_io(s);
-    } else {
-        s->conn_deadline = flash__mc_now() + mc->connect_timeout_ms;
-        flash__mc_arm_timer(s);
-    }
-    return true;
-fail:
-    flash__mc_fail(s, FLASH_EBACKEND, true);
-    return false;
-}
-
-/* Write what is buffered; false after failing the server. */
-static bool flash__mc_write(flash__mc_server *s) {
-    while (s->woff < s->wlen) {
-        ssize_t n = send(s->fd, s->wbuf + s->woff, s->wlen - s->woff, MSG_NOSIGNAL);
-        if (n > 0) {
-            s->woff += (size_t)n;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
-        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            break;
-        } else {
-            flash__mc_fail(s, FLASH_EBACKEND, true);
-            return false;
-        }
-    }
-    if (s->woff == s->wlen) {
-        s->woff = s->wlen = 0;
-        if (s->wcap > FLASH__MC_KEEP_BUF) {
-            flash__mc_free(s->mc, s->wbuf);
-            s->wbuf = NULL;
-            s->wcap = 0;
-        }
-    }
-    flash__mc_update_io(s);
-    return true;
-}
+/* ---- replies ------------------------------------------------------------------- */
 
 static bool flash__mc_starts(const char *p, size_t n, const char *prefix) {
     size_t k = strlen(prefix);
@@ -757,17 +553,17 @@ static int flash__mc_error_code(const flash_memcached_reply *r) {
 /* Apply one reply to the head request; FLASH_EPROTO when it does not fit. */
 static int flash__mc_apply(flash__mc_server *s, const flash_memcached_reply *r) {
     flash__mc *mc = s->mc;
-    flash__mc_req *req = s->head;
+    flash__mc_req *req = (flash__mc_req *)s->pipe.head;
     flash__mc_opstate *os = req->os;
     flash_cache_item *it;
     uint32_t j;
     int st;
     if (r->kind == FLASH_MEMCACHED_MN) {
         if (!os->quiet && req->pos != req->count) return FLASH_EPROTO;
-        s->head = req->next;
-        if (!s->head) s->tail = NULL;
+        s->pipe.head = req->in_pipe.next;
+        if (!s->pipe.head) s->pipe.tail = NULL;
         flash__mc_req_complete(mc, req);
-        flash__mc_arm_timer(s);
+        flash__pipe_arm_timer(&s->pipe);
         return FLASH_OK;
     }
     if (r->kind == FLASH_MEMCACHED_ERROR) return FLASH_EPROTO;
@@ -835,153 +631,55 @@ static int flash__mc_apply(flash__mc_server *s, const flash_memcached_reply *r) 
     return FLASH_OK;
 }
 
+/* The pipe's hooks. */
+
 /* Consume every complete reply in the read buffer; false after failing. */
-static bool flash__mc_process(flash__mc_server *s) {
+static bool flash__mc_process(flash__pipe *p) {
+    flash__mc_server *s = (flash__mc_server *)p->owner;
     size_t off = 0;
     for (;;) {
         flash_memcached_reply r;
         ptrdiff_t n;
-        if (s->skip) { /* dropping an oversized value; its last two bytes are "\r\n" */
-            while (s->skip && off < s->rlen) {
-                if ((s->skip == 2 && s->rbuf[off] != '\r') || (s->skip == 1 && s->rbuf[off] != '\n')) {
-                    flash__mc_fail(s, FLASH_EPROTO, false);
-                    return false;
-                }
-                if (s->skip > 2) {
-                    size_t take = s->rlen - off < s->skip - 2 ? s->rlen - off : s->skip - 2;
-                    off += take;
-                    s->skip -= take;
-                } else {
-                    off++;
-                    s->skip--;
-                }
-            }
-            if (s->skip) break;
-        }
-        if (off == s->rlen) break;
-        if (!s->head) { /* nothing was asked: unsolicited bytes */
-            flash__mc_fail(s, FLASH_EPROTO, false);
+        if (!flash__pipe_skip(p, &off)) return false;
+        if (p->skip || off == p->rlen) break;
+        if (!p->head) { /* nothing was asked: unsolicited bytes */
+            flash__pipe_fail(p, FLASH_EPROTO, false);
             return false;
         }
-        n = flash_memcached_parse(s->rbuf + off, s->rlen - off, s->mc->max_value, &r);
+        n = flash_memcached_parse(p->rbuf + off, p->rlen - off, s->mc->max_value, &r);
         if (n == 0) break;
         if (n < 0 || flash__mc_apply(s, &r) != FLASH_OK) {
-            flash__mc_fail(s, FLASH_EPROTO, false);
+            flash__pipe_fail(p, FLASH_EPROTO, false);
             return false;
         }
         off += (size_t)n;
-        if (r.skip) s->skip = r.value_len + 2;
+        if (r.skip) p->skip = r.value_len + 2;
     }
-    if (off) {
-        s->rlen -= off;
-        if (s->rlen) memmove(s->rbuf, s->rbuf + off, s->rlen);
-    }
-    if (!s->rlen && s->rcap > FLASH__MC_KEEP_BUF) { /* a large value went by */
-        flash__mc_free(s->mc, s->rbuf);
-        s->rbuf = NULL;
-        s->rcap = 0;
-    }
+    flash__pipe_consumed(p, off);
     return true;
 }
 
-static void flash__mc_read(flash__mc_server *s) {
-    int rounds;
-    for (rounds = 0; rounds < 16; rounds++) {
-        ssize_t n;
-        size_t room;
-        if (s->rcap - s->rlen < FLASH__MC_READ_CHUNK) {
-            size_t cap = s->rcap ? s->rcap * 2 : 2 * FLASH__MC_READ_CHUNK;
-            char *p;
-            while (cap - s->rlen < FLASH__MC_READ_CHUNK) cap *= 2;
-            p = (char *)flash__mc_realloc(s->mc, s->rbuf, s->rlen, cap);
-            if (!p) {
-                flash__mc_fail(s, FLASH_ENOMEM, false);
-                return;
-            }
-            s->rbuf = p;
-            s->rcap = cap;
-        }
-        room = s->rcap - s->rlen;
-        n = recv(s->fd, s->rbuf + s->rlen, room, 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-        if (n <= 0) { /* closed or reset: in-flight keys fail, an idle one just closes */
-            if (s->head) flash__mc_fail(s, FLASH_EBACKEND, true);
-            else flash__mc_close(s);
-            return;
-        }
-        s->rlen += (size_t)n;
-        if (!flash__mc_process(s)) return;
-        if ((size_t)n < room) break;
-    }
+static void flash__mc_fail_req(flash__pipe *p, flash__pipe_req *in_pipe, int code) {
+    flash__mc_server *s = (flash__mc_server *)p->owner;
+    flash__mc_req *req = (flash__mc_req *)in_pipe;
+    uint32_t k;
+    for (k = req->pos; k < req->count; k++) flash__mc_set_status(req, k, code);
+    flash__mc_req_complete(s->mc, req);
 }
 
-static void flash__mc_on_io(void *arg, int events) {
-    flash__mc_server *s = (flash__mc_server *)arg;
-    if (s->state == FLASH__MC_CONNECTING) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
-        if (err) {
-            flash__mc_fail(s, FLASH_EBACKEND, true);
-            return;
-        }
-        flash__mc_connected(s);
-        events |= FLASH_IO_WRITE;
-    }
-    if (s->state != FLASH__MC_READY) return;
-    if ((events & FLASH_IO_WRITE) && !flash__mc_write(s)) return;
-    if (events & FLASH_IO_READ) flash__mc_read(s);
-    if (s->state == FLASH__MC_READY) flash__mc_update_io(s);
-}
-
-static void flash__mc_on_timer(void *arg) {
-    flash__mc_server *s = (flash__mc_server *)arg;
-    s->timer = NULL;
-    if (s->state == FLASH__MC_CONNECTING) {
-        if (flash__mc_now() >= s->conn_deadline) flash__mc_fail(s, FLASH_ETIMEDOUT, true);
-        else flash__mc_arm_timer(s);
-    } else if (s->state == FLASH__MC_READY && s->head) {
-        if (flash__mc_now() >= s->head->deadline) flash__mc_fail(s, FLASH_ETIMEDOUT, true);
-        else flash__mc_arm_timer(s);
-    }
-}
+static const flash__pipe_hooks flash__mc_hooks = {flash__mc_process, flash__mc_fail_req, NULL, NULL};
 
 /* ---- request encoding ---------------------------------------------------------- */
 
-static bool flash__mc_reserve(flash__mc_server *s, size_t more) {
-    size_t cap;
-    char *p;
-    if (s->wcap - s->wlen >= more) return true;
-    if (s->woff) { /* drop what was sent */
-        memmove(s->wbuf, s->wbuf + s->woff, s->wlen - s->woff);
-        s->wlen -= s->woff;
-        s->woff = 0;
-        if (s->wcap - s->wlen >= more) return true;
-    }
-    cap = s->wcap ? s->wcap * 2 : 4096;
-    while (cap - s->wlen < more) cap *= 2;
-    p = (char *)flash__mc_realloc(s->mc, s->wbuf, s->wlen, cap);
-    if (!p) return false;
-    s->wbuf = p;
-    s->wcap = cap;
-    return true;
-}
-
-static void flash__mc_put(flash__mc_server *s, const void *p, size_t n) {
-    memcpy(s->wbuf + s->wlen, p, n);
-    s->wlen += n;
-}
-
 /* " <c><decimal>" */
-static void flash__mc_put_num(flash__mc_server *s, char c, uint64_t v) {
+static void flash__mc_put_num(flash__pipe *p, char c, uint64_t v) {
     char tmp[24];
     int n = 0;
     do tmp[n++] = (char)('0' + v % 10);
     while ((v /= 10) != 0);
-    s->wbuf[s->wlen++] = ' ';
-    if (c) s->wbuf[s->wlen++] = c;
-    while (n) s->wbuf[s->wlen++] = tmp[--n];
+    p->wbuf[p->wlen++] = ' ';
+    if (c) p->wbuf[p->wlen++] = c;
+    while (n) p->wbuf[p->wlen++] = tmp[--n];
 }
 
 static uint64_t flash__mc_ttl(uint32_t ttl_s) {
@@ -991,81 +689,70 @@ static uint64_t flash__mc_ttl(uint32_t ttl_s) {
 }
 
 /* Append one request (its commands and "mn"); false when out of memory. */
-static bool flash__mc_encode(flash__mc_server *s, flash__mc_req *req, const flash_cache_op *op) {
+static bool flash__mc_encode(flash__pipe *p, flash__mc_req *req, const flash_cache_op *op) {
     uint32_t k;
     bool quiet = req->os->quiet;
     for (k = 0; k < req->count; k++) {
         const flash_cache_item *it = &op->items[req->idx[k]];
         uint64_t opaque = (uint32_t)(req->base + k);
         size_t need = it->key_len + 128 + (op->code >= FLASH_CACHE_SET && op->code <= FLASH_CACHE_CAS ? it->value_len : 0);
-        if (!flash__mc_reserve(s, need)) return false;
+        if (!flash__pipe_reserve(p, need)) return false;
         switch (op->code) {
         case FLASH_CACHE_GET:
-            flash__mc_put(s, "mg ", 3);
-            flash__mc_put(s, it->key, it->key_len);
-            flash__mc_put(s, " v f c", 6);
-            flash__mc_put_num(s, 'O', opaque);
+            flash__pipe_put(p, "mg ", 3);
+            flash__pipe_put(p, it->key, it->key_len);
+            flash__pipe_put(p, " v f c", 6);
+            flash__mc_put_num(p, 'O', opaque);
             break;
         case FLASH_CACHE_SET:
         case FLASH_CACHE_ADD:
         case FLASH_CACHE_CAS:
-            flash__mc_put(s, "ms ", 3);
-            flash__mc_put(s, it->key, it->key_len);
-            flash__mc_put_num(s, 0, it->value_len);
-            if (it->flags) flash__mc_put_num(s, 'F', it->flags);
-            if (it->ttl_s) flash__mc_put_num(s, 'T', flash__mc_ttl(it->ttl_s));
-            if (op->code == FLASH_CACHE_ADD) flash__mc_put(s, " ME", 3);
-            if (op->code == FLASH_CACHE_CAS) flash__mc_put_num(s, 'C', it->cas);
-            flash__mc_put_num(s, 'O', opaque);
-            if (quiet) flash__mc_put(s, " q", 2);
-            flash__mc_put(s, "\r\n", 2);
-            if (it->value_len) flash__mc_put(s, it->value, it->value_len);
+            flash__pipe_put(p, "ms ", 3);
+            flash__pipe_put(p, it->key, it->key_len);
+            flash__mc_put_num(p, 0, it->value_len);
+            if (it->flags) flash__mc_put_num(p, 'F', it->flags);
+            if (it->ttl_s) flash__mc_put_num(p, 'T', flash__mc_ttl(it->ttl_s));
+            if (op->code == FLASH_CACHE_ADD) flash__pipe_put(p, " ME", 3);
+            if (op->code == FLASH_CACHE_CAS) flash__mc_put_num(p, 'C', it->cas);
+            flash__mc_put_num(p, 'O', opaque);
+            if (quiet) flash__pipe_put(p, " q", 2);
+            flash__pipe_put(p, "\r\n", 2);
+            if (it->value_len) flash__pipe_put(p, it->value, it->value_len);
             break;
         case FLASH_CACHE_DELETE:
-            flash__mc_put(s, "md ", 3);
-            flash__mc_put(s, it->key, it->key_len);
-            flash__mc_put_num(s, 'O', opaque);
+            flash__pipe_put(p, "md ", 3);
+            flash__pipe_put(p, it->key, it->key_len);
+            flash__mc_put_num(p, 'O', opaque);
             break;
         case FLASH_CACHE_INCR:
-            flash__mc_put(s, "ma ", 3);
-            flash__mc_put(s, it->key, it->key_len);
-            flash__mc_put_num(s, 'D', it->number);
+            flash__pipe_put(p, "ma ", 3);
+            flash__pipe_put(p, it->key, it->key_len);
+            flash__mc_put_num(p, 'D', it->number);
             if (it->create) {
-                flash__mc_put_num(s, 'N', flash__mc_ttl(it->ttl_s));
-                flash__mc_put_num(s, 'J', it->initial);
+                flash__mc_put_num(p, 'N', flash__mc_ttl(it->ttl_s));
+                flash__mc_put_num(p, 'J', it->initial);
             }
-            if (!quiet) flash__mc_put(s, " v", 2);
-            flash__mc_put_num(s, 'O', opaque);
+            if (!quiet) flash__pipe_put(p, " v", 2);
+            flash__mc_put_num(p, 'O', opaque);
             break;
         }
         if (quiet && op->code != FLASH_CACHE_SET && op->code != FLASH_CACHE_ADD && op->code != FLASH_CACHE_CAS)
-            flash__mc_put(s, " q", 2);
-        flash__mc_put(s, "\r\n", 2);
+            flash__pipe_put(p, " q", 2);
+        flash__pipe_put(p, "\r\n", 2);
     }
-    if (!flash__mc_reserve(s, 4)) return false;
-    flash__mc_put(s, "mn\r\n", 4);
+    if (!flash__pipe_reserve(p, 4)) return false;
+    flash__pipe_put(p, "mn\r\n", 4);
     return true;
 }
 
 /* ---- vtable ------------------------------------------------------------------- */
-
-static int flash__mc_key_status(const char *key, size_t len) {
-    size_t i;
-    if (!key || !len) return FLASH_EINVAL;
-    if (len > FLASH__MC_MAX_KEY) return FLASH_ETOOLARGE;
-    for (i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)key[i];
-        if (c <= ' ' || c == 127) return FLASH_EINVAL;
-    }
-    return FLASH_OK;
-}
 
 static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     flash__mc *mc = (flash__mc *)self;
     flash__mc_opstate *os;
     uint32_t *srv_of, *counts, *idx, nreqs = 0;
     size_t i, n, bytes;
-    int64_t now = flash__mc_now();
+    int64_t now = flash__pipe_now();
     size_t unsent;
     bool store, valid_code;
     (void)loop; /* the backend's own loop drives everything */
@@ -1078,18 +765,15 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     store = op->code == FLASH_CACHE_SET || op->code == FLASH_CACHE_ADD || op->code == FLASH_CACHE_CAS;
     bytes = sizeof *os + mc->nservers * sizeof(flash__mc_req) + (2 * n + mc->nservers) * sizeof(uint32_t);
     os = NULL;
-    if (!mc->destroying && (!n || op->items) && n <= UINT32_MAX / 2 &&
+    if (!mc->finished.stopped && (!n || op->items) && n <= UINT32_MAX / 2 &&
         n < (SIZE_MAX - sizeof *os) / (sizeof(flash__mc_req) + 3 * sizeof(uint32_t)))
         os = (flash__mc_opstate *)flash__mc_alloc(mc, bytes);
     if (!os) {
-        int code = mc->destroying ? FLASH_ECANCELED : (n && !op->items) ? FLASH_EINVAL : FLASH_ENOMEM;
+        int code = mc->finished.stopped ? FLASH_ECANCELED : (n && !op->items) ? FLASH_EINVAL : FLASH_ENOMEM;
         op->status = code;
         for (i = 0; op->items && i < n; i++) op->items[i].status = code;
-        if (mc->destroying) return; /* documented: no submit from destroy */
-        op->priv[1] = mc->oom_first;
-        op->priv[0] = mc; /* marks "in the oom list" for cancel */
-        mc->oom_first = op;
-        flash__mc_schedule_flush(mc);
+        if (mc->finished.stopped) return; /* documented: no submit from destroy */
+        flash__pipe_finished_oom(&mc->finished, op);
         return;
     }
     memset(os, 0, sizeof *os);
@@ -1108,7 +792,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     if (!valid_code) op->status = FLASH_EINVAL;
     for (i = 0; i < n; i++) {
         flash_cache_item *it = &op->items[i];
-        int st = valid_code ? flash__mc_key_status(it->key, it->key_len) : FLASH_EINVAL;
+        int st = valid_code ? flash__pipe_key_status(it->key, it->key_len) : FLASH_EINVAL;
         uint32_t srv;
         if (op->code == FLASH_CACHE_GET) {
             it->value = NULL;
@@ -1122,7 +806,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         it->status = st;
         if (st) continue;
         srv = flash__mc_server_of(mc, it->key, it->key_len);
-        if (mc->servers[srv].down_until > now) {
+        if (flash__pipe_down(&mc->servers[srv].pipe, now)) {
             it->status = FLASH_EBACKEND;
             mc->servers[srv].stats.fast_fails++;
             continue;
@@ -1156,12 +840,11 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         req->base = s->next_opaque;
         s->next_opaque += req->count;
         req->pos = 0;
-        req->next = NULL;
-        req->deadline = 0;
-        unsent = s->wlen - s->woff;
-        if (!flash__mc_encode(s, req, op)) { /* out of memory: this server's keys fail */
+        flash__pipe_check_idle(&s->pipe);
+        unsent = s->pipe.wlen - s->pipe.woff;
+        if (!flash__mc_encode(&s->pipe, req, op)) { /* out of memory: this server's keys fail */
             uint32_t k;
-            s->wlen = s->woff + unsent; /* drop the partial request */
+            s->pipe.wlen = s->pipe.woff + unsent; /* drop the partial request */
             for (k = 0; k < req->count; k++) op->items[req->idx[k]].status = FLASH_ENOMEM;
             req->count = 0;
             flash__mc_req_complete(mc, req);
@@ -1169,32 +852,15 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         }
         s->stats.requests++;
         s->stats.keys += req->count;
-        if (s->tail) s->tail->next = req;
-        else s->head = req;
-        s->tail = req;
-        if (s->state == FLASH__MC_CLOSED) {
-            flash__mc_connect(s); /* on failure the request already failed */
-        } else if (s->state == FLASH__MC_READY) {
-            req->deadline = now + mc->timeout_ms;
-            if (s->head == req) flash__mc_arm_timer(s);
-            flash__mc_write(s);
-        }
+        flash__pipe_send(&s->pipe, &req->in_pipe);
     }
-    if (--os->pending == 0) flash__mc_ready(mc, os);
+    if (--os->pending == 0) flash__pipe_finished(&mc->finished, &os->fin);
 }
 
 static void flash__mc_cancel(void *self, flash_cache_op *op) {
     flash__mc *mc = (flash__mc *)self;
-    if (!mc || !op || !op->priv[0]) return;
-    if (op->priv[0] == (void *)mc) { /* in the oom list */
-        flash_cache_op *prev = NULL, *cur = mc->oom_first;
-        while (cur && cur != op) {
-            prev = cur;
-            cur = (flash_cache_op *)cur->priv[1];
-        }
-        if (cur && prev) prev->priv[1] = cur->priv[1];
-        else if (cur) mc->oom_first = (flash_cache_op *)cur->priv[1];
-    } else {
+    if (!mc || !op || !op->priv[0] || flash__pipe_cancel_oom(&mc->finished, op)) return;
+    {
         flash__mc_opstate *os = (flash__mc_opstate *)op->priv[0];
         if (os->op == op) os->op = NULL; /* freed when its requests are in */
     }
@@ -1207,28 +873,18 @@ static void flash__mc_destroy(void *self) {
     flash__mc *mc = (flash__mc *)self;
     size_t i;
     if (!mc) return;
-    mc->destroying = true;
-    if (mc->flush_handle) {
-        mc->loop.vt->cancel(mc->loop.native, mc->flush_handle);
-        mc->flush_handle = NULL;
-    }
+    flash__pipe_finq_stop(&mc->finished); /* done() for the oom list */
     for (i = 0; i < mc->nservers; i++) { /* unanswered keys: cancelled */
         flash__mc_server *s = &mc->servers[i];
         flash__mc_req *req;
-        flash__mc_close(s);
-        for (req = s->head; req; req = req->next) {
+        flash__pipe_close(&s->pipe);
+        for (req = (flash__mc_req *)s->pipe.head; req; req = (flash__mc_req *)req->in_pipe.next) {
             uint32_t k;
             if (!req->os->op) continue;
             for (k = req->pos; k < req->count; k++) flash__mc_set_status(req, k, FLASH_ECANCELED);
             req->os->op->status = FLASH_ECANCELED;
         }
-        s->head = s->tail = NULL;
-    }
-    while (mc->oom_first) {
-        flash_cache_op *op = mc->oom_first;
-        mc->oom_first = (flash_cache_op *)op->priv[1];
-        op->priv[0] = op->priv[1] = NULL;
-        op->done(op);
+        s->pipe.head = s->pipe.tail = NULL;
     }
     while (mc->live) { /* done for every op not cancelled, then free */
         flash__mc_opstate *os = mc->live;
@@ -1252,8 +908,7 @@ static void flash__mc_destroy(void *self) {
     }
     for (i = 0; i < mc->nservers; i++) {
         flash__mc_free(mc, mc->servers[i].host);
-        flash__mc_free(mc, mc->servers[i].wbuf);
-        flash__mc_free(mc, mc->servers[i].rbuf);
+        flash__pipe_release(&mc->servers[i].pipe);
     }
     flash__mc_free(mc, mc->servers);
     flash__mc_free(mc, mc->points);
@@ -1264,15 +919,6 @@ static const flash_cache_vtable flash__mc_vt = {
     "memcached", flash__mc_submit, flash__mc_cancel, flash__mc_max_value, flash__mc_destroy,
 };
 
-static void *flash__mc_default_alloc(size_t n, void *ud) {
-    (void)ud;
-    return malloc(n);
-}
-static void flash__mc_default_free(void *p, void *ud) {
-    (void)ud;
-    free(p);
-}
-
 FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, int *error) {
     flash_cache none = {NULL, NULL}, out;
     flash_allocator al;
@@ -1280,8 +926,7 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
     size_t i;
     int rc = FLASH_EINVAL;
     if (error) *error = FLASH_OK;
-    if (!desc || !desc->loop.vt || !desc->loop.vt->defer || !desc->loop.vt->timer || !desc->loop.vt->cancel ||
-        !desc->loop.vt->io_start || !desc->loop.vt->io_set || !desc->loop.vt->io_stop || !desc->servers ||
+    if (!desc || !flash__pipe_loop_ok(&desc->loop) || !desc->servers ||
         !desc->server_count || desc->server_count > UINT32_MAX / 4) {
         if (error) *error = FLASH_EINVAL;
         return none;
@@ -1292,12 +937,7 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
             return none;
         }
     }
-    al = desc->allocator;
-    if (!al.alloc || !al.free) {
-        al.alloc = flash__mc_default_alloc;
-        al.free = flash__mc_default_free;
-        al.user_data = NULL;
-    }
+    al = flash__pipe_allocator(desc->allocator);
     mc = (flash__mc *)al.alloc(sizeof *mc, al.user_data);
     if (!mc) {
         if (error) *error = FLASH_ENOMEM;
@@ -1305,7 +945,7 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
     }
     memset(mc, 0, sizeof *mc);
     mc->alloc = al;
-    mc->loop = desc->loop;
+    flash__pipe_finq_setup(&mc->finished, desc->loop, mc, flash__mc_finish);
     mc->connect_timeout_ms = desc->connect_timeout_ms ? desc->connect_timeout_ms : 1000;
     mc->timeout_ms = desc->timeout_ms ? desc->timeout_ms : 1000;
     mc->retry_interval_ms = desc->retry_interval_ms ? desc->retry_interval_ms : 2000;
@@ -1317,15 +957,18 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
     }
     memset(mc->servers, 0, desc->server_count * sizeof *mc->servers);
     mc->nservers = desc->server_count;
-    for (i = 0; i < mc->nservers; i++) mc->servers[i].fd = -1;
+    for (i = 0; i < mc->nservers; i++) {
+        flash__pipe *p = &mc->servers[i].pipe;
+        flash__pipe_setup(p, &flash__mc_hooks, &mc->servers[i], desc->loop, mc->alloc);
+        p->connect_timeout_ms = mc->connect_timeout_ms;
+        p->timeout_ms = mc->timeout_ms;
+        p->retry_interval_ms = mc->retry_interval_ms;
+    }
     for (i = 0; i < mc->nservers; i++) {
         flash__mc_server *s = &mc->servers[i];
         const flash_memcached_server *d = &desc->servers[i];
-        struct addrinfo hints, *res = NULL;
-        char port[8];
         size_t hl = strlen(d->host);
         s->mc = mc;
-        s->fd = -1;
         s->port = d->port ? d->port : 11211;
         s->weight = d->weight ? d->weight : 1;
         s->host = (char *)flash__mc_alloc(mc, hl + 1);
@@ -1334,23 +977,8 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
             goto fail;
         }
         memcpy(s->host, d->host, hl + 1);
-        memset(&hints, 0, sizeof hints);
-        hints.ai_family = AF_UNSPEC;
-        hints.ai_socktype = SOCK_STREAM;
-        hints.ai_flags = AI_NUMERICSERV;
-        snprintf(port, sizeof port, "%u", (unsigned)s->port);
-        if (getaddrinfo(d->host, port, &hints, &res) != 0 || !res) {
-            rc = FLASH_EINVAL;
-            goto fail;
-        }
-        if (res->ai_addrlen > sizeof s->addr) {
-            freeaddrinfo(res);
-            rc = FLASH_EINVAL;
-            goto fail;
-        }
-        memcpy(&s->addr, res->ai_addr, res->ai_addrlen);
-        s->addrlen = (socklen_t)res->ai_addrlen;
-        freeaddrinfo(res);
+        rc = flash__pipe_resolve(&s->pipe, d->host, s->port);
+        if (rc) goto fail;
     }
     rc = flash__mc_build_continuum(mc);
     if (rc) goto fail;
@@ -1372,7 +1000,16 @@ FLASH_API int flash_memcached_server_stats(flash_cache cache, size_t server, fla
     const flash__mc *mc = (const flash__mc *)cache.self;
     if (cache.vt != &flash__mc_vt || !mc || server >= mc->nservers || !out) return FLASH_EINVAL;
     *out = mc->servers[server].stats;
-    out->down = mc->servers[server].down_until > flash__mc_now();
+    {
+        const flash__pipe *p = &mc->servers[server].pipe;
+        out->connects = p->counts.connects;
+        out->reconnects = p->counts.reconnects;
+        out->failures = p->counts.failures;
+        out->timeouts = p->counts.timeouts;
+        out->proto_errors = p->counts.proto_errors;
+        out->connected = p->counts.connected;
+        out->down = flash__pipe_down(p, flash__pipe_now());
+    }
     return FLASH_OK;
 }
 

@@ -65,6 +65,10 @@
      ignored); the host is resolved once, at create (give an IP literal to
      avoid blocking on DNS). It uses op->priv[0] and priv[1].
 
+   The connection itself (buffers, the FIFO of requests, deadlines, down
+   marking, deferred done() calls) is backends/cache/pipeline.h, shared
+   with the other network transport; this file is the protocol.
+
    LICENSE: MIT, see the end of flash.h.
 */
 #ifndef FLASH_REDIS_H
@@ -142,27 +146,15 @@ FLASH_API ptrdiff_t flash_redis_parse(const char *buf, size_t len, size_t max_va
 #ifdef FLASH_IMPLEMENTATION
 #ifndef FLASH_REDIS_IMPLEMENTED
 #define FLASH_REDIS_IMPLEMENTED
-#include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
+#include "pipeline.h" /* the connection: buffers, FIFO, timeouts, failures */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
-#ifndef MSG_NOSIGNAL
-#define MSG_NOSIGNAL 0
-#endif
-
 #define FLASH__REDIS_MAX_LINE 65536
-#define FLASH__REDIS_MAX_KEY 250
 #define FLASH__REDIS_HDR 12 /* [cas u64 LE][flags u32 LE] before every value */
-#define FLASH__REDIS_READ_CHUNK 16384
-#define FLASH__REDIS_KEEP_BUF (256u << 10) /* larger idle buffers are freed */
 
 /* ---- reply parser -------------------------------------------------------- */
 
@@ -275,8 +267,6 @@ static const char flash__redis_incr_sha[] = "a65ad6a7c27ab94615bf32aef62973994f6
 
 /* ---- state ----------------------------------------------------------------- */
 
-enum { FLASH__REDIS_CLOSED = 0, FLASH__REDIS_CONNECTING, FLASH__REDIS_READY };
-
 typedef struct flash__redis flash__redis;
 
 typedef struct flash__redis_val { /* a GET value copy; its bytes follow */
@@ -285,52 +275,34 @@ typedef struct flash__redis_val { /* a GET value copy; its bytes follow */
 
 /* One op's request: its commands, answered in order. */
 typedef struct flash__redis_req {
-    struct flash__redis_req *next;        /* the in-flight FIFO */
-    struct flash__redis_req *prev_live, *next_live, *ready_next;
+    flash__pipe_req in_pipe;              /* first: the in-flight FIFO, deadline */
+    struct flash__redis_req *prev_live, *next_live;
+    flash__pipe_fin fin;                  /* in the queue of finished ops */
     flash_cache_op *op;                   /* NULL once cancelled */
     flash_cache_opcode code;
     uint32_t *idx;                        /* item indices, in command order */
     uint32_t count, pos;                  /* keys sent; the next one not answered */
     bool in_array;                        /* GET: MGET's array header is in */
-    int64_t deadline;                     /* monotonic ms; 0 until connected */
     flash__redis_val *vals;
 } flash__redis_req;
 
 struct flash__redis {
-    flash_loop loop;
     flash_allocator alloc;
-    uint32_t connect_timeout_ms, timeout_ms, retry_interval_ms;
     size_t max_value;
-    struct sockaddr_storage addr;
-    socklen_t addrlen;
+    flash__pipe pipe;                     /* the connection */
     char *hello;                          /* AUTH, SELECT, SCRIPT LOADs: first on a connection */
     size_t hello_len;
     uint32_t hello_replies, hello_left;   /* replies to them; still to read */
     bool scripts_lost;                    /* NOSCRIPT (SCRIPT FLUSH): reconnect when idle */
-    int fd, state;
-    void *io, *timer, *flush_handle;
-    int io_events;
-    int64_t conn_deadline, down_until;
-    char *wbuf, *rbuf;
-    size_t wlen, woff, wcap, rlen, rcap, skip;
-    flash__redis_req *head, *tail;        /* in flight */
     flash__redis_req *live;               /* every request not freed */
-    flash__redis_req *ready_first, *ready_last;
-    flash_cache_op *oom_first;            /* ops we had no memory for, chained by priv[1] */
+    flash__pipe_finq finished;            /* done() calls, from the loop */
     uint64_t next_cas;
-    bool destroying;
-    flash_redis_stats stats;
+    flash_redis_stats stats;              /* requests, commands, fast_fails (the rest: pipe.counts) */
 };
 
 static void *flash__redis_alloc(flash__redis *rd, size_t n) { return rd->alloc.alloc(n, rd->alloc.user_data); }
 static void flash__redis_free(flash__redis *rd, void *p) {
     if (p) rd->alloc.free(p, rd->alloc.user_data);
-}
-
-static int64_t flash__redis_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* ---- op completion ---------------------------------------------------------- */
@@ -347,195 +319,28 @@ static void flash__redis_req_free(flash__redis *rd, flash__redis_req *req) {
     flash__redis_free(rd, req);
 }
 
-static void flash__redis_flush(void *arg);
-
-static void flash__redis_schedule_flush(flash__redis *rd) {
-    if (rd->flush_handle || rd->destroying) return;
-    rd->flush_handle = rd->loop.vt->defer(rd->loop.native, flash__redis_flush, rd);
-    if (!rd->flush_handle) rd->flush_handle = rd->loop.vt->timer(rd->loop.native, 0, flash__redis_flush, rd);
-    /* Both out of memory: the next submit or I/O event schedules it again. */
+/* done() unless cancelled, then free (the finished queue's callback). */
+static void flash__redis_finish(void *owner, flash__pipe_fin *f) {
+    flash__redis_req *req = (flash__redis_req *)((char *)f - offsetof(flash__redis_req, fin));
+    flash_cache_op *op = req->op;
+    if (op) {
+        op->priv[0] = NULL;
+        op->done(op);
+    }
+    flash__redis_req_free((flash__redis *)owner, req);
 }
 
 /* The request has all its statuses: done() on the next flush. */
 static void flash__redis_complete(flash__redis *rd, flash__redis_req *req) {
-    if (!req->op) {
-        flash__redis_req_free(rd, req);
-        return;
-    }
-    req->ready_next = NULL;
-    if (rd->ready_last) rd->ready_last->ready_next = req;
-    else rd->ready_first = req;
-    rd->ready_last = req;
-    flash__redis_schedule_flush(rd);
-}
-
-/* Runs from the loop: done() for every finished op. */
-static void flash__redis_flush(void *arg) {
-    flash__redis *rd = (flash__redis *)arg;
-    flash__redis_req *req = rd->ready_first;
-    flash_cache_op *oom = rd->oom_first;
-    rd->flush_handle = NULL;
-    rd->ready_first = rd->ready_last = NULL;
-    rd->oom_first = NULL;
-    while (oom) {
-        flash_cache_op *next = (flash_cache_op *)oom->priv[1];
-        oom->priv[0] = oom->priv[1] = NULL;
-        oom->done(oom);
-        oom = next;
-    }
-    while (req) {
-        flash__redis_req *next = req->ready_next;
-        flash_cache_op *op = req->op;
-        if (op) { /* not cancelled meanwhile */
-            op->priv[0] = NULL;
-            op->done(op);
-        }
-        flash__redis_req_free(rd, req);
-        req = next;
-    }
+    if (req->op) flash__pipe_finished(&rd->finished, &req->fin);
+    else flash__redis_req_free(rd, req);
 }
 
 static void flash__redis_set_status(flash__redis_req *req, uint32_t k, int code) {
     if (req->op) req->op->items[req->idx[k]].status = code;
 }
 
-/* ---- connection ------------------------------------------------------------- */
-
-static void flash__redis_on_io(void *arg, int events);
-static void flash__redis_on_timer(void *arg);
-
-static void flash__redis_update_io(flash__redis *rd) {
-    int want;
-    if (!rd->io) return;
-    want = rd->state == FLASH__REDIS_CONNECTING ? FLASH_IO_WRITE
-                                             : FLASH_IO_READ | (rd->woff < rd->wlen ? FLASH_IO_WRITE : 0);
-    if (want != rd->io_events) {
-        rd->loop.vt->io_set(rd->loop.native, rd->io, want);
-        rd->io_events = want;
-    }
-}
-
-static void flash__redis_arm_timer(flash__redis *rd) {
-    int64_t due, wait;
-    if (rd->timer) {
-        rd->loop.vt->cancel(rd->loop.native, rd->timer);
-        rd->timer = NULL;
-    }
-    if (rd->state == FLASH__REDIS_CONNECTING) due = rd->conn_deadline;
-    else if (rd->state == FLASH__REDIS_READY && rd->head) due = rd->head->deadline;
-    else return;
-    wait = due - flash__redis_now();
-    if (wait < 0) wait = 0;
-    rd->timer = rd->loop.vt->timer(rd->loop.native, (uint32_t)wait, flash__redis_on_timer, rd);
-}
-
-static void flash__redis_close(flash__redis *rd) {
-    if (rd->io) rd->loop.vt->io_stop(rd->loop.native, rd->io);
-    if (rd->timer) rd->loop.vt->cancel(rd->loop.native, rd->timer);
-    if (rd->fd >= 0) close(rd->fd);
-    rd->io = rd->timer = NULL;
-    rd->io_events = 0;
-    rd->fd = -1;
-    rd->state = FLASH__REDIS_CLOSED;
-    rd->wlen = rd->woff = rd->rlen = rd->skip = 0;
-    rd->hello_left = 0;
-    rd->scripts_lost = false;
-    rd->stats.connected = false;
-}
-
-/* Reset the connection and fail every request on it with code. */
-static void flash__redis_fail(flash__redis *rd, int code, bool mark_down) {
-    flash__redis_req *req = rd->head;
-    bool had = req != NULL;
-    flash__redis_close(rd);
-    rd->head = rd->tail = NULL;
-    while (req) {
-        flash__redis_req *next = req->next;
-        uint32_t k;
-        for (k = req->pos; k < req->count; k++) flash__redis_set_status(req, k, code);
-        flash__redis_complete(rd, req);
-        req = next;
-    }
-    if (code == FLASH_ETIMEDOUT) rd->stats.timeouts++;
-    else if (code == FLASH_EPROTO) rd->stats.proto_errors++;
-    else if (had || mark_down) rd->stats.failures++;
-    if (mark_down) rd->down_until = flash__redis_now() + rd->retry_interval_ms;
-}
-
-static void flash__redis_connected(flash__redis *rd) {
-    flash__redis_req *req;
-    int64_t due = flash__redis_now() + rd->timeout_ms;
-    rd->state = FLASH__REDIS_READY;
-    if (rd->stats.connects++) rd->stats.reconnects++;
-    rd->stats.connected = true;
-    for (req = rd->head; req; req = req->next) req->deadline = due;
-    flash__redis_arm_timer(rd);
-}
-
-static bool flash__redis_reserve(flash__redis *rd, size_t more);
-
-/* Open the connection, the hello first in the write buffer; false after
-   failing (and marking down) the server. */
-static bool flash__redis_connect(flash__redis *rd) {
-    int one = 1, fl, rc;
-    if (!flash__redis_reserve(rd, rd->hello_len)) {
-        flash__redis_fail(rd, FLASH_ENOMEM, false);
-        return false;
-    }
-    memmove(rd->wbuf + rd->hello_len, rd->wbuf + rd->woff, rd->wlen - rd->woff);
-    memcpy(rd->wbuf, rd->hello, rd->hello_len);
-    rd->wlen = rd->wlen - rd->woff + rd->hello_len;
-    rd->woff = 0;
-    rd->hello_left = rd->hello_replies;
-    rd->fd = socket(rd->addr.ss_family, SOCK_STREAM, 0);
-    if (rd->fd < 0) goto fail;
-    fl = fcntl(rd->fd, F_GETFL, 0);
-    if (fl < 0 || fcntl(rd->fd, F_SETFL, fl | O_NONBLOCK) < 0) goto fail;
-    fcntl(rd->fd, F_SETFD, FD_CLOEXEC);
-    setsockopt(rd->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    do rc = connect(rd->fd, (struct sockaddr *)&rd->addr, rd->addrlen);
-    while (rc < 0 && errno == EINTR);
-    if (rc < 0 && errno != EINPROGRESS) goto fail;
-    rd->state = FLASH__REDIS_CONNECTING;
-    rd->io_events = FLASH_IO_WRITE;
-    rd->io = rd->loop.vt->io_start(rd->loop.native, rd->fd, FLASH_IO_WRITE, flash__redis_on_io, rd);
-    if (!rd->io) goto fail;
-    /* Even a connect that completed at once waits for the first write event:
-       the request is then written from the loop, never inside submit. */
-    rd->conn_deadline = flash__redis_now() + rd->connect_timeout_ms;
-    flash__redis_arm_timer(rd);
-    return true;
-fail:
-    flash__redis_fail(rd, FLASH_EBACKEND, true);
-    return false;
-}
-
-/* Write what is buffered; false after failing the server. */
-static bool flash__redis_write(flash__redis *rd) {
-    while (rd->woff < rd->wlen) {
-        ssize_t n = send(rd->fd, rd->wbuf + rd->woff, rd->wlen - rd->woff, MSG_NOSIGNAL);
-        if (n > 0) {
-            rd->woff += (size_t)n;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
-        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            break;
-        } else {
-            flash__redis_fail(rd, FLASH_EBACKEND, true);
-            return false;
-        }
-    }
-    if (rd->woff == rd->wlen) {
-        rd->woff = rd->wlen = 0;
-        if (rd->wcap > FLASH__REDIS_KEEP_BUF) {
-            flash__redis_free(rd, rd->wbuf);
-            rd->wbuf = NULL;
-            rd->wcap = 0;
-        }
-    }
-    flash__redis_update_io(rd);
-    return true;
-}
+/* ---- replies ------------------------------------------------------------------- */
 
 static uint64_t flash__redis_le(const char *p, int n) {
     uint64_t v = 0;
@@ -545,7 +350,7 @@ static uint64_t flash__redis_le(const char *p, int n) {
 
 /* Apply one reply element to the head request; FLASH_EPROTO when it does not fit. */
 static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
-    flash__redis_req *req = rd->head;
+    flash__redis_req *req = (flash__redis_req *)rd->pipe.head;
     flash_cache_item *it;
     int st = FLASH_EPROTO;
     if (rd->hello_left) { /* AUTH / SELECT: +OK; SCRIPT LOAD: the digest we use */
@@ -634,150 +439,71 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
         req->pos++;
     }
     if (req->pos == req->count) { /* the request is in */
-        rd->head = req->next;
-        if (!rd->head) rd->tail = NULL;
+        rd->pipe.head = req->in_pipe.next;
+        if (!rd->pipe.head) rd->pipe.tail = NULL;
         flash__redis_complete(rd, req);
-        flash__redis_arm_timer(rd);
+        flash__pipe_arm_timer(&rd->pipe);
     }
     return FLASH_OK;
 }
 
+/* The pipe's hooks. */
+
 /* Consume every complete element in the read buffer; false after failing. */
-static bool flash__redis_process(flash__redis *rd) {
+static bool flash__redis_process(flash__pipe *p) {
+    flash__redis *rd = (flash__redis *)p->owner;
     size_t off = 0;
     for (;;) {
         flash_redis_reply r;
         ptrdiff_t n;
         int rc;
-        if (rd->skip) { /* dropping an oversized bulk; its last two bytes are "\r\n" */
-            while (rd->skip && off < rd->rlen) {
-                if ((rd->skip == 2 && rd->rbuf[off] != '\r') || (rd->skip == 1 && rd->rbuf[off] != '\n')) {
-                    flash__redis_fail(rd, FLASH_EPROTO, false);
-                    return false;
-                }
-                if (rd->skip > 2) {
-                    size_t take = rd->rlen - off < rd->skip - 2 ? rd->rlen - off : rd->skip - 2;
-                    off += take;
-                    rd->skip -= take;
-                } else {
-                    off++;
-                    rd->skip--;
-                }
-            }
-            if (rd->skip) break;
-        }
-        if (off == rd->rlen) break;
-        n = flash_redis_parse(rd->rbuf + off, rd->rlen - off, rd->max_value + FLASH__REDIS_HDR, &r);
+        if (!flash__pipe_skip(p, &off)) return false;
+        if (p->skip || off == p->rlen) break;
+        n = flash_redis_parse(p->rbuf + off, p->rlen - off, rd->max_value + FLASH__REDIS_HDR, &r);
         if (n == 0) break;
         rc = n < 0 ? FLASH_EPROTO : flash__redis_apply(rd, &r);
         if (rc) {
-            flash__redis_fail(rd, rc, rc == FLASH_EBACKEND);
+            flash__pipe_fail(p, rc, rc == FLASH_EBACKEND);
             return false;
         }
         off += (size_t)n;
-        if (r.skip) rd->skip = r.len + 2;
+        if (r.skip) p->skip = r.len + 2;
     }
-    if (off) {
-        rd->rlen -= off;
-        if (rd->rlen) memmove(rd->rbuf, rd->rbuf + off, rd->rlen);
-    }
-    if (!rd->rlen && rd->rcap > FLASH__REDIS_KEEP_BUF) { /* a large value went by */
-        flash__redis_free(rd, rd->rbuf);
-        rd->rbuf = NULL;
-        rd->rcap = 0;
-    }
+    flash__pipe_consumed(p, off);
     return true;
 }
 
-static void flash__redis_read(flash__redis *rd) {
-    int rounds;
-    for (rounds = 0; rounds < 16; rounds++) {
-        ssize_t n;
-        size_t room;
-        if (rd->rcap - rd->rlen < FLASH__REDIS_READ_CHUNK) {
-            size_t cap = rd->rcap ? rd->rcap * 2 : 2 * FLASH__REDIS_READ_CHUNK;
-            char *p;
-            while (cap - rd->rlen < FLASH__REDIS_READ_CHUNK) cap *= 2;
-            p = (char *)flash__redis_alloc(rd, cap);
-            if (!p) {
-                flash__redis_fail(rd, FLASH_ENOMEM, false);
-                return;
-            }
-            if (rd->rlen) memcpy(p, rd->rbuf, rd->rlen);
-            flash__redis_free(rd, rd->rbuf);
-            rd->rbuf = p;
-            rd->rcap = cap;
-        }
-        room = rd->rcap - rd->rlen;
-        n = recv(rd->fd, rd->rbuf + rd->rlen, room, 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-        if (n <= 0) { /* closed or reset: in-flight keys fail, an idle one just closes */
-            if (rd->head) flash__redis_fail(rd, FLASH_EBACKEND, true);
-            else flash__redis_close(rd);
-            return;
-        }
-        rd->rlen += (size_t)n;
-        if (!flash__redis_process(rd)) return;
-        if ((size_t)n < room) break;
-    }
+static void flash__redis_fail_req(flash__pipe *p, flash__pipe_req *in_pipe, int code) {
+    flash__redis_req *req = (flash__redis_req *)in_pipe;
+    uint32_t k;
+    for (k = req->pos; k < req->count; k++) flash__redis_set_status(req, k, code);
+    flash__redis_complete((flash__redis *)p->owner, req);
 }
 
-static void flash__redis_on_io(void *arg, int events) {
-    flash__redis *rd = (flash__redis *)arg;
-    if (rd->state == FLASH__REDIS_CONNECTING) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        if (getsockopt(rd->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
-        if (err) {
-            flash__redis_fail(rd, FLASH_EBACKEND, true);
-            return;
-        }
-        flash__redis_connected(rd);
-        events |= FLASH_IO_WRITE;
-    }
-    if (rd->state != FLASH__REDIS_READY) return;
-    if ((events & FLASH_IO_WRITE) && !flash__redis_write(rd)) return;
-    if (events & FLASH_IO_READ) flash__redis_read(rd);
-    if (rd->state == FLASH__REDIS_READY) flash__redis_update_io(rd);
+/* Every connection starts with the hello (AUTH, SELECT, SCRIPT LOADs), in
+   front of the requests already buffered. */
+static bool flash__redis_opening(flash__pipe *p) {
+    flash__redis *rd = (flash__redis *)p->owner;
+    if (!flash__pipe_reserve(p, rd->hello_len)) return false;
+    memmove(p->wbuf + rd->hello_len, p->wbuf + p->woff, p->wlen - p->woff);
+    memcpy(p->wbuf, rd->hello, rd->hello_len);
+    p->wlen = p->wlen - p->woff + rd->hello_len;
+    p->woff = 0;
+    rd->hello_left = rd->hello_replies;
+    return true;
 }
 
-static void flash__redis_on_timer(void *arg) {
-    flash__redis *rd = (flash__redis *)arg;
-    int64_t due = rd->state == FLASH__REDIS_CONNECTING ? rd->conn_deadline : rd->head ? rd->head->deadline : 0;
-    rd->timer = NULL;
-    if (rd->state == FLASH__REDIS_CLOSED || !due) return;
-    if (flash__redis_now() >= due) flash__redis_fail(rd, FLASH_ETIMEDOUT, true);
-    else flash__redis_arm_timer(rd);
+static void flash__redis_closed(flash__pipe *p) {
+    flash__redis *rd = (flash__redis *)p->owner;
+    rd->hello_left = 0;
+    rd->scripts_lost = false;
 }
+
+static const flash__pipe_hooks flash__redis_hooks = {flash__redis_process, flash__redis_fail_req,
+                                                     flash__redis_opening, flash__redis_closed};
+
 
 /* ---- request encoding ---------------------------------------------------------- */
-
-static bool flash__redis_reserve(flash__redis *rd, size_t more) {
-    size_t cap;
-    char *p;
-    if (rd->wcap - rd->wlen >= more) return true;
-    if (rd->woff) { /* drop what was sent */
-        memmove(rd->wbuf, rd->wbuf + rd->woff, rd->wlen - rd->woff);
-        rd->wlen -= rd->woff;
-        rd->woff = 0;
-        if (rd->wcap - rd->wlen >= more) return true;
-    }
-    cap = rd->wcap ? rd->wcap * 2 : 4096;
-    while (cap - rd->wlen < more) cap *= 2;
-    p = (char *)flash__redis_alloc(rd, cap);
-    if (!p) return false;
-    if (rd->wlen) memcpy(p, rd->wbuf, rd->wlen);
-    flash__redis_free(rd, rd->wbuf);
-    rd->wbuf = p;
-    rd->wcap = cap;
-    return true;
-}
-
-static void flash__redis_put(flash__redis *rd, const void *p, size_t n) {
-    if (n) memcpy(rd->wbuf + rd->wlen, p, n);
-    rd->wlen += n;
-}
 
 /* "<c><decimal>\r\n" */
 static void flash__redis_put_len(flash__redis *rd, char c, uint64_t v) {
@@ -785,17 +511,17 @@ static void flash__redis_put_len(flash__redis *rd, char c, uint64_t v) {
     int n = 0;
     do tmp[n++] = (char)('0' + v % 10);
     while ((v /= 10) != 0);
-    rd->wbuf[rd->wlen++] = c;
-    while (n) rd->wbuf[rd->wlen++] = tmp[--n];
-    flash__redis_put(rd, "\r\n", 2);
+    rd->pipe.wbuf[rd->pipe.wlen++] = c;
+    while (n) rd->pipe.wbuf[rd->pipe.wlen++] = tmp[--n];
+    flash__pipe_put(&rd->pipe, "\r\n", 2);
 }
 
 /* One bulk string, optionally prefixed by a 12-byte value header. */
 static void flash__redis_put_bulk(flash__redis *rd, const char *hdr, const void *p, size_t n) {
     flash__redis_put_len(rd, '$', n + (hdr ? FLASH__REDIS_HDR : 0));
-    if (hdr) flash__redis_put(rd, hdr, FLASH__REDIS_HDR);
-    flash__redis_put(rd, p, n);
-    flash__redis_put(rd, "\r\n", 2);
+    if (hdr) flash__pipe_put(&rd->pipe, hdr, FLASH__REDIS_HDR);
+    flash__pipe_put(&rd->pipe, p, n);
+    flash__pipe_put(&rd->pipe, "\r\n", 2);
 }
 
 static void flash__redis_put_str(flash__redis *rd, const char *s) { flash__redis_put_bulk(rd, NULL, s, strlen(s)); }
@@ -821,7 +547,7 @@ static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const f
     if (op->code == FLASH_CACHE_GET) {
         size_t need = 32;
         for (k = 0; k < req->count; k++) need += op->items[req->idx[k]].key_len + 32;
-        if (!flash__redis_reserve(rd, need)) return false;
+        if (!flash__pipe_reserve(&rd->pipe, need)) return false;
         flash__redis_put_len(rd, '*', (uint64_t)req->count + 1);
         flash__redis_put_str(rd, "MGET");
         for (k = 0; k < req->count; k++)
@@ -834,7 +560,7 @@ static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const f
         size_t need = it->key_len + (op->code == FLASH_CACHE_DELETE || op->code == FLASH_CACHE_INCR ? 0 : it->value_len) +
                       256;
         int i;
-        if (!flash__redis_reserve(rd, need)) return false;
+        if (!flash__pipe_reserve(&rd->pipe, need)) return false;
         switch (op->code) {
         case FLASH_CACHE_SET:
         case FLASH_CACHE_ADD:
@@ -886,25 +612,6 @@ static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const f
 
 /* ---- vtable ------------------------------------------------------------------- */
 
-static int flash__redis_key_status(const char *key, size_t len) {
-    size_t i;
-    if (!key || !len) return FLASH_EINVAL;
-    if (len > FLASH__REDIS_MAX_KEY) return FLASH_ETOOLARGE;
-    for (i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)key[i];
-        if (c <= ' ' || c == 127) return FLASH_EINVAL; /* memcached's rule, for one behaviour everywhere */
-    }
-    return FLASH_OK;
-}
-
-/* An idle connection the server closed (timeout, restart, CLIENT KILL)
-   before the loop saw it. */
-static bool flash__redis_peer_closed(flash__redis *rd) {
-    char c;
-    ssize_t n = recv(rd->fd, &c, 1, MSG_PEEK); /* the fd is non-blocking */
-    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-}
-
 static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op) {
     flash__redis *rd = (flash__redis *)self;
     flash__redis_req *req = NULL;
@@ -918,17 +625,14 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     op->priv[0] = op->priv[1] = NULL;
     valid_code = op->code >= FLASH_CACHE_GET && op->code <= FLASH_CACHE_INCR;
     store = op->code == FLASH_CACHE_SET || op->code == FLASH_CACHE_ADD || op->code == FLASH_CACHE_CAS;
-    if (!rd->destroying && (!n || op->items) && n < UINT32_MAX && n < (SIZE_MAX - sizeof *req) / sizeof(uint32_t))
+    if (!rd->finished.stopped && (!n || op->items) && n < UINT32_MAX && n < (SIZE_MAX - sizeof *req) / sizeof(uint32_t))
         req = (flash__redis_req *)flash__redis_alloc(rd, sizeof *req + n * sizeof(uint32_t));
     if (!req) {
-        int code = rd->destroying ? FLASH_ECANCELED : (n && !op->items) ? FLASH_EINVAL : FLASH_ENOMEM;
+        int code = rd->finished.stopped ? FLASH_ECANCELED : (n && !op->items) ? FLASH_EINVAL : FLASH_ENOMEM;
         op->status = code;
         for (i = 0; op->items && i < n; i++) op->items[i].status = code;
-        if (rd->destroying) return; /* documented: no submit from destroy */
-        op->priv[1] = rd->oom_first;
-        op->priv[0] = rd; /* marks "in the oom list" for cancel */
-        rd->oom_first = op;
-        flash__redis_schedule_flush(rd);
+        if (rd->finished.stopped) return; /* documented: no submit from destroy */
+        flash__pipe_finished_oom(&rd->finished, op);
         return;
     }
     memset(req, 0, sizeof *req);
@@ -940,10 +644,10 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     rd->live = req;
     op->priv[0] = req;
     if (!valid_code) op->status = FLASH_EINVAL;
-    down = rd->down_until > flash__redis_now();
+    down = flash__pipe_down(&rd->pipe, flash__pipe_now());
     for (i = 0; i < n; i++) {
         flash_cache_item *it = &op->items[i];
-        int st = valid_code ? flash__redis_key_status(it->key, it->key_len) : FLASH_EINVAL;
+        int st = valid_code ? flash__pipe_key_status(it->key, it->key_len) : FLASH_EINVAL;
         if (op->code == FLASH_CACHE_GET) {
             it->value = NULL;
             it->value_len = 0;
@@ -963,11 +667,11 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
         flash__redis_complete(rd, req);
         return;
     }
-    if (rd->state == FLASH__REDIS_READY && !rd->head && (rd->scripts_lost || flash__redis_peer_closed(rd)))
-        flash__redis_close(rd); /* closed while idle (unnoticed yet) or scripts flushed: reopen */
-    unsent = rd->wlen - rd->woff;
+    if (rd->scripts_lost && !rd->pipe.head) flash__pipe_close(&rd->pipe); /* SCRIPT FLUSH: reload them */
+    flash__pipe_check_idle(&rd->pipe);
+    unsent = rd->pipe.wlen - rd->pipe.woff;
     if (!flash__redis_encode(rd, req, op)) { /* out of memory: drop the partial request */
-        rd->wlen = rd->woff + unsent;
+        rd->pipe.wlen = rd->pipe.woff + unsent;
         for (i = 0; i < req->count; i++) op->items[req->idx[i]].status = FLASH_ENOMEM;
         flash__redis_complete(rd, req);
         return;
@@ -975,30 +679,13 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     op->round_trips = 1;
     rd->stats.requests++;
     rd->stats.commands += op->code == FLASH_CACHE_GET ? 1 : req->count;
-    if (rd->tail) rd->tail->next = req;
-    else rd->head = req;
-    rd->tail = req;
-    if (rd->state == FLASH__REDIS_CLOSED) {
-        flash__redis_connect(rd); /* on failure the request already failed */
-    } else if (rd->state == FLASH__REDIS_READY) {
-        req->deadline = flash__redis_now() + rd->timeout_ms;
-        if (rd->head == req) flash__redis_arm_timer(rd);
-        flash__redis_write(rd); /* a failure completes through the flush, not here */
-    }
+    flash__pipe_send(&rd->pipe, &req->in_pipe);
 }
 
 static void flash__redis_cancel(void *self, flash_cache_op *op) {
     flash__redis *rd = (flash__redis *)self;
-    if (!rd || !op || !op->priv[0]) return;
-    if (op->priv[0] == (void *)rd) { /* in the oom list */
-        flash_cache_op *prev = NULL, *cur = rd->oom_first;
-        while (cur && cur != op) {
-            prev = cur;
-            cur = (flash_cache_op *)cur->priv[1];
-        }
-        if (cur && prev) prev->priv[1] = cur->priv[1];
-        else if (cur) rd->oom_first = (flash_cache_op *)cur->priv[1];
-    } else {
+    if (!rd || !op || !op->priv[0] || flash__pipe_cancel_oom(&rd->finished, op)) return;
+    {
         flash__redis_req *req = (flash__redis_req *)op->priv[0];
         if (req->op == op) req->op = NULL; /* freed when its replies are in */
     }
@@ -1011,25 +698,16 @@ static void flash__redis_destroy(void *self) {
     flash__redis *rd = (flash__redis *)self;
     flash__redis_req *req;
     if (!rd) return;
-    rd->destroying = true;
-    if (rd->flush_handle) {
-        rd->loop.vt->cancel(rd->loop.native, rd->flush_handle);
-        rd->flush_handle = NULL;
-    }
-    flash__redis_close(rd);
-    for (req = rd->head; req; req = req->next) { /* unanswered keys: cancelled */
+    flash__pipe_finq_stop(&rd->finished); /* done() for the oom list */
+    flash__pipe_close(&rd->pipe);
+    for (req = (flash__redis_req *)rd->pipe.head; req; req = (flash__redis_req *)req->in_pipe.next) {
+        /* unanswered keys: cancelled */
         uint32_t k;
         if (!req->op) continue;
         for (k = req->pos; k < req->count; k++) flash__redis_set_status(req, k, FLASH_ECANCELED);
         req->op->status = FLASH_ECANCELED;
     }
-    rd->head = rd->tail = NULL;
-    while (rd->oom_first) {
-        flash_cache_op *op = rd->oom_first;
-        rd->oom_first = (flash_cache_op *)op->priv[1];
-        op->priv[0] = op->priv[1] = NULL;
-        op->done(op);
-    }
+    rd->pipe.head = rd->pipe.tail = NULL;
     while (rd->live) { /* done for every op not cancelled, then free */
         flash_cache_op *op;
         req = rd->live;
@@ -1041,8 +719,7 @@ static void flash__redis_destroy(void *self) {
         flash__redis_req_free(rd, req);
     }
     flash__redis_free(rd, rd->hello);
-    flash__redis_free(rd, rd->wbuf);
-    flash__redis_free(rd, rd->rbuf);
+    flash__pipe_release(&rd->pipe);
     rd->alloc.free(rd, rd->alloc.user_data);
 }
 
@@ -1050,29 +727,20 @@ static const flash_cache_vtable flash__redis_vt = {
     "redis", flash__redis_submit, flash__redis_cancel, flash__redis_max_value, flash__redis_destroy,
 };
 
-static void *flash__redis_default_alloc(size_t n, void *ud) {
-    (void)ud;
-    return malloc(n);
-}
-static void flash__redis_default_free(void *p, void *ud) {
-    (void)ud;
-    free(p);
-}
-
 /* AUTH [user] password, SELECT db, SCRIPT LOAD x2: built once, sent first
    on every connection (in the same write as the first request). */
 static int flash__redis_build_hello(flash__redis *rd, const flash_redis_desc *d) {
     size_t need = 256 + sizeof flash__redis_cas_lua + sizeof flash__redis_incr_lua +
                   (d->username ? strlen(d->username) : 0) + (d->password ? strlen(d->password) : 0);
-    char *saved = rd->wbuf;
-    size_t wl = rd->wlen, wc = rd->wcap;
-    rd->wbuf = (char *)flash__redis_alloc(rd, need);
-    if (!rd->wbuf) {
-        rd->wbuf = saved;
+    char *saved = rd->pipe.wbuf;
+    size_t wl = rd->pipe.wlen, wc = rd->pipe.wcap;
+    rd->pipe.wbuf = (char *)flash__redis_alloc(rd, need);
+    if (!rd->pipe.wbuf) {
+        rd->pipe.wbuf = saved;
         return FLASH_ENOMEM;
     }
-    rd->wlen = 0;
-    rd->wcap = need;
+    rd->pipe.wlen = 0;
+    rd->pipe.wcap = need;
     if (d->password) {
         flash__redis_put_len(rd, '*', d->username ? 3 : 2);
         flash__redis_put_str(rd, "AUTH");
@@ -1095,11 +763,11 @@ static int flash__redis_build_hello(flash__redis *rd, const flash_redis_desc *d)
     flash__redis_put_str(rd, "LOAD");
     flash__redis_put_str(rd, flash__redis_incr_lua);
     rd->hello_replies += 2;
-    rd->hello = rd->wbuf;
-    rd->hello_len = rd->wlen;
-    rd->wbuf = saved;
-    rd->wlen = wl;
-    rd->wcap = wc;
+    rd->hello = rd->pipe.wbuf;
+    rd->hello_len = rd->pipe.wlen;
+    rd->pipe.wbuf = saved;
+    rd->pipe.wlen = wl;
+    rd->pipe.wcap = wc;
     return FLASH_OK;
 }
 
@@ -1107,24 +775,16 @@ FLASH_API flash_cache flash_redis_create(const flash_redis_desc *desc, int *erro
     flash_cache none = {NULL, NULL}, out;
     flash_allocator al;
     flash__redis *rd;
-    struct addrinfo hints, *res = NULL;
-    char port[8];
     uint64_t seed;
     struct timespec ts;
     int rc = FLASH_EINVAL;
     if (error) *error = FLASH_OK;
-    if (!desc || !desc->loop.vt || !desc->loop.vt->defer || !desc->loop.vt->timer || !desc->loop.vt->cancel ||
-        !desc->loop.vt->io_start || !desc->loop.vt->io_set || !desc->loop.vt->io_stop || !desc->host ||
+    if (!desc || !flash__pipe_loop_ok(&desc->loop) || !desc->host ||
         !desc->host[0] || strlen(desc->host) > 255 || (desc->username && !desc->password)) {
         if (error) *error = FLASH_EINVAL;
         return none;
     }
-    al = desc->allocator;
-    if (!al.alloc || !al.free) {
-        al.alloc = flash__redis_default_alloc;
-        al.free = flash__redis_default_free;
-        al.user_data = NULL;
-    }
+    al = flash__pipe_allocator(desc->allocator);
     rd = (flash__redis *)al.alloc(sizeof *rd, al.user_data);
     if (!rd) {
         if (error) *error = FLASH_ENOMEM;
@@ -1132,11 +792,11 @@ FLASH_API flash_cache flash_redis_create(const flash_redis_desc *desc, int *erro
     }
     memset(rd, 0, sizeof *rd);
     rd->alloc = al;
-    rd->loop = desc->loop;
-    rd->fd = -1;
-    rd->connect_timeout_ms = desc->connect_timeout_ms ? desc->connect_timeout_ms : 1000;
-    rd->timeout_ms = desc->timeout_ms ? desc->timeout_ms : 1000;
-    rd->retry_interval_ms = desc->retry_interval_ms ? desc->retry_interval_ms : 1000;
+    flash__pipe_setup(&rd->pipe, &flash__redis_hooks, rd, desc->loop, al);
+    flash__pipe_finq_setup(&rd->finished, desc->loop, rd, flash__redis_finish);
+    rd->pipe.connect_timeout_ms = desc->connect_timeout_ms ? desc->connect_timeout_ms : 1000;
+    rd->pipe.timeout_ms = desc->timeout_ms ? desc->timeout_ms : 1000;
+    rd->pipe.retry_interval_ms = desc->retry_interval_ms ? desc->retry_interval_ms : 1000;
     rd->max_value = desc->max_value ? desc->max_value : (size_t)1 << 20;
     if (rd->max_value > ((size_t)1 << 40)) rd->max_value = (size_t)1 << 40;
     /* CAS tokens: start at a random point (splitmix64 of time, address, pid),
@@ -1150,20 +810,8 @@ FLASH_API flash_cache flash_redis_create(const flash_redis_desc *desc, int *erro
     rd->next_cas = seed ^ (seed >> 31);
     rc = flash__redis_build_hello(rd, desc);
     if (rc) goto fail;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    snprintf(port, sizeof port, "%u", (unsigned)(desc->port ? desc->port : 6379));
-    rc = FLASH_EINVAL;
-    if (getaddrinfo(desc->host, port, &hints, &res) != 0 || !res) goto fail;
-    if (res->ai_addrlen > sizeof rd->addr) {
-        freeaddrinfo(res);
-        goto fail;
-    }
-    memcpy(&rd->addr, res->ai_addr, res->ai_addrlen);
-    rd->addrlen = (socklen_t)res->ai_addrlen;
-    freeaddrinfo(res);
+    rc = flash__pipe_resolve(&rd->pipe, desc->host, desc->port ? desc->port : 6379);
+    if (rc) goto fail;
     out.vt = &flash__redis_vt;
     out.self = rd;
     return out;
@@ -1177,7 +825,13 @@ FLASH_API int flash_redis_stats_get(flash_cache cache, flash_redis_stats *out) {
     const flash__redis *rd = (const flash__redis *)cache.self;
     if (cache.vt != &flash__redis_vt || !rd || !out) return FLASH_EINVAL;
     *out = rd->stats;
-    out->down = rd->down_until > flash__redis_now();
+    out->connects = rd->pipe.counts.connects;
+    out->reconnects = rd->pipe.counts.reconnects;
+    out->failures = rd->pipe.counts.failures;
+    out->timeouts = rd->pipe.counts.timeouts;
+    out->proto_errors = rd->pipe.counts.proto_errors;
+    out->connected = rd->pipe.counts.connected;
+    out->down = flash__pipe_down(&rd->pipe, flash__pipe_now());
     return FLASH_OK;
 }
 
