@@ -19,6 +19,7 @@
 #include "backends/loop/poll.h"
 #include "backends/cache/memcached.h"
 #include "harness.h"
+#include "cache_ops.h"
 
 /* ---- helpers ------------------------------------------------------------- */
 
@@ -68,72 +69,6 @@ static flash_cache make_cache_on(flash_poll *p, flash_test_server *const *srv, s
     uint16_t ports[8];
     for (size_t i = 0; i < n; i++) ports[i] = srv[i]->port;
     return make_cache(p, ports, n, o);
-}
-
-/* GET values live only until done returns: keep copies for the asserts. */
-static char value_store[8 << 20];
-static size_t value_used;
-
-static void count_done(flash_cache_op *op) {
-    ++*(int *)op->data;
-    if (op->code != FLASH_CACHE_GET || !op->items) return;
-    for (size_t i = 0; i < op->count; i++) {
-        flash_cache_item *it = &op->items[i];
-        if (it->status != FLASH_OK) continue;
-        cr_assert_leq(value_used + it->value_len, sizeof value_store);
-        memcpy(value_store + value_used, it->value, it->value_len);
-        it->value = value_store + value_used;
-        value_used += it->value_len;
-    }
-}
-
-static void op_init(flash_cache_op *op, flash_cache_opcode code, flash_cache_item *items, size_t n, int *done) {
-    memset(op, 0, sizeof *op);
-    op->code = code;
-    op->items = items;
-    op->count = n;
-    op->done = count_done;
-    op->data = done;
-    *done = 0;
-}
-
-/* Submit; done must not run inside submit; drive the loop until it ran once. */
-static void submit(flash_poll *p, flash_cache c, flash_cache_op *op) {
-    c.vt->submit(c.self, flash_poll_loop(p), op);
-    cr_assert_eq(*(int *)op->data, 0, "done ran inside submit");
-}
-
-static void wait_done(flash_poll *p, flash_cache_op *op) {
-    int64_t start = flash_test_now_ms();
-    while (*(int *)op->data == 0) {
-        cr_assert_geq(flash_poll_run_once(p, true), 0);
-        cr_assert_lt(flash_test_now_ms() - start, 10000, "op never completed");
-    }
-    for (int i = 0; i < 3; i++) flash_poll_run_once(p, false);
-    cr_assert_eq(*(int *)op->data, 1, "done ran more than once");
-}
-
-static void run(flash_poll *p, flash_cache c, flash_cache_op *op) {
-    submit(p, c, op);
-    wait_done(p, op);
-}
-
-static void key(flash_cache_item *it, const char *k) {
-    memset(it, 0, sizeof *it);
-    it->key = k;
-    it->key_len = strlen(k);
-}
-
-static void kv(flash_cache_item *it, const char *k, const char *v) {
-    key(it, k);
-    it->value = v;
-    it->value_len = strlen(v);
-}
-
-static void assert_value(const flash_cache_item *it, const char *v) {
-    cr_assert_eq(it->status, FLASH_OK, "%.*s: status %d", (int)it->key_len, it->key, it->status);
-    cr_assert_eq(it->value_len, strlen(v));
-    cr_assert_eq(memcmp(it->value, v, it->value_len), 0);
 }
 
 static flash_memcached_stats mstats(flash_cache c, size_t i) {

@@ -17,6 +17,7 @@
 #include "backends/loop/poll.h"
 #include "backends/cache/redis.h"
 #include "harness.h"
+#include "cache_ops.h"
 
 /* A FLASH_TEST with a watchdog: a hung test dies by SIGALRM in its own worker. */
 #define RD_TEST(name)                                                        \
@@ -140,71 +141,6 @@ static flash_cache make_cache(flash_poll *p, uint16_t port, const opts *o) {
     cr_assert_not_null(c.self, "flash_redis_create failed: %d", err);
     cr_assert_eq(err, 0);
     return c;
-}
-
-/* GET values live only until done returns: keep copies for the asserts. */
-static char value_store[4 << 20];
-static size_t value_used;
-
-static void count_done(flash_cache_op *op) {
-    ++*(int *)op->data;
-    if (op->code != FLASH_CACHE_GET || !op->items) return;
-    for (size_t i = 0; i < op->count; i++) {
-        flash_cache_item *it = &op->items[i];
-        if (it->status != FLASH_OK) continue;
-        cr_assert_leq(value_used + it->value_len, sizeof value_store);
-        memcpy(value_store + value_used, it->value, it->value_len);
-        it->value = value_store + value_used;
-        value_used += it->value_len;
-    }
-}
-
-static void op_init(flash_cache_op *op, flash_cache_opcode code, flash_cache_item *items, size_t n, int *done) {
-    memset(op, 0, sizeof *op);
-    op->code = code;
-    op->items = items;
-    op->count = n;
-    op->done = count_done;
-    op->data = done;
-    *done = 0;
-}
-
-static void submit(flash_poll *p, flash_cache c, flash_cache_op *op) {
-    c.vt->submit(c.self, flash_poll_loop(p), op);
-    cr_assert_eq(*(int *)op->data, 0, "done ran inside submit");
-}
-
-static void wait_done(flash_poll *p, flash_cache_op *op) {
-    int64_t start = flash_test_now_ms();
-    while (*(int *)op->data == 0) {
-        cr_assert_geq(flash_poll_run_once(p, true), 0);
-        cr_assert_lt(flash_test_now_ms() - start, 10000, "op never completed");
-    }
-    for (int i = 0; i < 3; i++) flash_poll_run_once(p, false);
-    cr_assert_eq(*(int *)op->data, 1, "done ran more than once");
-}
-
-static void run(flash_poll *p, flash_cache c, flash_cache_op *op) {
-    submit(p, c, op);
-    wait_done(p, op);
-}
-
-static void key(flash_cache_item *it, const char *k) {
-    memset(it, 0, sizeof *it);
-    it->key = k;
-    it->key_len = strlen(k);
-}
-
-static void kv(flash_cache_item *it, const char *k, const char *v) {
-    key(it, k);
-    it->value = v;
-    it->value_len = strlen(v);
-}
-
-static void assert_value(const flash_cache_item *it, const char *v) {
-    cr_assert_eq(it->status, FLASH_OK, "%.*s: status %d", (int)it->key_len, it->key, it->status);
-    cr_assert_eq(it->value_len, strlen(v));
-    cr_assert_eq(memcmp(it->value, v, it->value_len), 0);
 }
 
 /* One op of one item; returns its status. */
