@@ -134,6 +134,71 @@ int flash_test_connect(uint16_t port) {
     return fd;
 }
 
+void flash_test_write_all(int fd, const char *p, size_t n) {
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0) return;
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+void flash_test_drain_until_eof(int fd) {
+    char buf[4096];
+    while (read(fd, buf, sizeof buf) > 0) {
+    }
+}
+
+static void *fake_main(void *arg) {
+    flash_test_fake *f = (flash_test_fake *)arg;
+    for (;;) {
+        int c = accept(f->lfd, NULL, NULL);
+        if (c < 0) {
+            if (errno == EINTR && !f->stop) continue;
+            return NULL;
+        }
+        if (f->stop) {
+            close(c);
+            return NULL;
+        }
+        int mode = f->conns < f->nmodes ? f->modes[f->conns] : f->default_mode;
+        f->conns++;
+        f->serve(c, mode);
+        close(c);
+    }
+}
+
+void flash_test_fake_start(flash_test_fake *f, void (*serve)(int fd, int mode), const int *modes, int n,
+                           int default_mode) {
+    struct sockaddr_in a;
+    socklen_t alen = sizeof a;
+    int one = 1;
+    memset(f, 0, sizeof *f);
+    cr_assert_leq(n, 8);
+    memcpy(f->modes, modes, (size_t)n * sizeof *modes);
+    f->nmodes = n;
+    f->default_mode = default_mode;
+    f->serve = serve;
+    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(f->lfd, 0);
+    setsockopt(f->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    cr_assert_eq(listen(f->lfd, 16), 0);
+    cr_assert_eq(getsockname(f->lfd, (struct sockaddr *)&a, &alen), 0);
+    f->port = ntohs(a.sin_port);
+    cr_assert_eq(pthread_create(&f->thread, NULL, fake_main, f), 0);
+}
+
+void flash_test_fake_stop(flash_test_fake *f) {
+    f->stop = 1;
+    shutdown(f->lfd, SHUT_RDWR);
+    pthread_join(f->thread, NULL);
+    close(f->lfd);
+}
+
 int64_t flash_test_now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

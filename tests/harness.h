@@ -9,6 +9,7 @@
 #ifndef FLASH_TEST_HARNESS_H
 #define FLASH_TEST_HARNESS_H
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -59,6 +60,26 @@ typedef struct flash_test_server {
     char kind[16];    /* "memcached", "redis" */
     char extra[128];  /* extra arguments the server was started with */
 } flash_test_server;
+
+/* A fake server on a thread, for replies no real server sends: it listens
+   on a free loopback port and hands each connection to serve(fd, mode),
+   mode being the next of modes[] (then default_mode), and closes it after. */
+typedef struct flash_test_fake {
+    int lfd;
+    uint16_t port;
+    pthread_t thread;
+    void (*serve)(int fd, int mode);
+    int modes[8];
+    int nmodes, conns, default_mode;
+    volatile int stop;
+} flash_test_fake;
+void flash_test_fake_start(flash_test_fake *f, void (*serve)(int fd, int mode), const int *modes, int n,
+                           int default_mode);
+void flash_test_fake_stop(flash_test_fake *f);
+/* For serve functions: write everything (or give up on an error), and read
+   until the peer closes. */
+void flash_test_write_all(int fd, const char *p, size_t n);
+void flash_test_drain_until_eof(int fd);
 
 /* A free TCP port on 127.0.0.1 (bound and released; races are retried by
    the start functions). */

@@ -896,31 +896,6 @@ MC_TEST(stopped_server_times_out_without_blocking_the_loop) {
 
 enum { FAKE_GOOD, FAKE_GARBAGE, FAKE_CLOSE_MID_VALUE, FAKE_LONGER_VALUE, FAKE_NO_NEWLINE, FAKE_UNSOLICITED };
 
-typedef struct fake {
-    int lfd;
-    uint16_t port;
-    pthread_t thread;
-    int modes[8];
-    int nmodes;
-    int conns;
-    volatile int stop;
-} fake;
-
-static void write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0) return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static void drain_until_eof(int fd) {
-    char buf[4096];
-    while (read(fd, buf, sizeof buf) > 0) {
-    }
-}
-
 /* Serve one connection: answer each pipeline (up to "mn\r\n") by mode. */
 static void fake_serve(int fd, int mode) {
     static char buf[1 << 16];
@@ -942,31 +917,31 @@ static void fake_serve(int fd, int mode) {
                 switch (mode) {
                 case FAKE_GOOD:
                 case FAKE_UNSOLICITED: olen += (size_t)sprintf(out + olen, "EN O%lu\r\n", opaque); break;
-                case FAKE_GARBAGE: write_all(fd, "WHAT IS THIS\r\n", 14); drain_until_eof(fd); return;
+                case FAKE_GARBAGE: flash_test_write_all(fd, "WHAT IS THIS\r\n", 14); flash_test_drain_until_eof(fd); return;
                 case FAKE_CLOSE_MID_VALUE: {
                     char head[64];
                     int h = sprintf(head, "VA 10 O%lu\r\nabc", opaque);
-                    write_all(fd, head, (size_t)h);
+                    flash_test_write_all(fd, head, (size_t)h);
                     return; /* closes */
                 }
                 case FAKE_LONGER_VALUE: olen += (size_t)sprintf(out + olen, "VA 3 O%lu\r\nabcdef\r\n", opaque); break;
                 case FAKE_NO_NEWLINE: {
                     static char junk[6000];
                     memset(junk, 'x', sizeof junk);
-                    write_all(fd, junk, sizeof junk);
-                    drain_until_eof(fd);
+                    flash_test_write_all(fd, junk, sizeof junk);
+                    flash_test_drain_until_eof(fd);
                     return;
                 }
                 }
             }
             olen += (size_t)sprintf(out + olen, "MN\r\n");
-            write_all(fd, out, olen);
+            flash_test_write_all(fd, out, olen);
             if (mode == FAKE_UNSOLICITED) { /* answered; then a reply nobody asked for */
                 flash_test_sleep_ms(50);
-                write_all(fd, "HD O1\r\n", 7);
+                flash_test_write_all(fd, "HD O1\r\n", 7);
             }
             if (mode != FAKE_GOOD) {
-                drain_until_eof(fd);
+                flash_test_drain_until_eof(fd);
                 return;
             }
             size_t used = (size_t)(end + 4 - buf);
@@ -976,60 +951,14 @@ static void fake_serve(int fd, int mode) {
     }
 }
 
-static void *fake_main(void *arg) {
-    fake *f = (fake *)arg;
-    for (;;) {
-        int c = accept(f->lfd, NULL, NULL);
-        if (c < 0) {
-            if (errno == EINTR && !f->stop) continue;
-            return NULL;
-        }
-        if (f->stop) {
-            close(c);
-            return NULL;
-        }
-        int mode = f->conns < f->nmodes ? f->modes[f->conns] : FAKE_GOOD;
-        f->conns++;
-        fake_serve(c, mode);
-        close(c);
-    }
-}
-
-static void fake_start(fake *f, const int *modes, int n) {
-    struct sockaddr_in a;
-    socklen_t alen = sizeof a;
-    int one = 1;
-    memset(f, 0, sizeof *f);
-    memcpy(f->modes, modes, (size_t)n * sizeof *modes);
-    f->nmodes = n;
-    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert_geq(f->lfd, 0);
-    setsockopt(f->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    cr_assert_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
-    cr_assert_eq(listen(f->lfd, 16), 0);
-    cr_assert_eq(getsockname(f->lfd, (struct sockaddr *)&a, &alen), 0);
-    f->port = ntohs(a.sin_port);
-    cr_assert_eq(pthread_create(&f->thread, NULL, fake_main, f), 0);
-}
-
-static void fake_stop(fake *f) {
-    f->stop = 1;
-    shutdown(f->lfd, SHUT_RDWR);
-    pthread_join(f->thread, NULL);
-    close(f->lfd);
-}
-
 /* A pool of [real memcached, fake]: the fake's keys get `want`, the real
    server's keys are unaffected; then the next op finds the fake recovered. */
 static void misbehaving_server(int mode, int want, bool marks_down) {
     static flash_test_server s;
     cr_assert(flash_test_memcached_start(&s, NULL));
     int modes[1] = {mode};
-    fake f;
-    fake_start(&f, modes, 1);
+    flash_test_fake f;
+    flash_test_fake_start(&f, fake_serve, modes, 1, FAKE_GOOD);
     flash_poll *p = flash_poll_create();
     uint16_t ports[2] = {s.port, f.port};
     opts o = {2000, 0, 1000, 0};
@@ -1073,7 +1002,7 @@ static void misbehaving_server(int mode, int want, bool marks_down) {
     cr_assert_eq(mstats(c, 0).proto_errors, 0);
     flash_cache_destroy(c);
     flash_poll_destroy(p);
-    fake_stop(&f);
+    flash_test_fake_stop(&f);
     cr_assert_eq(f.conns, 2);
     flash_test_server_stop(&s);
 }
@@ -1096,8 +1025,8 @@ MC_TEST(close_mid_value_is_ebackend_and_marks_down) {
 
 MC_TEST(unsolicited_reply_resets_the_connection) {
     int modes[1] = {FAKE_UNSOLICITED};
-    fake f;
-    fake_start(&f, modes, 1);
+    flash_test_fake f;
+    flash_test_fake_start(&f, fake_serve, modes, 1, FAKE_GOOD);
     flash_poll *p = flash_poll_create();
     flash_cache c = make_cache(p, &f.port, 1, NULL);
     flash_cache_item it;
@@ -1117,7 +1046,7 @@ MC_TEST(unsolicited_reply_resets_the_connection) {
     cr_assert_eq(mstats(c, 0).reconnects, 1);
     flash_cache_destroy(c);
     flash_poll_destroy(p);
-    fake_stop(&f);
+    flash_test_fake_stop(&f);
     cr_assert_eq(f.conns, 2);
 }
 

@@ -727,30 +727,6 @@ RD_TEST(scripts_flushed_fail_one_key_then_reload) {
 
 enum { FAKE_GOOD, FAKE_GARBAGE, FAKE_WRONG_COUNT, FAKE_UNSOLICITED };
 
-typedef struct fake {
-    int lfd;
-    uint16_t port;
-    pthread_t thread;
-    int modes[8];
-    int nmodes, conns;
-    volatile int stop;
-} fake;
-
-static void write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0) return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static void drain_until_eof(int fd) {
-    char buf[4096];
-    while (read(fd, buf, sizeof buf) > 0) {
-    }
-}
-
 /* The digests of the backend's two scripts (what SCRIPT LOAD answers). */
 static const char cas_sha[] = "076958ea4df2b47e0a58b4da0ac07d13e9f07684";
 static const char incr_sha[] = "a65ad6a7c27ab94615bf32aef62973994f68b99d";
@@ -768,78 +744,32 @@ static void fake_serve(int fd, int mode) {
         int keys = star ? atoi(star + 1) - 1 : 0;
         size_t olen = 0;
         if (mode == FAKE_GARBAGE) {
-            write_all(fd, "%what is this\r\n", 15);
-            drain_until_eof(fd);
+            flash_test_write_all(fd, "%what is this\r\n", 15);
+            flash_test_drain_until_eof(fd);
             return;
         }
         if (strstr(buf, "$6\r\nSCRIPT\r\n"))
             olen += (size_t)sprintf(out, "$40\r\n%s\r\n$40\r\n%s\r\n", cas_sha, incr_sha);
         olen += (size_t)sprintf(out + olen, "*%d\r\n", keys + (mode == FAKE_WRONG_COUNT));
         for (int i = 0; i < keys + (mode == FAKE_WRONG_COUNT); i++) olen += (size_t)sprintf(out + olen, "$-1\r\n");
-        write_all(fd, out, olen);
+        flash_test_write_all(fd, out, olen);
         if (mode == FAKE_UNSOLICITED) {
             flash_test_sleep_ms(50);
-            write_all(fd, "+OK\r\n", 5);
+            flash_test_write_all(fd, "+OK\r\n", 5);
         }
         if (mode != FAKE_GOOD) {
-            drain_until_eof(fd);
+            flash_test_drain_until_eof(fd);
             return;
         }
     }
-}
-
-static void *fake_main(void *arg) {
-    fake *f = (fake *)arg;
-    for (;;) {
-        int c = accept(f->lfd, NULL, NULL);
-        if (c < 0) {
-            if (errno == EINTR && !f->stop) continue;
-            return NULL;
-        }
-        if (f->stop) {
-            close(c);
-            return NULL;
-        }
-        int mode = f->conns < f->nmodes ? f->modes[f->conns] : FAKE_GOOD;
-        f->conns++;
-        fake_serve(c, mode);
-        close(c);
-    }
-}
-
-static void fake_start(fake *f, const int *modes, int n) {
-    struct sockaddr_in a;
-    socklen_t alen = sizeof a;
-    int one = 1;
-    memset(f, 0, sizeof *f);
-    memcpy(f->modes, modes, (size_t)n * sizeof *modes);
-    f->nmodes = n;
-    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert_geq(f->lfd, 0);
-    setsockopt(f->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    cr_assert_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
-    cr_assert_eq(listen(f->lfd, 16), 0);
-    cr_assert_eq(getsockname(f->lfd, (struct sockaddr *)&a, &alen), 0);
-    f->port = ntohs(a.sin_port);
-    cr_assert_eq(pthread_create(&f->thread, NULL, fake_main, f), 0);
-}
-
-static void fake_stop(fake *f) {
-    f->stop = 1;
-    shutdown(f->lfd, SHUT_RDWR);
-    pthread_join(f->thread, NULL);
-    close(f->lfd);
 }
 
 /* The first connection misbehaves: EPROTO, not marked down; the next op
    reconnects at once and works. */
 static void misbehaving(int mode) {
     int modes[1] = {mode};
-    fake f;
-    fake_start(&f, modes, 1);
+    flash_test_fake f;
+    flash_test_fake_start(&f, fake_serve, modes, 1, FAKE_GOOD);
     flash_poll *p = flash_poll_create();
     opts o = {2000, 0, 60000, 0, NULL, 0};
     flash_cache c = make_cache(p, f.port, &o);
@@ -870,7 +800,7 @@ static void misbehaving(int mode) {
     cr_assert_eq(rstats(c).reconnects, 1);
     flash_cache_destroy(c);
     flash_poll_destroy(p);
-    fake_stop(&f);
+    flash_test_fake_stop(&f);
 }
 
 RD_TEST(garbage_is_eproto_and_the_connection_recovers) { misbehaving(FAKE_GARBAGE); }
