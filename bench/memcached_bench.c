@@ -36,7 +36,7 @@
 
    Timed wall-clock ns/key includes the server's work: on one machine the
    client and memcached share the cores. The server CPU column separates
-   what each protocol costs memcached (mg per key vs one multi-key get).
+   what each protocol costs memcached (flash's multi-key gets vs libmemcached's get).
 
    usage: memcached_bench PORT [reps]     "<scenario>/<N> <ns_per_key>
                                           <server_cpu_ns_per_key>" reps times
@@ -626,7 +626,7 @@ int main(int argc, char **argv) {
         usage();
     }
 
-    printf("# flash %d.%d.%d memcached backend (meta protocol), poll loop, arena_retain=%zu max_batch=%d; "
+    printf("# flash %d.%d.%d memcached backend (gets + meta writes), poll loop, arena_retain=%zu max_batch=%d; "
            "libmemcached %s (text; TCP_NODELAY); memcached %s on 127.0.0.1:%u; reps=%d\n",
            FLASH_VERSION_MAJOR, FLASH_VERSION_MINOR, FLASH_VERSION_PATCH, flash_ctx_desc(ctx)->arena_retain, NMAX,
            LIBMEMCACHED_VERSION_STRING, version, (unsigned)port, reps);

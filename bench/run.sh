@@ -427,7 +427,7 @@ if has_part memcached; then
     echo "   $MCG_NOTE"
     echo "   Timed: (a) flash_ctx_reset + the queries + flash_gather + flash_wait (the model layer builds the keys,"
     echo "   memoises, decodes every row into a User struct); backend alone and (b): values as bytes, not decoded."
-    echo "   flash speaks the meta protocol (mg per key + mn); libmemcached text sends one multi-key get."
+    echo "   flash reads with one multi-key gets (writes: meta commands); libmemcached text sends one multi-key get."
     echo
     echo "== memcached counts (verified before the timed reps of every run; run 1 shown)"
     grep '^verify ' "$out/mc.1" | sed 's/^verify /   /'

@@ -896,7 +896,8 @@ MC_TEST(stopped_server_times_out_without_blocking_the_loop) {
 
 enum { FAKE_GOOD, FAKE_GARBAGE, FAKE_CLOSE_MID_VALUE, FAKE_LONGER_VALUE, FAKE_NO_NEWLINE, FAKE_UNSOLICITED };
 
-/* Serve one connection: answer each pipeline (up to "mn\r\n") by mode. */
+/* Serve one connection: answer each request line (a `gets k1 k2 ...`, which
+   is what the backend sends for a GET) by mode. */
 static void fake_serve(int fd, int mode) {
     static char buf[1 << 16];
     size_t len = 0;
@@ -906,35 +907,29 @@ static void fake_serve(int fd, int mode) {
         len += (size_t)n;
         buf[len] = 0;
         char *end;
-        while ((end = strstr(buf, "mn\r\n")) != NULL) {
-            static char out[1 << 16];
+        while ((end = strstr(buf, "\r\n")) != NULL) {
+            char out[512], first[256] = "";
             size_t olen = 0;
             *end = 0;
-            for (char *line = buf; *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : line + strlen(line)) {
-                char *o = strstr(line, " O");
-                unsigned long opaque = o ? strtoul(o + 2, NULL, 10) : 0;
-                if (strncmp(line, "mg ", 3) != 0) continue;
-                switch (mode) {
-                case FAKE_GOOD:
-                case FAKE_UNSOLICITED: olen += (size_t)sprintf(out + olen, "EN O%lu\r\n", opaque); break;
-                case FAKE_GARBAGE: flash_test_write_all(fd, "WHAT IS THIS\r\n", 14); flash_test_drain_until_eof(fd); return;
-                case FAKE_CLOSE_MID_VALUE: {
-                    char head[64];
-                    int h = sprintf(head, "VA 10 O%lu\r\nabc", opaque);
-                    flash_test_write_all(fd, head, (size_t)h);
-                    return; /* closes */
-                }
-                case FAKE_LONGER_VALUE: olen += (size_t)sprintf(out + olen, "VA 3 O%lu\r\nabcdef\r\n", opaque); break;
-                case FAKE_NO_NEWLINE: {
-                    static char junk[6000];
-                    memset(junk, 'x', sizeof junk);
-                    flash_test_write_all(fd, junk, sizeof junk);
-                    flash_test_drain_until_eof(fd);
-                    return;
-                }
-                }
+            if (strncmp(buf, "gets ", 5) == 0) sscanf(buf + 5, "%255s", first);
+            switch (mode) {
+            case FAKE_GOOD:
+            case FAKE_UNSOLICITED: olen = (size_t)sprintf(out, "END\r\n"); break; /* all misses */
+            case FAKE_GARBAGE: flash_test_write_all(fd, "WHAT IS THIS\r\n", 14); flash_test_drain_until_eof(fd); return;
+            case FAKE_CLOSE_MID_VALUE: {
+                int h = sprintf(out, "VALUE %s 0 10 1\r\nabc", first);
+                flash_test_write_all(fd, out, (size_t)h);
+                return; /* closes */
             }
-            olen += (size_t)sprintf(out + olen, "MN\r\n");
+            case FAKE_LONGER_VALUE: olen = (size_t)sprintf(out, "VALUE %s 0 3 1\r\nabcdef\r\nEND\r\n", first); break;
+            case FAKE_NO_NEWLINE: {
+                static char junk[6000];
+                memset(junk, 'x', sizeof junk);
+                flash_test_write_all(fd, junk, sizeof junk);
+                flash_test_drain_until_eof(fd);
+                return;
+            }
+            }
             flash_test_write_all(fd, out, olen);
             if (mode == FAKE_UNSOLICITED) { /* answered; then a reply nobody asked for */
                 flash_test_sleep_ms(50);
@@ -944,7 +939,7 @@ static void fake_serve(int fd, int mode) {
                 flash_test_drain_until_eof(fd);
                 return;
             }
-            size_t used = (size_t)(end + 4 - buf);
+            size_t used = (size_t)(end + 2 - buf);
             memmove(buf, buf + used, len - used + 1);
             len -= used;
         }
@@ -1198,11 +1193,12 @@ MC_TEST(destroy_delivers_finished_ops_and_cancels_while_connecting) {
 
 MC_TEST(parser_handles_any_chunking) {
     const char stream[] = "VA 5 O1 f7 c99\r\nhe\r\no\r\nEN O2\r\nHD O3 k\r\nVA 0 O4\r\n\r\nNS O5\r\nEX O6\r\n"
-                          "NF O7\r\nSERVER_ERROR object too large for cache\r\nCLIENT_ERROR bad\r\nERROR\r\nMN\r\n";
+                          "NF O7\r\nSERVER_ERROR object too large for cache\r\nCLIENT_ERROR bad\r\nERROR\r\nMN\r\n"
+                          "VALUE user:1 7 5 99\r\nhe\r\no\r\nVALUE k 0 0\r\n\r\nEND\r\n";
     const int kinds[] = {FLASH_MEMCACHED_VA, FLASH_MEMCACHED_EN, FLASH_MEMCACHED_HD, FLASH_MEMCACHED_VA,
                          FLASH_MEMCACHED_NS, FLASH_MEMCACHED_EX, FLASH_MEMCACHED_NF,
                          FLASH_MEMCACHED_SERVER_ERROR, FLASH_MEMCACHED_CLIENT_ERROR, FLASH_MEMCACHED_ERROR,
-                         FLASH_MEMCACHED_MN};
+                         FLASH_MEMCACHED_MN, FLASH_MEMCACHED_VALUE, FLASH_MEMCACHED_VALUE, FLASH_MEMCACHED_END};
     const size_t total = sizeof stream - 1, nk = sizeof kinds / sizeof kinds[0];
     flash_memcached_reply r;
     /* whole buffer */
@@ -1221,6 +1217,15 @@ MC_TEST(parser_handles_any_chunking) {
         }
         if (kinds[k] == FLASH_MEMCACHED_SERVER_ERROR)
             cr_assert_eq(strncmp(r.message, "object too large", 16), 0);
+        if (k == 11) { /* the text protocol's VALUE: key, flags, length, cas */
+            cr_assert(r.key_len == 6 && memcmp(r.key, "user:1", 6) == 0);
+            cr_assert(r.has_flags && r.has_cas && !r.has_opaque);
+            cr_assert_eq(r.flags, 7);
+            cr_assert_eq(r.cas, 99);
+            cr_assert_eq(r.value_len, 5);
+            cr_assert_eq(memcmp(r.value, "he\r\no", 5), 0);
+        }
+        if (k == 12) cr_assert(r.key_len == 1 && !r.has_cas && r.value_len == 0);
         off += (size_t)n;
         k++;
     }
@@ -1256,6 +1261,8 @@ MC_TEST(parser_rejects_garbage) {
         "XX\r\n", "HELLO WORLD\r\n", "VA 3 O1\r\nabcdef\r\n", "VA abc\r\n", "VA\r\n", "HD O1\n",
         "MN extra\r\n", "HD Oabc\r\n", "HD  O1\r\n", "HD O1 \r\n", "VA 3 O1\r\nabcXY", "\r\n",
         "HD O99999999999\r\n", "VA 99999999999999999999 O1\r\n", "HD \x01\r\n",
+        "END x\r\n", "VALUE\r\n", "VALUE k 0\r\n", "VALUE k x 1\r\n1\r\n", "VALUE k 0 1 2 3\r\n",
+        "VALUE k 0 3 1\r\nabcdef\r\n", "VALUE k  0 1\r\n1\r\n", "VALUE  0 1\r\n1\r\n", "VALUE k\x01 0 1\r\n1\r\n",
     };
     flash_memcached_reply r;
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)

@@ -26,7 +26,13 @@ static void check_reply(const char *buf, size_t len, size_t max_value, ptrdiff_t
     STREAM_CHECK(nl && nl > buf && nl[-1] == '\r');
     size_t header = (size_t)(nl - buf) + 1;
     (void)len;
-    if (rep->kind == FLASH_MEMCACHED_VA) {
+    if (rep->kind == FLASH_MEMCACHED_VALUE) { /* the key lies in the header line */
+        STREAM_CHECK(rep->key > buf && rep->key + rep->key_len <= buf + header - 2);
+        STREAM_CHECK(rep->key_len > 0 && rep->key_len <= 250);
+    } else {
+        STREAM_CHECK(rep->key == NULL && rep->key_len == 0);
+    }
+    if (rep->kind == FLASH_MEMCACHED_VA || rep->kind == FLASH_MEMCACHED_VALUE) {
         if (rep->skip) {
             STREAM_CHECK(rep->value_len > max_value);
             STREAM_CHECK(rep->value == NULL);
@@ -58,7 +64,9 @@ static ptrdiff_t parse_one(const char *buf, size_t len, size_t max_value, stream
     e->b = rep.flags;
     e->c = rep.cas;
     e->len = rep.kind >= FLASH_MEMCACHED_ERROR ? rep.message_len : rep.value_len;
-    if (rep.kind == FLASH_MEMCACHED_VA && !rep.skip) e->digest = stream_fnv(rep.value, rep.value_len);
+    if ((rep.kind == FLASH_MEMCACHED_VA || rep.kind == FLASH_MEMCACHED_VALUE) && !rep.skip)
+        e->digest = stream_fnv(rep.value, rep.value_len);
+    if (rep.kind == FLASH_MEMCACHED_VALUE) e->digest ^= stream_fnv(rep.key, rep.key_len) * 31;
     else if (rep.kind >= FLASH_MEMCACHED_ERROR) e->digest = stream_fnv(rep.message, rep.message_len);
     if (rep.skip) e->skip_len = rep.value_len + 2;
     return n;
