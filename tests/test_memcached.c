@@ -894,7 +894,10 @@ MC_TEST(stopped_server_times_out_without_blocking_the_loop) {
 
 /* ---- a fake server that misbehaves ----------------------------------------------- */
 
-enum { FAKE_GOOD, FAKE_GARBAGE, FAKE_CLOSE_MID_VALUE, FAKE_LONGER_VALUE, FAKE_NO_NEWLINE, FAKE_UNSOLICITED };
+enum {
+    FAKE_GOOD, FAKE_GARBAGE, FAKE_CLOSE_MID_VALUE, FAKE_LONGER_VALUE, FAKE_NO_NEWLINE, FAKE_UNSOLICITED,
+    FAKE_UNASKED_KEY /* a VALUE for a key the request did not name */
+};
 
 /* Serve one connection: answer each request line (a `gets k1 k2 ...`, which
    is what the backend sends for a GET) by mode. */
@@ -922,6 +925,7 @@ static void fake_serve(int fd, int mode) {
                 return; /* closes */
             }
             case FAKE_LONGER_VALUE: olen = (size_t)sprintf(out, "VALUE %s 0 3 1\r\nabcdef\r\nEND\r\n", first); break;
+            case FAKE_UNASKED_KEY: olen = (size_t)sprintf(out, "VALUE nobody:asked 0 1 1\r\nx\r\nEND\r\n"); break;
             case FAKE_NO_NEWLINE: {
                 static char junk[6000];
                 memset(junk, 'x', sizeof junk);
@@ -1008,6 +1012,10 @@ MC_TEST(garbage_reply_is_eproto_and_reconnects) {
 
 MC_TEST(value_longer_than_announced_is_eproto) {
     misbehaving_server(FAKE_LONGER_VALUE, FLASH_EPROTO, false);
+}
+
+MC_TEST(value_for_a_key_not_asked_is_eproto) {
+    misbehaving_server(FAKE_UNASKED_KEY, FLASH_EPROTO, false);
 }
 
 MC_TEST(reply_line_without_end_is_eproto) {

@@ -620,6 +620,8 @@ static int flash__mc_take_value(flash__mc *mc, flash__mc_opstate *os, flash_cach
    op's keys are gone: its VALUEs are only read past.) */
 static int flash__mc_apply_get(flash__mc_server *s, flash__mc_req *req, const flash_memcached_reply *r) {
     flash__mc_opstate *os = req->os;
+    flash_cache_item *it;
+    uint32_t k;
     if (r->kind == FLASH_MEMCACHED_END) {
         while (req->pos < req->count) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
         flash__mc_req_done(s, req);
@@ -627,16 +629,17 @@ static int flash__mc_apply_get(flash__mc_server *s, flash__mc_req *req, const fl
     }
     if (r->kind != FLASH_MEMCACHED_VALUE || !r->has_cas) return FLASH_EPROTO;
     if (!os->op) return FLASH_OK;
-    for (; req->pos < req->count; req->pos++) {
-        flash_cache_item *it = &os->op->items[req->idx[req->pos]];
-        if (it->key_len == r->key_len && memcmp(it->key, r->key, r->key_len) == 0) {
-            it->status = flash__mc_take_value(s->mc, os, it, r);
-            req->pos++;
-            return FLASH_OK;
-        }
-        it->status = FLASH_ENOTFOUND;
+    for (k = req->pos; k < req->count; k++) {
+        const flash_cache_item *want = &os->op->items[req->idx[k]];
+        if (want->key_len == r->key_len && memcmp(want->key, r->key, r->key_len) == 0) break;
     }
-    return FLASH_EPROTO; /* a key nobody asked for, or out of order */
+    /* A key nobody asked for, or out of order: garbage, and the keys not yet
+       answered fail with it (they are not known to be misses). */
+    if (k == req->count) return FLASH_EPROTO;
+    while (req->pos < k) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
+    it = &os->op->items[req->idx[req->pos++]];
+    it->status = flash__mc_take_value(s->mc, os, it, r);
+    return FLASH_OK;
 }
 
 /* Apply one reply to the head request; FLASH_EPROTO when it does not fit. */
