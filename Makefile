@@ -72,7 +72,9 @@ headers: | $(BUILD)/headers
 	  > $(BUILD)/headers/all.c; \
 	$(CC) $(STRICT) -I. -fsyntax-only $(BUILD)/headers/all.c; \
 	$(CXX) $(CXXSTRICT) -I. -fsyntax-only -x c++ $(BUILD)/headers/all.c; \
-	echo "headers: $(words $(HEADERS)) headers compile as C11 and C++17, alone and with the implementation"
+	echo "headers: $(words $(HEADERS)) headers compile as C11 and C++17, alone and with the implementation"; \
+	$(CC) $(STRICT) -I. tests/compile/feature_macros.c -o $(BUILD)/headers/feature_macros -lpthread; \
+	./$(BUILD)/headers/feature_macros
 
 $(BUILD)/tests/flash_tests: $(TEST_SRC) $(SRCLIST) $(wildcard tests/*.h) $(HEADERS) | $(BUILD)/tests
 	$(CC) $(STRICT) $(OPT) -I. $(TEST_SRC) -o $@ $(TEST_LIBS)

@@ -39,10 +39,21 @@
 #ifndef FLASH_H
 #define FLASH_H
 
-/* The implementation uses POSIX (clock_gettime, pthread, poll): ask for it
-   when this header is the first include of the implementing file. */
-#if defined(FLASH_IMPLEMENTATION) && !defined(_POSIX_C_SOURCE) && !defined(_GNU_SOURCE)
-#define _POSIX_C_SOURCE 200809L
+/* Feature-test macros. The implementation needs POSIX.1-2008 (clock_gettime,
+   pthread) and, for task stacks, MAP_ANONYMOUS / MAP_STACK / madvise. When
+   this header is the first include of the implementing file and the file
+   chose no macro,
+   ask for _DEFAULT_SOURCE: on glibc and musl that is POSIX.1-2008 plus the
+   BSD and System V names a -std=c11 build otherwise hides, i.e. exactly what
+   a gnu11 build sees (so it never narrows what the rest of the file sees, as
+   _POSIX_C_SOURCE alone would); elsewhere it is ignored and the defaults
+   expose everything. A file that includes a system header before flash.h
+   must choose itself (e.g. -D_DEFAULT_SOURCE or #define _GNU_SOURCE).
+   Adapter headers whose library needs POSIX types define FLASH__WANT_POSIX. */
+#if (defined(FLASH_IMPLEMENTATION) || defined(FLASH__WANT_POSIX)) && !defined(_POSIX_C_SOURCE) && \
+    !defined(_XOPEN_SOURCE) && !defined(_GNU_SOURCE) && !defined(_DEFAULT_SOURCE) && !defined(_BSD_SOURCE) && \
+    !defined(_ALL_SOURCE)
+#define _DEFAULT_SOURCE 1
 #endif
 
 #define FLASH_VERSION_MAJOR 0
@@ -1043,10 +1054,10 @@ typedef struct flash__zombie {
 
 typedef struct flash__cb flash__cb;
 /* One entry of the ready queue: run p's callbacks, or the single cb. */
-typedef struct flash__task {
+typedef struct flash__ready {
     flash_promise *p;
     flash__cb *cb;
-} flash__task;
+} flash__ready;
 
 typedef struct flash__batch_node flash__batch_node;
 
@@ -1059,8 +1070,8 @@ struct flash_ctx {
     flash__block *blocks;    /* current block first */
     flash__block *spare;     /* retained across resets */
     flash__zombie *zombies;
-    flash__task *tasks;      /* ready queue (allocator memory) */
-    size_t task_head, task_tail, task_cap;
+    flash__ready *ready;      /* ready queue (allocator memory) */
+    size_t ready_head, ready_tail, ready_cap;
     struct flash__work *work; /* internal callbacks to run now (see flash__settle) */
     size_t work_head, work_tail, work_cap;
     bool working;
@@ -1446,7 +1457,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
         flash__free_blocks(ctx, z->blocks);
         flash__sys_free(ctx, z);
     }
-    flash__sys_free(ctx, ctx->tasks);
+    flash__sys_free(ctx, ctx->ready);
     flash__sys_free(ctx, ctx->work);
     flash__sys_free(ctx, ctx->sources);
     flash__sys_free(ctx, ctx->prefix);
@@ -1465,7 +1476,7 @@ FLASH_API void flash_ctx_reset(flash_ctx *ctx) {
     flash__engine_reset(ctx, false);
     flash__loaders_cancel(ctx);
     flash__loaders_release(ctx);
-    ctx->task_head = ctx->task_tail = 0;
+    ctx->ready_head = ctx->ready_tail = 0;
     ctx->open_first = ctx->open_last = NULL;
     ctx->inflight = 0;
     flash__arena_release(ctx);
@@ -1547,10 +1558,10 @@ struct flash_promise {
 
 static const char flash__empty[] = "";
 
-static void flash__task_push(flash_ctx *ctx, flash_promise *p, flash__cb *cb) {
-    if (ctx->task_tail == ctx->task_cap) {
-        size_t cap = ctx->task_cap ? ctx->task_cap * 2 : 256;
-        flash__task *t = (flash__task *)flash__sys_alloc(ctx, cap * sizeof *t);
+static void flash__ready_push(flash_ctx *ctx, flash_promise *p, flash__cb *cb) {
+    if (ctx->ready_tail == ctx->ready_cap) {
+        size_t cap = ctx->ready_cap ? ctx->ready_cap * 2 : 256;
+        flash__ready *t = (flash__ready *)flash__sys_alloc(ctx, cap * sizeof *t);
         if (!t) {
             /* Cannot queue: run now rather than lose the callback. */
             if (cb) {
@@ -1559,17 +1570,17 @@ static void flash__task_push(flash_ctx *ctx, flash_promise *p, flash__cb *cb) {
             }
             return;
         }
-        if (ctx->task_tail - ctx->task_head)
-            memcpy(t, ctx->tasks + ctx->task_head, (ctx->task_tail - ctx->task_head) * sizeof *t);
-        ctx->task_tail -= ctx->task_head;
-        ctx->task_head = 0;
-        flash__sys_free(ctx, ctx->tasks);
-        ctx->tasks = t;
-        ctx->task_cap = cap;
+        if (ctx->ready_tail - ctx->ready_head)
+            memcpy(t, ctx->ready + ctx->ready_head, (ctx->ready_tail - ctx->ready_head) * sizeof *t);
+        ctx->ready_tail -= ctx->ready_head;
+        ctx->ready_head = 0;
+        flash__sys_free(ctx, ctx->ready);
+        ctx->ready = t;
+        ctx->ready_cap = cap;
     }
-    ctx->tasks[ctx->task_tail].p = p;
-    ctx->tasks[ctx->task_tail].cb = cb;
-    ctx->task_tail++;
+    ctx->ready[ctx->ready_tail].p = p;
+    ctx->ready[ctx->ready_tail].cb = cb;
+    ctx->ready_tail++;
 }
 
 static void flash__schedule_drain(flash_ctx *ctx);
@@ -1625,7 +1636,7 @@ static void flash__settle(flash_ctx *ctx, flash_promise *p) {
     if (!p->first.fn.pub && !p->has_more) return;
     if (!p->has_more) {
         if (!p->first.is_inline) { /* the common user case */
-            flash__task_push(ctx, p, NULL);
+            flash__ready_push(ctx, p, NULL);
             if (!ctx->depth) flash__schedule_drain(ctx);
             return;
         }
@@ -1653,14 +1664,14 @@ static void flash__settle(flash_ctx *ctx, flash_promise *p) {
         flash__cb *copy = (flash__cb *)flash__alloc(ctx, sizeof *copy);
         if (copy) {
             *copy = first;
-            flash__task_push(ctx, p, copy);
+            flash__ready_push(ctx, p, copy);
         } else {
             flash__call_cb(ctx, p, &first); /* out of memory: now rather than never */
         }
     }
     for (more = rev; more; more = more->next)
-        if (!more->is_inline) flash__task_push(ctx, p, more);
-    if (!ctx->depth && ctx->task_head < ctx->task_tail) flash__schedule_drain(ctx);
+        if (!more->is_inline) flash__ready_push(ctx, p, more);
+    if (!ctx->depth && ctx->ready_head < ctx->ready_tail) flash__schedule_drain(ctx);
     if (ctx->working) { /* inside another settle's internal callbacks: later */
         if (first.is_inline) flash__work_add(ctx, p, &first);
         for (more = rev; more; more = more->next)
@@ -1722,7 +1733,7 @@ static int flash__add_cb(flash_ctx *ctx, flash_promise *p, flash_settle_fn pub, 
     cb->arg = arg;
     cb->idx = idx;
     if (p->state != FLASH_PENDING) {
-        flash__task_push(ctx, p, cb);
+        flash__ready_push(ctx, p, cb);
         if (!ctx->depth) flash__schedule_drain(ctx);
     } else if (cb != &p->first) {
         p->first.next = cb;
@@ -1992,12 +2003,12 @@ static void flash__drain_impl(flash_ctx *ctx, bool dispatch) {
     gen = flash__hold(ctx);
     ctx->depth++;
     for (;;) {
-        while (ctx->task_head < ctx->task_tail) {
-            flash__task t = ctx->tasks[ctx->task_head++];
+        while (ctx->ready_head < ctx->ready_tail) {
+            flash__ready t = ctx->ready[ctx->ready_head++];
             if (t.cb) flash__call_cb(ctx, t.p, t.cb);
             else flash__run_callbacks(ctx, t.p);
         }
-        ctx->task_head = ctx->task_tail = 0;
+        ctx->ready_head = ctx->ready_tail = 0;
         if (!dispatch || !ctx->open_first) break;
         flash__dispatch_open(ctx);
     }
@@ -2043,7 +2054,7 @@ FLASH_API flash_loop flash_ctx_loop(const flash_ctx *ctx) {
 }
 
 FLASH_API bool flash_ctx_busy(const flash_ctx *ctx) {
-    return ctx && (ctx->task_head < ctx->task_tail || ctx->open_first || ctx->inflight);
+    return ctx && (ctx->ready_head < ctx->ready_tail || ctx->open_first || ctx->inflight);
 }
 
 FLASH_API int flash_wait(flash_ctx *ctx, flash_promise *p, void **value) {
@@ -2064,7 +2075,7 @@ FLASH_API int flash_wait(flash_ctx *ctx, flash_promise *p, void **value) {
         if (alive < 0) return alive;
         /* Nothing left to run and nothing queued: work still "in flight"
            (a batch function that never answers) cannot settle p either. */
-        if (alive == 0 && p->state == FLASH_PENDING && ctx->task_head == ctx->task_tail && !ctx->open_first &&
+        if (alive == 0 && p->state == FLASH_PENDING && ctx->ready_head == ctx->ready_tail && !ctx->open_first &&
             !ctx->drain_handle)
             return FLASH_EIDLE;
     }
@@ -2097,7 +2108,7 @@ FLASH_API int flash_run(flash_ctx *ctx, flash_run_fn fn, void *arg, void **value
         ctx->running++;
         alive = ctx->loop.vt->run_once(ctx->loop.native, true);
         ctx->running--;
-        if (alive <= 0 && !ctx->drain_handle && !ctx->task_tail && !ctx->open_first) break;
+        if (alive <= 0 && !ctx->drain_handle && !ctx->ready_tail && !ctx->open_first) break;
     }
     return rc;
 }

@@ -18,10 +18,8 @@
 */
 #ifndef FLASH_LIBUV_H
 #define FLASH_LIBUV_H
-/* uv.h needs POSIX types (pthread_rwlock_t): ask for them when first. */
-#if !defined(_POSIX_C_SOURCE) && !defined(_GNU_SOURCE) && !defined(_XOPEN_SOURCE)
-#define _POSIX_C_SOURCE 200809L
-#endif
+/* uv.h needs POSIX types (pthread_rwlock_t): flash.h asks for them when first. */
+#define FLASH__WANT_POSIX 1
 #include "../../flash.h"
 #include <uv.h>
 
