@@ -18,12 +18,15 @@
      FLASH_API            storage class of public functions (default: extern)
      FLASH_ASSERT(c)      internal invariant checks (default: assert(c))
      FLASH_NO_THREADS     leave out flash_thread_ctx() and its pthread use
+     FLASH_NO_TASKS       leave out tasks (see layer 3b, also for
+                          FLASH_TASK_UCONTEXT and bringing your own switch)
 
    LAYERS (sections of this file, bottom to top; each calls only those below)
      1. config, errors, allocator, logger
      2. context and arena            flash_ctx_create / flash_ctx_reset
      3. promises                     flash_then, flash_gather, flash_gather_settled
-     4. event-loop vtable            flash_wait, flash_run
+    3b. tasks                        flash_spawn, flash_await
+     4. event-loop vtable            flash_wait, flash_run, the adapter kit
      5. loader                       DataLoader semantics over byte keys
      6. cache backend vtable         multi-key get/set/add/cas/delete/incr
      7. model registry               FLASH_MODEL, key sets, codec, cache keys
@@ -157,6 +160,10 @@ typedef struct flash_desc {
     const char *key_prefix;       /* default: "flash" */
     uint32_t lag_window_ms;       /* default: 300, no fills this soon after an invalidation */
     uint32_t stale_marker_ttl_s;  /* default: 5, lifetime of an invalidation marker */
+    uint32_t task_stack;          /* default: 64 KiB (256 KiB under ASan/TSan), usable
+                                     bytes of each task's stack, rounded up to pages */
+    uint32_t max_tasks;           /* default: 10000, tasks alive at once; past it
+                                     flash_spawn rejects with FLASH_ENOMEM */
     bool fail_on_cache_error;     /* default: false, fall back to the source */
     bool log_fill_errors;         /* default: false */
     int64_t (*clock_ms)(void *user_data); /* default: CLOCK_REALTIME in ms; tests inject */
@@ -184,6 +191,9 @@ typedef struct flash_stats {
     uint64_t fills_skipped;    /* fills not written (too large, lag window) */
     uint64_t writes;           /* other backend write operations issued */
     uint64_t invalidations;    /* keys invalidated */
+    uint64_t tasks;            /* tasks spawned */
+    uint64_t task_switches;    /* switches into a task (spawn, resume) */
+    uint64_t task_stacks;      /* task stacks mapped (pooled: flat in steady state) */
 } flash_stats;
 
 /* ==== 2. context and arena ================================================ */
@@ -265,15 +275,81 @@ typedef struct flash_settled {
 } flash_settled;
 FLASH_API flash_promise *flash_gather_settled(flash_ctx *ctx, size_t n, flash_promise *const *promises);
 
+/* ==== 3b. tasks ============================================================= */
+
+/* A task is a function with a stack of its own: it can wait for a promise in
+   straight-line code while the rest of the request goes on, the C form of
+   the seed's `async def` / `await`:
+
+       static int get_data(flash_ctx *ctx, void *arg, void **result) {
+           User *user;
+           int rc = User_get_by_id(ctx, *(int64_t *)arg, &user); // suspends this task only
+           if (rc) return rc;
+           *result = user;
+           return 0;
+       }
+       flash_promise *p = flash_spawn(ctx, get_data, &id);
+
+   flash_spawn runs fn at once, until its first await (a JavaScript async
+   function's semantics), and returns its promise: fulfilled with *result
+   when fn returns 0, rejected with fn's code otherwise (with the message of
+   the task's last failed await when it is that await's code). Inside a
+   task, flash_await, flash_wait and every sync form (User_get_by_id,
+   _or_none, _or_404, Name_resolve, flash_queries, flash_invalidate, ...)
+   suspend the task instead of running the loop, so the loads of every task
+   of a tick join one batch: N tasks awaiting k loads each cost k round
+   trips, not N * k. Outside a task, flash_await is flash_wait.
+
+   Reset and destroy cancel suspended tasks: their pending await returns
+   FLASH_ECANCELED, and so does every later await (and flash_spawn) of those
+   tasks at once. A task must return when an await gives FLASH_ECANCELED;
+   its stack is reclaimed when it does. A reset from inside a task cancels
+   the others now and the calling task from its next await; its request's
+   memory stays valid until it returns. Awaiting the task's own promise
+   gives FLASH_ESTATE (never a hang). A task runs only on its context's
+   thread.
+
+   Stacks are mmap'd with a guard page below (an overflow faults, it never
+   corrupts), desc.task_stack bytes each, pooled per context and reused
+   across resets (mapped in slabs; unmapped by flash_ctx_destroy). The
+   switch is a few instructions of assembly on x86-64 and AArch64 (callee-
+   saved registers and the FP control words), ucontext elsewhere; ASan, TSan
+   and valgrind are told about every switch and stack.
+     FLASH_NO_TASKS          leave tasks out: flash_spawn rejects with
+                             FLASH_EUNSUPPORTED, flash_await is flash_wait
+     FLASH_TASK_UCONTEXT     use ucontext even where assembly exists
+     FLASH_TASK_CONTEXT, FLASH_TASK_MAKE(c, stack, size, fn, arg),
+     FLASH_TASK_SWITCH(from, to)
+                             bring your own switch: a type holding a saved
+                             context; prepare *c to call fn(arg) (never
+                             returns) on [stack, stack + size); save the
+                             current context into *from and resume *to. */
+typedef int (*flash_task_fn)(flash_ctx *ctx, void *arg, void **result);
+FLASH_API flash_promise *flash_spawn(flash_ctx *ctx, flash_task_fn fn, void *arg);
+FLASH_API int flash_await(flash_ctx *ctx, flash_promise *p, void **value);
+FLASH_API bool flash_in_task(const flash_ctx *ctx);
+
 /* ==== 4. event loop ========================================================= */
 
 enum { FLASH_IO_READ = 1, FLASH_IO_WRITE = 2 };
 typedef void (*flash_loop_fn)(void *arg);
 typedef void (*flash_io_fn)(void *arg, int events);
 
+/* A deferred call whose memory belongs to its caller (embed it in your own
+   struct): queueing it cannot fail. Zero-initialise; fields are private. */
+typedef struct flash_defer {
+    struct flash_defer *next, *prev;
+    flash_loop_fn fn;
+    void *arg;
+    uint64_t pass;
+    void *handle;  /* loops without post: the defer/timer handle used */
+    bool queued;
+} flash_defer;
+
 /* What flash needs from an event loop. Handles are made and freed by the
    adapter: a handle is valid until cancel/io_stop, or until a timer or defer
-   has fired. Callbacks may start and stop any handle, their own included. */
+   has fired. Callbacks may start and stop any handle, their own included.
+   defer, timer and io_start return NULL when they cannot (out of memory). */
 struct flash_loop_vtable {
     const char *name;
     /* Run fn(arg) once at the end of this loop iteration, after its I/O. */
@@ -290,7 +366,61 @@ struct flash_loop_vtable {
     /* One iteration; may_block: wait for an event. Returns > 0 while handles
        remain, 0 when the loop has nothing left to wait for, < 0 on error. */
     int (*run_once)(void *native, bool may_block);
+    /* Optional, and what lets flash never lose a tick: defer with a node of
+       the caller's (d->fn, d->arg set), without allocating; unpost forgets
+       a node not yet run. Loops built on flash_defer_queue get both free. */
+    void (*post)(void *native, flash_defer *d);
+    void (*unpost)(void *native, flash_defer *d);
 };
+
+/* Run fn(arg) at the end of this iteration through d (which must stay
+   valid until fn runs or flash_loop_unpost). With the loop's post it cannot
+   fail; otherwise defer, then a 0 ms timer is tried: FLASH_ENOMEM when both
+   fail. Posting a queued node again is a no-op (FLASH_OK). Every component
+   of flash schedules its own ticks this way; adapters and backends may too. */
+FLASH_API int flash_loop_post(flash_loop loop, flash_defer *d, flash_loop_fn fn, void *arg);
+FLASH_API void flash_loop_unpost(flash_loop loop, flash_defer *d);
+FLASH_API bool flash_defer_queued(const flash_defer *d);
+
+/* ---- the adapter kit: what every loop adapter needs besides its loop ----
+
+   flash_handle_pool: fixed-size handles recycled through a free list, from
+   the adapter's allocator (NULL: malloc): no allocation per timer or watch
+   once warm. flash_defer_queue: a FIFO of flash_defer nodes with the "end of
+   this iteration" rule (a run takes the nodes queued before it; those queued
+   while it runs wait for the next run), plus pooled nodes for defer(). An
+   adapter's post/unpost/defer/cancel are push/remove/defer/cancel; it runs
+   the queue once per iteration after I/O and keeps its loop from blocking
+   while the queue is not empty. Neither is thread-safe: one per loop. */
+typedef struct flash_handle_pool {
+    flash_allocator alloc;
+    size_t size;
+    void *spare;       /* free list */
+    size_t nspare, live;
+} flash_handle_pool;
+FLASH_API void flash_handle_pool_init(flash_handle_pool *p, size_t size, const flash_allocator *alloc);
+FLASH_API void *flash_handle_pool_get(flash_handle_pool *p);  /* zeroed; NULL: out of memory */
+FLASH_API void flash_handle_pool_put(flash_handle_pool *p, void *h);
+FLASH_API void flash_handle_pool_clear(flash_handle_pool *p); /* free the spare ones */
+
+typedef struct flash_defer_queue {
+    flash_defer *first, *last;
+    uint64_t pass;
+    flash_handle_pool nodes; /* defer()'s nodes */
+} flash_defer_queue;
+FLASH_API void flash_defer_queue_init(flash_defer_queue *q, const flash_allocator *alloc);
+/* post: returns true when the queue was empty (wake the loop). */
+FLASH_API bool flash_defer_queue_push(flash_defer_queue *q, flash_defer *d);
+FLASH_API void flash_defer_queue_remove(flash_defer_queue *q, flash_defer *d); /* unpost */
+/* defer / cancel with a pooled node: NULL only when the pool is empty and
+   the allocator fails. The handle is the node until it has run. */
+FLASH_API void *flash_defer_queue_defer(flash_defer_queue *q, flash_loop_fn fn, void *arg);
+FLASH_API void flash_defer_queue_cancel(flash_defer_queue *q, void *handle);
+/* Run the nodes queued before this call; returns how many ran. */
+FLASH_API size_t flash_defer_queue_run(flash_defer_queue *q);
+FLASH_API bool flash_defer_queue_empty(const flash_defer_queue *q);
+/* Drop every queued node unrun and free the pool (adapter teardown). */
+FLASH_API void flash_defer_queue_clear(flash_defer_queue *q);
 
 /* Attach a loop (adapters wrap this as flash_<loop>_attach(ctx, native)).
    FLASH_ESTATE if the context already has one. Without an attached loop a
@@ -441,6 +571,8 @@ struct flash_cache_op {
     int status;              /* out: 0, or the error of the whole operation */
     uint32_t round_trips;    /* out: server requests the operation took */
     void *priv[4];           /* the backend's */
+    flash_defer tick;        /* the backend's: completing on a later tick
+                                with flash_loop_post, without allocating */
 };
 
 struct flash_cache_vtable {
@@ -924,6 +1056,44 @@ static inline flash_value flash_v(flash_bytes v) { return flash_v_bytes(v); }
 #define FLASH_ASSERT(c) assert(c)
 #endif
 
+/* Sanitizers and valgrind are told about every task stack and switch (layer
+   3b), so that they follow a task's stack instead of reporting it. */
+#ifdef __has_feature
+#define FLASH__HAS_FEATURE(x) __has_feature(x)
+#else
+#define FLASH__HAS_FEATURE(x) 0
+#endif
+#if defined(__SANITIZE_ADDRESS__) || FLASH__HAS_FEATURE(address_sanitizer)
+#define FLASH__ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__) || FLASH__HAS_FEATURE(thread_sanitizer)
+#define FLASH__TSAN 1
+#endif
+#if defined(FLASH__ASAN) || defined(FLASH__TSAN)
+#ifdef __cplusplus
+extern "C" {
+#endif
+#ifdef FLASH__ASAN
+void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
+void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old, size_t *size_old);
+#endif
+#ifdef FLASH__TSAN
+void *__tsan_get_current_fiber(void);
+void *__tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void *fiber);
+void __tsan_switch_to_fiber(void *fiber, unsigned flags);
+#endif
+#ifdef __cplusplus
+}
+#endif
+#endif
+#if !defined(FLASH_NO_VALGRIND) && defined(__has_include)
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#define FLASH__VALGRIND 1
+#endif
+#endif
+
 #define FLASH__ALIGN 16u
 #define FLASH__ROUND(n) (((n) + (FLASH__ALIGN - 1)) & ~(size_t)(FLASH__ALIGN - 1))
 
@@ -1080,7 +1250,7 @@ struct flash_ctx {
     flash_loader *loaders;   /* this generation's loaders */
     flash_loop loop;
     bool own_queue_loop;     /* loop is the internal defer-only queue */
-    void *drain_handle;      /* deferred drain scheduled on the loop */
+    flash_defer drain;       /* the deferred drain, posted on the loop */
     uint64_t memo_seed;      /* seeds memo hashes (see flash__memo_hash) */
     int depth;               /* drains on the stack: new tasks get run */
     int running;             /* flash_wait / flash_run on the stack */
@@ -1096,6 +1266,12 @@ struct flash_ctx {
     void *spare_tables[48];  /* recycled memo tables, one per log2 size */
     size_t spare_table_bytes;
     struct flash__qloop *qloop;
+    /* layer 3b: tasks */
+    struct flash__coro *task_current;          /* running now (innermost) */
+    struct flash__coro *task_live, *task_live_last; /* spawn order */
+    struct flash__coro *task_free;             /* pooled stacks */
+    struct flash__tslab *task_slabs;
+    size_t task_nlive, task_stack_count;
 };
 
 static void *flash__sys_alloc(const flash_ctx *ctx, size_t n) {
@@ -1248,6 +1424,8 @@ static void flash__unhold(flash_ctx *ctx, uint64_t gen) {
 }
 
 static void flash__engine_reset(flash_ctx *ctx, bool destroying); /* layer 8 */
+static void flash__tasks_cancel(flash_ctx *ctx);                  /* layer 3b */
+static void flash__tasks_free(flash_ctx *ctx);
 static void flash__kheads_free(flash_ctx *ctx);                   /* layer 7 */
 
 /* Holds to release at the next drain (see flash__batch_finish). */
@@ -1256,7 +1434,7 @@ typedef struct flash__later {
     uint64_t gen;
 } flash__later;
 
-static void flash__schedule_drain(flash_ctx *ctx);
+static bool flash__schedule_drain(flash_ctx *ctx);
 
 static void flash__unhold_later(flash_ctx *ctx, uint64_t gen) {
     flash__later *l = (flash__later *)flash__sys_alloc(ctx, sizeof *l);
@@ -1325,38 +1503,21 @@ static void flash__arena_release(flash_ctx *ctx) {
     ctx->blocks = NULL;
 }
 
-/* The internal defer-only loop used until an adapter is attached. */
-typedef struct flash__qitem {
-    struct flash__qitem *next;
-    flash_loop_fn fn;
-    void *arg;
-    bool canceled;
-} flash__qitem;
+/* The internal defer-only loop used until an adapter is attached: the
+   adapter kit's queue and pool, nothing else. */
 typedef struct flash__qloop {
-    const flash_allocator *alloc;
-    flash__qitem *first, *last;
+    flash_defer_queue q;
 } flash__qloop;
 
 static void *flash__q_defer(void *native, flash_loop_fn fn, void *arg) {
-    flash__qloop *q = (flash__qloop *)native;
-    flash__qitem *it = (flash__qitem *)q->alloc->alloc(sizeof *it, q->alloc->user_data);
-    if (!it) return NULL;
-    it->next = NULL;
-    it->fn = fn;
-    it->arg = arg;
-    it->canceled = false;
-    if (q->last) q->last->next = it;
-    else q->first = it;
-    q->last = it;
-    return it;
+    return flash_defer_queue_defer(&((flash__qloop *)native)->q, fn, arg);
 }
 static void *flash__q_timer(void *native, uint32_t ms, flash_loop_fn fn, void *arg) {
     (void)native; (void)ms; (void)fn; (void)arg;
     return NULL;
 }
 static void flash__q_cancel(void *native, void *handle) {
-    (void)native;
-    if (handle) ((flash__qitem *)handle)->canceled = true;
+    flash_defer_queue_cancel(&((flash__qloop *)native)->q, handle);
 }
 static void *flash__q_io_start(void *native, int fd, int ev, flash_io_fn fn, void *arg) {
     (void)native; (void)fd; (void)ev; (void)fn; (void)arg;
@@ -1369,23 +1530,16 @@ static int flash__q_io_set(void *native, void *h, int ev) {
 static void flash__q_io_stop(void *native, void *h) { (void)native; (void)h; }
 static int flash__q_run_once(void *native, bool may_block) {
     flash__qloop *q = (flash__qloop *)native;
-    flash__qitem *it = q->first, *stop = q->last;
     (void)may_block;
-    if (!it) return 0;
-    q->first = q->last = NULL; /* work deferred from here runs next round */
-    for (;;) {
-        flash__qitem *next = it->next;
-        bool last = it == stop;
-        if (!it->canceled) it->fn(it->arg);
-        q->alloc->free(it, q->alloc->user_data);
-        if (last) break;
-        it = next;
-    }
-    return q->first != NULL;
+    if (flash_defer_queue_empty(&q->q)) return 0;
+    flash_defer_queue_run(&q->q); /* work deferred from here runs next round */
+    return !flash_defer_queue_empty(&q->q);
 }
+static void flash__q_post(void *native, flash_defer *d) { flash_defer_queue_push(&((flash__qloop *)native)->q, d); }
+static void flash__q_unpost(void *native, flash_defer *d) { flash_defer_queue_remove(&((flash__qloop *)native)->q, d); }
 static const flash_loop_vtable flash__qloop_vt = {
-    "queue", flash__q_defer, flash__q_timer, flash__q_cancel,
-    flash__q_io_start, flash__q_io_set, flash__q_io_stop, flash__q_run_once,
+    "queue", flash__q_defer, flash__q_timer, flash__q_cancel, flash__q_io_start,
+    flash__q_io_set, flash__q_io_stop, flash__q_run_once, flash__q_post, flash__q_unpost,
 };
 
 FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
@@ -1406,6 +1560,12 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
     if (!d.lag_window_ms) d.lag_window_ms = 300;
     if (!d.stale_marker_ttl_s) d.stale_marker_ttl_s = 5;
     if (!d.clock_ms) d.clock_ms = flash__realtime_ms;
+#if defined(FLASH__ASAN) || defined(FLASH__TSAN)
+    if (!d.task_stack) d.task_stack = (uint32_t)256 << 10; /* instrumented frames are larger */
+#else
+    if (!d.task_stack) d.task_stack = (uint32_t)64 << 10;
+#endif
+    if (!d.max_tasks) d.max_tasks = 10000;
     ctx = (flash_ctx *)d.allocator.alloc(sizeof *ctx, d.allocator.user_data);
     if (!ctx) return NULL;
     memset(ctx, 0, sizeof *ctx);
@@ -1423,8 +1583,7 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
         d.allocator.free(ctx, d.allocator.user_data);
         return NULL;
     }
-    ctx->qloop->alloc = &ctx->desc.allocator;
-    ctx->qloop->first = ctx->qloop->last = NULL;
+    flash_defer_queue_init(&ctx->qloop->q, &ctx->desc.allocator);
     ctx->loop.vt = &flash__qloop_vt;
     ctx->loop.native = ctx->qloop;
     ctx->own_queue_loop = true;
@@ -1436,20 +1595,18 @@ static void flash__loaders_cancel(flash_ctx *ctx);
 FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
     flash__zombie *z;
     if (!ctx) return;
+    if (ctx->task_current) { /* its own stack is one of ours */
+        flash_ctx_log(ctx, FLASH_LOG_ERROR, "flash_ctx_destroy from inside one of the context's tasks: refused");
+        return;
+    }
+    flash__tasks_cancel(ctx);
     flash__loaders_cancel(ctx);
     flash__engine_reset(ctx, true);
     flash__loaders_release(ctx);
     flash__cancel_drain(ctx);
     flash__release_later(ctx);
-    if (ctx->own_queue_loop) {
-        /* Nothing of ours may run after this; free queued items unrun. */
-        flash__qitem *it = ctx->qloop->first;
-        while (it) {
-            flash__qitem *n = it->next;
-            flash__sys_free(ctx, it);
-            it = n;
-        }
-    }
+    /* Nothing of ours may run after this: drop what is queued unrun. */
+    flash_defer_queue_clear(&ctx->qloop->q);
     flash__free_blocks(ctx, ctx->blocks);
     flash__free_blocks(ctx, ctx->spare);
     while ((z = ctx->zombies) != NULL) {
@@ -1468,11 +1625,13 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
             flash__sys_free(ctx, ctx->spare_tables[i]);
     }
     flash__sys_free(ctx, ctx->qloop);
+    flash__tasks_free(ctx);
     ctx->desc.allocator.free(ctx, ctx->desc.allocator.user_data);
 }
 
 FLASH_API void flash_ctx_reset(flash_ctx *ctx) {
     if (!ctx) return;
+    flash__tasks_cancel(ctx);
     flash__engine_reset(ctx, false);
     flash__loaders_cancel(ctx);
     flash__loaders_release(ctx);
@@ -1583,7 +1742,7 @@ static void flash__ready_push(flash_ctx *ctx, flash_promise *p, flash__cb *cb) {
     ctx->ready_tail++;
 }
 
-static void flash__schedule_drain(flash_ctx *ctx);
+static bool flash__schedule_drain(flash_ctx *ctx);
 
 static void flash__call_cb(flash_ctx *ctx, flash_promise *p, flash__cb *cb);
 
@@ -1991,7 +2150,653 @@ FLASH_API flash_promise *flash_gather_settled(flash_ctx *ctx, size_t n, flash_pr
     return flash__gather_new(ctx, n, ps, true);
 }
 
+/* ---- 3b. tasks ------------------------------------------------------------ */
+
+#ifndef FLASH_NO_TASKS
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* -- the switch: a saved context, how to make one, how to switch -- */
+#if defined(FLASH_TASK_CONTEXT) && defined(FLASH_TASK_MAKE) && defined(FLASH_TASK_SWITCH)
+typedef FLASH_TASK_CONTEXT flash__tctx;
+#define FLASH__TMAKE(c, lo, size, fn, arg) FLASH_TASK_MAKE(c, lo, size, fn, arg)
+#define FLASH__TSWITCH(from, to) FLASH_TASK_SWITCH(from, to)
+#define FLASH__TASK_SWITCH_NAME "user"
+
+#elif !defined(FLASH_TASK_UCONTEXT) && defined(__ELF__) && (defined(__x86_64__) || defined(__aarch64__))
+/* A suspended context is its stack pointer: the switch pushes the callee-
+   saved state on the stack it leaves and pops it from the one it enters. */
+typedef struct flash__tctx {
+    void *sp;
+} flash__tctx;
+#ifdef __cplusplus
+extern "C" {
+#endif
+__attribute__((visibility("hidden"))) void flash__tswitch(void **save_sp, void *to_sp);
+__attribute__((visibility("hidden"))) void flash__tboot(void);
+#ifdef __cplusplus
+}
+#endif
+#if defined(__x86_64__)
+/* System V: rbx, rbp, r12-r15, MXCSR and the x87 control word. A new stack
+   enters flash__tboot with the task in r12 and its entry in r13. endbr64 at
+   both entries for CET's indirect-branch tracking. */
+__asm__(".text\n"
+        ".globl flash__tswitch\n.hidden flash__tswitch\n.type flash__tswitch,@function\n.p2align 4\n"
+        "flash__tswitch:\n"
+        "  endbr64\n"
+        "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+        "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
+        "  movq %rsp, (%rdi)\n"
+        "  movq %rsi, %rsp\n"
+        "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
+        "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+        "  ret\n"
+        ".size flash__tswitch,.-flash__tswitch\n"
+        ".globl flash__tboot\n.hidden flash__tboot\n.type flash__tboot,@function\n.p2align 4\n"
+        "flash__tboot:\n"
+        "  endbr64\n"
+        "  movq %r12, %rdi\n"
+        "  callq *%r13\n"
+        "  ud2\n"
+        ".size flash__tboot,.-flash__tboot\n");
+static void flash__tmake(flash__tctx *c, char *lo, size_t size, void (*fn)(void *), void *arg) {
+    /* Top: a 128-byte red zone, 16-aligned; then the frame the switch pops
+       (control words, r15..r12, rbx, rbp, the return into flash__tboot) and a
+       null return address for unwinders, so that flash__tboot's call enters
+       fn with the ABI's alignment. */
+    uintptr_t top = ((uintptr_t)(lo + size) - 128) & ~(uintptr_t)15;
+    uint64_t *sp = (uint64_t *)(top - 80);
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    __asm__ __volatile__("stmxcsr %0" : "=m"(mxcsr));
+    __asm__ __volatile__("fnstcw %0" : "=m"(fpucw));
+    memset(sp, 0, 80);
+    memcpy(sp, &mxcsr, 4);
+    memcpy((char *)sp + 4, &fpucw, 2);
+    sp[3] = (uint64_t)(uintptr_t)fn;  /* r13 */
+    sp[4] = (uint64_t)(uintptr_t)arg; /* r12 */
+    sp[7] = (uint64_t)(uintptr_t)flash__tboot;
+    c->sp = sp;
+}
+#define FLASH__TASK_SWITCH_NAME "x86-64 assembly"
+#else
+/* AAPCS64: x19-x30 (x29 frame, x30 return), sp, d8-d15 and FPCR. A new
+   stack enters flash__tboot with the task in x19 and its entry in x20. */
+__asm__(".text\n"
+        ".globl flash__tswitch\n.hidden flash__tswitch\n.type flash__tswitch,%function\n.p2align 4\n"
+        "flash__tswitch:\n"
+        "  sub sp, sp, #176\n"
+        "  stp x19, x20, [sp, #0]\n  stp x21, x22, [sp, #16]\n  stp x23, x24, [sp, #32]\n"
+        "  stp x25, x26, [sp, #48]\n  stp x27, x28, [sp, #64]\n  stp x29, x30, [sp, #80]\n"
+        "  stp d8, d9, [sp, #96]\n  stp d10, d11, [sp, #112]\n  stp d12, d13, [sp, #128]\n"
+        "  stp d14, d15, [sp, #144]\n"
+        "  mrs x9, fpcr\n  str x9, [sp, #160]\n"
+        "  mov x9, sp\n  str x9, [x0]\n"
+        "  mov sp, x1\n"
+        "  ldp x19, x20, [sp, #0]\n  ldp x21, x22, [sp, #16]\n  ldp x23, x24, [sp, #32]\n"
+        "  ldp x25, x26, [sp, #48]\n  ldp x27, x28, [sp, #64]\n  ldp x29, x30, [sp, #80]\n"
+        "  ldp d8, d9, [sp, #96]\n  ldp d10, d11, [sp, #112]\n  ldp d12, d13, [sp, #128]\n"
+        "  ldp d14, d15, [sp, #144]\n"
+        "  ldr x9, [sp, #160]\n  msr fpcr, x9\n"
+        "  add sp, sp, #176\n"
+        "  ret\n"
+        ".size flash__tswitch,.-flash__tswitch\n"
+        ".globl flash__tboot\n.hidden flash__tboot\n.type flash__tboot,%function\n.p2align 4\n"
+        "flash__tboot:\n"
+        "  mov x0, x19\n"
+        "  blr x20\n"
+        "  brk #0\n"
+        ".size flash__tboot,.-flash__tboot\n");
+static void flash__tmake(flash__tctx *c, char *lo, size_t size, void (*fn)(void *), void *arg) {
+    uintptr_t top = ((uintptr_t)(lo + size) - 16) & ~(uintptr_t)15;
+    uint64_t *sp = (uint64_t *)(top - 176), fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    memset(sp, 0, 176);
+    sp[0] = (uint64_t)(uintptr_t)arg;          /* x19 */
+    sp[1] = (uint64_t)(uintptr_t)fn;           /* x20 */
+    sp[11] = (uint64_t)(uintptr_t)flash__tboot; /* x30 */
+    sp[20] = fpcr;
+    c->sp = sp;
+}
+#define FLASH__TASK_SWITCH_NAME "AArch64 assembly"
+#endif
+#define FLASH__TMAKE(c, lo, size, fn, arg) flash__tmake(c, lo, size, fn, arg)
+#define FLASH__TSWITCH(from, to) flash__tswitch(&(from)->sp, (to)->sp)
+
+#else
+/* Portable: ucontext (glibc's swapcontext also saves the signal mask, a
+   system call per switch: the fallback only). */
+#include <ucontext.h>
+typedef ucontext_t flash__tctx;
+static void flash__uc_boot(unsigned hi, unsigned lo) {
+    uintptr_t p = ((uintptr_t)hi << 16 << 16) | (uintptr_t)lo;
+    void **pair = (void **)p;
+    ((void (*)(void *))pair[0])(pair[1]);
+}
+#define FLASH__TMAKE(c, lo, size, fn, arg) flash__uc_make(c, lo, size, fn, arg)
+#define FLASH__TSWITCH(from, to) swapcontext(from, to)
+#define FLASH__TASK_SWITCH_NAME "ucontext"
+#endif
+
+enum { FLASH__T_FREE = 0, FLASH__T_RUNNING, FLASH__T_SUSPENDED, FLASH__T_DONE };
+
+typedef struct flash__coro flash__coro;
+struct flash__coro {
+    flash__coro *next, *prev;   /* the live list (spawn order), or the free list */
+    flash_ctx *ctx;
+    char *stack;                /* usable area: [stack, stack + stack_size) */
+    size_t stack_size;
+    flash__tctx self, back;     /* the task's saved context; its resumer's */
+    flash_task_fn fn;
+    void *arg, *result;
+    flash_promise *promise;
+    flash_promise *waiting;     /* the promise of the pending await */
+    uint32_t serial;            /* of the pending await: stale wakes are ignored */
+    int rc, last_error;
+    const char *last_message;   /* of the last failed await */
+    uint64_t gen;
+    uint8_t state;
+    bool canceled;
+#ifndef FLASH_TASK_CONTEXT
+#if defined(FLASH_TASK_UCONTEXT) || !defined(__ELF__) || !(defined(__x86_64__) || defined(__aarch64__))
+    void *boot[2];              /* ucontext: entry and argument */
+#endif
+#endif
+#ifdef FLASH__VALGRIND
+    unsigned vg_stack;
+#endif
+#ifdef FLASH__ASAN
+    void *fake;                 /* the task's fake stack while suspended */
+    const void *back_bottom;    /* the resumer's stack */
+    size_t back_size;
+#endif
+#ifdef FLASH__TSAN
+    void *fiber, *back_fiber;
+#endif
+};
+
+#if !defined(FLASH_TASK_CONTEXT) && \
+    (defined(FLASH_TASK_UCONTEXT) || !defined(__ELF__) || !(defined(__x86_64__) || defined(__aarch64__)))
+static void flash__uc_make(ucontext_t *c, char *lo, size_t size, void (*fn)(void *), void *arg) {
+    flash__coro *t = (flash__coro *)arg;
+    uintptr_t p = (uintptr_t)t->boot;
+    t->boot[0] = (void *)(uintptr_t)fn; /* object/function pointers: POSIX makes them interchangeable */
+    t->boot[1] = arg;
+    getcontext(c);
+    c->uc_stack.ss_sp = lo;
+    c->uc_stack.ss_size = size;
+    c->uc_link = NULL;
+    makecontext(c, (void (*)(void))flash__uc_boot, 2, (unsigned)(p >> 16 >> 16), (unsigned)(p & 0xffffffffu));
+}
+#endif
+
+/* Stacks come in slabs of one mapping: [guard | stack] [guard | stack] ... */
+typedef struct flash__tslab {
+    struct flash__tslab *next;
+    char *base;
+    size_t len, count;
+    flash__coro coros[1];
+} flash__tslab;
+
+static size_t flash__page_size(void) {
+    long p = sysconf(_SC_PAGESIZE);
+    return p > 0 ? (size_t)p : 4096;
+}
+
+/* A guard page that faults: MADV_GUARD_INSTALL (Linux 6.13) marks it in the
+   page tables without splitting the mapping, so 100,000 stacks stay far
+   below vm.max_map_count; older kernels get mprotect (two mappings per
+   stack). */
+static bool flash__guard_page(char *p, size_t page) {
+#if defined(__linux__)
+    if (madvise(p, page, 102 /* MADV_GUARD_INSTALL */) == 0) return true;
+#endif
+    return mprotect(p, page, PROT_NONE) == 0;
+}
+
+static void flash__tslab_unmap(flash_ctx *ctx, flash__tslab *sl) {
+    size_t i;
+    for (i = 0; i < sl->count; i++) {
+#ifdef FLASH__VALGRIND
+        VALGRIND_STACK_DEREGISTER(sl->coros[i].vg_stack);
+#endif
+#ifdef FLASH__TSAN
+        if (sl->coros[i].fiber) __tsan_destroy_fiber(sl->coros[i].fiber);
+#endif
+    }
+    munmap(sl->base, sl->len);
+    flash__sys_free(ctx, sl);
+}
+
+/* Map a slab: 8 stacks, then twice as many as the context has, up to 256. */
+static bool flash__tslab_new(flash_ctx *ctx) {
+    size_t page = flash__page_size(), usable = (ctx->desc.task_stack + page - 1) / page * page, per = usable + page;
+    size_t n = ctx->task_stack_count < 8 ? 8 : ctx->task_stack_count, i;
+    flash__tslab *sl;
+    char *base;
+    if (n > 256) n = 256;
+    sl = (flash__tslab *)flash__sys_alloc(ctx, sizeof *sl + (n - 1) * sizeof(flash__coro));
+    if (!sl) return false;
+    base = (char *)mmap(NULL, n * per, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
+                        -1, 0);
+    if (base == (char *)MAP_FAILED) {
+        flash__sys_free(ctx, sl);
+        return false;
+    }
+    memset(sl->coros, 0, n * sizeof(flash__coro));
+    sl->base = base;
+    sl->len = n * per;
+    sl->count = 0;
+    for (i = 0; i < n; i++) {
+        flash__coro *t = &sl->coros[i];
+        if (!flash__guard_page(base + i * per, page)) break;
+        t->ctx = ctx;
+        t->stack = base + i * per + page;
+        t->stack_size = usable;
+#ifdef FLASH__VALGRIND
+        t->vg_stack = VALGRIND_STACK_REGISTER(t->stack, t->stack + usable);
+#endif
+        sl->count++;
+    }
+    if (!sl->count) {
+        flash__tslab_unmap(ctx, sl);
+        return false;
+    }
+    for (i = sl->count; i-- > 0;) {
+        sl->coros[i].next = ctx->task_free;
+        ctx->task_free = &sl->coros[i];
+    }
+    sl->next = ctx->task_slabs;
+    ctx->task_slabs = sl;
+    ctx->task_stack_count += sl->count;
+    ctx->stats.task_stacks += sl->count;
+    return true;
+}
+
+static void flash__tasks_free(flash_ctx *ctx) {
+    while (ctx->task_slabs) {
+        flash__tslab *sl = ctx->task_slabs;
+        ctx->task_slabs = sl->next;
+        flash__tslab_unmap(ctx, sl);
+    }
+    ctx->task_free = NULL;
+}
+
+static void flash__coro_entry(void *arg);
+
+/* Switch into t until it awaits or returns. The caller's stack is what t
+   switches back to, whoever the caller is (the loop's drain, another task,
+   flash_spawn's caller). */
+static void flash__coro_resume(flash_ctx *ctx, flash__coro *t) {
+    flash__coro *outer = ctx->task_current;
+#ifdef FLASH__ASAN
+    void *fake = NULL;
+    __sanitizer_start_switch_fiber(&fake, t->stack, t->stack_size);
+#endif
+#ifdef FLASH__TSAN
+    t->back_fiber = __tsan_get_current_fiber();
+    __tsan_switch_to_fiber(t->fiber, 0);
+#endif
+    t->state = FLASH__T_RUNNING;
+    ctx->task_current = t;
+    ctx->stats.task_switches++;
+    FLASH__TSWITCH(&t->back, &t->self);
+#ifdef FLASH__ASAN
+    __sanitizer_finish_switch_fiber(fake, NULL, NULL);
+#endif
+    ctx->task_current = outer;
+}
+
+/* Back to whoever resumed t; returns when t is resumed again. */
+static void flash__coro_suspend(flash__coro *t) {
+    t->state = FLASH__T_SUSPENDED;
+#ifdef FLASH__ASAN
+    __sanitizer_start_switch_fiber(&t->fake, t->back_bottom, t->back_size);
+#endif
+#ifdef FLASH__TSAN
+    __tsan_switch_to_fiber(t->back_fiber, 0);
+#endif
+    FLASH__TSWITCH(&t->self, &t->back);
+#ifdef FLASH__ASAN
+    __sanitizer_finish_switch_fiber(t->fake, &t->back_bottom, &t->back_size);
+#endif
+}
+
+static void flash__coro_entry(void *arg) {
+    flash__coro *t = (flash__coro *)arg;
+#ifdef FLASH__ASAN
+    __sanitizer_finish_switch_fiber(NULL, &t->back_bottom, &t->back_size);
+#endif
+    t->rc = t->fn(t->ctx, t->arg, &t->result);
+    t->state = FLASH__T_DONE;
+#ifdef FLASH__ASAN
+    __sanitizer_start_switch_fiber(NULL, t->back_bottom, t->back_size); /* NULL: this stack is done */
+#endif
+#ifdef FLASH__TSAN
+    __tsan_switch_to_fiber(t->back_fiber, 0);
+#endif
+    FLASH__TSWITCH(&t->self, &t->back);
+    abort(); /* a finished task is never resumed */
+}
+
+/* t returned: settle its promise (unless its request is gone), give the
+   stack back. Runs on the resumer's stack. */
+static void flash__coro_finish(flash_ctx *ctx, flash__coro *t) {
+    flash_promise *p = t->promise;
+    *(t->prev ? &t->prev->next : &ctx->task_live) = t->next;
+    *(t->next ? &t->next->prev : &ctx->task_live_last) = t->prev;
+    ctx->task_nlive--;
+    if (t->gen == ctx->gen) {
+        if (!t->rc) flash__fulfil(ctx, p, t->result);
+        else flash__fail(ctx, p, t->rc, t->rc == t->last_error ? t->last_message : flash_strerror(t->rc));
+    } else { /* outlived its request (it reset the context): no callbacks */
+        p->state = FLASH_REJECTED;
+        p->error = FLASH_ECANCELED;
+        p->u.message = flash_strerror(FLASH_ECANCELED);
+    }
+    flash__unhold(ctx, t->gen);
+    t->state = FLASH__T_FREE;
+    t->promise = t->waiting = NULL;
+    t->next = ctx->task_free;
+    t->prev = NULL;
+    ctx->task_free = t;
+}
+
+static void flash__coro_run(flash_ctx *ctx, flash__coro *t) {
+    flash__coro_resume(ctx, t);
+    if (t->state == FLASH__T_DONE) flash__coro_finish(ctx, t);
+}
+
+FLASH_API flash_promise *flash_spawn(flash_ctx *ctx, flash_task_fn fn, void *arg) {
+    flash__coro *t;
+    flash_promise *p, *out;
+    uint64_t gen;
+    if (!ctx) return NULL;
+    if (!fn) return flash_rejected(ctx, FLASH_EINVAL, "spawn: NULL function");
+    if (ctx->task_current && ctx->task_current->canceled)
+        return flash_rejected(ctx, FLASH_ECANCELED, "spawn: the spawning task was cancelled");
+    if (ctx->task_nlive >= ctx->desc.max_tasks) {
+        out = flash_rejected(ctx, FLASH_ENOMEM, NULL);
+        if (out) out->u.message = flash_sprintf(ctx, "spawn: %u tasks alive, the context's max_tasks", ctx->desc.max_tasks);
+        if (out && !out->u.message) out->u.message = flash_strerror(FLASH_ENOMEM);
+        return out;
+    }
+    if (!ctx->task_free && !flash__tslab_new(ctx))
+        return flash_rejected(ctx, FLASH_ENOMEM, "spawn: no memory for a task stack (mmap failed)");
+    if ((p = flash_promise_new(ctx)) == NULL) return NULL;
+    t = ctx->task_free;
+    ctx->task_free = t->next;
+    t->fn = fn;
+    t->arg = arg;
+    t->result = NULL;
+    t->promise = p;
+    t->waiting = NULL;
+    t->rc = t->last_error = 0;
+    t->last_message = NULL;
+    t->canceled = false;
+    t->gen = flash__hold(ctx);
+#ifdef FLASH__TSAN
+    if (!t->fiber) t->fiber = __tsan_create_fiber(0);
+#endif
+    FLASH__TMAKE(&t->self, t->stack, t->stack_size, flash__coro_entry, t);
+    t->next = NULL;
+    t->prev = ctx->task_live_last;
+    *(t->prev ? &t->prev->next : &ctx->task_live) = t;
+    ctx->task_live_last = t;
+    ctx->task_nlive++;
+    ctx->stats.tasks++;
+    gen = flash__hold(ctx); /* p must outlive a reset made by the task itself */
+    flash__coro_run(ctx, t);
+    out = p;
+    if (ctx->gen != gen) out = flash_rejected(ctx, FLASH_ECANCELED, "spawn: the task reset its context");
+    flash__unhold(ctx, gen);
+    return out;
+}
+
+/* p settled: resume the task awaiting it (from the ready queue, never
+   inside the settle). */
+static void flash__coro_wake(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t serial) {
+    flash__coro *t = (flash__coro *)arg;
+    if (t->state != FLASH__T_SUSPENDED || t->waiting != p || t->serial != (uint32_t)serial) return;
+    flash__coro_run(ctx, t);
+}
+
+FLASH_API int flash_await(flash_ctx *ctx, flash_promise *p, void **value) {
+    flash__coro *t;
+    if (value) *value = NULL;
+    if (!ctx || !p) return FLASH_EINVAL;
+    if ((t = ctx->task_current) == NULL) return flash_wait(ctx, p, value);
+    if (t->canceled) return FLASH_ECANCELED;
+    if (p == t->promise) return FLASH_ESTATE; /* it settles when this task returns */
+    if (p->state == FLASH_PENDING) {
+        int rc;
+        t->waiting = p;
+        t->serial++;
+        rc = flash__add_cb(ctx, p, NULL, flash__coro_wake, t, t->serial, false);
+        if (rc != FLASH_OK) {
+            t->waiting = NULL;
+            return rc;
+        }
+        flash__coro_suspend(t);
+        t->waiting = NULL;
+        if (t->canceled) return FLASH_ECANCELED;
+    }
+    if (p->state == FLASH_FULFILLED) {
+        if (value) *value = p->u.value;
+        return FLASH_OK;
+    }
+    t->last_error = p->error;
+    t->last_message = p->u.message;
+    return p->error;
+}
+
+FLASH_API bool flash_in_task(const flash_ctx *ctx) { return ctx && ctx->task_current; }
+
+/* Reset and destroy: every live task is cancelled; the suspended ones run
+   now until they return (their awaits give FLASH_ECANCELED), the running
+   ones (a reset from inside a task) see it at their next await. */
+static void flash__tasks_cancel(flash_ctx *ctx) {
+    flash__coro *t;
+    for (t = ctx->task_live; t; t = t->next) t->canceled = true;
+    for (;;) {
+        for (t = ctx->task_live; t && t->state != FLASH__T_SUSPENDED; t = t->next) continue;
+        if (!t) break;
+        flash__coro_run(ctx, t);
+    }
+}
+
+#else /* FLASH_NO_TASKS */
+
+FLASH_API flash_promise *flash_spawn(flash_ctx *ctx, flash_task_fn fn, void *arg) {
+    (void)fn;
+    (void)arg;
+    return ctx ? flash_rejected(ctx, FLASH_EUNSUPPORTED, "spawn: built with FLASH_NO_TASKS") : NULL;
+}
+FLASH_API int flash_await(flash_ctx *ctx, flash_promise *p, void **value) { return flash_wait(ctx, p, value); }
+FLASH_API bool flash_in_task(const flash_ctx *ctx) {
+    (void)ctx;
+    return false;
+}
+static void flash__tasks_cancel(flash_ctx *ctx) { (void)ctx; }
+static void flash__tasks_free(flash_ctx *ctx) { (void)ctx; }
+#endif /* FLASH_NO_TASKS */
+
 /* ---- 4. event loop ------------------------------------------------------- */
+
+/* -- the adapter kit -- */
+
+typedef struct flash__pool_node { struct flash__pool_node *next; } flash__pool_node;
+
+FLASH_API void flash_handle_pool_init(flash_handle_pool *p, size_t size, const flash_allocator *alloc) {
+    if (!p) return;
+    memset(p, 0, sizeof *p);
+    p->size = size < sizeof(flash__pool_node) ? sizeof(flash__pool_node) : size;
+    if (alloc && alloc->alloc && alloc->free) {
+        p->alloc = *alloc;
+    } else {
+        p->alloc.alloc = flash__default_alloc;
+        p->alloc.free = flash__default_free;
+    }
+}
+
+FLASH_API void *flash_handle_pool_get(flash_handle_pool *p) {
+    void *h;
+    if (!p || !p->size) return NULL;
+    if (p->spare) {
+        flash__pool_node *n = (flash__pool_node *)p->spare;
+        p->spare = n->next;
+        p->nspare--;
+        h = n;
+    } else if ((h = p->alloc.alloc(p->size, p->alloc.user_data)) == NULL) {
+        return NULL;
+    }
+    memset(h, 0, p->size);
+    p->live++;
+    return h;
+}
+
+FLASH_API void flash_handle_pool_put(flash_handle_pool *p, void *h) {
+    flash__pool_node *n = (flash__pool_node *)h;
+    if (!p || !h) return;
+    n->next = (flash__pool_node *)p->spare;
+    p->spare = n;
+    p->nspare++;
+    p->live--;
+}
+
+FLASH_API void flash_handle_pool_clear(flash_handle_pool *p) {
+    if (!p) return;
+    while (p->spare) {
+        flash__pool_node *n = (flash__pool_node *)p->spare;
+        p->spare = n->next;
+        p->alloc.free(n, p->alloc.user_data);
+    }
+    p->nspare = 0;
+}
+
+/* defer()'s nodes come from the queue's pool and are marked by handle ==
+   &q->nodes; the pool gets a node back before its call runs (the handle is
+   dead once it ran). */
+typedef struct flash__dnode {
+    flash_defer d;
+} flash__dnode;
+
+FLASH_API void flash_defer_queue_init(flash_defer_queue *q, const flash_allocator *alloc) {
+    if (!q) return;
+    q->first = q->last = NULL;
+    q->pass = 0;
+    flash_handle_pool_init(&q->nodes, sizeof(flash__dnode), alloc);
+}
+
+FLASH_API bool flash_defer_queue_push(flash_defer_queue *q, flash_defer *d) {
+    bool was_empty;
+    if (!q || !d || d->queued) return false;
+    was_empty = q->first == NULL;
+    d->next = NULL;
+    d->prev = q->last;
+    *(q->last ? &q->last->next : &q->first) = d;
+    q->last = d;
+    d->pass = q->pass;
+    d->queued = true;
+    return was_empty;
+}
+
+FLASH_API void flash_defer_queue_remove(flash_defer_queue *q, flash_defer *d) {
+    if (!q || !d || !d->queued) return;
+    *(d->prev ? &d->prev->next : &q->first) = d->next;
+    *(d->next ? &d->next->prev : &q->last) = d->prev;
+    d->next = d->prev = NULL;
+    d->queued = false;
+}
+
+FLASH_API void *flash_defer_queue_defer(flash_defer_queue *q, flash_loop_fn fn, void *arg) {
+    flash__dnode *n;
+    if (!q || !fn || (n = (flash__dnode *)flash_handle_pool_get(&q->nodes)) == NULL) return NULL;
+    n->d.fn = fn;
+    n->d.arg = arg;
+    n->d.handle = &q->nodes;
+    flash_defer_queue_push(q, &n->d);
+    return n;
+}
+
+FLASH_API void flash_defer_queue_cancel(flash_defer_queue *q, void *handle) {
+    flash__dnode *n = (flash__dnode *)handle;
+    if (!q || !n || !n->d.queued) return;
+    flash_defer_queue_remove(q, &n->d);
+    flash_handle_pool_put(&q->nodes, n);
+}
+
+FLASH_API size_t flash_defer_queue_run(flash_defer_queue *q) {
+    uint64_t pass;
+    size_t ran = 0;
+    flash_defer *d;
+    if (!q) return 0;
+    pass = q->pass++;
+    while ((d = q->first) != NULL && d->pass <= pass) {
+        flash_loop_fn fn = d->fn;
+        void *arg = d->arg;
+        flash_defer_queue_remove(q, d);
+        /* Pooled nodes go back first: fn may defer again and reuse it. */
+        if (d->handle == (void *)&q->nodes) flash_handle_pool_put(&q->nodes, d);
+        fn(arg);
+        ran++;
+    }
+    return ran;
+}
+
+FLASH_API bool flash_defer_queue_empty(const flash_defer_queue *q) { return !q || !q->first; }
+
+FLASH_API void flash_defer_queue_clear(flash_defer_queue *q) {
+    if (!q) return;
+    while (q->first) {
+        flash_defer *d = q->first;
+        flash_defer_queue_remove(q, d);
+        if (d->handle == (void *)&q->nodes) flash_handle_pool_put(&q->nodes, d);
+    }
+    flash_handle_pool_clear(&q->nodes);
+}
+
+/* -- posting through any loop -- */
+
+/* A loop without post ran our defer or timer. */
+static void flash__defer_fire(void *arg) {
+    flash_defer *d = (flash_defer *)arg;
+    d->queued = false;
+    d->handle = NULL;
+    d->fn(d->arg);
+}
+
+FLASH_API int flash_loop_post(flash_loop loop, flash_defer *d, flash_loop_fn fn, void *arg) {
+    void *h;
+    if (!loop.vt || !d || !fn) return FLASH_EINVAL;
+    if (d->queued) return FLASH_OK;
+    d->fn = fn;
+    d->arg = arg;
+    d->handle = NULL;
+    if (loop.vt->post) {
+        loop.vt->post(loop.native, d);
+        return FLASH_OK;
+    }
+    h = loop.vt->defer ? loop.vt->defer(loop.native, flash__defer_fire, d) : NULL;
+    if (!h && loop.vt->timer) h = loop.vt->timer(loop.native, 0, flash__defer_fire, d);
+    if (!h) return FLASH_ENOMEM;
+    d->handle = h;
+    d->queued = true;
+    return FLASH_OK;
+}
+
+FLASH_API void flash_loop_unpost(flash_loop loop, flash_defer *d) {
+    if (!loop.vt || !d || !d->queued) return;
+    if (d->handle) loop.vt->cancel(loop.native, d->handle);
+    else if (loop.vt->unpost) loop.vt->unpost(loop.native, d);
+    d->queued = false;
+    d->handle = NULL;
+}
+
+FLASH_API bool flash_defer_queued(const flash_defer *d) { return d && d->queued; }
+
 
 static void flash__dispatch_open(flash_ctx *ctx);
 
@@ -2017,23 +2822,21 @@ static void flash__drain_impl(flash_ctx *ctx, bool dispatch) {
     if (!ctx->depth && ctx->open_first) flash__schedule_drain(ctx);
 }
 
-static void flash__deferred_drain(void *arg) {
-    flash_ctx *ctx = (flash_ctx *)arg;
-    ctx->drain_handle = NULL;
-    flash__drain_impl(ctx, true);
+static void flash__deferred_drain(void *arg) { flash__drain_impl((flash_ctx *)arg, true); }
+
+/* Post the context's drain. It cannot fail on a loop with post (every loop
+   of flash's); on another loop whose defer and timer both failed (out of
+   memory) it returns false: callbacks already queued wait for the next
+   drain flash can schedule, and the caller opening a batch rejects it. */
+static bool flash__schedule_drain(flash_ctx *ctx) {
+    if (flash_defer_queued(&ctx->drain)) return true;
+    if (flash_loop_post(ctx->loop, &ctx->drain, flash__deferred_drain, ctx) == FLASH_OK) return true;
+    flash_ctx_log(ctx, FLASH_LOG_ERROR, "the %s loop could not defer a drain (out of memory)",
+                  ctx->loop.vt->name ? ctx->loop.vt->name : "attached");
+    return false;
 }
 
-static void flash__schedule_drain(flash_ctx *ctx) {
-    if (ctx->drain_handle) return;
-    ctx->drain_handle = ctx->loop.vt->defer(ctx->loop.native, flash__deferred_drain, ctx);
-}
-
-static void flash__cancel_drain(flash_ctx *ctx) {
-    if (ctx->drain_handle) {
-        ctx->loop.vt->cancel(ctx->loop.native, ctx->drain_handle);
-        ctx->drain_handle = NULL;
-    }
-}
+static void flash__cancel_drain(flash_ctx *ctx) { flash_loop_unpost(ctx->loop, &ctx->drain); }
 
 FLASH_API void flash_drain(flash_ctx *ctx) {
     if (ctx) flash__drain_impl(ctx, true);
@@ -2042,7 +2845,8 @@ FLASH_API void flash_drain(flash_ctx *ctx) {
 FLASH_API int flash_ctx_attach_loop(flash_ctx *ctx, flash_loop loop) {
     if (!ctx || !loop.vt || !loop.vt->defer || !loop.vt->cancel || !loop.vt->run_once) return FLASH_EINVAL;
     if (!ctx->own_queue_loop) return FLASH_ESTATE;
-    if (ctx->drain_handle || ctx->qloop->first) return FLASH_ESTATE; /* attach before use */
+    if (flash_defer_queued(&ctx->drain) || !flash_defer_queue_empty(&ctx->qloop->q))
+        return FLASH_ESTATE; /* attach before use */
     ctx->loop = loop;
     ctx->own_queue_loop = false;
     return FLASH_OK;
@@ -2062,6 +2866,7 @@ FLASH_API int flash_wait(flash_ctx *ctx, flash_promise *p, void **value) {
     int rc = FLASH_OK;
     if (value) *value = NULL;
     if (!ctx || !p) return FLASH_EINVAL;
+    if (ctx->task_current) return flash_await(ctx, p, value); /* suspend the task, never nest the loop */
     gen = ctx->gen;
     for (;;) {
         int alive;
@@ -2076,7 +2881,7 @@ FLASH_API int flash_wait(flash_ctx *ctx, flash_promise *p, void **value) {
         /* Nothing left to run and nothing queued: work still "in flight"
            (a batch function that never answers) cannot settle p either. */
         if (alive == 0 && p->state == FLASH_PENDING && ctx->ready_head == ctx->ready_tail && !ctx->open_first &&
-            !ctx->drain_handle)
+            !flash_defer_queued(&ctx->drain))
             return FLASH_EIDLE;
     }
     if (p->state == FLASH_FULFILLED) {
@@ -2093,7 +2898,7 @@ FLASH_API int flash_run(flash_ctx *ctx, flash_run_fn fn, void *arg, void **value
     int rc;
     if (value) *value = NULL;
     if (!ctx || !fn) return FLASH_EINVAL;
-    if (ctx->depth || ctx->running) return FLASH_ESTATE;
+    if (ctx->depth || ctx->running || ctx->task_current) return FLASH_ESTATE;
     flash_ctx_reset(ctx);
     gen = ctx->gen;
     p = fn(ctx, arg);
@@ -2108,7 +2913,7 @@ FLASH_API int flash_run(flash_ctx *ctx, flash_run_fn fn, void *arg, void **value
         ctx->running++;
         alive = ctx->loop.vt->run_once(ctx->loop.native, true);
         ctx->running--;
-        if (alive <= 0 && !ctx->drain_handle && !ctx->ready_tail && !ctx->open_first) break;
+        if (alive <= 0 && !flash_defer_queued(&ctx->drain) && !ctx->ready_tail && !ctx->open_first) break;
     }
     return rc;
 }
@@ -2440,7 +3245,11 @@ FLASH_API flash_ctx *flash_loader_ctx(const flash_loader *l) { return l ? l->ctx
 
 static flash_batch *flash__batch_open(flash_loader *l) {
     flash_ctx *ctx = l->ctx;
-    flash_batch *b = (flash_batch *)flash_calloc(ctx, 1, sizeof *b);
+    flash_batch *b;
+    /* No tick to dispatch a batch in (a loop without post that could not
+       defer): refuse it rather than leave its keys pending forever. */
+    if (!l->desc.schedule && !ctx->depth && !flash__schedule_drain(ctx)) return NULL;
+    b = (flash_batch *)flash_calloc(ctx, 1, sizeof *b);
     if (!b) return NULL;
     b->loader = l;
     b->gen = ctx->gen;
@@ -2455,7 +3264,6 @@ static flash_batch *flash__batch_open(flash_loader *l) {
         if (ctx->open_last) ctx->open_last->next_open = b;
         else ctx->open_first = b;
         ctx->open_last = b;
-        if (!ctx->depth) flash__schedule_drain(ctx);
     }
     return b;
 }
@@ -2571,7 +3379,9 @@ static inline flash_promise *flash__load(flash_loader *l, const void *key, size_
     ((char *)(e + 1))[len] = 0;
     if (own_mkey) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
     if (!l->open || (l->desc.max_batch && l->open->count >= l->desc.max_batch)) {
-        if (!flash__batch_open(l)) return NULL;
+        if (!flash__batch_open(l))
+            return flash_rejected(ctx, FLASH_ENOMEM, "load: no batch could be opened (out of memory, or the loop "
+                                                     "could not defer its dispatch)");
     }
     if (l->open->last) l->open->last->next = e;
     else l->open->first = e;

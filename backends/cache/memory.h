@@ -299,7 +299,6 @@ static void flash__mem_complete(void *arg) {
     int64_t now = s->desc.clock_ms(s->desc.clock_user_data);
     size_t i, need = 0;
     char *buf = NULL, *cursor;
-    op->priv[0] = NULL; /* fired: nothing to cancel */
     pthread_mutex_lock(&s->lock);
     s->stats.ops++;
     if (op->code == FLASH_CACHE_GET) {
@@ -332,10 +331,10 @@ static void flash__mem_submit(void *self, flash_loop loop, flash_cache_op *op) {
     op->priv[1] = self;
     op->priv[2] = (void *)loop.vt;
     op->priv[3] = loop.native;
-    op->priv[0] = loop.vt->defer(loop.native, flash__mem_complete, op);
-    if (!op->priv[0]) {
-        /* The loop could not take it (out of memory): fail now, the one
-           case where done runs inside submit. */
+    memset(&op->tick, 0, sizeof op->tick);
+    if (flash_loop_post(loop, &op->tick, flash__mem_complete, op) != FLASH_OK) {
+        /* A loop without post could not take it (out of memory): fail now,
+           the one case where done runs inside submit. */
         size_t i;
         op->status = FLASH_ENOMEM;
         for (i = 0; i < op->count; i++) op->items[i].status = FLASH_ENOMEM;
@@ -344,10 +343,11 @@ static void flash__mem_submit(void *self, flash_loop loop, flash_cache_op *op) {
 }
 
 static void flash__mem_cancel(void *self, flash_cache_op *op) {
-    const flash_loop_vtable *vt = (const flash_loop_vtable *)op->priv[2];
+    flash_loop loop;
     (void)self;
-    if (op->priv[0] && vt) vt->cancel(op->priv[3], op->priv[0]);
-    op->priv[0] = NULL;
+    loop.vt = (const flash_loop_vtable *)op->priv[2];
+    loop.native = op->priv[3];
+    flash_loop_unpost(loop, &op->tick);
 }
 
 static size_t flash__mem_max_value(void *self) { return ((flash__mstore *)self)->desc.max_value; }

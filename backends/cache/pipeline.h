@@ -467,7 +467,7 @@ typedef struct flash__pipe_finq {
     flash_loop loop;
     void *owner;
     void (*finish)(void *owner, flash__pipe_fin *f); /* done() unless cancelled, then free */
-    void *handle;                                     /* the deferred flush */
+    flash_defer tick;                                 /* the deferred flush */
     flash__pipe_fin *first, *last;
     flash_cache_op *oom_first;
     bool stopped;                                     /* destroying: no more flushes */
@@ -485,7 +485,6 @@ static void flash__pipe_flush(void *arg) {
     flash__pipe_finq *q = (flash__pipe_finq *)arg;
     flash__pipe_fin *f = q->first;
     flash_cache_op *oom = q->oom_first;
-    q->handle = NULL;
     q->first = q->last = NULL;
     q->oom_first = NULL;
     while (oom) {
@@ -502,10 +501,10 @@ static void flash__pipe_flush(void *arg) {
 }
 
 static void flash__pipe_schedule(flash__pipe_finq *q) {
-    if (q->handle || q->stopped) return;
-    q->handle = q->loop.vt->defer(q->loop.native, flash__pipe_flush, q);
-    if (!q->handle) q->handle = q->loop.vt->timer(q->loop.native, 0, flash__pipe_flush, q);
-    /* Both out of memory: the next submit or I/O event schedules it again. */
+    if (q->stopped) return;
+    /* Cannot fail on a loop with post; on another, when its defer and timer
+       are both out of memory, the next submit or I/O event tries again. */
+    flash_loop_post(q->loop, &q->tick, flash__pipe_flush, q);
 }
 
 static void flash__pipe_finished(flash__pipe_finq *q, flash__pipe_fin *f) {
@@ -542,10 +541,7 @@ static bool flash__pipe_cancel_oom(flash__pipe_finq *q, flash_cache_op *op) {
    ones are the transport's to complete (it walks its live list). */
 static void flash__pipe_finq_stop(flash__pipe_finq *q) {
     q->stopped = true;
-    if (q->handle) {
-        q->loop.vt->cancel(q->loop.native, q->handle);
-        q->handle = NULL;
-    }
+    flash_loop_unpost(q->loop, &q->tick);
     while (q->oom_first) {
         flash_cache_op *op = q->oom_first;
         q->oom_first = (flash_cache_op *)op->priv[1];

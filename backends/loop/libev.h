@@ -253,7 +253,7 @@ static int flash__ev_run_once(void *native, bool may_block) {
 
 static const flash_loop_vtable flash__ev_vt = {
     "libev", flash__ev_defer, flash__ev_timer, flash__ev_cancel,
-    flash__ev_io_start, flash__ev_io_set, flash__ev_cancel, flash__ev_run_once,
+    flash__ev_io_start, flash__ev_io_set, flash__ev_cancel, flash__ev_run_once, NULL, NULL
 };
 
 FLASH_API flash_loop flash_libev_loop(struct ev_loop *loop) {

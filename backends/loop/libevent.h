@@ -252,7 +252,7 @@ static int flash__le_run_once(void *native, bool may_block) {
 
 static const flash_loop_vtable flash__le_vt = {
     "libevent", flash__le_defer, flash__le_timer, flash__le_cancel,
-    flash__le_io_start, flash__le_io_set, flash__le_cancel, flash__le_run_once,
+    flash__le_io_start, flash__le_io_set, flash__le_cancel, flash__le_run_once, NULL, NULL
 };
 
 FLASH_API flash_loop flash_libevent_loop(struct event_base *base) {

@@ -1,10 +1,11 @@
 /* backends/loop/poll.h — flash's built-in event loop on poll(2).
 
    The default loop for tests, examples and services that have no loop of
-   their own. Single-threaded; handles are allocated per watch/timer/defer
-   and freed by the loop, so callbacks may stop any handle at any time.
+   their own. Single-threaded. Defers are flash.h's flash_defer_queue (post
+   and unpost never allocate); timers and watches come from a handle pool,
+   so that a warm loop allocates nothing; callbacks may stop any handle.
 
-       flash_poll *loop = flash_poll_create();
+       flash_poll *loop = flash_poll_create();   // or _with(&allocator)
        flash_poll_attach(ctx, loop);       // flash_wait / flash_run drive it
        ...
        flash_poll_run(loop);               // or drive it yourself
@@ -22,6 +23,8 @@ extern "C" {
 
 typedef struct flash_poll flash_poll;
 FLASH_API flash_poll *flash_poll_create(void);
+/* Everything of the loop from alloc (NULL: malloc). */
+FLASH_API flash_poll *flash_poll_create_with(const flash_allocator *alloc);
 /* Frees every handle; callbacks never run afterwards. */
 FLASH_API void flash_poll_destroy(flash_poll *loop);
 /* One iteration: > 0 while work remains, 0 when idle, < 0 on poll error. */
@@ -45,15 +48,12 @@ FLASH_API int flash_poll_attach(flash_ctx *ctx, flash_poll *loop);
 #include <string.h>
 #include <time.h>
 
-enum { FLASH__POLL_IO, FLASH__POLL_TIMER, FLASH__POLL_DEFER };
-
 typedef struct flash__poll_handle {
+    flash_defer d; /* first, d.handle NULL: not one of the queue's defer nodes */
     struct flash__poll_handle *next;
-    int kind;
-    bool dead;
+    bool dead;     /* stopped, cancelled or fired: back to the pool at the next sweep */
     int fd, events;
-    flash_io_fn io;
-    flash_loop_fn fn;
+    flash_io_fn io; /* watches; timers use d.fn, d.arg */
     void *arg;
     int64_t due_ms;
     uint64_t seq; /* timers: fire only those older than this iteration */
@@ -61,8 +61,10 @@ typedef struct flash__poll_handle {
 } flash__poll_handle;
 
 struct flash_poll {
+    flash_defer_queue defers;
+    flash_handle_pool handles;
+    flash_allocator alloc;
     flash__poll_handle *ios, *timers;
-    flash__poll_handle *defers, *defers_last;
     struct pollfd *pfds;
     flash__poll_handle **pfd_handles;
     size_t pfd_cap;
@@ -75,30 +77,19 @@ static int64_t flash__poll_now(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static flash__poll_handle *flash__poll_new(int kind, flash_loop_fn fn, flash_io_fn io, void *arg) {
-    flash__poll_handle *h = (flash__poll_handle *)calloc(1, sizeof *h);
-    if (!h) return NULL;
-    h->kind = kind;
-    h->fn = fn;
-    h->io = io;
-    h->arg = arg;
-    return h;
+static void flash__poll_post(void *native, flash_defer *d) { flash_defer_queue_push(&((flash_poll *)native)->defers, d); }
+static void flash__poll_unpost(void *native, flash_defer *d) {
+    flash_defer_queue_remove(&((flash_poll *)native)->defers, d);
 }
-
 static void *flash__poll_defer(void *native, flash_loop_fn fn, void *arg) {
-    flash_poll *l = (flash_poll *)native;
-    flash__poll_handle *h = flash__poll_new(FLASH__POLL_DEFER, fn, NULL, arg);
-    if (!h) return NULL;
-    if (l->defers_last) l->defers_last->next = h;
-    else l->defers = h;
-    l->defers_last = h;
-    return h;
+    return flash_defer_queue_defer(&((flash_poll *)native)->defers, fn, arg);
 }
 
 static void *flash__poll_timer(void *native, uint32_t ms, flash_loop_fn fn, void *arg) {
     flash_poll *l = (flash_poll *)native;
-    flash__poll_handle *h = flash__poll_new(FLASH__POLL_TIMER, fn, NULL, arg);
+    flash__poll_handle *h = fn ? (flash__poll_handle *)flash_handle_pool_get(&l->handles) : NULL;
     if (!h) return NULL;
+    h->d.fn = fn, h->d.arg = arg;
     h->due_ms = flash__poll_now() + ms;
     h->seq = l->seq;
     h->id = l->next_id++;
@@ -107,18 +98,19 @@ static void *flash__poll_timer(void *native, uint32_t ms, flash_loop_fn fn, void
     return h;
 }
 
+/* Both kinds of handle start with a flash_defer: the queue marks its own. */
 static void flash__poll_cancel(void *native, void *handle) {
-    (void)native;
-    if (handle) ((flash__poll_handle *)handle)->dead = true;
+    flash_poll *l = (flash_poll *)native;
+    if (!handle) return;
+    if (((flash_defer *)handle)->handle == (void *)&l->defers.nodes) flash_defer_queue_cancel(&l->defers, handle);
+    else ((flash__poll_handle *)handle)->dead = true;
 }
 
 static void *flash__poll_io_start(void *native, int fd, int events, flash_io_fn fn, void *arg) {
     flash_poll *l = (flash_poll *)native;
-    flash__poll_handle *h;
-    if (fd < 0 || !fn) return NULL;
-    h = flash__poll_new(FLASH__POLL_IO, NULL, fn, arg);
+    flash__poll_handle *h = fd >= 0 && fn ? (flash__poll_handle *)flash_handle_pool_get(&l->handles) : NULL;
     if (!h) return NULL;
-    h->fd = fd;
+    h->io = fn, h->arg = arg, h->fd = fd;
     h->events = events & (FLASH_IO_READ | FLASH_IO_WRITE);
     h->next = l->ios;
     l->ios = h;
@@ -128,67 +120,69 @@ static void *flash__poll_io_start(void *native, int fd, int events, flash_io_fn 
 static int flash__poll_io_set(void *native, void *handle, int events) {
     flash__poll_handle *h = (flash__poll_handle *)handle;
     (void)native;
-    if (!h || h->dead) return FLASH_EINVAL;
+    if (!h || h->dead || !h->io) return FLASH_EINVAL;
     h->events = events & (FLASH_IO_READ | FLASH_IO_WRITE);
     return FLASH_OK;
 }
 
-static void flash__poll_io_stop(void *native, void *handle) { flash__poll_cancel(native, handle); }
+static void flash__poll_io_stop(void *native, void *handle) {
+    (void)native;
+    if (handle) ((flash__poll_handle *)handle)->dead = true;
+}
 
-/* Free the dead handles of a list; called only between callbacks. */
-static void flash__poll_sweep(flash__poll_handle **list, flash__poll_handle **last) {
-    flash__poll_handle *prev = NULL, *h = *list;
-    while (h) {
-        flash__poll_handle *next = h->next;
-        if (h->dead) {
-            if (prev) prev->next = next;
-            else *list = next;
-            free(h);
-        } else {
-            prev = h;
+/* Pool the dead handles of a list; only between callbacks, so that no
+   callback of this iteration can see a handle reused. */
+static void flash__poll_sweep(flash_poll *l, flash__poll_handle **list) {
+    flash__poll_handle *h;
+    while ((h = *list) != NULL) {
+        if (!h->dead) {
+            list = &h->next;
+            continue;
         }
-        h = next;
+        *list = h->next;
+        flash_handle_pool_put(&l->handles, h);
     }
-    if (last) *last = prev;
+}
+
+/* pfds grows by doubling through the loop's allocator (it has no realloc). */
+static bool flash__poll_grow(flash_poll *l) {
+    size_t cap = l->pfd_cap ? l->pfd_cap * 2 : 16;
+    void *p = l->alloc.alloc(cap * (sizeof *l->pfds + sizeof *l->pfd_handles), l->alloc.user_data);
+    if (!p) return false;
+    if (l->pfd_cap) memcpy(p, l->pfds, l->pfd_cap * sizeof *l->pfds);
+    if (l->pfd_cap) memcpy((char *)p + cap * sizeof *l->pfds, l->pfd_handles, l->pfd_cap * sizeof *l->pfd_handles);
+    if (l->pfds) l->alloc.free(l->pfds, l->alloc.user_data);
+    l->pfds = (struct pollfd *)p;
+    l->pfd_handles = (flash__poll_handle **)(void *)((char *)p + cap * sizeof *l->pfds);
+    l->pfd_cap = cap;
+    return true;
 }
 
 FLASH_API int flash_poll_run_once(flash_poll *l, bool may_block) {
-    flash__poll_handle *h, *defers;
+    flash__poll_handle *h;
     size_t n = 0, i;
     int timeout = -1, rc;
     int64_t now;
     if (!l) return FLASH_EINVAL;
-    flash__poll_sweep(&l->ios, NULL);
-    flash__poll_sweep(&l->timers, NULL);
-    flash__poll_sweep(&l->defers, &l->defers_last);
+    flash__poll_sweep(l, &l->ios);
+    flash__poll_sweep(l, &l->timers);
     now = flash__poll_now();
     for (h = l->timers; h; h = h->next) {
         int64_t wait = h->due_ms - now;
         if (wait < 0) wait = 0;
         if (timeout < 0 || wait < timeout) timeout = (int)(wait > 86400000 ? 86400000 : wait);
     }
-    if (l->defers || !may_block) timeout = 0;
+    if (!flash_defer_queue_empty(&l->defers) || !may_block) timeout = 0;
     for (h = l->ios; h; h = h->next) {
         if (!h->events) continue;
-        if (n == l->pfd_cap) {
-            size_t cap = l->pfd_cap ? l->pfd_cap * 2 : 16;
-            struct pollfd *p = (struct pollfd *)realloc(l->pfds, cap * sizeof *p);
-            flash__poll_handle **ph;
-            if (!p) return FLASH_ENOMEM;
-            l->pfds = p;
-            ph = (flash__poll_handle **)realloc(l->pfd_handles, cap * sizeof *ph);
-            if (!ph) return FLASH_ENOMEM;
-            l->pfd_handles = ph;
-            l->pfd_cap = cap;
-        }
+        if (n == l->pfd_cap && !flash__poll_grow(l)) return FLASH_ENOMEM;
         l->pfds[n].fd = h->fd;
         l->pfds[n].events = (short)(((h->events & FLASH_IO_READ) ? POLLIN : 0) |
                                     ((h->events & FLASH_IO_WRITE) ? POLLOUT : 0));
         l->pfds[n].revents = 0;
-        l->pfd_handles[n] = h;
-        n++;
+        l->pfd_handles[n++] = h;
     }
-    if (!n && !l->timers && !l->defers) return 0;
+    if (!n && !l->timers && flash_defer_queue_empty(&l->defers)) return 0;
     l->seq++;
     rc = poll(n ? l->pfds : NULL, (nfds_t)n, timeout);
     if (rc < 0 && errno != EINTR) return FLASH_EBACKEND;
@@ -200,8 +194,7 @@ FLASH_API int flash_poll_run_once(flash_poll *l, bool may_block) {
         if (re & (POLLERR | POLLHUP | POLLNVAL)) ev = FLASH_IO_READ | FLASH_IO_WRITE;
         if (re & POLLIN) ev |= FLASH_IO_READ;
         if (re & POLLOUT) ev |= FLASH_IO_WRITE;
-        ev &= h->events ? h->events : 0;
-        if (ev) h->io(h->arg, ev);
+        if ((ev &= h->events) != 0) h->io(h->arg, ev);
     }
     now = flash__poll_now();
     for (;;) { /* due timers in due order (then creation order) */
@@ -212,25 +205,13 @@ FLASH_API int flash_poll_run_once(flash_poll *l, bool may_block) {
         }
         if (!next) break;
         next->dead = true; /* fired: the handle is gone for the caller */
-        next->fn(next->arg);
+        next->d.fn(next->d.arg);
     }
-    /* Defers queued so far run now; those they queue run next iteration. */
-    defers = l->defers;
-    l->defers = l->defers_last = NULL;
-    while (defers) {
-        flash__poll_handle *next = defers->next;
-        if (!defers->dead) {
-            defers->dead = true;
-            defers->fn(defers->arg);
-        }
-        free(defers);
-        defers = next;
-    }
+    flash_defer_queue_run(&l->defers); /* what they queue runs next iteration */
+    if (!flash_defer_queue_empty(&l->defers)) return 1;
     for (h = l->ios; h; h = h->next)
         if (!h->dead && h->events) return 1;
     for (h = l->timers; h; h = h->next)
-        if (!h->dead) return 1;
-    for (h = l->defers; h; h = h->next)
         if (!h->dead) return 1;
     return 0;
 }
@@ -247,29 +228,36 @@ static int flash__poll_run_once_v(void *native, bool may_block) {
 }
 
 static const flash_loop_vtable flash__poll_vt = {
-    "poll", flash__poll_defer, flash__poll_timer, flash__poll_cancel,
-    flash__poll_io_start, flash__poll_io_set, flash__poll_io_stop, flash__poll_run_once_v,
+    "poll", flash__poll_defer, flash__poll_timer, flash__poll_cancel, flash__poll_io_start,
+    flash__poll_io_set, flash__poll_io_stop, flash__poll_run_once_v, flash__poll_post, flash__poll_unpost,
 };
 
-FLASH_API flash_poll *flash_poll_create(void) { return (flash_poll *)calloc(1, sizeof(flash_poll)); }
+FLASH_API flash_poll *flash_poll_create_with(const flash_allocator *alloc) {
+    flash_allocator a = {NULL, NULL, NULL};
+    flash_poll *l;
+    flash_handle_pool probe; /* resolves NULL to malloc/free, as the kit does */
+    flash_handle_pool_init(&probe, 1, alloc);
+    a = probe.alloc;
+    if ((l = (flash_poll *)a.alloc(sizeof *l, a.user_data)) == NULL) return NULL;
+    memset(l, 0, sizeof *l);
+    l->alloc = a;
+    flash_defer_queue_init(&l->defers, &a);
+    flash_handle_pool_init(&l->handles, sizeof(flash__poll_handle), &a);
+    return l;
+}
+
+FLASH_API flash_poll *flash_poll_create(void) { return flash_poll_create_with(NULL); }
 
 FLASH_API void flash_poll_destroy(flash_poll *l) {
-    flash__poll_handle *lists[3], *h;
-    int i;
     if (!l) return;
-    lists[0] = l->ios;
-    lists[1] = l->timers;
-    lists[2] = l->defers;
-    for (i = 0; i < 3; i++) {
-        for (h = lists[i]; h;) {
-            flash__poll_handle *next = h->next;
-            free(h);
-            h = next;
-        }
-    }
-    free(l->pfds);
-    free(l->pfd_handles);
-    free(l);
+    for (flash__poll_handle *h = l->ios; h; h = h->next) h->dead = true;
+    for (flash__poll_handle *h = l->timers; h; h = h->next) h->dead = true;
+    flash__poll_sweep(l, &l->ios);
+    flash__poll_sweep(l, &l->timers);
+    flash_handle_pool_clear(&l->handles);
+    flash_defer_queue_clear(&l->defers);
+    if (l->pfds) l->alloc.free(l->pfds, l->alloc.user_data);
+    l->alloc.free(l, l->alloc.user_data);
 }
 
 FLASH_API flash_loop flash_poll_loop(flash_poll *l) {

@@ -60,7 +60,7 @@ typedef struct flash__tpending {
     flash_table *table;
     flash_fetch *fetch;
     flash_loop loop;
-    void *handle;
+    flash_defer tick;
 } flash__tpending;
 
 struct flash_table {
@@ -271,8 +271,7 @@ static void flash__table_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
     p->table = t;
     p->fetch = f;
     p->loop = flash_ctx_loop(ctx);
-    p->handle = p->loop.vt->defer(p->loop.native, flash__table_deferred, p);
-    if (!p->handle) {
+    if (flash_loop_post(p->loop, &p->tick, flash__table_deferred, p) != FLASH_OK) {
         free(p);
         flash_fetch_done(f, FLASH_ENOMEM, NULL);
         return;
@@ -287,7 +286,7 @@ static void flash__table_cancel(void *self, flash_fetch *f) {
     flash__tpending *p;
     for (p = t->pending; p; p = p->next) {
         if (p->fetch == f) {
-            p->loop.vt->cancel(p->loop.native, p->handle);
+            flash_loop_unpost(p->loop, &p->tick);
             flash__table_unlink(p);
             free(p);
             return;
@@ -309,7 +308,7 @@ FLASH_API void flash_table_destroy(flash_table *t) {
     if (!t) return;
     while (t->pending) {
         flash__tpending *p = t->pending;
-        p->loop.vt->cancel(p->loop.native, p->handle);
+        flash_loop_unpost(p->loop, &p->tick);
         flash__table_unlink(p);
         free(p);
     }
