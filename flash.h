@@ -473,7 +473,9 @@ typedef struct flash_loader_desc {
     bool no_batch;             /* default: false; true: one key per batch */
     bool no_memo;              /* default: false; true: no memo across batches
                                   (keys are still unique within one batch) */
-    bool memo_errors;          /* default: false; failed keys are forgotten */
+    bool memo_errors;          /* default: false; failed keys are forgotten. true:
+                                  a key's own rejection stays memoised
+                                  (batch-level failures are still forgotten) */
     uint32_t max_memo;         /* default: 0, unbounded; else oldest evicted */
     flash_key_fn key_fn;       /* default: the key bytes themselves */
     flash_schedule_fn schedule;/* default: dispatch at the end of the tick */
@@ -495,12 +497,16 @@ FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_
 FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *const *keys,
                                          const size_t *lens);
 FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *value);
+/* Prime a failure: loads of key reject with code (and message) while it is
+   memoised. Like flash_prime, never overwrites a memoised key. */
+FLASH_API int flash_prime_error(flash_loader *l, const void *key, size_t len, int code, const char *message);
 FLASH_API int flash_clear(flash_loader *l, const void *key, size_t len);
 FLASH_API void flash_clear_all(flash_loader *l);
 /* Dispatch the open batch now (for custom schedules). */
 FLASH_API int flash_loader_dispatch(flash_loader *l);
 
 FLASH_API flash_ctx *flash_batch_ctx(const flash_batch *b);
+FLASH_API flash_loader *flash_batch_loader(const flash_batch *b);
 FLASH_API size_t flash_batch_size(const flash_batch *b);
 FLASH_API const void *flash_batch_key(const flash_batch *b, size_t i, size_t *len);
 FLASH_API void *flash_batch_payload(const flash_batch *b, size_t i);
@@ -517,10 +523,18 @@ typedef struct flash_result {
     void *value;
     const char *message; /* optional */
 } flash_result;
+/* Settle key i as p (a promise of the same context) settles, value or
+   rejection with its message: a loader built on another loader answers with
+   the other's promise, at no extra tick. A NULL p, or key i's own promise,
+   rejects the key with FLASH_EINVAL. */
+FLASH_API int flash_batch_follow(flash_batch *b, size_t i, flash_promise *p);
 /* One result per key; a count that does not match rejects every key with
    FLASH_EBATCH (and returns FLASH_EBATCH). */
 FLASH_API int flash_batch_complete(flash_batch *b, size_t n, const flash_result *results);
-/* Reject every unsettled key with code (a batch-level failure). */
+/* Reject every unsettled key with code (a batch-level failure). Like every
+   batch-level failure (a wrong result count, flash_batch_end with keys
+   unsettled, out of memory at dispatch) its keys are forgotten by the memo
+   even with memo_errors: one outage must not stick for the whole request. */
 FLASH_API int flash_batch_fail(flash_batch *b, int code, const char *message);
 /* Done: keys left unsettled reject with FLASH_EBATCH. A batch whose keys are
    all settled ends by itself. */
@@ -3280,7 +3294,7 @@ static void flash__batch_dispatch(flash_batch *b) {
     b->keys = (flash__entry **)flash__alloc(ctx, (b->count ? b->count : 1) * sizeof *b->keys);
     if (!b->keys) {
         for (e = b->first; e; e = e->next) {
-            if (l->desc.no_memo || !l->desc.memo_errors) flash__memo_forget(l, e);
+            flash__memo_forget(l, e); /* a batch-level failure: never memoised */
             flash__fail(ctx, &e->p, FLASH_ENOMEM, NULL);
         }
         b->ended = true;
@@ -3445,7 +3459,9 @@ FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *
     return flash_gather(l->ctx, n, ps);
 }
 
-FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *value) {
+/* A memo entry settled from the start: fulfilled with value, or rejected
+   with code when it is not 0. Never overwrites a memoised key. */
+static int flash__prime(flash_loader *l, const void *key, size_t len, void *value, int code, const char *message) {
     flash__entry *e;
     flash__slot *slot;
     char buf[256];
@@ -3461,8 +3477,14 @@ FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *va
     e = (flash__entry *)flash_calloc(l->ctx, 1, sizeof *e + len + 1 + mlen);
     if (!e) return FLASH_ENOMEM;
     e->p.is_entry = 1;
-    e->p.state = FLASH_FULFILLED;
-    e->p.u.value = value;
+    if (code) {
+        e->p.state = FLASH_REJECTED;
+        e->p.error = code;
+        e->p.u.message = flash__msgdup(l->ctx, code, message);
+    } else {
+        e->p.state = FLASH_FULFILLED;
+        e->p.u.value = value;
+    }
     e->p.eflags = mkey != key ? FLASH__E_OWN_MKEY : 0;
     e->hash = h;
     e->klen = (uint32_t)len;
@@ -3470,6 +3492,14 @@ FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *va
     memcpy(e + 1, key, len);
     if (mkey != key) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
     return flash__memo_insert(l, slot, e);
+}
+
+FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *value) {
+    return flash__prime(l, key, len, value, 0, NULL);
+}
+
+FLASH_API int flash_prime_error(flash_loader *l, const void *key, size_t len, int code, const char *message) {
+    return code ? flash__prime(l, key, len, NULL, code, message) : FLASH_EINVAL;
 }
 
 FLASH_API int flash_clear(flash_loader *l, const void *key, size_t len) {
@@ -3499,6 +3529,7 @@ FLASH_API void flash_clear_all(flash_loader *l) {
 }
 
 FLASH_API flash_ctx *flash_batch_ctx(const flash_batch *b) { return b ? b->loader->ctx : NULL; }
+FLASH_API flash_loader *flash_batch_loader(const flash_batch *b) { return b ? b->loader : NULL; }
 FLASH_API size_t flash_batch_size(const flash_batch *b) { return b ? b->count : 0; }
 FLASH_API const void *flash_batch_key(const flash_batch *b, size_t i, size_t *len) {
     if (!b || !b->keys || i >= b->count) {
@@ -3593,13 +3624,15 @@ FLASH_API int flash_batch_reject(flash_batch *b, size_t i, int code, const char 
     return FLASH_OK;
 }
 
-/* Reject every unsettled key of b with one message, then finish it. */
+/* Reject every unsettled key of b with one message, then finish it. A
+   batch-level failure: the memo forgets those keys even with memo_errors. */
 static void flash__batch_reject_rest(flash_batch *b, int code, const char *message) {
     flash_ctx *ctx = b->loader->ctx;
     size_t i;
     for (i = 0; i < b->count && !b->ended; i++) {
         flash__entry *e = b->keys[i];
         if (e->p.state != FLASH_PENDING) continue;
+        flash__memo_forget(b->loader, e);
         flash__fail(ctx, &e->p, code, message);
         flash__batch_settled_one(b, e);
     }
@@ -3627,6 +3660,32 @@ FLASH_API int flash_batch_end(flash_batch *b) {
     flash__batch_reject_rest(b, FLASH_EBATCH,
                              flash_sprintf(ctx, "%s: batch function ended without settling this key", b->loader->desc.name));
     return FLASH_OK;
+}
+
+/* Key `idx` of the batch in arg follows the settled promise p. */
+static void flash__batch_follow_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t idx) {
+    flash_batch *b = (flash_batch *)arg;
+    (void)ctx;
+    if (p->state == FLASH_FULFILLED) flash_batch_resolve(b, idx, p->u.value);
+    else flash_batch_reject(b, idx, p->error, p->u.message);
+}
+
+FLASH_API int flash_batch_follow(flash_batch *b, size_t i, flash_promise *p) {
+    int rc = flash__batch_check(b, i);
+    if (rc) return rc;
+    if (!p || p == &b->keys[i]->p) {
+        flash_batch_reject(b, i, FLASH_EINVAL, p ? "batch: a key cannot follow itself" : "batch: NULL promise");
+        return FLASH_EINVAL;
+    }
+    if (p->state != FLASH_PENDING) {
+        flash__batch_follow_cb(b->loader->ctx, p, b, i);
+        return FLASH_OK;
+    }
+    /* Internal and inline: it only settles the key, at p's settle time, so a
+       loader over a loader costs no extra tick. */
+    rc = flash__add_cb(b->loader->ctx, p, NULL, flash__batch_follow_cb, b, (uint32_t)i, true);
+    if (rc) flash_batch_reject(b, i, rc, NULL);
+    return rc;
 }
 
 FLASH_API int flash_batch_complete(flash_batch *b, size_t n, const flash_result *results) {
@@ -5473,6 +5532,7 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
                    when a replica may not have the write yet. */
                 eb->fill[i] = age < lag ? FLASH__FILL_NONE : FLASH__FILL_CAS;
                 eb->cas[i] = items[i].cas;
+                if (age < lag && !(q->flags & FLASH_Q_ONLY_CACHE)) ctx->stats.fills_skipped++;
             } else if (r < 0) {
                 flash_ctx_log(ctx, FLASH_LOG_WARN, "%s: corrupt cached value at %s (%s): replaced",
                               q->cls->name, q->key, flash_strerror(r));
