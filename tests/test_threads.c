@@ -113,7 +113,7 @@ typedef struct worker {
     flash_cache shared_mem;
     pthread_t th;
     /* results, read after join */
-    uint64_t requests, queries, writes, checks, own_checks, violations, backend_errors;
+    uint64_t requests, task_requests, queries, writes, checks, own_checks, violations, backend_errors;
     char first_violation[256];
     /* what this thread last wrote: age by user id (0: never wrote; -1: its
        invalidation failed, so no read-your-writes promise) */
@@ -153,36 +153,66 @@ static void check_user(worker *w, const User *u, int id) {
     }
 }
 
+/* One query as a task: the sync forms suspend it, and the tasks of one
+   request batch together as the async forms do. The value is what the
+   async form would have given. */
+typedef struct query_arg {
+    int kind, key;
+} query_arg;
+
+static int query_task(flash_ctx *ctx, void *arg, void **result) {
+    const query_arg *q = arg;
+    char name[32];
+    int rc;
+    switch (q->kind) {
+    case 0: return User_get_by_id_or_none(ctx, q->key, (User **)result);
+    case 1:
+        snprintf(name, sizeof name, "user%d", q->key);
+        return User_get_by_username(ctx, name, (User **)result);
+    case 2: return User_filter_by_first_name(ctx, first_names[q->key], (flash_list **)result);
+    default: {
+        int64_t *count = flash_alloc(ctx, sizeof *count);
+        if (!count) return FLASH_ENOMEM;
+        rc = ParticipantCount_resolve(ctx, q->key, count);
+        *result = count;
+        return rc;
+    }
+    }
+}
+
+static flash_promise *query_async(flash_ctx *ctx, int kind, int key) {
+    char name[32];
+    switch (kind) {
+    case 0: return User_get_by_id_async_or_none(ctx, key);
+    case 1:
+        snprintf(name, sizeof name, "user%d", key);
+        return User_get_by_username_async(ctx, name);
+    case 2: return User_filter_by_first_name_async(ctx, first_names[key]);
+    default: return ParticipantCount_resolve_async(ctx, key);
+    }
+}
+
 static void one_request(worker *w, flash_ctx *ctx, uint64_t *rng) {
     flash_promise *ps[32];
     int kinds[32], keys[32];
+    query_arg args[32];
     size_t n = 1 + rnd(rng) % 24;
+    bool tasks = rnd(rng) % 2; /* half the requests run each query as a task */
     flash_ctx_reset(ctx);
     w->requests++;
     for (size_t i = 0; i < n; i++) {
         kinds[i] = (int)(rnd(rng) % 4);
         switch (kinds[i]) {
-        case 0:
-            keys[i] = 1 + (int)(rnd(rng) % (NUSERS + 10));
-            ps[i] = User_get_by_id_async_or_none(ctx, keys[i]);
-            break;
-        case 1: {
-            char name[32];
-            keys[i] = 1 + (int)(rnd(rng) % NUSERS);
-            snprintf(name, sizeof name, "user%d", keys[i]);
-            ps[i] = User_get_by_username_async(ctx, name);
-            break;
+        case 0: keys[i] = 1 + (int)(rnd(rng) % (NUSERS + 10)); break;
+        case 1: keys[i] = 1 + (int)(rnd(rng) % NUSERS); break;
+        case 2: keys[i] = (int)(rnd(rng) % 5); break;
+        default: keys[i] = 1 + (int)(rnd(rng) % 4); break;
         }
-        case 2:
-            keys[i] = (int)(rnd(rng) % 5);
-            ps[i] = User_filter_by_first_name_async(ctx, first_names[keys[i]]);
-            break;
-        default:
-            keys[i] = 1 + (int)(rnd(rng) % 4);
-            ps[i] = ParticipantCount_resolve_async(ctx, keys[i]);
-            break;
-        }
+        args[i].kind = kinds[i];
+        args[i].key = keys[i];
+        ps[i] = tasks ? flash_spawn(ctx, query_task, &args[i]) : query_async(ctx, kinds[i], keys[i]);
     }
+    w->task_requests += tasks;
     w->queries += n;
     void *v = NULL;
     int rc = flash_wait(ctx, flash_gather_settled(ctx, n, ps), &v);
@@ -313,10 +343,11 @@ static void threads_run(void) {
         ws[i].shared_mem = mem;
         T_ASSERT(pthread_create(&ws[i].th, NULL, worker_main, &ws[i]) == 0, "pthread_create");
     }
-    uint64_t requests = 0, queries = 0, writes = 0, checks = 0, own = 0, violations = 0, errors = 0;
+    uint64_t requests = 0, task_requests = 0, queries = 0, writes = 0, checks = 0, own = 0, violations = 0, errors = 0;
     for (int i = 0; i < NTHREADS; i++) {
         pthread_join(ws[i].th, NULL);
         requests += ws[i].requests;
+        task_requests += ws[i].task_requests;
         queries += ws[i].queries;
         writes += ws[i].writes;
         checks += ws[i].checks;
@@ -327,9 +358,9 @@ static void threads_run(void) {
     }
     flash_memory_stats ms = flash_memory_stats_get(mem);
     long long mc_gets = flash_test_memcached_stat(&srv, "cmd_get"), mc_hits = flash_test_memcached_stat(&srv, "get_hits");
-    printf("threads: %d threads, %llu requests, %llu queries, %llu writes, %llu checks (%llu read-your-writes), "
+    printf("threads: %d threads, %llu requests (%llu as tasks), %llu queries, %llu writes, %llu checks (%llu read-your-writes), "
            "%llu violations; memcached %lld gets, %lld hits; shared memory backend %llu ops, %llu hits\n",
-           NTHREADS, (unsigned long long)requests, (unsigned long long)queries, (unsigned long long)writes,
+           NTHREADS, (unsigned long long)requests, (unsigned long long)task_requests, (unsigned long long)queries, (unsigned long long)writes,
            (unsigned long long)checks, (unsigned long long)own, (unsigned long long)violations, mc_gets, mc_hits,
            (unsigned long long)ms.ops, (unsigned long long)ms.hits);
     fflush(stdout);
@@ -342,6 +373,7 @@ static void threads_run(void) {
     T_ASSERT(ms.hits > 0, "the shared memory backend served no hits");
     T_ASSERT(mc_hits > 0, "memcached served no hits");
     T_ASSERT(own > 0, "read-your-writes was never checked");
+    T_ASSERT(task_requests > 0, "no request ran its queries as tasks");
     T_ASSERT(requests == (uint64_t)NTHREADS * 2 * REQUESTS, "%llu requests", (unsigned long long)requests);
 }
 
