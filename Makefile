@@ -44,6 +44,7 @@ examples: $(EXAMPLES)
 # machine with nothing but a C compiler: EXAMPLE_LIBS_<name>, default all.
 EXAMPLE_LIBS_demo := -lpthread
 EXAMPLE_LIBS_memcached_app := -lpthread -lm
+EXAMPLE_LIBS_resolvers := -lpthread -lm
 EXAMPLE_LIBS_http_server := -luv -lsqlite3 -lpq -lpthread -lm
 
 $(BUILD)/examples/%: examples/%.c $(HEADERS) | $(BUILD)/examples
