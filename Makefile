@@ -75,7 +75,8 @@ headers: | $(BUILD)/headers
 	$(CXX) $(CXXSTRICT) -I. -fsyntax-only -x c++ $(BUILD)/headers/all.c; \
 	echo "headers: $(words $(HEADERS)) headers compile as C11 and C++17, alone and with the implementation"; \
 	$(CC) $(STRICT) -I. tests/compile/feature_macros.c -o $(BUILD)/headers/feature_macros -lpthread; \
-	./$(BUILD)/headers/feature_macros
+	./$(BUILD)/headers/feature_macros; \
+	CC=$(CC) CXX=$(CXX) BUILD=$(BUILD) ./tests/compile/task_switches.sh
 
 $(BUILD)/tests/flash_tests: $(TEST_SRC) $(SRCLIST) $(wildcard tests/*.h) $(HEADERS) | $(BUILD)/tests
 	$(CC) $(STRICT) $(OPT) -I. $(TEST_SRC) -o $@ $(TEST_LIBS)

@@ -2284,12 +2284,20 @@ static void flash__tmake(flash__tctx *c, char *lo, size_t size, void (*fn)(void 
    system call per switch: the fallback only). */
 #include <ucontext.h>
 typedef ucontext_t flash__tctx;
+static void flash__coro_entry(void *arg);
+/* makecontext passes ints: the task pointer goes in two halves. */
 static void flash__uc_boot(unsigned hi, unsigned lo) {
-    uintptr_t p = ((uintptr_t)hi << 16 << 16) | (uintptr_t)lo;
-    void **pair = (void **)p;
-    ((void (*)(void *))pair[0])(pair[1]);
+    flash__coro_entry((void *)(((uintptr_t)hi << 16 << 16) | (uintptr_t)lo));
 }
-#define FLASH__TMAKE(c, lo, size, fn, arg) flash__uc_make(c, lo, size, fn, arg)
+static void flash__uc_make(ucontext_t *c, char *lo, size_t size, void *arg) {
+    uintptr_t p = (uintptr_t)arg;
+    getcontext(c);
+    c->uc_stack.ss_sp = lo;
+    c->uc_stack.ss_size = size;
+    c->uc_link = NULL;
+    makecontext(c, (void (*)(void))flash__uc_boot, 2, (unsigned)(p >> 16 >> 16), (unsigned)(p & 0xffffffffu));
+}
+#define FLASH__TMAKE(c, lo, size, fn, arg) flash__uc_make(c, lo, size, arg) /* fn: always flash__coro_entry */
 #define FLASH__TSWITCH(from, to) swapcontext(from, to)
 #define FLASH__TASK_SWITCH_NAME "ucontext"
 #endif
@@ -2313,11 +2321,6 @@ struct flash__coro {
     uint64_t gen;
     uint8_t state;
     bool canceled;
-#ifndef FLASH_TASK_CONTEXT
-#if defined(FLASH_TASK_UCONTEXT) || !defined(__ELF__) || !(defined(__x86_64__) || defined(__aarch64__))
-    void *boot[2];              /* ucontext: entry and argument */
-#endif
-#endif
 #ifdef FLASH__VALGRIND
     unsigned vg_stack;
 #endif
@@ -2331,20 +2334,6 @@ struct flash__coro {
 #endif
 };
 
-#if !defined(FLASH_TASK_CONTEXT) && \
-    (defined(FLASH_TASK_UCONTEXT) || !defined(__ELF__) || !(defined(__x86_64__) || defined(__aarch64__)))
-static void flash__uc_make(ucontext_t *c, char *lo, size_t size, void (*fn)(void *), void *arg) {
-    flash__coro *t = (flash__coro *)arg;
-    uintptr_t p = (uintptr_t)t->boot;
-    t->boot[0] = (void *)(uintptr_t)fn; /* object/function pointers: POSIX makes them interchangeable */
-    t->boot[1] = arg;
-    getcontext(c);
-    c->uc_stack.ss_sp = lo;
-    c->uc_stack.ss_size = size;
-    c->uc_link = NULL;
-    makecontext(c, (void (*)(void))flash__uc_boot, 2, (unsigned)(p >> 16 >> 16), (unsigned)(p & 0xffffffffu));
-}
-#endif
 
 /* Stacks come in slabs of one mapping: [guard | stack] [guard | stack] ... */
 typedef struct flash__tslab {

@@ -23,6 +23,9 @@ have_cmd clang                    || need+=(clang)
 ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a >/dev/null 2>&1 || need+=(libclang-rt-dev)
 have_cmd g++                      || need+=(g++)
 have_cmd curl                     || need+=(curl)
+# The AArch64 task switch, built and run under qemu by `make headers`.
+have_cmd aarch64-linux-gnu-gcc    || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+have_cmd qemu-aarch64             || need+=(qemu-user)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
