@@ -94,7 +94,7 @@ test-unit: $(BUILD)/tests/flash_tests $(TEST_BINARIES)
 test-asan: $(BUILD)/asan/flash_tests $(TEST_BINARIES)
 	@echo "== Criterion suite under ASan+UBSan"
 	FLASH_HTTP_SERVER=$(BUILD)/examples/http_server \
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ./$(BUILD)/asan/flash_tests --jobs 2 2>&1
 
 # libFuzzer harnesses in tests/fuzz (clang): the codec and header decoder, the

@@ -199,11 +199,15 @@ typedef struct flash_stats {
 /* ==== 2. context and arena ================================================ */
 
 FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc); /* NULL desc: defaults */
+/* Cancels suspended tasks first (layer 3b). Refused (logged, nothing done)
+   from inside one of the context's own tasks: that task runs on a stack the
+   context owns. */
 FLASH_API void flash_ctx_destroy(flash_ctx *ctx);
 /* Release everything the current request allocated and clear every memo:
    the C form of DataLoadersFactory.reset(). Promises, loaders and results of
-   the request become invalid. Safe inside a callback: work still running for
-   the old request is cancelled and its memory kept until it unwinds. */
+   the request become invalid. Safe inside a callback or a task: work still
+   running for the old request is cancelled (suspended tasks see
+   FLASH_ECANCELED) and its memory kept until it unwinds. */
 FLASH_API void flash_ctx_reset(flash_ctx *ctx);
 FLASH_API void *flash_ctx_user_data(const flash_ctx *ctx);
 FLASH_API const flash_desc *flash_ctx_desc(const flash_ctx *ctx); /* defaults filled in */
