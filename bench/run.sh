@@ -2,8 +2,10 @@
 # flash benchmarks, two parts (BENCH_PARTS, default both):
 #
 #   loader     flash's loader against graphql's dataloader (node, required)
-#              and Python's aiodataloader (optional), run interleaved, then
-#              the memory checks
+#              and Python's aiodataloader (optional), run interleaved; the
+#              tasks (bench/tasks_bench.c: spawn, await/resume, RSS, and
+#              1,000 resolver tasks x 3 loads against async functions +
+#              dataloader, bench/resolvers_bench.js); then the memory checks
 #   memcached  the full path over a real memcached (started here on a free
 #              loopback port, killed on exit) against libmemcached's multi-get
 #              and the N+1 pattern, with flash's and the server's counters
@@ -83,7 +85,7 @@ if has_part memcached; then
 fi
 
 bins=()
-has_part loader && bins+=(out/loader_bench out/memory_bench)
+has_part loader && bins+=(out/loader_bench out/memory_bench out/tasks_bench)
 has_part memcached && bins+=(out/memcached_bench)
 if [ "${1:-}" != --no-build ]; then
     make -s -C "$here" "${bins[@]}"
@@ -145,9 +147,11 @@ if has_part loader; then
     fi
 
     # ---- interleaved runs ---------------------------------------------------------
-    rm -f "$out"/flash.* "$out"/node.* "$out"/py.* "$out"/err.*
+    rm -f "$out"/flash.* "$out"/node.* "$out"/py.* "$out"/tasks.* "$out"/noderes.* "$out"/err.*
     run_flash() { "$out/loader_bench" "$REPS" >"$out/flash.$1" 2>"$out/err.flash.$1" || { cat "$out/err.flash.$1" >&2; fail "loader_bench (flash) failed"; }; }
     run_node() { DATALOADER_PATH=$DL node "$here/dataloader_bench.js" "$REPS" >"$out/node.$1" 2>"$out/err.node.$1" || { cat "$out/err.node.$1" >&2; fail "dataloader_bench.js (node) failed"; }; }
+    run_tasks() { "$out/tasks_bench" "$REPS" >"$out/tasks.$1" 2>"$out/err.tasks.$1" || { cat "$out/err.tasks.$1" >&2; fail "tasks_bench (flash) failed"; }; }
+    run_node_res() { DATALOADER_PATH=$DL node "$here/resolvers_bench.js" "$REPS" >"$out/noderes.$1" 2>"$out/err.noderes.$1" || { cat "$out/err.noderes.$1" >&2; fail "resolvers_bench.js (node) failed"; }; }
     run_py() {
         if ! "$PY" "$here/aiodataloader_bench.py" "$PY_REPS" >"$out/py.$1" 2>"$out/err.py.$1"; then
             cat "$out/err.py.$1" >&2
@@ -160,9 +164,9 @@ if has_part loader; then
     for r in $(seq 1 "$RUNS"); do
         # Alternate who goes first so that drift on the machine hits both sides.
         if [ $((r % 2)) = 1 ]; then
-            run_flash "$r"; run_node "$r"; [ -z "$PY" ] || run_py "$r"
+            run_flash "$r"; run_node "$r"; [ -z "$PY" ] || run_py "$r"; run_tasks "$r"; run_node_res "$r"
         else
-            [ -z "$PY" ] || run_py "$r"; run_node "$r"; run_flash "$r"
+            run_node_res "$r"; run_tasks "$r"; [ -z "$PY" ] || run_py "$r"; run_node "$r"; run_flash "$r"
         fi
     done
 
@@ -172,6 +176,9 @@ if has_part loader; then
         [ "$(checks "$out/flash.$r" | wc -l)" = 4 ] || fail "loader_bench printed no checks in run $r"
         diff <(checks "$out/flash.$r") <(checks "$out/node.$r") >&2 \
             || fail "flash and dataloader did different work (check lines differ in run $r)"
+        [ "$(checks "$out/tasks.$r" | wc -l)" = 1 ] || fail "tasks_bench printed no check in run $r"
+        diff <(checks "$out/tasks.$r") <(checks "$out/noderes.$r") >&2 \
+            || fail "flash tasks and async functions + dataloader did different work (check lines differ in run $r)"
         if [ -n "$PY" ]; then
             diff <(checks "$out/flash.$r") <(checks "$out/py.$r") >&2 \
                 || fail "flash and aiodataloader did different work (check lines differ in run $r)"
@@ -192,6 +199,16 @@ if has_part loader; then
         for r in $(seq 1 "$RUNS"); do
             f=$(values "$2" "$out/flash.$r" | median)
             p=$(values "$2" "$out/$1.$r" | median)
+            awk -v p="$p" -v f="$f" 'BEGIN { if (f > 0) printf "%.4f\n", p / f }'
+        done | median
+    }
+
+    # Median over runs of (a's median in run r) / (b's median in run r).
+    paired_ratio2() { # a b scenario [b's scenario]
+        local r f p
+        for r in $(seq 1 "$RUNS"); do
+            p=$(values "$3" "$out/$1.$r" | median)
+            f=$(values "${4:-$3}" "$out/$2.$r" | median)
             awk -v p="$p" -v f="$f" 'BEGIN { if (f > 0) printf "%.4f\n", p / f }'
         done | median
     }
@@ -262,6 +279,41 @@ if has_part loader; then
     echo "   + Promise.all / asyncio.gather + await); (d) times only the second pass over resolved keys."
     echo "   $CG_NOTE"
     [ -n "$PY" ] || echo "   * aiodataloader: n/a (not installable here: $PY_REASON)"
+    # ---- tasks ------------------------------------------------------------------------
+    verdict() { # value op target
+        awk -v x="$1" -v op="$2" -v t="$3" 'BEGIN { if (x == "nan" || x == "") print "n/a";
+            else if ((op == "le" && x <= t) || (op == "ge" && x >= t)) print "met"; else print "NOT met" }'
+    }
+    t_spawn=$(med_all tasks spawn)
+    t_await=$(med_all tasks await)
+    t_await_cb=$(med_all tasks await_cb)
+    t_res=$(med_all tasks resolvers)
+    t_res_cb=$(med_all tasks resolvers_cb)
+    n_res=$(med_all noderes resolvers)
+    r_res=$(paired_ratio2 noderes tasks resolvers)
+    r_res_cb=$(paired_ratio2 noderes tasks resolvers resolvers_cb)
+    rss=$(values rss_10k "$out"/tasks.[0-9]* | median)
+    echo
+    echo "== tasks (bench/tasks_bench.c; peer: bench/resolvers_bench.js, async functions + dataloader)"
+    echo "   $(grep -m1 '^# flash' "$out/tasks.1" | sed 's/^# //')"
+    echo "   peer: $(grep -m1 '^# dataloader' "$out/noderes.1" | sed 's/^# //')"
+    echo "   medians of all timed repetitions over $RUNS interleaved runs; node/flash = median over runs of the ratio in the same run"
+    echo
+    trow() { printf '%-44s | %10s | %10s | %9s | %-16s\n' "$@"; }
+    trow "row" "flash" "node" "node/flash" "target"
+    trow "--------------------------------------------" "----------" "----------" "---------" "----------------"
+    trow "empty spawn + finish, ns" "$(fmt "$t_spawn" 1)" "" "" "<= 100 ns: $(verdict "$t_spawn" le 100)"
+    trow "await/resume pair, ns" "$(fmt "$t_await" 1)" "" "" "<= 40 ns: $(verdict "$t_await" le 40)"
+    trow "  the same without a task (callback), ns" "$(fmt "$t_await_cb" 1)" "" "" ""
+    trow "1,000 resolver tasks x 3 loads, ns/load" "$(fmt "$t_res" 1)" "$(fmt "$n_res" 0)" "$(fmt "$r_res" 1)x" ">= 10x: $(verdict "$r_res" ge 10)"
+    trow "  the same with flash_then chains, ns/load" "$(fmt "$t_res_cb" 1)" "" "$(fmt "$r_res_cb" 1)x" ""
+    trow "RSS per 10,000 suspended tasks, MiB" "$(awk -v b="$rss" 'BEGIN { if (b == "nan") print "n/a"; else printf "%.1f", b / 1048576 }')" "" "" \
+        "$(awk -v b="$rss" 'BEGIN { if (b != "nan") printf "%.1f KiB/task", b / 10000 / 1024 }')"
+    echo
+    echo "   spawn: 10,000 spawns between resets (reset untimed); await: resolve + flash_drain resumes the task, which"
+    echo "   makes the next promise and awaits it; resolvers: a whole request (flash_run: reset, loader, 1,000 spawns,"
+    echo "   gather; node: new DataLoader, 1,000 async calls, Promise.all), 3 batches of 1,000 keys, 20 warm-ups each"
+
     echo
     echo "== memory (bench/memory_bench)"
     awk '$1 == "memory" {
