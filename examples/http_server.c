@@ -86,6 +86,7 @@ static void put_json_str(flash_strbuf *b, const char *s) {
 /* ---- server state ---- */
 
 static uv_loop_t *loop;
+static flash_libuv uv; /* flash's adapter on loop */
 static uv_tcp_t server;
 static uv_signal_t sigint, sigterm;
 static flash_cache cache;
@@ -111,7 +112,7 @@ static flash_ctx *ctx_get(void) {
     d.cache = cache;
     flash_ctx *ctx = flash_ctx_create(&d);
     if (!ctx) return NULL;
-    if (flash_libuv_attach(ctx, loop) || flash_ctx_set_source(ctx, NULL, source)) {
+    if (flash_libuv_attach(ctx, &uv) || flash_ctx_set_source(ctx, NULL, source)) {
         flash_ctx_destroy(ctx);
         return NULL;
     }
@@ -248,8 +249,8 @@ static int by_id(const void *a, const void *b) {
     return (x->id > y->id) - (x->id < y->id);
 }
 
-/* Step 3: the event, its participants' users: the JSON document. */
-static flash_promise *render(flash_ctx *ctx, const Event *e, User **users, size_t n) {
+/* The event, its participants' users: the JSON document, in the arena. */
+static int render(flash_ctx *ctx, const Event *e, User **users, size_t n, const char **json) {
     flash_strbuf b = {0};
     size_t i, shown = 0;
     if (n) qsort(users, n, sizeof *users, by_id);
@@ -267,69 +268,76 @@ static flash_promise *render(flash_ctx *ctx, const Event *e, User **users, size_
         flash_strbuf_puts(&b, "}");
     }
     flash_strbuf_puts(&b, "]}");
-    if (b.oom) {
-        free(b.data);
-        return flash_rejected(ctx, FLASH_ENOMEM, NULL);
-    }
-    char *json = flash_strdup(ctx, b.data);
+    *json = b.oom ? NULL : flash_strdup(ctx, b.data);
     free(b.data);
-    return json ? flash_fulfilled(ctx, json) : flash_rejected(ctx, FLASH_ENOMEM, NULL);
+    return *json ? 0 : FLASH_ENOMEM;
 }
 
-static flash_promise *got_users(flash_ctx *ctx, void *value, void *arg) {
-    void **keep = (void **)arg; /* the event's participants, the event */
-    const flash_list *parts = (const flash_list *)keep[0];
-    return render(ctx, (const Event *)keep[1], (User **)value, parts->count);
-}
+/* get_data, straight-line: the awaits suspend this request's task only, and
+   every request's task asking in the same tick joins the same batch.
 
-/* Step 2: the event and its participants are here; ask for their users, all
-   in one batch (the second round trip). */
-static flash_promise *got_event(flash_ctx *ctx, void *value, void *arg) {
-    void **both = (void **)value;
-    const Event *e = both[0];
-    const flash_list *parts = both[1];
-    (void)arg;
-    if (parts->count == 0) return render(ctx, e, NULL, 0);
-    flash_promise **ps = flash_alloc(ctx, parts->count * sizeof *ps);
-    void **keep = flash_alloc(ctx, 2 * sizeof *keep);
-    if (!ps || !keep) return flash_rejected(ctx, FLASH_ENOMEM, NULL);
-    for (size_t i = 0; i < parts->count; i++)
-        ps[i] = User_get_by_id_async_or_none(ctx, ((const Participant *)parts->items[i])->user);
-    keep[0] = (void *)parts;
-    keep[1] = (void *)e;
-    return flash_then(ctx, flash_gather(ctx, parts->count, ps), got_users, keep);
-}
-
-/* Step 1 (get_data): the event and its participants in one batch. */
-static flash_promise *get_data(flash_ctx *ctx, const char *slug) {
+       event, parts = await gather(EventCacheOnSlug(slug).resolve_async_or_404(),
+                                   EventParticipants(slug).resolve_async())   round trip 1
+       users = await gather(*[User.cache.get_async_or_none(id=p.user) ...])   round trip 2 */
+static int get_data(flash_ctx *ctx, const char *slug, const char **json, const char **message) {
     flash_promise *both[2] = {EventCacheOnSlug_resolve_async_or_404(ctx, slug),
                               EventParticipants_resolve_async(ctx, slug)};
-    return flash_then(ctx, flash_gather(ctx, 2, both), got_event, NULL);
+    flash_promise *g = flash_gather(ctx, 2, both);
+    void *v;
+    int rc = flash_await(ctx, g, &v);
+    if (rc) {
+        *message = flash_promise_message(g);
+        return rc;
+    }
+    const Event *e = ((Event **)v)[0];
+    const flash_list *parts = ((flash_list **)v)[1];
+    User **users = NULL;
+    if (parts->count) {
+        flash_promise **ps = (flash_promise **)flash_alloc(ctx, parts->count * sizeof *ps);
+        if (!ps) return FLASH_ENOMEM;
+        for (size_t i = 0; i < parts->count; i++)
+            ps[i] = User_get_by_id_async_or_none(ctx, ((const Participant *)parts->items[i])->user);
+        g = flash_gather(ctx, parts->count, ps);
+        if ((rc = flash_await(ctx, g, &v)) != 0) {
+            *message = flash_promise_message(g);
+            return rc;
+        }
+        users = (User **)v;
+    }
+    return render(ctx, e, users, parts->count, json);
 }
 
-static void answered(flash_ctx *ctx, flash_promise *p, void *arg) {
-    request *r = (request *)arg; /* in the arena: used up before ctx_put */
+/* One task per request: the queries, then the response. */
+static int handle_request(flash_ctx *ctx, void *arg, void **result) {
+    request *r = (request *)arg; /* in the arena */
     client *c = r->c;
-    if (flash_promise_state(p) == FLASH_FULFILLED) {
-        const char *json = (const char *)flash_promise_value(p);
+    const char *json = NULL, *msg = NULL;
+    int code = get_data(ctx, r->slug, &json, &msg);
+    (void)result;
+    if (code == FLASH_ECANCELED) return code; /* shutting down: the context is going */
+    if (code == 0) {
         counters.ok++;
         respond(c, 200, json, strlen(json));
+    } else if (code == FLASH_E404 || code == FLASH_ENOTFOUND) {
+        counters.not_found++;
+        respond_error(c, 404, "no such event", r->slug);
+    } else if (code == FLASH_ESOURCE || code == FLASH_ETIMEDOUT || code == FLASH_EBACKEND) {
+        counters.unavailable++;
+        respond_error(c, 503, flash_strerror(code), msg);
     } else {
-        int code = flash_promise_error(p);
-        const char *msg = flash_promise_message(p);
-        if (code == FLASH_E404 || code == FLASH_ENOTFOUND) {
-            counters.not_found++;
-            respond_error(c, 404, "no such event", r->slug);
-        } else if (code == FLASH_ESOURCE || code == FLASH_ETIMEDOUT || code == FLASH_EBACKEND) {
-            counters.unavailable++;
-            respond_error(c, 503, flash_strerror(code), msg);
-        } else {
-            counters.failed++;
-            respond_error(c, 500, flash_strerror(code), msg);
-        }
+        counters.failed++;
+        respond_error(c, 500, flash_strerror(code), msg);
     }
-    client_unref(c);
-    ctx_put(ctx); /* after the response is copied out of the arena */
+    return 0;
+}
+
+/* The task returned (its response is on its way): the context serves the
+   next request. Runs from the context's queue, after the task's stack is
+   free. */
+static void finished(flash_ctx *ctx, flash_promise *p, void *arg) {
+    (void)p;
+    client_unref((client *)arg);
+    ctx_put(ctx);
 }
 
 static bool good_slug(const char *s, size_t n) {
@@ -361,12 +369,13 @@ static void serve_event(client *c, const char *slug, size_t n) {
     r->c = c;
     r->slug = flash_sprintf(ctx, "%.*s", (int)n, slug);
     c->refs++;
-    flash_promise *p = r->slug ? get_data(ctx, r->slug) : NULL;
-    if (!p || flash_on_settle(ctx, p, answered, r) != 0) {
+    flash_promise *p = r->slug ? flash_spawn(ctx, handle_request, r) : NULL; /* runs to its first await */
+    if (!p || flash_promise_state(p) == FLASH_REJECTED || flash_on_settle(ctx, p, finished, c) != 0) {
+        int code = p ? flash_promise_error(p) : FLASH_ENOMEM;
         client_unref(c);
         ctx_put(ctx);
         counters.failed++;
-        respond_error(c, 500, "out of memory", NULL);
+        respond_error(c, 500, flash_strerror(code ? code : FLASH_ENOMEM), "cannot start the request's task");
     }
 }
 
@@ -643,6 +652,7 @@ int main(int argc, char **argv) {
     }
     signal(SIGPIPE, SIG_IGN);
     loop = uv_default_loop();
+    flash_libuv_init(&uv, loop, NULL);
 
     /* The cache: memcached servers, or the in-process memory cache. */
     if (mc) {
@@ -664,7 +674,7 @@ int main(int argc, char **argv) {
         }
         flash_memcached_desc md;
         memset(&md, 0, sizeof md);
-        md.loop = flash_libuv_loop(loop);
+        md.loop = flash_libuv_loop(&uv);
         md.servers = servers;
         md.server_count = n;
         cache = flash_memcached_create(&md, &err);
@@ -682,7 +692,7 @@ int main(int argc, char **argv) {
         flash_pg_desc pd;
         memset(&pd, 0, sizeof pd);
         pd.conninfo = pgconn;
-        pd.loop = flash_libuv_loop(loop);
+        pd.loop = flash_libuv_loop(&uv);
         pd.connections = pgconns > 0 ? (uint32_t)pgconns : 4;
         pg_src = flash_pg_create(&pd, &err);
         if (!pg_src) {
@@ -724,7 +734,7 @@ int main(int argc, char **argv) {
     flash_pg_destroy(pg_src);
     flash_sqlite_destroy(sqlite_src);
     if (sqlite_db) sqlite3_close(sqlite_db);
-    flash_libuv_release(loop);
+    flash_libuv_close(&uv);
     for (client *c = clients; c; c = c->next) client_close(c);
     uv_close((uv_handle_t *)&server, NULL);
     uv_close((uv_handle_t *)&sigint, NULL);

@@ -3,7 +3,7 @@
 
        for (size_t i = 0; i < flash_test_loop_count; i++) {
            const flash_test_loop *L = &flash_test_loops[i];
-           void *native = L->create();
+           void *native = L->create();    // the adapter, on a loop of its own
            flash_ctx *ctx = flash_ctx_create(NULL);
            cr_assert_eq(L->attach(ctx, native), 0, "%s", L->name);
            ...
@@ -23,14 +23,22 @@
 #include "harness.h"
 #include <criterion/parameterized.h>
 
+/* "native" below is the adapter (flash_poll *, or a flash_libuv, flash_libev
+   or flash_libevent with the native loop it was made on), not the loop
+   library's own object. */
 typedef struct flash_test_loop {
     const char *name;                 /* "poll", "libuv", "libev", "libevent" */
-    void *(*create)(void);            /* a new native loop, NULL on failure */
+    void *(*create)(void);            /* a new loop and adapter, NULL on failure */
+    /* The same, the adapter allocating through alloc (NULL: malloc). */
+    void *(*create_with)(const flash_allocator *alloc);
     /* Drop the adapter's handles (callbacks never run), free them, and
        destroy the native loop. */
     void (*destroy)(void *native);
     flash_loop (*loop)(void *native); /* the vtable view */
     int (*attach)(flash_ctx *ctx, void *native); /* flash_<loop>_attach */
+    /* The loop library's own run until nothing is left to wait for
+       (flash_poll_run, uv_run, ev_run, event_base_dispatch): < 0 on error. */
+    int (*run)(void *native);
 } flash_test_loop;
 
 extern const flash_test_loop flash_test_loops[];

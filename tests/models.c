@@ -70,7 +70,7 @@ void fixture_setup(const flash_desc *desc) {
     fx.db = flash_table_create();
     fx_loop_kind = flash_test_loop_find(fixture_use.loop ? fixture_use.loop : "poll");
     cr_assert(fx_loop_kind, "no loop called %s", fixture_use.loop);
-    fx.native = fx_loop_kind->create();
+    fx.native = fx_loop_kind->create_with(fixture_use.loop_alloc);
     cr_assert(fx.db && fx.native);
     fx.lp = fx_loop_kind->loop(fx.native);
     if (strcmp(fx_loop_kind->name, "poll") == 0) fx.loop = (flash_poll *)fx.native;

@@ -37,6 +37,7 @@ typedef enum fixture_backend { FIXTURE_MEMORY = 0, FIXTURE_MEMCACHED, FIXTURE_RE
 typedef struct fixture_config {
     const char *loop;         /* a name of tests/loops.h; default "poll" */
     fixture_backend backend;  /* default: the memory backend */
+    const flash_allocator *loop_alloc; /* the loop adapter's; default malloc */
 } fixture_config;
 extern fixture_config fixture_use;
 

@@ -497,3 +497,49 @@ LOOP_TEST(double_attach_is_refused) {
     L->destroy(other);
     finish(L, native);
 }
+
+/* ---- post / unpost: flash_defer nodes of the caller's ------------------------------ */
+
+static flash_defer posted[3];
+
+static void repost(void *arg) {
+    (void)arg;
+    note('p');
+    cr_assert_eq(flash_loop_post(P.lp, &posted[2], log_fn, (void *)"q"), 0);
+}
+
+LOOP_TEST(post_shares_the_defer_fifo_and_unpost_forgets) {
+    void *native = start(L);
+    void *far = timer(10000, "x");
+    memset(posted, 0, sizeof posted);
+    cr_assert_not_null(VT->post, "%s: no post", L->name);
+    defer("a");
+    cr_assert_eq(flash_loop_post(P.lp, &posted[0], log_fn, (void *)"b"), 0);
+    cr_assert_eq(flash_loop_post(P.lp, &posted[0], log_fn, (void *)"X"), 0); /* queued: a no-op */
+    cr_assert_eq(flash_loop_post(P.lp, &posted[1], log_fn, (void *)"c"), 0);
+    defer("d");
+    cr_assert_eq(flash_loop_post(P.lp, &posted[2], repost, NULL), 0);
+    flash_loop_unpost(P.lp, &posted[1]);
+    cr_assert(flash_defer_queued(&posted[0]) && !flash_defer_queued(&posted[1]));
+    run(true);
+    cr_assert_eq(strncmp(P.log, "abdp", 4), 0, "%s: log \"%s\"", L->name, P.log);
+    cr_assert(!flash_defer_queued(&posted[0]), "%s: ran, so no longer queued", L->name);
+    /* posted from a posted call: by the next run_once, which must not block
+       (libuv's may run it in the same call, as with defers) */
+    if (at('q') < 0) run(true);
+    cr_assert_str_eq(P.log, "abdpq", "%s", L->name);
+    VT->cancel(NATIVE, far);
+    cr_assert_gt(settle(), 0, "%s: never idle", L->name);
+    finish(L, native);
+}
+
+/* Unposting the only queued node leaves nothing to wait for. */
+LOOP_TEST(unpost_of_the_last_node_leaves_the_loop_idle) {
+    void *native = start(L);
+    memset(posted, 0, sizeof posted);
+    cr_assert_eq(flash_loop_post(P.lp, &posted[0], log_fn, (void *)"a"), 0);
+    flash_loop_unpost(P.lp, &posted[0]);
+    cr_assert_eq(settle(), 1, "%s", L->name);
+    cr_assert_str_eq(P.log, "", "%s", L->name);
+    finish(L, native);
+}

@@ -8,13 +8,12 @@
        uv_run(loop, UV_RUN_DEFAULT);  // runs the close callbacks that pool them
        uv_loop_close(loop);           // uv stays valid until here
 
-   All the adapter's state is in the caller's flash_libuv: no global list, no
-   lock. Defers are flash.h's flash_defer_queue run by one uv_check, after
-   the iteration's I/O; a uv_idle is on while it is not empty, so that the
-   loop polls without blocking. Timers (uv_timer_t, kept initialised for
-   reuse) and watches (uv_poll_t, one per fd; libuv makes the fd
-   non-blocking) come from a handle pool: a warm adapter allocates nothing.
-   Include after flash.h; the implementation comes with FLASH_IMPLEMENTATION.
+   The adapter's state is all in the caller's flash_libuv (no global list or
+   lock). Defers: flash.h's flash_defer_queue, run by a uv_check after the
+   iteration's I/O, with a uv_idle on while it is not empty so that the loop
+   polls without blocking. Timers (uv_timer_t, reused) and watches (uv_poll_t;
+   libuv makes the fd non-blocking) come from a handle pool: once warm, the
+   adapter allocates nothing. Include after flash.h (FLASH_IMPLEMENTATION).
 */
 #ifndef FLASH_LIBUV_H
 #define FLASH_LIBUV_H
@@ -61,7 +60,6 @@ FLASH_API void flash_libuv_close(flash_libuv *a);
 #define FLASH_LIBUV_IMPLEMENTED
 #include <stddef.h>
 #include <string.h>
-
 typedef struct flash__uv_h {
     flash_defer d;               /* first, d.handle NULL: not a defer node; d.fn, d.arg */
     struct flash__uv_h *prev, *next, *spare; /* a->hs; a->spare */
@@ -74,11 +72,17 @@ typedef struct flash__uv_h {
 
 static void flash__uv_nop(uv_idle_t *idle) { (void)idle; }
 
-/* Check and idle are on exactly while defers are queued. */
+static void flash__uv_check_cb(uv_check_t *check);
+
+/* Check and idle are on exactly while defers are queued (both calls return
+   at once when nothing changes). */
 static void flash__uv_sync(flash_libuv *a) {
     if (flash_defer_queue_empty(&a->defers)) {
         uv_check_stop(&a->check);
         uv_idle_stop(&a->idle);
+    } else {
+        uv_check_start(&a->check, flash__uv_check_cb);
+        uv_idle_start(&a->idle, flash__uv_nop);
     }
 }
 
@@ -89,26 +93,16 @@ static void flash__uv_check_cb(uv_check_t *check) {
 }
 
 static void flash__uv_post(void *native, flash_defer *d) {
-    flash_libuv *a = (flash_libuv *)native;
-    if (flash_defer_queue_push(&a->defers, d)) {
-        uv_check_start(&a->check, flash__uv_check_cb);
-        uv_idle_start(&a->idle, flash__uv_nop);
-    }
+    flash_defer_queue_push(&((flash_libuv *)native)->defers, d);
+    flash__uv_sync((flash_libuv *)native);
 }
-
 static void flash__uv_unpost(void *native, flash_defer *d) {
     flash_defer_queue_remove(&((flash_libuv *)native)->defers, d);
     flash__uv_sync((flash_libuv *)native);
 }
-
 static void *flash__uv_defer(void *native, flash_loop_fn fn, void *arg) {
-    flash_libuv *a = (flash_libuv *)native;
-    bool was_empty = flash_defer_queue_empty(&a->defers);
-    void *h = flash_defer_queue_defer(&a->defers, fn, arg);
-    if (h && was_empty) {
-        uv_check_start(&a->check, flash__uv_check_cb);
-        uv_idle_start(&a->idle, flash__uv_nop);
-    }
+    void *h = flash_defer_queue_defer(&((flash_libuv *)native)->defers, fn, arg);
+    flash__uv_sync((flash_libuv *)native);
     return h;
 }
 
@@ -155,16 +149,16 @@ static void flash__uv_timer_cb(uv_timer_t *timer) {
 
 static void *flash__uv_timer(void *native, uint32_t ms, flash_loop_fn fn, void *arg) {
     flash_libuv *a = (flash_libuv *)native;
-    flash__uv_h *h = a->spare;
+    flash__uv_h *h = fn ? a->spare : NULL;
     if (!fn) return NULL;
     if (h) {
         a->spare = h->spare;
+    } else if ((h = flash__uv_new(a)) == NULL) {
+        return NULL;
     } else {
-        if ((h = flash__uv_new(a)) == NULL) return NULL;
         uv_timer_init(a->loop, &h->u.timer);
-        h->u.timer.data = h;
     }
-    h->dead = false;
+    h->dead = false, h->u.timer.data = h;
     h->d.fn = fn, h->d.arg = arg;
     uv_update_time(a->loop); /* ms from now, not from the iteration's start */
     uv_timer_start(&h->u.timer, flash__uv_timer_cb, ms, 0);
@@ -275,11 +269,7 @@ FLASH_API void flash_libuv_close(flash_libuv *a) {
     if (!a || a->state != 1) return;
     a->state = 2;
     flash_defer_queue_clear(&a->defers);
-    while (a->hs) {
-        flash__uv_h *h = a->hs;
-        flash__uv_unlink(h);
-        flash__uv_close_handle(a, &h->u.handle);
-    }
+    for (flash__uv_h *h; (h = a->hs) != NULL; flash__uv_close_handle(a, &h->u.handle)) flash__uv_unlink(h);
     a->spare = NULL;
     flash__uv_close_handle(a, (uv_handle_t *)&a->check);
     flash__uv_close_handle(a, (uv_handle_t *)&a->idle);
