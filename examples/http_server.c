@@ -4,11 +4,15 @@
    GET /stats           cache round trips, hits, source calls ... as JSON
 
    One flash context per request in flight (from a pool, reset when the
-   request ends: DataLoadersFactory.reset()), on a libuv loop. A request is
+   request ends: DataLoadersFactory.reset()), on a libuv loop, and one task
+   per request (flash_spawn in the request callback): the task awaits, in
+   straight-line code,
 
      gather(EventCacheOnSlug(slug).resolve_or_404(),     one cache round trip
             EventParticipants(slug).resolve())
      -> gather(User.get(id) for each participant)          one more
+
+   and writes the response.
 
    so 2 cache round trips per request (1 when the event has no participants
    or does not exist), whether the cache is warm or cold: on a miss, each
