@@ -2596,13 +2596,20 @@ FLASH_API int flash_await(flash_ctx *ctx, flash_promise *p, void **value) {
     if (t->canceled) return FLASH_ECANCELED;
     if (p == t->promise) return FLASH_ESTATE; /* it settles when this task returns */
     if (p->state == FLASH_PENDING) {
-        int rc;
         t->waiting = p;
         t->serial++;
-        rc = flash__add_cb(ctx, p, NULL, flash__coro_wake, t, t->serial, false);
-        if (rc != FLASH_OK) {
-            t->waiting = NULL;
-            return rc;
+        if (!p->first.fn.pub && !p->has_more) { /* the usual case: the only waiter */
+            p->first.fn.priv = flash__coro_wake;
+            p->first.is_priv = 1;
+            p->first.is_inline = 0;
+            p->first.arg = t;
+            p->first.idx = t->serial;
+        } else {
+            int rc = flash__add_cb(ctx, p, NULL, flash__coro_wake, t, t->serial, false);
+            if (rc != FLASH_OK) {
+                t->waiting = NULL;
+                return rc;
+            }
         }
         flash__coro_suspend(t);
         t->waiting = NULL;
