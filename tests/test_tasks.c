@@ -575,6 +575,19 @@ FLASH_TEST(tasks, flash_run_inside_a_task_is_estate_and_destroy_inside_a_task_is
     flash_ctx_destroy(ctx);
 }
 
+FLASH_TEST(tasks, reset_from_a_task_resumed_by_flash_wait_makes_the_wait_return_ecanceled) {
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_promise *go = flash_promise_new(ctx);
+    reset_counts();
+    rs_next_await = 0;
+    flash_promise *p = flash_spawn(ctx, t_resetter, go);
+    flash_resolve(ctx, go, NULL);
+    cr_assert_eq(flash_wait(ctx, p, NULL), FLASH_ECANCELED);
+    cr_assert_eq(rs_next_await, FLASH_ECANCELED);
+    cr_assert_eq(VI(wait_ok(ctx, flash_spawn(ctx, t_return, IV(0)))), 7);
+    flash_ctx_destroy(ctx);
+}
+
 /* A reset by a task spawned (before its first await) inside another task
    that is itself still inside flash_spawn. */
 static int nested_inner_spawn_error, nested_outer_next;
