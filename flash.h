@@ -417,9 +417,12 @@ FLASH_API void flash_defer_queue_init(flash_defer_queue *q, const flash_allocato
 FLASH_API bool flash_defer_queue_push(flash_defer_queue *q, flash_defer *d);
 FLASH_API void flash_defer_queue_remove(flash_defer_queue *q, flash_defer *d); /* unpost */
 /* defer / cancel with a pooled node: NULL only when the pool is empty and
-   the allocator fails. The handle is the node until it has run. */
+   the allocator fails. The handle is the node until it has run. cancel
+   returns false when handle is not one of q's nodes (an adapter's own
+   handle: a timer or a watch), so a vtable's cancel can try it first. An
+   adapter's handles must then start with a zeroed flash_defer. */
 FLASH_API void *flash_defer_queue_defer(flash_defer_queue *q, flash_loop_fn fn, void *arg);
-FLASH_API void flash_defer_queue_cancel(flash_defer_queue *q, void *handle);
+FLASH_API bool flash_defer_queue_cancel(flash_defer_queue *q, void *handle);
 /* Run the nodes queued before this call; returns how many ran. */
 FLASH_API size_t flash_defer_queue_run(flash_defer_queue *q);
 FLASH_API bool flash_defer_queue_empty(const flash_defer_queue *q);
@@ -1535,7 +1538,7 @@ static void *flash__q_timer(void *native, uint32_t ms, flash_loop_fn fn, void *a
     return NULL;
 }
 static void flash__q_cancel(void *native, void *handle) {
-    flash_defer_queue_cancel(&((flash__qloop *)native)->q, handle);
+    (void)flash_defer_queue_cancel(&((flash__qloop *)native)->q, handle);
 }
 static void *flash__q_io_start(void *native, int fd, int ev, flash_io_fn fn, void *arg) {
     (void)native; (void)fd; (void)ev; (void)fn; (void)arg;
@@ -2753,11 +2756,14 @@ FLASH_API void *flash_defer_queue_defer(flash_defer_queue *q, flash_loop_fn fn, 
     return n;
 }
 
-FLASH_API void flash_defer_queue_cancel(flash_defer_queue *q, void *handle) {
+FLASH_API bool flash_defer_queue_cancel(flash_defer_queue *q, void *handle) {
     flash__dnode *n = (flash__dnode *)handle;
-    if (!q || !n || !n->d.queued) return;
-    flash_defer_queue_remove(q, &n->d);
-    flash_handle_pool_put(&q->nodes, n);
+    if (!q || !n || n->d.handle != (void *)&q->nodes) return false;
+    if (n->d.queued) {
+        flash_defer_queue_remove(q, &n->d);
+        flash_handle_pool_put(&q->nodes, n);
+    }
+    return true;
 }
 
 FLASH_API size_t flash_defer_queue_run(flash_defer_queue *q) {

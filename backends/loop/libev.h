@@ -164,8 +164,7 @@ static void flash__ev_cancel(void *native, void *handle) {
     flash_libev *a = (flash_libev *)native;
     flash__ev_h *h = (flash__ev_h *)handle;
     if (!h) return;
-    if (h->d.handle == (void *)&a->defers.nodes) {
-        flash_defer_queue_cancel(&a->defers, handle);
+    if (flash_defer_queue_cancel(&a->defers, handle)) {
         flash__ev_sync(a);
     } else if (!h->dead) {
         flash__ev_free(h);

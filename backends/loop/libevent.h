@@ -165,8 +165,7 @@ static void flash__le_cancel(void *native, void *handle) {
     flash_libevent *a = (flash_libevent *)native;
     flash__le_h *h = (flash__le_h *)handle;
     if (!h) return;
-    if (h->d.handle == (void *)&a->defers.nodes) {
-        flash_defer_queue_cancel(&a->defers, handle);
+    if (flash_defer_queue_cancel(&a->defers, handle)) {
         flash__le_sync(a);
     } else if (!h->dead) {
         flash__le_free(h);

@@ -170,8 +170,7 @@ static void flash__uv_cancel(void *native, void *handle) {
     flash_libuv *a = (flash_libuv *)native;
     flash__uv_h *h = (flash__uv_h *)handle;
     if (!h) return;
-    if (h->d.handle == (void *)&a->defers.nodes) {
-        flash_defer_queue_cancel(&a->defers, handle);
+    if (flash_defer_queue_cancel(&a->defers, handle)) {
         flash__uv_sync(a);
     } else if (!h->dead) {
         h->dead = true;

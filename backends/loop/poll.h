@@ -102,8 +102,7 @@ static void *flash__poll_timer(void *native, uint32_t ms, flash_loop_fn fn, void
 static void flash__poll_cancel(void *native, void *handle) {
     flash_poll *l = (flash_poll *)native;
     if (!handle) return;
-    if (((flash_defer *)handle)->handle == (void *)&l->defers.nodes) flash_defer_queue_cancel(&l->defers, handle);
-    else ((flash__poll_handle *)handle)->dead = true;
+    if (!flash_defer_queue_cancel(&l->defers, handle)) ((flash__poll_handle *)handle)->dead = true;
 }
 
 static void *flash__poll_io_start(void *native, int fd, int events, flash_io_fn fn, void *arg) {
