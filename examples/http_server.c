@@ -376,10 +376,10 @@ static void serve_event(client *c, const char *slug, size_t n) {
     flash_promise *p = r->slug ? flash_spawn(ctx, handle_request, r) : NULL; /* runs to its first await */
     if (!p || flash_promise_state(p) == FLASH_REJECTED || flash_on_settle(ctx, p, finished, c) != 0) {
         int code = p ? flash_promise_error(p) : FLASH_ENOMEM;
-        client_unref(c);
-        ctx_put(ctx);
         counters.failed++;
         respond_error(c, 500, flash_strerror(code ? code : FLASH_ENOMEM), "cannot start the request's task");
+        client_unref(c); /* last: the response needs c */
+        ctx_put(ctx);
     }
 }
 
