@@ -138,6 +138,12 @@ typedef struct flash_redis_reply {
    line over 64 KiB, a bulk not followed by "\r\n". */
 FLASH_API ptrdiff_t flash_redis_parse(const char *buf, size_t len, size_t max_value, flash_redis_reply *out);
 
+/* The Redis Cluster hash slot of a key, 0..16383: CRC16 (XMODEM) of the key,
+   or of the part between the first '{' and the next '}' when that part is
+   not empty (a hash tag: "{user1}:a" and "{user1}:b" share a slot). The
+   cluster client is backends/cache/redis_cluster.h. */
+FLASH_API size_t flash_redis_key_slot(const char *key, size_t len);
+
 #ifdef __cplusplus
 }
 #endif
@@ -228,6 +234,32 @@ FLASH_API ptrdiff_t flash_redis_parse(const char *buf, size_t len, size_t max_va
     return (ptrdiff_t)(header + r->len + 2);
 }
 
+/* ---- cluster key slots ------------------------------------------------------ */
+
+static uint16_t flash__redis_crc16(const char *p, size_t n) {
+    uint16_t crc = 0;
+    while (n--) {
+        int b;
+        crc ^= (uint16_t)((unsigned char)*p++ << 8);
+        for (b = 0; b < 8; b++) crc = (uint16_t)(crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1);
+    }
+    return crc;
+}
+
+FLASH_API size_t flash_redis_key_slot(const char *key, size_t len) {
+    const char *open, *close;
+    if (!key) return 0;
+    open = (const char *)memchr(key, '{', len);
+    if (open) {
+        close = (const char *)memchr(open + 1, '}', len - (size_t)(open + 1 - key));
+        if (close && close > open + 1) { /* a non-empty tag: only it is hashed */
+            key = open + 1;
+            len = (size_t)(close - open - 1);
+        }
+    }
+    return flash__redis_crc16(key, len) & 16383u;
+}
+
 /* ---- Lua scripts ------------------------------------------------------------
    Loaded with SCRIPT LOAD first on every connection, run with EVALSHA: the
    text travels once per connection, not once per key. Each *_sha is the
@@ -284,7 +316,20 @@ typedef struct flash__redis_req {
     uint32_t count, pos;                  /* keys sent; the next one not answered */
     bool in_array;                        /* GET: MGET's array header is in */
     flash__redis_val *vals;
+    /* Cluster nodes only (redis_cluster.h): */
+    uint32_t *groups;                     /* GET: keys per MGET (one slot each); NULL: one MGET */
+    uint32_t gpos, gleft;                 /* the MGET being read; its keys still to come */
+    bool asking, ask_pending;             /* ASKING before each command; its reply next */
+    bool raw;                             /* a raw command: its reply tree is kept flat */
+    int64_t raw_left;                     /* raw: elements still to come */
+    char *raw_buf;                        /* raw: records [kind u8][integer i64][len u32][bytes] */
+    size_t raw_len, raw_cap;
 } flash__redis_req;
+
+/* A cluster node's per-key error reply (MOVED, ASK, TRYAGAIN, ...): the
+   item gets this status and its text as value, for the cluster to route. */
+#define FLASH__REDIS_ERRTEXT (-1000)
+#define FLASH__REDIS_RAW_REC 13 /* a raw record's header */
 
 struct flash__redis {
     flash_allocator alloc;
@@ -298,6 +343,10 @@ struct flash__redis {
     flash__pipe_finq finished;            /* done() calls, from the loop */
     uint64_t next_cas;
     flash_redis_stats stats;              /* requests, commands, fast_fails (the rest: pipe.counts) */
+    /* Set by redis_cluster.h on the backends it makes: */
+    bool cluster;                         /* MGET per slot; error replies kept as text */
+    bool no_scripts;                      /* a Sentinel: no SCRIPT LOAD in the hello */
+    bool raw_next, asking_next;           /* the next submit: a raw command; ASKING first */
 };
 
 static void *flash__redis_alloc(flash__redis *rd, size_t n) { return rd->alloc.alloc(n, rd->alloc.user_data); }
@@ -308,6 +357,7 @@ static void flash__redis_free(flash__redis *rd, void *p) {
 /* ---- op completion ---------------------------------------------------------- */
 
 static void flash__redis_req_free(flash__redis *rd, flash__redis_req *req) {
+    flash__redis_free(rd, req->raw_buf);
     while (req->vals) {
         flash__redis_val *n = req->vals->next;
         flash__redis_free(rd, req->vals);
@@ -348,6 +398,58 @@ static uint64_t flash__redis_le(const char *p, int n) {
     return v;
 }
 
+/* A copy of an error reply's text, kept with the request's values; NULL
+   when out of memory (the key then fails with FLASH_EBACKEND). */
+static const char *flash__redis_errtext(flash__redis *rd, flash__redis_req *req, const flash_redis_reply *r) {
+    flash__redis_val *v = (flash__redis_val *)flash__redis_alloc(rd, sizeof *v + r->len + 1);
+    char *p;
+    if (!v) return NULL;
+    p = (char *)(v + 1);
+    memcpy(p, r->str, r->len);
+    p[r->len] = 0;
+    v->next = req->vals;
+    req->vals = v;
+    return p;
+}
+
+/* A raw command's reply, element by element, appended as flat records
+   (the caller walks the tree: an array's integer is its element count). */
+static int flash__redis_apply_raw(flash__redis *rd, flash__redis_req *req, const flash_redis_reply *r) {
+    size_t need = FLASH__REDIS_RAW_REC + (r->str ? r->len : 0);
+    char *m;
+    int i;
+    if (r->skip) return FLASH_EPROTO; /* no raw reply is that large */
+    if (req->raw_cap - req->raw_len < need) {
+        size_t cap = req->raw_cap ? req->raw_cap * 2 : 1024;
+        while (cap - req->raw_len < need) cap *= 2;
+        m = (char *)flash__redis_alloc(rd, cap);
+        if (!m) return FLASH_ENOMEM;
+        if (req->raw_len) memcpy(m, req->raw_buf, req->raw_len);
+        flash__redis_free(rd, req->raw_buf);
+        req->raw_buf = m;
+        req->raw_cap = cap;
+    }
+    m = req->raw_buf + req->raw_len;
+    m[0] = (char)r->kind;
+    for (i = 0; i < 8; i++) m[1 + i] = (char)((uint64_t)r->integer >> (8 * i));
+    for (i = 0; i < 4; i++) m[9 + i] = (char)((uint32_t)(r->str ? r->len : 0) >> (8 * i));
+    if (r->str && r->len) memcpy(m + FLASH__REDIS_RAW_REC, r->str, r->len);
+    req->raw_len += need;
+    req->raw_left += (r->kind == FLASH_REDIS_ARRAY ? r->integer : 0) - 1;
+    if (req->raw_left > 0) return FLASH_OK;
+    if (req->op) {
+        req->op->items[0].value = req->raw_buf;
+        req->op->items[0].value_len = req->raw_len;
+        req->op->items[0].status = FLASH_OK;
+    }
+    req->pos = req->count;
+    rd->pipe.head = req->in_pipe.next;
+    if (!rd->pipe.head) rd->pipe.tail = NULL;
+    flash__redis_complete(rd, req);
+    flash__pipe_arm_timer(&rd->pipe);
+    return FLASH_OK;
+}
+
 /* Apply one reply element to the head request; FLASH_EPROTO when it does not fit. */
 static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
     flash__redis_req *req = (flash__redis_req *)rd->pipe.head;
@@ -357,23 +459,51 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
         uint32_t left = rd->hello_left--; /* the SCRIPT LOADs come last: cas at 2, incr at 1 */
         const char *sha = left == 2 ? flash__redis_cas_sha : flash__redis_incr_sha;
         if (r->kind == FLASH_REDIS_ERROR) return FLASH_EBACKEND; /* a wrong password, ... */
-        if (left > 2) return r->kind == FLASH_REDIS_SIMPLE ? FLASH_OK : FLASH_EPROTO;
+        if (left > 2 || rd->no_scripts) return r->kind == FLASH_REDIS_SIMPLE ? FLASH_OK : FLASH_EPROTO;
         return r->kind == FLASH_REDIS_BULK && r->len == 40 && memcmp(r->str, sha, 40) == 0 ? FLASH_OK : FLASH_EPROTO;
     }
     if (!req) return FLASH_EPROTO; /* nothing was asked */
+    if (req->raw) return flash__redis_apply_raw(rd, req, r);
+    if (req->ask_pending) { /* ASKING's +OK (an error shows in the command's reply) */
+        if (r->kind == FLASH_REDIS_ARRAY) return FLASH_EPROTO;
+        req->ask_pending = false;
+        return FLASH_OK;
+    }
     if (req->code == FLASH_CACHE_GET && !req->in_array) {
-        if (r->kind == FLASH_REDIS_ERROR) { /* MGET refused: every key */
-            while (req->pos < req->count) flash__redis_set_status(req, req->pos++, FLASH_EBACKEND);
-        } else if (r->kind != FLASH_REDIS_ARRAY || r->integer != (int64_t)req->count) {
+        uint32_t size = req->groups ? req->groups[req->gpos] : req->count;
+        if (r->kind == FLASH_REDIS_ERROR) { /* MGET refused: each of its keys */
+            const char *text = NULL;
+            if (rd->cluster && req->op) text = flash__redis_errtext(rd, req, r);
+            while (size--) {
+                if (text) {
+                    it = &req->op->items[req->idx[req->pos]];
+                    it->value = text;
+                    it->value_len = r->len;
+                }
+                flash__redis_set_status(req, req->pos++, text ? FLASH__REDIS_ERRTEXT : FLASH_EBACKEND);
+            }
+            req->gpos++;
+            req->ask_pending = req->asking && req->pos < req->count;
+        } else if (r->kind != FLASH_REDIS_ARRAY || r->integer != (int64_t)size) {
             return FLASH_EPROTO;
+        } else {
+            req->in_array = true;
+            req->gleft = size;
         }
-        req->in_array = true;
     } else {
         if (req->pos >= req->count) return FLASH_EPROTO;
         it = req->op ? &req->op->items[req->idx[req->pos]] : NULL;
         if (r->kind == FLASH_REDIS_ERROR) {
             st = FLASH_EBACKEND; /* OOM, READONLY, a script error ...: this key only */
             if (r->len >= 8 && memcmp(r->str, "NOSCRIPT", 8) == 0) rd->scripts_lost = true;
+            if (rd->cluster && it) { /* the cluster decides: redirect, retry or fail */
+                const char *text = flash__redis_errtext(rd, req, r);
+                if (text) {
+                    it->value = text;
+                    it->value_len = r->len;
+                    st = FLASH__REDIS_ERRTEXT;
+                }
+            }
         } else if (r->kind == FLASH_REDIS_ARRAY) {
             return FLASH_EPROTO;
         } else {
@@ -437,6 +567,11 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
         }
         if (it) it->status = st;
         req->pos++;
+        if (req->code != FLASH_CACHE_GET || !--req->gleft) { /* a command is answered */
+            req->in_array = false;
+            req->gpos++;
+            req->ask_pending = req->asking && req->pos < req->count;
+        }
     }
     if (req->pos == req->count) { /* the request is in */
         rd->pipe.head = req->in_pipe.next;
@@ -543,15 +678,32 @@ static void flash__redis_header(flash__redis *rd, uint32_t flags, char out[FLASH
 
 /* Append the request; false when out of memory. */
 static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const flash_cache_op *op) {
-    uint32_t k;
+    uint32_t k, g;
+    static const char asking[] = "*1\r\n$6\r\nASKING\r\n";
+    if (req->raw) { /* the caller's RESP bytes, as they are */
+        if (!flash__pipe_reserve(&rd->pipe, op->items[0].key_len)) return false;
+        flash__pipe_put(&rd->pipe, op->items[0].key, op->items[0].key_len);
+        return true;
+    }
     if (op->code == FLASH_CACHE_GET) {
+        uint32_t ngroups = req->groups ? 0 : 1, size;
         size_t need = 32;
         for (k = 0; k < req->count; k++) need += op->items[req->idx[k]].key_len + 32;
+        if (req->groups)
+            for (k = 0; k < req->count; k += req->groups[ngroups++]) {
+            }
+        need += (size_t)ngroups * (48 + sizeof asking);
         if (!flash__pipe_reserve(&rd->pipe, need)) return false;
-        flash__redis_put_len(rd, '*', (uint64_t)req->count + 1);
-        flash__redis_put_str(rd, "MGET");
-        for (k = 0; k < req->count; k++)
-            flash__redis_put_bulk(rd, NULL, op->items[req->idx[k]].key, op->items[req->idx[k]].key_len);
+        for (g = 0, k = 0; g < ngroups; g++) { /* one MGET per slot on a cluster node */
+            uint32_t end;
+            size = req->groups ? req->groups[g] : req->count;
+            if (req->asking) flash__pipe_put(&rd->pipe, asking, sizeof asking - 1);
+            flash__redis_put_len(rd, '*', (uint64_t)size + 1);
+            flash__redis_put_str(rd, "MGET");
+            for (end = k + size; k < end; k++)
+                flash__redis_put_bulk(rd, NULL, op->items[req->idx[k]].key, op->items[req->idx[k]].key_len);
+        }
+        rd->stats.commands += ngroups;
         return true;
     }
     for (k = 0; k < req->count; k++) {
@@ -560,7 +712,8 @@ static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const f
         size_t need = it->key_len + (op->code == FLASH_CACHE_DELETE || op->code == FLASH_CACHE_INCR ? 0 : it->value_len) +
                       256;
         int i;
-        if (!flash__pipe_reserve(&rd->pipe, need)) return false;
+        if (!flash__pipe_reserve(&rd->pipe, need + sizeof asking)) return false;
+        if (req->asking) flash__pipe_put(&rd->pipe, asking, sizeof asking - 1);
         switch (op->code) {
         case FLASH_CACHE_SET:
         case FLASH_CACHE_ADD:
@@ -616,9 +769,12 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     flash__redis *rd = (flash__redis *)self;
     flash__redis_req *req = NULL;
     size_t i, n, unsent;
-    bool store, valid_code, down;
+    bool store, valid_code, down, raw, asking;
     (void)loop; /* desc.loop drives everything */
     if (!rd || !op) return;
+    raw = rd->raw_next && op->count == 1; /* redis_cluster.h's own commands */
+    asking = rd->asking_next;
+    rd->raw_next = rd->asking_next = false;
     n = op->count;
     op->status = FLASH_OK;
     op->round_trips = 0;
@@ -626,7 +782,7 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     valid_code = op->code >= FLASH_CACHE_GET && op->code <= FLASH_CACHE_INCR;
     store = op->code == FLASH_CACHE_SET || op->code == FLASH_CACHE_ADD || op->code == FLASH_CACHE_CAS;
     if (!rd->finished.stopped && (!n || op->items) && n < UINT32_MAX && n < (SIZE_MAX - sizeof *req) / sizeof(uint32_t))
-        req = (flash__redis_req *)flash__redis_alloc(rd, sizeof *req + n * sizeof(uint32_t));
+        req = (flash__redis_req *)flash__redis_alloc(rd, sizeof *req + n * sizeof(uint32_t) * (rd->cluster ? 2 : 1));
     if (!req) {
         int code = rd->finished.stopped ? FLASH_ECANCELED : (n && !op->items) ? FLASH_EINVAL : FLASH_ENOMEM;
         op->status = code;
@@ -639,6 +795,9 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     req->op = op;
     req->code = op->code;
     req->idx = (uint32_t *)(req + 1);
+    req->raw = raw;
+    req->raw_left = 1;
+    req->asking = req->ask_pending = asking;
     req->next_live = rd->live;
     if (rd->live) rd->live->prev_live = req;
     rd->live = req;
@@ -647,7 +806,9 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     down = flash__pipe_down(&rd->pipe, flash__pipe_now());
     for (i = 0; i < n; i++) {
         flash_cache_item *it = &op->items[i];
-        int st = valid_code ? flash__pipe_key_status(it->key, it->key_len) : FLASH_EINVAL;
+        int st = !valid_code ? FLASH_EINVAL
+                 : raw       ? (it->key && it->key_len ? FLASH_OK : FLASH_EINVAL)
+                             : flash__pipe_key_status(it->key, it->key_len);
         if (op->code == FLASH_CACHE_GET) {
             it->value = NULL;
             it->value_len = 0;
@@ -667,6 +828,20 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
         flash__redis_complete(rd, req);
         return;
     }
+    if (rd->cluster && op->code == FLASH_CACHE_GET && !raw) {
+        /* One MGET per run of keys of one slot (CROSSSLOT is per slot even
+           on one node); the cluster hands the keys sorted by slot. */
+        uint32_t g = 0, k;
+        size_t slot = (size_t)-1;
+        req->groups = req->idx + n;
+        for (k = 0; k < req->count; k++) {
+            const flash_cache_item *it = &op->items[req->idx[k]];
+            size_t s = flash_redis_key_slot(it->key, it->key_len);
+            if (k && s == slot) req->groups[g - 1]++;
+            else req->groups[g++] = 1;
+            slot = s;
+        }
+    }
     if (rd->scripts_lost && !rd->pipe.head) flash__pipe_close(&rd->pipe); /* SCRIPT FLUSH: reload them */
     flash__pipe_check_idle(&rd->pipe);
     unsent = rd->pipe.wlen - rd->pipe.woff;
@@ -678,7 +853,7 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     }
     op->round_trips = 1;
     rd->stats.requests++;
-    rd->stats.commands += op->code == FLASH_CACHE_GET ? 1 : req->count;
+    rd->stats.commands += op->code == FLASH_CACHE_GET && !raw ? 0 : req->count; /* GET: counted by encode */
     flash__pipe_send(&rd->pipe, &req->in_pipe);
 }
 
@@ -754,6 +929,7 @@ static int flash__redis_build_hello(flash__redis *rd, const flash_redis_desc *d)
         flash__redis_put_dec(rd, d->db);
         rd->hello_replies++;
     }
+    if (rd->no_scripts) goto done;
     flash__redis_put_len(rd, '*', 3); /* the last two replies: cas, then incr */
     flash__redis_put_str(rd, "SCRIPT");
     flash__redis_put_str(rd, "LOAD");
@@ -763,6 +939,7 @@ static int flash__redis_build_hello(flash__redis *rd, const flash_redis_desc *d)
     flash__redis_put_str(rd, "LOAD");
     flash__redis_put_str(rd, flash__redis_incr_lua);
     rd->hello_replies += 2;
+done:
     rd->hello = rd->pipe.wbuf;
     rd->hello_len = rd->pipe.wlen;
     rd->pipe.wbuf = saved;
@@ -771,8 +948,8 @@ static int flash__redis_build_hello(flash__redis *rd, const flash_redis_desc *d)
     return FLASH_OK;
 }
 
-FLASH_API flash_cache flash_redis_create(const flash_redis_desc *desc, int *error) {
-    flash_cache none = {NULL, NULL}, out;
+/* A backend; cluster / no_scripts for the ones redis_cluster.h makes. */
+static flash__redis *flash__redis_make(const flash_redis_desc *desc, bool cluster, bool no_scripts, int *error) {
     flash_allocator al;
     flash__redis *rd;
     uint64_t seed;
@@ -782,16 +959,18 @@ FLASH_API flash_cache flash_redis_create(const flash_redis_desc *desc, int *erro
     if (!desc || !flash__pipe_loop_ok(&desc->loop) || !desc->host ||
         !desc->host[0] || strlen(desc->host) > 255 || (desc->username && !desc->password)) {
         if (error) *error = FLASH_EINVAL;
-        return none;
+        return NULL;
     }
     al = flash__pipe_allocator(desc->allocator);
     rd = (flash__redis *)al.alloc(sizeof *rd, al.user_data);
     if (!rd) {
         if (error) *error = FLASH_ENOMEM;
-        return none;
+        return NULL;
     }
     memset(rd, 0, sizeof *rd);
     rd->alloc = al;
+    rd->cluster = cluster;
+    rd->no_scripts = no_scripts;
     flash__pipe_setup(&rd->pipe, &flash__redis_hooks, rd, desc->loop, al);
     flash__pipe_finq_setup(&rd->finished, desc->loop, rd, flash__redis_finish);
     rd->pipe.connect_timeout_ms = desc->connect_timeout_ms ? desc->connect_timeout_ms : 1000;
@@ -812,13 +991,21 @@ FLASH_API flash_cache flash_redis_create(const flash_redis_desc *desc, int *erro
     if (rc) goto fail;
     rc = flash__pipe_resolve(&rd->pipe, desc->host, desc->port ? desc->port : 6379);
     if (rc) goto fail;
-    out.vt = &flash__redis_vt;
-    out.self = rd;
-    return out;
+    return rd;
 fail:
     if (error) *error = rc;
     flash__redis_destroy(rd);
-    return none;
+    return NULL;
+}
+
+FLASH_API flash_cache flash_redis_create(const flash_redis_desc *desc, int *error) {
+    flash_cache out = {NULL, NULL};
+    flash__redis *rd = flash__redis_make(desc, false, false, error);
+    if (rd) {
+        out.vt = &flash__redis_vt;
+        out.self = rd;
+    }
+    return out;
 }
 
 FLASH_API int flash_redis_stats_get(flash_cache cache, flash_redis_stats *out) {
