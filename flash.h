@@ -164,6 +164,8 @@ typedef struct flash_desc {
                                      bytes of each task's stack, rounded up to pages */
     uint32_t max_tasks;           /* default: 10000, tasks alive at once; past it
                                      flash_spawn rejects with FLASH_ENOMEM */
+    uint32_t task_retain;         /* default: 1024, task stacks kept mapped across
+                                     resets; a reset unmaps whole free slabs beyond */
     bool fail_on_cache_error;     /* default: false, fall back to the source */
     bool log_fill_errors;         /* default: false */
     int64_t (*clock_ms)(void *user_data); /* default: CLOCK_REALTIME in ms; tests inject */
@@ -1447,6 +1449,7 @@ static void flash__unhold(flash_ctx *ctx, uint64_t gen) {
 static void flash__engine_reset(flash_ctx *ctx, bool destroying); /* layer 8 */
 static void flash__tasks_cancel(flash_ctx *ctx);                  /* layer 3b */
 static void flash__tasks_free(flash_ctx *ctx);
+static void flash__tasks_trim(flash_ctx *ctx);
 static void flash__kheads_free(flash_ctx *ctx);                   /* layer 7 */
 
 /* Holds to release at the next drain (see flash__batch_finish). */
@@ -1587,6 +1590,7 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
     if (!d.task_stack) d.task_stack = (uint32_t)64 << 10;
 #endif
     if (!d.max_tasks) d.max_tasks = 10000;
+    if (!d.task_retain) d.task_retain = 1024;
     ctx = (flash_ctx *)d.allocator.alloc(sizeof *ctx, d.allocator.user_data);
     if (!ctx) return NULL;
     memset(ctx, 0, sizeof *ctx);
@@ -1660,6 +1664,7 @@ FLASH_API void flash_ctx_reset(flash_ctx *ctx) {
     ctx->open_first = ctx->open_last = NULL;
     ctx->inflight = 0;
     flash__arena_release(ctx);
+    flash__tasks_trim(ctx);
     ctx->gen++;
 }
 
@@ -2452,6 +2457,36 @@ static void flash__tasks_free(flash_ctx *ctx) {
     ctx->task_free = NULL;
 }
 
+/* After a burst: unmap whole free slabs, newest first, while more than
+   task_retain stacks are mapped, so that one request with 100,000 tasks
+   does not keep their memory for the context's life. Steady traffic below
+   task_retain never maps again. */
+static void flash__tasks_trim(flash_ctx *ctx) {
+    flash__tslab **pp = &ctx->task_slabs, *sl;
+    bool trimmed = false;
+    size_t i;
+    while (ctx->task_stack_count > ctx->desc.task_retain && (sl = *pp) != NULL) {
+        bool all_free = true;
+        for (i = 0; i < sl->count && all_free; i++) all_free = sl->coros[i].state == FLASH__T_FREE;
+        if (!all_free || ctx->task_stack_count - sl->count < ctx->desc.task_retain / 2) {
+            pp = &sl->next; /* in use, or trimming it would leave too few */
+            continue;
+        }
+        *pp = sl->next;
+        ctx->task_stack_count -= sl->count;
+        flash__tslab_unmap(ctx, sl);
+        trimmed = true;
+    }
+    if (!trimmed) return;
+    ctx->task_free = NULL; /* rebuilt from the slabs left, oldest slab's stacks on top */
+    for (sl = ctx->task_slabs; sl; sl = sl->next)
+        for (i = sl->count; i-- > 0;)
+            if (sl->coros[i].state == FLASH__T_FREE) {
+                sl->coros[i].next = ctx->task_free;
+                ctx->task_free = &sl->coros[i];
+            }
+}
+
 static void flash__coro_entry(void *arg);
 
 /* Switch into t until it awaits or returns. The caller's stack is what t
@@ -2656,6 +2691,7 @@ FLASH_API bool flash_in_task(const flash_ctx *ctx) {
 }
 static void flash__tasks_cancel(flash_ctx *ctx) { (void)ctx; }
 static void flash__tasks_free(flash_ctx *ctx) { (void)ctx; }
+static void flash__tasks_trim(flash_ctx *ctx) { (void)ctx; }
 #endif /* FLASH_NO_TASKS */
 
 /* ---- 4. event loop ------------------------------------------------------- */

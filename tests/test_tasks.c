@@ -665,6 +665,35 @@ FLASH_TEST(tasks, stacks_are_pooled_across_a_thousand_resets) {
     flash_ctx_destroy(ctx);
 }
 
+/* A burst above task_retain is unmapped by the next reset: steady traffic
+   below it maps nothing new, the next burst maps again. */
+FLASH_TEST(tasks, a_burst_beyond_task_retain_is_unmapped_at_reset) {
+    flash_desc d = {0};
+    d.task_retain = 64;
+    d.task_stack = 16 << 10;
+    flash_ctx *ctx = flash_ctx_create(&d);
+    flash_promise *gate = flash_promise_new(ctx);
+    for (int i = 0; i < 3000; i++) flash_spawn(ctx, t_wait_gate, gate);
+    uint64_t burst = flash_ctx_stats(ctx).task_stacks;
+    cr_assert_geq(burst, 3000);
+    flash_ctx_reset(ctx); /* cancels the 3,000 and unmaps all but ~64 stacks */
+    for (int cycle = 0; cycle < 20; cycle++) {
+        gate = flash_promise_new(ctx);
+        flash_promise *ps[40];
+        for (int i = 0; i < 40; i++) ps[i] = flash_spawn(ctx, t_wait_gate, gate);
+        flash_resolve(ctx, gate, NULL);
+        wait_ok(ctx, flash_gather(ctx, 40, ps));
+        flash_ctx_reset(ctx);
+    }
+    cr_assert_eq(flash_ctx_stats(ctx).task_stacks, burst, "40 tasks a request fit in the stacks kept");
+    gate = flash_promise_new(ctx);
+    for (int i = 0; i < 3000; i++) flash_spawn(ctx, t_wait_gate, gate);
+    cr_assert_gt(flash_ctx_stats(ctx).task_stacks, burst, "the burst's stacks were unmapped, a new burst maps again");
+    flash_resolve(ctx, gate, NULL);
+    flash_drain(ctx);
+    flash_ctx_destroy(ctx);
+}
+
 /* ---- 8. stack overflow hits the guard page --------------------------------- */
 
 static volatile uintptr_t so_top;   /* an address near the top of the task's stack */
