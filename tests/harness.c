@@ -476,7 +476,10 @@ static bool pg_spawn(flash_test_server *s) {
         if (getppid() == 1) _exit(125);
         execl(exe, "postgres", "-D", data, "-p", port, "-k", s->dir, "-c", "listen_addresses=127.0.0.1", "-c",
               "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "log_statement=all",
-              "-c", "max_connections=30", "-c", "shared_buffers=16MB", "-c", "logging_collector=off", (char *)NULL);
+              "-c", "max_connections=30", "-c", "shared_buffers=16MB", "-c", "logging_collector=off",
+              /* logical decoding for the change stream (tests/test_changes.c) */
+              "-c", "wal_level=logical", "-c", "max_replication_slots=10", "-c", "max_wal_senders=10",
+              (char *)NULL);
         _exit(127);
     }
     s->pid = pid;

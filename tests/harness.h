@@ -109,7 +109,8 @@ long long flash_test_memcached_stat(const flash_test_server *s, const char *name
 /* PostgreSQL ($FLASH_PG_BIN, else the newest /usr/lib/postgresql/N/bin): initdb into
    a temp dir (as user postgres, or nobody, when run as root), then postgres
    on a free 127.0.0.1 port, its unix socket in the temp dir, fsync off and
-   log_statement=all logged to <dir>/postgres.log. Waits until it answers.
+   log_statement=all logged to <dir>/postgres.log, wal_level=logical (with
+   max_replication_slots and max_wal_senders 10). Waits until it answers.
    s->extra holds the libpq conninfo ("host=127.0.0.1 port=N user=postgres
    dbname=postgres"). Use the postgres functions below on it, not
    flash_test_server_restart / _stop. */
