@@ -4,6 +4,8 @@
 
 #include "backends/cache/memcached.h"
 #include "backends/cache/redis.h"
+#include "backends/cache/redis_cluster.h"
+#include "cluster.h"
 #include "harness.h"
 #include "loops.h"
 #include <stdio.h>
@@ -115,6 +117,22 @@ void fixture_setup(const flash_desc *desc) {
         rd.port = fx_redis.port;
         fx.cache = flash_redis_create(&rd, &err);
         cr_assert(fx.cache.vt, "redis backend: %s", flash_strerror(err));
+        d.cache = fx.cache;
+    } else if (!d.cache.vt && fixture_use.backend == FIXTURE_REDIS_CLUSTER) {
+        /* The run's shared cluster; keys renamed per test process, so that
+           tests running at once do not see each other's. */
+        const flash_test_cluster *c = flash_test_cluster_shared();
+        cr_assert(c, "no Redis Cluster");
+        flash_redis_node seeds[3];
+        for (int i = 0; i < 3; i++) seeds[i] = (flash_redis_node){"127.0.0.1", c->ports[i]};
+        flash_redis_cluster_desc cd = {0};
+        int err = 0;
+        cd.loop = fx.lp;
+        cd.seeds = seeds;
+        cd.seed_count = 3;
+        flash_cache inner = flash_redis_cluster_create(&cd, &err);
+        cr_assert(inner.vt, "redis cluster backend: %s", flash_strerror(err));
+        fx.cache = flash_test_prefixed(inner);
         d.cache = fx.cache;
     } else if (!d.cache.vt) {
         fx.cache = flash_memory_create(NULL);

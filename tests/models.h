@@ -33,7 +33,7 @@ FLASH_INSTANCE_CACHE_OPT(EventCacheOnTitle, Event, (title), .fallback = event_by
 FLASH_INSTANCE_CACHE_OPT(EventCacheOnTitleNoNone, Event, (title), .fallback = event_by_title, .no_cache_none = true)
 
 /* What fixture_setup builds on: set before it runs (suite init). */
-typedef enum fixture_backend { FIXTURE_MEMORY = 0, FIXTURE_MEMCACHED, FIXTURE_REDIS } fixture_backend;
+typedef enum fixture_backend { FIXTURE_MEMORY = 0, FIXTURE_MEMCACHED, FIXTURE_REDIS, FIXTURE_REDIS_CLUSTER } fixture_backend;
 typedef struct fixture_config {
     const char *loop;         /* a name of tests/loops.h; default "poll" */
     fixture_backend backend;  /* default: the memory backend */
