@@ -46,6 +46,7 @@ EXAMPLE_LIBS_demo := -lpthread
 EXAMPLE_LIBS_memcached_app := -lpthread -lm
 EXAMPLE_LIBS_resolvers := -lpthread -lm
 EXAMPLE_LIBS_http_server := -luv -lsqlite3 -lpq -lpthread -lm
+EXAMPLE_LIBS_invalidator := -lpq -lpthread -lm
 
 $(BUILD)/examples/%: examples/%.c $(HEADERS) | $(BUILD)/examples
 	$(CC) $(STRICT) $(OPT) -I. $< -o $@ $(or $(EXAMPLE_LIBS_$*),$(ADAPTER_LIBS) -lpthread -lm)

@@ -235,7 +235,7 @@ typedef struct flash__pgc_rel {
     uint8_t *flags;
     flash__pgc_map *maps;
     size_t nmaps;
-    bool warned_identity, warned_partial, warned_truncate, warned_unmapped;
+    bool warned_identity, warned_partial, warned_truncate, warned_unmapped, warned_type;
 } flash__pgc_rel;
 
 struct flash_pg_changes {
@@ -545,19 +545,81 @@ static bool flash__pgc_tuple(flash__pgc_rd *r, flash__pgc_col *cols, int cap, in
     return true;
 }
 
+/* I64 / I32 / F64 / BOOL from text into p: 0, or -1 when it does not parse
+   (or an I32 is out of range). */
+static int flash__pgc_scalar(flash_type t, const char *s, char *p) {
+    if (t == FLASH_I64 || t == FLASH_I32) {
+        int64_t x;
+        int32_t y;
+        if (flash__pg_parse_i64(s, &x) != 0) return -1;
+        if (t == FLASH_I64) {
+            memcpy(p, &x, sizeof x);
+            return 0;
+        }
+        if (x < INT32_MIN || x > INT32_MAX) return -1;
+        y = (int32_t)x;
+        memcpy(p, &y, sizeof y);
+        return 0;
+    }
+    if (t == FLASH_F64) {
+        char *end;
+        double x = strtod(s, &end);
+        if (end == s || *end) return -1;
+        memcpy(p, &x, sizeof x);
+        return 0;
+    }
+    if (t == FLASH_BOOL) {
+        bool x = s[0] == 't';
+        if ((s[0] != 't' && s[0] != 'f') || s[1]) return -1;
+        memcpy(p, &x, sizeof x);
+        return 0;
+    }
+    return -1;
+}
+
+#ifdef FLASH_TIME_PER_S
+/* flash.h with nullable numbers ({v; bool null}): the base type, and where
+   null lies; FLASH_BYTES (never nullable) for any other type. */
+static flash_type flash__pgc_nullable(flash_type t, size_t *null_at) {
+    switch (t) {
+    case FLASH_I64N: *null_at = offsetof(flash_i64n, null); return FLASH_I64;
+    case FLASH_I32N: *null_at = offsetof(flash_i32n, null); return FLASH_I32;
+    case FLASH_F64N: *null_at = offsetof(flash_f64n, null); return FLASH_F64;
+    case FLASH_BOOLN: *null_at = offsetof(flash_booln, null); return FLASH_BOOL;
+    default: return FLASH_BYTES;
+    }
+}
+#endif
+
 /* One field from a column's text: 0 fine, 1 not known (no column, 'u',
-   NULL in a non-null field, a value that does not parse), -1 out of memory. */
+   NULL in a non-null field, a value that does not parse, a type not parsed
+   here), -1 out of memory. */
 static int flash__pgc_field(flash_pg_changes *c, flash__pgc_batch *b, flash__pgc_rel *rel, const flash_model *m,
                             size_t f, int col, const flash__pgc_col *cols, int ncols, char *row) {
     const flash_field *fd = &m->fields[f];
     const flash__pgc_col *v;
     char *p = row + fd->offset, *s;
+    flash_type t = fd->type;
+    size_t null_at = 0;
+    bool nullable = false;
+#ifdef FLASH_TIME_PER_S
+    {
+        flash_type base = flash__pgc_nullable(fd->type, &null_at);
+        if (base != FLASH_BYTES) {
+            t = base;
+            nullable = true;
+        }
+    }
+#endif
     if (col < 0 || col >= ncols) return 1;
     v = &cols[col];
     if (v->kind == 'u') return 1;
     if (v->kind == 'n') {
-        if (fd->type == FLASH_STR || fd->type == FLASH_BYTES) return 0; /* zeroed: NULL */
-        return 1;
+        bool yes = true;
+        if (t == FLASH_STR || t == FLASH_BYTES) return 0; /* zeroed: NULL */
+        if (!nullable) return 1;
+        memcpy(p + null_at, &yes, sizeof yes);
+        return 0;
     }
     if (v->kind == 'b') {
         flash__pgc_log(c, FLASH_LOG_ERROR, "%s.%s: a binary value (proto binary mode is not used)", rel->nsp,
@@ -568,60 +630,41 @@ static int flash__pgc_field(flash_pg_changes *c, flash__pgc_batch *b, flash__pgc
     if (!s) return -1;
     memcpy(s, v->s, v->len);
     s[v->len] = 0;
-    switch (fd->type) {
-    case FLASH_I64:
-    case FLASH_I32: {
-        int64_t x;
-        if (flash__pg_parse_i64(s, &x) == 0) {
-            if (fd->type == FLASH_I64) {
-                memcpy(p, &x, sizeof x);
-                return 0;
-            }
-            if (x >= INT32_MIN && x <= INT32_MAX) {
-                int32_t y = (int32_t)x;
-                memcpy(p, &y, sizeof y);
-                return 0;
-            }
-        }
-        break;
-    }
-    case FLASH_F64: {
-        char *end;
-        double x = strtod(s, &end);
-        if (end != s && !*end) {
-            memcpy(p, &x, sizeof x);
-            return 0;
-        }
-        break;
-    }
-    case FLASH_BOOL:
-        if ((s[0] == 't' || s[0] == 'f') && !s[1]) {
-            bool x = s[0] == 't';
-            memcpy(p, &x, sizeof x);
-            return 0;
-        }
-        break;
-    case FLASH_STR: memcpy(p, &s, sizeof s); return 0;
-    case FLASH_BYTES: {
+    if (t == FLASH_I64 || t == FLASH_I32 || t == FLASH_F64 || t == FLASH_BOOL) {
+        if (flash__pgc_scalar(t, s, p) == 0) return 0; /* a nullable's v is at 0, null stays false */
+    } else if (t == FLASH_STR) {
+        memcpy(p, &s, sizeof s);
+        return 0;
+    } else if (t == FLASH_BYTES) {
         flash_bytes x;
+        x.data = s;
+        x.len = v->len;
         if (rel->types[col] == FLASH__PG_BYTEA) {
             flash_bytes d;
             char *copy;
-            if (flash__pg_bytea(s, v->len, &d) != 0) break;
+            if (flash__pg_bytea(s, v->len, &d) != 0) goto bad;
             copy = (char *)flash__pgc_alloc(b, d.len + 1);
             if (copy) memcpy(copy, d.data, d.len);
             free((void *)d.data);
             if (!copy) return -1;
             x.data = copy;
             x.len = d.len;
-        } else {
-            x.data = s;
-            x.len = v->len;
         }
         memcpy(p, &x, sizeof x);
         return 0;
+    } else {
+        /* A field type this consumer does not parse (yet): unknown, so the
+           classes keyed on it are not invalidated from this row; said once. */
+        if (!rel->warned_type) {
+            rel->warned_type = true;
+            flash__pgc_log(c, FLASH_LOG_ERROR,
+                           "%s.%s: field type %s of %s.%s is not parsed from the stream: classes keyed on it are "
+                           "not invalidated",
+                           rel->nsp, rel->cols[col], flash_type_name(fd->type), m->name, fd->name);
+        }
+        return 1;
     }
-    }
+bad:
     flash__pgc_log(c, FLASH_LOG_ERROR, "%s.%s = '%.40s' is not a valid %s for %s.%s: its keys are skipped", rel->nsp,
                    rel->cols[col], s, flash_type_name(fd->type), m->name, fd->name);
     return 1;
