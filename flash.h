@@ -616,19 +616,50 @@ FLASH_API void flash_cache_destroy(flash_cache cache);
 
 /* ==== 7. model registry ===================================================== */
 
+/* Field types. The first six are also the types of flash_values; a field of
+   one of the others gives values of flash_value_type(type): TIME and TIMEN
+   give I64 (microseconds), I64N..BOOLN their base type, with is_null. */
 typedef enum flash_type {
     FLASH_I64 = 1, /* int64_t */
     FLASH_I32,     /* int32_t */
     FLASH_F64,     /* double */
     FLASH_BOOL,    /* bool */
     FLASH_STR,     /* const char *, UTF-8, NULL = SQL NULL */
-    FLASH_BYTES    /* flash_bytes, data NULL = SQL NULL */
+    FLASH_BYTES,   /* flash_bytes, data NULL = SQL NULL */
+    FLASH_TIME,    /* flash_time: microseconds since 1970-01-01 00:00 UTC */
+    FLASH_I64N,    /* flash_i64n: a nullable int64_t */
+    FLASH_I32N,    /* flash_i32n */
+    FLASH_F64N,    /* flash_f64n */
+    FLASH_BOOLN,   /* flash_booln */
+    FLASH_TIMEN    /* flash_timen (a flash_i64n): a nullable timestamp */
 } flash_type;
 
 typedef struct flash_bytes {
     const void *data;
     size_t len;
 } flash_bytes;
+
+/* Nullable numbers: null true is SQL NULL (then v is 0). Zero-initialised:
+   0, not NULL. */
+typedef struct flash_i64n { int64_t v; bool null; } flash_i64n;
+typedef struct flash_i32n { int32_t v; bool null; } flash_i32n;
+typedef struct flash_f64n { double v; bool null; } flash_f64n;
+typedef struct flash_booln { bool v; bool null; } flash_booln;
+/* Timestamps: microseconds since the epoch, UTC (negative: before 1970). */
+typedef int64_t flash_time;
+typedef flash_i64n flash_timen;
+#define FLASH_TIME_PER_S INT64_C(1000000)
+
+static inline flash_i64n flash_i64n_of(int64_t v) { flash_i64n x; x.v = v; x.null = false; return x; }
+static inline flash_i64n flash_i64n_null(void) { flash_i64n x; x.v = 0; x.null = true; return x; }
+static inline flash_i32n flash_i32n_of(int32_t v) { flash_i32n x; x.v = v; x.null = false; return x; }
+static inline flash_i32n flash_i32n_null(void) { flash_i32n x; x.v = 0; x.null = true; return x; }
+static inline flash_f64n flash_f64n_of(double v) { flash_f64n x; x.v = v; x.null = false; return x; }
+static inline flash_f64n flash_f64n_null(void) { flash_f64n x; x.v = 0; x.null = true; return x; }
+static inline flash_booln flash_booln_of(bool v) { flash_booln x; x.v = v; x.null = false; return x; }
+static inline flash_booln flash_booln_null(void) { flash_booln x; x.v = false; x.null = true; return x; }
+static inline flash_timen flash_timen_of(flash_time v) { return flash_i64n_of(v); }
+static inline flash_timen flash_timen_null(void) { return flash_i64n_null(); }
 
 /* One typed value: a key part handed to queries and sources. */
 typedef struct flash_value {
@@ -747,8 +778,31 @@ FLASH_API flash_value flash_v_bool(bool v);
 FLASH_API flash_value flash_v_str(const char *s);          /* NULL: SQL NULL */
 FLASH_API flash_value flash_v_strn(const char *s, size_t n);
 FLASH_API flash_value flash_v_bytes(flash_bytes b);
-FLASH_API flash_value flash_v_null(flash_type type);
-FLASH_API const char *flash_type_name(flash_type type); /* "I64", "STR", ... */
+FLASH_API flash_value flash_v_null(flash_type type);  /* any field type: its value type */
+FLASH_API flash_value flash_v_i64n(flash_i64n v);    /* FLASH_I64, is_null when v.null */
+FLASH_API flash_value flash_v_i32n(flash_i32n v);
+FLASH_API flash_value flash_v_f64n(flash_f64n v);
+FLASH_API flash_value flash_v_booln(flash_booln v);
+FLASH_API const char *flash_type_name(flash_type type); /* "I64", "STR", "TIMEN", ... */
+/* The type of the values of a field of type t (TIME, TIMEN, I64N: I64;
+   I32N: I32; F64N: F64; BOOLN: BOOL; the others: themselves). */
+FLASH_API flash_type flash_value_type(flash_type t);
+FLASH_API bool flash_type_nullable(flash_type t); /* I64N ... TIMEN (STR, BYTES: NULL pointers) */
+
+/* Timestamps as text. flash_time_parse accepts (whole string, n bytes):
+     YYYY-MM-DD                               midnight UTC
+     YYYY-MM-DD[ T]HH:MM[:SS[.f...]]          1 to 9 fraction digits: to
+                                              the microsecond, rounded down
+     ... followed by Z, z, or an offset +HH, +HHMM, +HH:MM, +HH:MM:SS (or -)
+     ... followed by " BC" (PostgreSQL's years before 1 AD)
+   Years have 4 or more digits (a leading '-' or '+' is allowed); no offset
+   means UTC. Returns 0, or FLASH_EINVAL (not a timestamp), FLASH_ETOOLARGE
+   (outside the int64_t microseconds range). */
+FLASH_API int flash_time_parse(const char *s, size_t n, flash_time *out);
+/* "YYYY-MM-DD HH:MM:SS" plus ".ffffff" when there are microseconds, UTC
+   (years outside 0..9999 are signed and wider). Returns the length it needs
+   (at most 40); writes up to cap bytes with a NUL, like snprintf. */
+FLASH_API size_t flash_time_format(flash_time t, char *buf, size_t cap);
 FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field);
 /* The value of a field of type `type` stored at p (p: a struct member). */
 FLASH_API flash_value flash_field_value(flash_type type, const void *p);
@@ -797,6 +851,12 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 #define FLASH__CT_BOOL bool
 #define FLASH__CT_STR const char *
 #define FLASH__CT_BYTES flash_bytes
+#define FLASH__CT_TIME flash_time
+#define FLASH__CT_I64N flash_i64n
+#define FLASH__CT_I32N flash_i32n
+#define FLASH__CT_F64N flash_f64n
+#define FLASH__CT_BOOLN flash_booln
+#define FLASH__CT_TIMEN flash_timen
 #define FLASH__STRUCT_FIELD(T, n) FLASH__CT_##T n;
 #define FLASH__TABLE_FIELD(T, n) {#n, FLASH_##T, offsetof(flash__M, n)},
 #define FLASH__CAT(a, b) FLASH__CAT_(a, b)
@@ -926,6 +986,48 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 #define FLASH_IDS_CACHE_OPT(NAME, M, t, ...)                                                \
     FLASH__NAMED(FLASH_CLASS_IDS, flash_ids **, NAME, M, t, __VA_ARGS__)
 
+/* Foreign keys (django-flash's cached_foreignkeys): the row a field points
+   at, read through the target's get cache, so N rows' targets asked in one
+   tick cost one round trip (one source call for the misses).
+
+   FLASH_FOREIGN_KEY(Participant, user, User, id) needs FLASH_GET_KEYS(User,
+   (id)) before it (else: a compile error, no User__get_by_id) and generates
+     flash_promise *Participant_user_async(flash_ctx *, const Participant *p)
+     flash_promise *Participant_user_async_or_404(flash_ctx *, const Participant *p)
+     int Participant_user(flash_ctx *, const Participant *p, User **out)
+     int Participant_user_or_404(flash_ctx *, const Participant *p, User **out)
+   They fulfil with a User *, or NULL when p->user is NULL (a nullable
+   field: I64N, ...); a missing target rejects with FLASH_ENOTFOUND, or
+   FLASH_E404 in the _or_404 forms. The field's values must have the target
+   field's value type (I64N -> I64 is fine; I32 -> I64 rejects with
+   FLASH_EINVAL, naming both). The sync forms suspend the calling task, or
+   run the loop outside one, like every sync form. */
+#define FLASH_FOREIGN_KEY(M, FIELD, T, TFIELD)                                                \
+    static FLASH__UNUSED inline flash_promise *M##_##FIELD##__fk(flash_ctx *flash__ctx, const M *flash__row, \
+                                                                 int flash__flags) {          \
+        flash_value flash__k;                                                                \
+        if (!flash__row) return flash_rejected(flash__ctx, FLASH_EINVAL, #M "." #FIELD ": no row");     \
+        flash__k = flash_v(flash__row->FIELD);                                               \
+        if (flash__k.is_null) return flash_fulfilled(flash__ctx, NULL);                      \
+        return flash_query_async(flash__ctx, &T##__get_by_##TFIELD, &flash__k, 1, flash__flags); \
+    }                                                                                        \
+    static FLASH__UNUSED inline flash_promise *M##_##FIELD##_async(flash_ctx *flash__ctx, const M *flash__row) { \
+        return M##_##FIELD##__fk(flash__ctx, flash__row, 0);                                 \
+    }                                                                                        \
+    static FLASH__UNUSED inline flash_promise *M##_##FIELD##_async_or_404(flash_ctx *flash__ctx,            \
+                                                                          const M *flash__row) {            \
+        return M##_##FIELD##__fk(flash__ctx, flash__row, FLASH_Q_OR_404);                    \
+    }                                                                                        \
+    static FLASH__UNUSED inline int M##_##FIELD(flash_ctx *flash__ctx, const M *flash__row, T **flash__out) { \
+        return flash_wait_result(flash__ctx, M##_##FIELD##_async(flash__ctx, flash__row), &T##__get_by_##TFIELD, \
+                                 (void *)flash__out);                                        \
+    }                                                                                        \
+    static FLASH__UNUSED inline int M##_##FIELD##_or_404(flash_ctx *flash__ctx, const M *flash__row,         \
+                                                         T **flash__out) {                   \
+        return flash_wait_result(flash__ctx, M##_##FIELD##_async_or_404(flash__ctx, flash__row),             \
+                                 &T##__get_by_##TFIELD, (void *)flash__out);                 \
+    }
+
 /* ==== 8. query engine ======================================================= */
 
 /* Query flags. */
@@ -1051,11 +1153,16 @@ static inline flash_value flash_v(double v) { return flash_v_f64(v); }
 static inline flash_value flash_v(bool v) { return flash_v_bool(v); }
 static inline flash_value flash_v(const char *v) { return flash_v_str(v); }
 static inline flash_value flash_v(flash_bytes v) { return flash_v_bytes(v); }
+static inline flash_value flash_v(flash_i64n v) { return flash_v_i64n(v); }
+static inline flash_value flash_v(flash_i32n v) { return flash_v_i32n(v); }
+static inline flash_value flash_v(flash_f64n v) { return flash_v_f64n(v); }
+static inline flash_value flash_v(flash_booln v) { return flash_v_booln(v); }
 #else
 #define flash_v(x)                                                                          \
     _Generic((x), int64_t: flash_v_i64, int32_t: flash_v_i32, double: flash_v_f64,          \
              bool: flash_v_bool, const char *: flash_v_str, char *: flash_v_str,             \
-             flash_bytes: flash_v_bytes)(x)
+             flash_bytes: flash_v_bytes, flash_i64n: flash_v_i64n, flash_i32n: flash_v_i32n, \
+             flash_f64n: flash_v_f64n, flash_booln: flash_v_booln)(x)
 #endif
 #endif /* FLASH_H */
 
@@ -3944,9 +4051,176 @@ FLASH_API flash_value flash_v_bytes(flash_bytes b) {
 FLASH_API flash_value flash_v_null(flash_type type) {
     flash_value x;
     memset(&x, 0, sizeof x);
-    x.type = type;
+    x.type = flash_value_type(type);
     x.is_null = true;
     return x;
+}
+FLASH_API flash_value flash_v_i64n(flash_i64n v) { return v.null ? flash_v_null(FLASH_I64) : flash_v_i64(v.v); }
+FLASH_API flash_value flash_v_i32n(flash_i32n v) { return v.null ? flash_v_null(FLASH_I32) : flash_v_i32(v.v); }
+FLASH_API flash_value flash_v_f64n(flash_f64n v) { return v.null ? flash_v_null(FLASH_F64) : flash_v_f64(v.v); }
+FLASH_API flash_value flash_v_booln(flash_booln v) { return v.null ? flash_v_null(FLASH_BOOL) : flash_v_bool(v.v); }
+
+FLASH_API flash_type flash_value_type(flash_type t) {
+    switch (t) {
+    case FLASH_TIME:
+    case FLASH_TIMEN:
+    case FLASH_I64N: return FLASH_I64;
+    case FLASH_I32N: return FLASH_I32;
+    case FLASH_F64N: return FLASH_F64;
+    case FLASH_BOOLN: return FLASH_BOOL;
+    default: return t;
+    }
+}
+
+FLASH_API bool flash_type_nullable(flash_type t) {
+    return t == FLASH_I64N || t == FLASH_I32N || t == FLASH_F64N || t == FLASH_BOOLN || t == FLASH_TIMEN;
+}
+
+/* ---- timestamps ---- */
+
+/* Days since 1970-01-01 of a proleptic Gregorian date (y: astronomical
+   year, 0 = 1 BC), and back (H. Hinnant's algorithms). */
+static int64_t flash__days_from_civil(int64_t y, int m, int d) {
+    int64_t era, yoe, doy, doe;
+    y -= m <= 2;
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+static void flash__civil_from_days(int64_t z, int64_t *y, int *m, int *d) {
+    int64_t era, doe, yoe, doy, mp;
+    z += 719468;
+    era = (z >= 0 ? z : z - 146096) / 146097;
+    doe = z - era * 146097;
+    yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    mp = (5 * doy + 2) / 153;
+    *d = (int)(doy - (153 * mp + 2) / 5 + 1);
+    *m = (int)(mp < 10 ? mp + 3 : mp - 9);
+    *y = yoe + era * 400 + (*m <= 2);
+}
+
+/* n digits at s[*i] (exactly n; max: up to that many more) as a number. */
+static bool flash__time_num(const char *s, size_t len, size_t *i, size_t n, size_t max, int64_t *out) {
+    size_t k = 0;
+    int64_t v = 0;
+    while (*i + k < len && k < n + max && s[*i + k] >= '0' && s[*i + k] <= '9') {
+        v = v * 10 + (s[*i + k] - '0');
+        k++;
+    }
+    if (k < n) return false;
+    *i += k;
+    *out = v;
+    return true;
+}
+
+FLASH_API int flash_time_parse(const char *s, size_t n, flash_time *out) {
+    size_t i = 0;
+    int64_t year, mon, day, hh = 0, mm = 0, ss = 0, frac = 0, off = 0, days, secs, base, add;
+    bool neg_year = false, bc = false;
+    static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (!s || !out) return FLASH_EINVAL;
+    if (i < n && (s[i] == '-' || s[i] == '+')) neg_year = s[i++] == '-';
+    if (!flash__time_num(s, n, &i, 4, 5, &year)) return FLASH_EINVAL;
+    if (i >= n || s[i++] != '-' || !flash__time_num(s, n, &i, 2, 0, &mon)) return FLASH_EINVAL;
+    if (i >= n || s[i++] != '-' || !flash__time_num(s, n, &i, 2, 0, &day)) return FLASH_EINVAL;
+    if (i + 1 < n && (s[i] == ' ' || s[i] == 'T' || s[i] == 't') && s[i + 1] >= '0' && s[i + 1] <= '9') {
+        i++;
+        if (!flash__time_num(s, n, &i, 2, 0, &hh)) return FLASH_EINVAL;
+        if (i >= n || s[i++] != ':' || !flash__time_num(s, n, &i, 2, 0, &mm)) return FLASH_EINVAL;
+        if (i < n && s[i] == ':') {
+            i++;
+            if (!flash__time_num(s, n, &i, 2, 0, &ss)) return FLASH_EINVAL;
+            if (i < n && (s[i] == '.' || s[i] == ',')) {
+                size_t k = 0;
+                i++;
+                while (i < n && s[i] >= '0' && s[i] <= '9' && k < 9) {
+                    if (k < 6) frac = frac * 10 + (s[i] - '0');
+                    i++;
+                    k++;
+                }
+                if (k == 0) return FLASH_EINVAL;
+                for (; k < 6; k++) frac *= 10;
+            }
+        }
+        if (hh > 23 || mm > 59 || ss > 59) return FLASH_EINVAL;
+        if (i < n && (s[i] == 'Z' || s[i] == 'z')) {
+            i++;
+        } else if (i < n && (s[i] == '+' || s[i] == '-')) {
+            bool minus = s[i++] == '-';
+            int64_t oh, om = 0, os = 0;
+            if (!flash__time_num(s, n, &i, 2, 0, &oh)) return FLASH_EINVAL;
+            if (i < n && s[i] == ':') {
+                i++;
+                if (!flash__time_num(s, n, &i, 2, 0, &om)) return FLASH_EINVAL;
+                if (i < n && s[i] == ':') {
+                    i++;
+                    if (!flash__time_num(s, n, &i, 2, 0, &os)) return FLASH_EINVAL;
+                }
+            } else if (i < n && s[i] >= '0' && s[i] <= '9') {
+                if (!flash__time_num(s, n, &i, 2, 0, &om)) return FLASH_EINVAL;
+            }
+            if (oh > 23 || om > 59 || os > 59) return FLASH_EINVAL;
+            off = oh * 3600 + om * 60 + os;
+            if (minus) off = -off;
+        }
+    }
+    if (i + 3 == n && memcmp(s + i, " BC", 3) == 0) {
+        if (neg_year || year == 0) return FLASH_EINVAL;
+        bc = true;
+        i += 3;
+    }
+    if (i != n) return FLASH_EINVAL;
+    if (neg_year) year = -year;
+    if (bc) year = 1 - year;
+    if (mon < 1 || mon > 12 || day < 1) return FLASH_EINVAL;
+    if (day > mdays[mon - 1] + (mon == 2 && year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)))
+        return FLASH_EINVAL;
+    days = flash__days_from_civil(year, (int)mon, (int)day);
+    secs = days * 86400 + hh * 3600 + mm * 60 + ss - off;
+    /* secs * 10^6 + frac without overflow */
+    if (secs >= 0) {
+        if (secs > INT64_MAX / 1000000) return FLASH_ETOOLARGE;
+        base = secs * 1000000;
+        if (base > INT64_MAX - frac) return FLASH_ETOOLARGE;
+        *out = base + frac;
+    } else {
+        if (secs < INT64_MIN / 1000000 - 1) return FLASH_ETOOLARGE;
+        base = (secs + 1) * 1000000;
+        add = frac - 1000000;
+        if (base < INT64_MIN - add) return FLASH_ETOOLARGE;
+        *out = base + add;
+    }
+    return FLASH_OK;
+}
+
+FLASH_API size_t flash_time_format(flash_time t, char *buf, size_t cap) {
+    int64_t secs = t / 1000000, frac = t % 1000000, days, sod, y;
+    int m, d, len;
+    char tmp[64];
+    if (frac < 0) {
+        frac += 1000000;
+        secs--;
+    }
+    days = secs / 86400;
+    sod = secs % 86400;
+    if (sod < 0) {
+        sod += 86400;
+        days--;
+    }
+    flash__civil_from_days(days, &y, &m, &d);
+    len = snprintf(tmp, sizeof tmp, y >= 0 && y <= 9999 ? "%04lld-%02d-%02d %02d:%02d:%02d" : "%+05lld-%02d-%02d %02d:%02d:%02d",
+                   (long long)y, m, d, (int)(sod / 3600), (int)(sod / 60 % 60), (int)(sod % 60));
+    if (frac) len += snprintf(tmp + len, sizeof tmp - (size_t)len, ".%06d", (int)frac);
+    if (buf && cap) {
+        size_t k = (size_t)len < cap ? (size_t)len : cap - 1;
+        memcpy(buf, tmp, k);
+        buf[k] = 0;
+    }
+    return (size_t)len;
 }
 
 FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field) {
@@ -3991,6 +4265,32 @@ FLASH_API flash_value flash_field_value(flash_type type, const void *p) {
         memcpy(&x, p, sizeof x);
         return flash_v_bytes(x);
     }
+    case FLASH_TIME: {
+        flash_time x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_i64(x);
+    }
+    case FLASH_I64N:
+    case FLASH_TIMEN: {
+        flash_i64n x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_i64n(x);
+    }
+    case FLASH_I32N: {
+        flash_i32n x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_i32n(x);
+    }
+    case FLASH_F64N: {
+        flash_f64n x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_f64n(x);
+    }
+    case FLASH_BOOLN: {
+        flash_booln x;
+        memcpy(&x, p, sizeof x);
+        return flash_v_booln(x);
+    }
     }
     return v;
 }
@@ -4007,8 +4307,8 @@ FLASH_API bool flash_value_eq(const flash_value *a, const flash_value *b) {
     case FLASH_STR:
     case FLASH_BYTES:
         return a->u.s.len == b->u.s.len && (a->u.s.len == 0 || memcmp(a->u.s.ptr, b->u.s.ptr, a->u.s.len) == 0);
+    default: return false; /* not a value type */
     }
-    return false;
 }
 
 FLASH_API void *flash_row_copy(flash_ctx *ctx, const flash_model *m, const void *row) {
@@ -4020,7 +4320,17 @@ FLASH_API void *flash_row_copy(flash_ctx *ctx, const flash_model *m, const void 
     memcpy(out, row, m->size);
     for (i = 0; i < m->nfields; i++) {
         const flash_field *f = &m->fields[i];
-        if (f->type == FLASH_STR) {
+        if (flash_type_nullable(f->type)) { /* a NULL's v is 0, as the codec gives it back */
+            flash_value v = flash_field_value(f->type, out + f->offset);
+            if (v.is_null) {
+                switch (f->type) {
+                case FLASH_I32N: memset(out + f->offset, 0, sizeof(int32_t)); break;
+                case FLASH_F64N: memset(out + f->offset, 0, sizeof(double)); break;
+                case FLASH_BOOLN: memset(out + f->offset, 0, sizeof(bool)); break;
+                default: memset(out + f->offset, 0, sizeof(int64_t)); break;
+                }
+            }
+        } else if (f->type == FLASH_STR) {
             const char *s;
             memcpy(&s, out + f->offset, sizeof s);
             if (s) {
@@ -4133,10 +4443,19 @@ static const unsigned char *flash__rd_bytes(flash__rd *r, size_t n) {
     return p;
 }
 
+/* Each field in order: I64, I32, TIME a zigzag varint; F64 8 bytes little
+   endian; BOOL a byte 0/1; STR, BYTES a varint length + 1 (0: NULL) and the
+   bytes; the nullable types a byte 0 (NULL, nothing follows) or 1 and their
+   base type's encoding. */
 static void flash__encode_row(flash__buf *b, const flash_model *m, const void *row) {
     size_t i;
     for (i = 0; i < m->nfields; i++) {
         flash_value v = flash_row_value(m, row, (int)i);
+        if (flash_type_nullable(m->fields[i].type)) {
+            unsigned char mark = v.is_null ? 0 : 1;
+            flash__buf_put(b, &mark, 1);
+            if (v.is_null) continue;
+        }
         switch (v.type) {
         case FLASH_I64: flash__buf_varint(b, flash__zigzag(v.u.i64)); break;
         case FLASH_I32: flash__buf_varint(b, flash__zigzag(v.u.i32)); break;
@@ -4160,6 +4479,7 @@ static void flash__encode_row(flash__buf *b, const flash_model *m, const void *r
             flash__buf_varint(b, v.is_null ? 0 : (uint64_t)v.u.s.len + 1);
             if (!v.is_null) flash__buf_put(b, v.u.s.ptr, v.u.s.len);
             break;
+        default: break; /* values have value types */
         }
     }
 }
@@ -4171,7 +4491,30 @@ static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m
     for (i = 0; i < m->nfields && !r->err; i++) {
         const flash_field *f = &m->fields[i];
         char *dst = out + f->offset;
-        switch (f->type) {
+        flash_type t = f->type;
+        if (flash_type_nullable(t)) {
+            /* a marker byte; the value is stored in the struct's v, at
+               offset 0, and null after it */
+            const unsigned char *mark = flash__rd_bytes(r, 1);
+            if (!mark) break;
+            if (*mark > 1) {
+                r->err = FLASH_EPROTO;
+                break;
+            }
+            if (*mark == 0) {
+                bool yes = true;
+                switch (t) {
+                case FLASH_I32N: memcpy(dst + offsetof(flash_i32n, null), &yes, sizeof yes); break;
+                case FLASH_F64N: memcpy(dst + offsetof(flash_f64n, null), &yes, sizeof yes); break;
+                case FLASH_BOOLN: memcpy(dst + offsetof(flash_booln, null), &yes, sizeof yes); break;
+                default: memcpy(dst + offsetof(flash_i64n, null), &yes, sizeof yes); break;
+                }
+                continue;
+            }
+            t = flash_value_type(t);
+        }
+        switch (t) {
+        case FLASH_TIME:
         case FLASH_I64: {
             int64_t x = flash__unzigzag(flash__rd_varint(r));
             memcpy(dst, &x, sizeof x);
@@ -4231,6 +4574,7 @@ static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m
             }
             break;
         }
+        default: r->err = FLASH_EPROTO; break; /* a field type this build does not know */
         }
     }
 }
@@ -4324,6 +4668,12 @@ FLASH_API const char *flash_type_name(flash_type t) {
     case FLASH_BOOL: return "BOOL";
     case FLASH_STR: return "STR";
     case FLASH_BYTES: return "BYTES";
+    case FLASH_TIME: return "TIME";
+    case FLASH_I64N: return "I64N";
+    case FLASH_I32N: return "I32N";
+    case FLASH_F64N: return "F64N";
+    case FLASH_BOOLN: return "BOOLN";
+    case FLASH_TIMEN: return "TIMEN";
     }
     return "?";
 }
@@ -4339,9 +4689,14 @@ static int flash__check_values(flash_ctx *ctx, const flash_class *c, const flash
     }
     for (i = 0; i < n; i++) {
         const flash_field *f = &c->model->fields[c->fields[i]];
-        if (v[i].type != f->type) {
-            *message = flash_sprintf(ctx, "%s: key field '%s' is %s, got %s", c->name, f->name,
-                                     flash_type_name(f->type), flash_type_name(v[i].type));
+        if (v[i].type != flash_value_type(f->type)) {
+            if (flash_value_type(f->type) == f->type)
+                *message = flash_sprintf(ctx, "%s: key field '%s' is %s, got %s", c->name, f->name,
+                                         flash_type_name(f->type), flash_type_name(v[i].type));
+            else
+                *message = flash_sprintf(ctx, "%s: key field '%s' is %s (%s values), got %s", c->name, f->name,
+                                         flash_type_name(f->type), flash_type_name(flash_value_type(f->type)),
+                                         flash_type_name(v[i].type));
             return FLASH_EINVAL;
         }
         if (v[i].type == FLASH_STR && !v[i].is_null) {
@@ -4477,6 +4832,7 @@ static void flash__key_value(flash__buf *b, const flash_value *v) {
     case FLASH_BOOL: snprintf(num, sizeof num, "%d", v->u.b ? 1 : 0); break;
     case FLASH_STR:
     case FLASH_BYTES: flash__buf_escape(b, v->u.s.ptr, v->u.s.len); return;
+    default: flash__buf_put(b, "%X", 2); return; /* not a value type: refused by the checks */
     }
     flash__buf_escape(b, num, strlen(num));
 }
@@ -5039,7 +5395,9 @@ static uint64_t flash__tuple_hash(const flash_value *v, size_t n) {
         case FLASH_BOOL: h ^= v[i].u.b ? 0x55 : 0xAA; break;
         case FLASH_STR:
         case FLASH_BYTES: h ^= v[i].is_null ? 0x77 : flash__hash(v[i].u.s.ptr ? v[i].u.s.ptr : "", v[i].u.s.len); break;
+        default: break;
         }
+        if (v[i].is_null) h ^= 0x3C3C; /* NULL and 0 apart */
         h = (h ^ (h >> 31)) * 0x9E3779B97F4A7C15ull + i;
     }
     return h;
@@ -5147,8 +5505,8 @@ static int flash__fetch_add(flash_fetch *f, size_t t, const void *row) {
             flash_value pk = flash_row_value(c->model, row, c->model->opts.pk);
             int64_t *id = (int64_t *)flash__alloc(ctx, sizeof *id);
             if (!id) return FLASH_ENOMEM;
-            if (pk.type == FLASH_I64) *id = pk.u.i64;
-            else if (pk.type == FLASH_I32) *id = pk.u.i32;
+            if (pk.type == FLASH_I64 && !pk.is_null) *id = pk.u.i64;
+            else if (pk.type == FLASH_I32 && !pk.is_null) *id = pk.u.i32;
             else {
                 f->error[t] = FLASH_EINVAL;
                 f->message[t] = flash_sprintf(ctx, "%s: ids need an integer primary key", c->name);

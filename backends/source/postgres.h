@@ -27,7 +27,13 @@
                          unnest($1::int8[], $2::text[]) AS flash_k(k0, k1)
                          WHERE flash_r."a" IS NOT DISTINCT FROM flash_k.k0 AND ...)
    Array element types: I64 int8, I32 int4, F64 float8, BOOL bool, STR text,
-   BYTES bytea. Each distinct statement is prepared once per connection
+   BYTES bytea; the nullable types as their base. A TIME key of one field
+   is an untyped array ("t" = ANY($1)): the server gives it the column's
+   type (timestamp, timestamptz, date), and the elements are UTC text
+   ('2024-05-01 12:00:00+00'), exact whatever the session TimeZone. In a key
+   of several fields a TIME part compares microseconds:
+   (EXTRACT(EPOCH FROM "t") * 1000000)::int8 against an int8 array (exact,
+   but no index on "t" is used). Each distinct statement is prepared once per connection
    (PQsendPrepare, named flash_<n>) and then run with PQsendQueryPrepared.
 
    CONNECTIONS
@@ -45,6 +51,12 @@
      STR    anything but bytea (its text form); NULL -> NULL pointer
      BYTES  bytea (hex or escape output, decoded); other types: their text
             bytes; NULL -> {NULL, 0}
+     TIME   timestamptz (the UTC instant, whatever the session TimeZone: the
+            text carries its offset), timestamp (read as UTC), date
+            (midnight UTC); 'infinity', or outside the int64_t microseconds
+            range (years past 294246), rejects the row. Needs DateStyle ISO
+            (the default); any other DateStyle rejects the rows.
+     I64N I32N F64N BOOLN TIMEN   as their base type; NULL -> .null = true
    The column types of every result are checked against the field table: a
    column of another type fails the whole fetch with FLASH_ESOURCE naming
    the table, column and types. A row with NULL in an I64/I32/F64/BOOL field
@@ -164,7 +176,7 @@ FLASH_API const char *flash_pg_last_error(const flash_pg *pg);
 enum {
     FLASH__PG_BOOL = 16, FLASH__PG_BYTEA = 17, FLASH__PG_NAME = 19, FLASH__PG_INT8 = 20, FLASH__PG_INT2 = 21,
     FLASH__PG_INT4 = 23, FLASH__PG_TEXT = 25, FLASH__PG_OID = 26, FLASH__PG_FLOAT4 = 700, FLASH__PG_FLOAT8 = 701,
-    FLASH__PG_NUMERIC = 1700
+    FLASH__PG_NUMERIC = 1700, FLASH__PG_DATE = 1082, FLASH__PG_TIMESTAMP = 1114, FLASH__PG_TIMESTAMPTZ = 1184
 };
 
 enum { FLASH__PG_DOWN = 0, FLASH__PG_CONNECTING, FLASH__PG_IDLE, FLASH__PG_BUSY };
@@ -224,15 +236,15 @@ struct flash_pg {
 static const char *flash__pg_table(const flash_model *m) { return m->opts.table ? m->opts.table : m->name; }
 
 static const char *flash__pg_array_type(flash_type t) {
-    switch (t) {
+    switch (flash_value_type(t)) {
     case FLASH_I64: return "int8[]";
     case FLASH_I32: return "int4[]";
     case FLASH_F64: return "float8[]";
     case FLASH_BOOL: return "bool[]";
     case FLASH_STR: return "text[]";
     case FLASH_BYTES: return "bytea[]";
+    default: return "text[]";
     }
-    return "text[]";
 }
 
 static const char *flash__pg_oid_name(Oid t) {
@@ -250,12 +262,17 @@ static const char *flash__pg_oid_name(Oid t) {
     case FLASH__PG_NUMERIC: return "numeric";
     case 1043: return "varchar";
     case 1042: return "bpchar";
+    case FLASH__PG_DATE: return "date";
+    case FLASH__PG_TIMESTAMP: return "timestamp";
+    case FLASH__PG_TIMESTAMPTZ: return "timestamptz";
     default: return NULL;
     }
 }
 
 static bool flash__pg_compatible(flash_type t, Oid o) {
-    switch (t) {
+    if (t == FLASH_TIME || t == FLASH_TIMEN)
+        return o == FLASH__PG_TIMESTAMP || o == FLASH__PG_TIMESTAMPTZ || o == FLASH__PG_DATE;
+    switch (flash_value_type(t)) {
     case FLASH_I64:
     case FLASH_I32: return o == FLASH__PG_INT2 || o == FLASH__PG_INT4 || o == FLASH__PG_INT8 || o == FLASH__PG_OID;
     case FLASH_F64:
@@ -264,8 +281,8 @@ static bool flash__pg_compatible(flash_type t, Oid o) {
     case FLASH_BOOL: return o == FLASH__PG_BOOL;
     case FLASH_STR: return o != FLASH__PG_BYTEA;
     case FLASH_BYTES: return true;
+    default: return false;
     }
-    return false;
 }
 
 /* libpq's messages span lines ("...\n\tIs the server running ...\n"):
@@ -285,12 +302,30 @@ static void flash__pg_msg(char *out, size_t cap, const char *prefix, const char 
 
 /* ---- array parameters ---- */
 
-static void flash__pg_elem(flash_strbuf *b, const flash_value *v) {
+/* A timestamp as PostgreSQL reads it: UTC, years before 1 AD as BC. */
+static void flash__pg_time_text(flash_time t, char *out, size_t cap) {
+    char iso[64];
+    const char *rest;
+    long long y;
+    flash_time_format(t, iso, sizeof iso);
+    y = strtoll(iso, (char **)&rest, 10);
+    if (y >= 1) snprintf(out, cap, "%lld%s+00", y, rest);
+    else snprintf(out, cap, "%04lld%s+00 BC", 1 - y, rest);
+}
+
+static void flash__pg_elem(flash_strbuf *b, const flash_value *v, flash_type field) {
     char tmp[64];
     static const char hex[] = "0123456789abcdef";
     size_t i;
     if (v->is_null) {
         flash_strbuf_puts(b, "NULL");
+        return;
+    }
+    if ((field == FLASH_TIME || field == FLASH_TIMEN) && v->type == FLASH_I64) {
+        flash__pg_time_text(v->u.i64, tmp + 1, sizeof tmp - 2);
+        tmp[0] = '"';
+        flash_strbuf_puts(b, tmp);
+        flash_strbuf_put(b, "\"", 1);
         return;
     }
     switch (v->type) {
@@ -326,6 +361,7 @@ static void flash__pg_elem(flash_strbuf *b, const flash_value *v) {
         }
         flash_strbuf_put(b, "\"", 1);
         return;
+    default: flash_strbuf_puts(b, "NULL"); return; /* not a value type */
     }
 }
 
@@ -360,11 +396,16 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
     flash_sql_ident(&b, flash__pg_table(m), true);
     if (nk == 1) {
         const char *k = m->fields[flash_fetch_field(f, 0)].name;
+        flash_type kt = m->fields[flash_fetch_field(f, 0)].type;
         flash_strbuf_puts(&b, " WHERE ");
         flash_sql_ident(&b, k, false);
-        flash_strbuf_puts(&b, " = ANY($1::");
-        flash_strbuf_puts(&b, flash__pg_array_type(m->fields[flash_fetch_field(f, 0)].type));
-        flash_strbuf_puts(&b, ")");
+        if (kt == FLASH_TIME || kt == FLASH_TIMEN) {
+            flash_strbuf_puts(&b, " = ANY($1)"); /* typed by the server: the column's array type */
+        } else {
+            flash_strbuf_puts(&b, " = ANY($1::");
+            flash_strbuf_puts(&b, flash__pg_array_type(kt));
+            flash_strbuf_puts(&b, ")");
+        }
         if (nulls) {
             flash_strbuf_puts(&b, " OR ");
             flash_sql_ident(&b, k, false);
@@ -376,8 +417,11 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
         else {
             flash_strbuf_puts(&b, " WHERE (");
             for (j = 0; j < nk; j++) {
+                flash_type kt = m->fields[flash_fetch_field(f, j)].type;
                 if (j) flash_strbuf_puts(&b, ",");
+                if (kt == FLASH_TIME || kt == FLASH_TIMEN) flash_strbuf_puts(&b, "(EXTRACT(EPOCH FROM ");
                 flash_sql_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+                if (kt == FLASH_TIME || kt == FLASH_TIMEN) flash_strbuf_puts(&b, ") * 1000000)::int8");
             }
             flash_strbuf_puts(&b, ") IN (SELECT * FROM unnest(");
         }
@@ -394,9 +438,12 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
             }
             flash_strbuf_puts(&b, ") WHERE ");
             for (j = 0; j < nk; j++) {
+                flash_type kt = m->fields[flash_fetch_field(f, j)].type;
+                bool tm = kt == FLASH_TIME || kt == FLASH_TIMEN;
                 if (j) flash_strbuf_puts(&b, " AND ");
-                flash_strbuf_puts(&b, "flash_r.");
+                flash_strbuf_puts(&b, tm ? "(EXTRACT(EPOCH FROM flash_r." : "flash_r.");
                 flash_sql_ident(&b, m->fields[flash_fetch_field(f, j)].name, false);
+                if (tm) flash_strbuf_puts(&b, ") * 1000000)::int8");
                 snprintf(tmp, sizeof tmp, " IS NOT DISTINCT FROM flash_k.k%d", (int)j);
                 flash_strbuf_puts(&b, tmp);
             }
@@ -795,6 +842,25 @@ static int flash__pg_read(const PGresult *res, int r, int col, const flash_field
     char *p = row + fd->offset;
     *why = NULL;
     *owned = NULL;
+    if (flash_type_nullable(fd->type)) {
+        flash_field base = *fd;
+        if (PQgetisnull(res, r, col)) {
+            flash_i64n n64 = flash_i64n_null();
+            flash_i32n n32 = flash_i32n_null();
+            flash_f64n nf = flash_f64n_null();
+            flash_booln nb = flash_booln_null();
+            switch (fd->type) {
+            case FLASH_I32N: memcpy(p, &n32, sizeof n32); break;
+            case FLASH_F64N: memcpy(p, &nf, sizeof nf); break;
+            case FLASH_BOOLN: memcpy(p, &nb, sizeof nb); break;
+            default: memcpy(p, &n64, sizeof n64); break;
+            }
+            return 0;
+        }
+        /* v comes first in every nullable struct; null stays false (zeroed) */
+        base.type = fd->type == FLASH_TIMEN ? FLASH_TIME : flash_value_type(fd->type);
+        return flash__pg_read(res, r, col, &base, row, why, owned);
+    }
     if (PQgetisnull(res, r, col)) {
         if (fd->type == FLASH_STR) {
             const char *v = NULL;
@@ -810,6 +876,14 @@ static int flash__pg_read(const PGresult *res, int r, int col, const flash_field
         return 1;
     }
     switch (fd->type) {
+    case FLASH_TIME: {
+        flash_time v;
+        int rc = flash_time_parse(s, (size_t)PQgetlength(res, r, col), &v);
+        if (rc == FLASH_ETOOLARGE) return *why = "range", 1;
+        if (rc) return *why = "value", 1;
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
     case FLASH_I64:
     case FLASH_I32: {
         int64_t v;
@@ -851,6 +925,7 @@ static int flash__pg_read(const PGresult *res, int r, int col, const flash_field
         memcpy(p, &v, sizeof v);
         return 0;
     }
+    default: break;
     }
     return *why = "value", 1;
 }
@@ -869,8 +944,12 @@ static void flash__pg_reject(flash_pg *pg, flash_fetch *f, const PGresult *res, 
         snprintf(msg, sizeof msg, "postgres: %s.%s is NULL, but %s.%s is a non-null %s field", flash__pg_table(m),
                  fd->name, m->name, fd->name, flash_type_name(fd->type));
     else if (strcmp(why, "range") == 0)
-        snprintf(msg, sizeof msg, "postgres: %s.%s = %.40s is out of range for %s.%s (I32)", flash__pg_table(m),
-                 fd->name, PQgetvalue(res, r, bad), m->name, fd->name);
+        snprintf(msg, sizeof msg, "postgres: %s.%s = %.40s is out of range for %s.%s (%s)", flash__pg_table(m),
+                 fd->name, PQgetvalue(res, r, bad), m->name, fd->name, flash_type_name(fd->type));
+    else if (fd->type == FLASH_TIME || fd->type == FLASH_TIMEN)
+        snprintf(msg, sizeof msg, "postgres: %s.%s = '%.40s' is not a finite %s for %s.%s (is DateStyle ISO?)",
+                 flash__pg_table(m), fd->name, PQgetvalue(res, r, bad), flash_type_name(fd->type), m->name,
+                 fd->name);
     else
         snprintf(msg, sizeof msg, "postgres: %s.%s = '%.40s' is not a valid %s for %s.%s", flash__pg_table(m),
                  fd->name, PQgetvalue(res, r, bad), flash_type_name(fd->type), m->name, fd->name);
@@ -1053,6 +1132,7 @@ static void flash__pg_on_io(void *arg, int events) {
 
 static void flash__pg_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
     flash_pg *pg = (flash_pg *)self;
+    const flash_model *m = flash_fetch_model(f);
     size_t n = flash_fetch_count(f), nk = flash_fetch_nfields(f), i, j;
     bool nulls = false;
     flash__pg_job *job;
@@ -1080,7 +1160,8 @@ static void flash__pg_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
             if (nk == 1 && key[0].is_null) continue; /* single field: the IS NULL branch */
             if (!first) flash_strbuf_put(&b, ",", 1);
             first = false;
-            flash__pg_elem(&b, &key[j]);
+            /* one field: timestamps as text; several: microseconds (int8) */
+            flash__pg_elem(&b, &key[j], nk == 1 ? m->fields[flash_fetch_field(f, 0)].type : FLASH_I64);
         }
         flash_strbuf_put(&b, "}", 1);
         job->params[j] = b.data;

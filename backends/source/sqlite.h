@@ -28,7 +28,14 @@
      BOOL       INTEGER (non-zero is true)           NULL: rejected
      STR        TEXT                                 NULL: a NULL pointer
      BYTES      BLOB or TEXT                         NULL: {NULL, 0}
-   Any other storage class is a type mismatch. A rejected row fails the key(s)
+     TIME       TEXT: ISO-8601 as flash_time_parse reads it ('YYYY-MM-DD',
+                'YYYY-MM-DD HH:MM:SS[.ffffff]', 'T' separator, 'Z' or +HH:MM
+                offsets; no offset: UTC); INTEGER: unix seconds. REAL (a
+                Julian day? fractional seconds?) is a mismatch. NULL: rejected
+     I64N, I32N, F64N, BOOLN, TIMEN   as their base type; NULL: .null = true
+   Any other storage class is a type mismatch. Key values are bound as their
+   type; a TIME key as the text 'YYYY-MM-DD HH:MM:SS[.ffffff]' (UTC), so it
+   matches rows storing that text (SQLite's datetime() form), not other forms. A rejected row fails the key(s)
    it would have answered with FLASH_ESOURCE and a message naming the table and
    column; the other keys of the batch are answered. An SQLite error (no such
    table, I/O, SQLITE_BUSY after the connection's busy timeout) fails the
@@ -231,8 +238,13 @@ static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, s
     return FLASH_OK;
 }
 
-static int flash__sq_bind(sqlite3_stmt *st, int at, const flash_value *v) {
+static int flash__sq_bind(sqlite3_stmt *st, int at, const flash_value *v, flash_type field) {
     if (v->is_null) return sqlite3_bind_null(st, at);
+    if ((field == FLASH_TIME || field == FLASH_TIMEN) && v->type == FLASH_I64) {
+        char text[48];
+        size_t n = flash_time_format(v->u.i64, text, sizeof text);
+        return sqlite3_bind_text(st, at, text, (int)n, SQLITE_TRANSIENT);
+    }
     switch (v->type) {
     case FLASH_I64: return sqlite3_bind_int64(st, at, (sqlite3_int64)v->u.i64);
     case FLASH_I32: return sqlite3_bind_int(st, at, v->u.i32);
@@ -242,8 +254,8 @@ static int flash__sq_bind(sqlite3_stmt *st, int at, const flash_value *v) {
     case FLASH_BYTES:
         if (!v->u.s.len) return sqlite3_bind_zeroblob(st, at, 0);
         return sqlite3_bind_blob(st, at, v->u.s.ptr, (int)v->u.s.len, SQLITE_STATIC);
+    default: return SQLITE_MISUSE; /* not a value type */
     }
-    return SQLITE_MISUSE;
 }
 
 static const char *flash__sq_class_name(int c) {
@@ -256,12 +268,58 @@ static const char *flash__sq_class_name(int c) {
     }
 }
 
+/* A TIME column: ISO text or unix seconds. */
+static int flash__sq_time(sqlite3_stmt *st, int col, int c, flash_time *out, const char **why) {
+    if (c == SQLITE_INTEGER) {
+        sqlite3_int64 x = sqlite3_column_int64(st, col);
+        if (x > INT64_MAX / FLASH_TIME_PER_S || x < INT64_MIN / FLASH_TIME_PER_S) return *why = "range", 1;
+        *out = (flash_time)x * FLASH_TIME_PER_S;
+        return 0;
+    }
+    if (c == SQLITE_TEXT) {
+        const char *s = (const char *)sqlite3_column_text(st, col);
+        int rc;
+        if (!s) return *why = "nomem", 1;
+        rc = flash_time_parse(s, (size_t)sqlite3_column_bytes(st, col), out);
+        if (rc == FLASH_ETOOLARGE) return *why = "range", 1;
+        if (rc) return *why = "time", 1;
+        return 0;
+    }
+    return *why = "mismatch", 1;
+}
+
 /* Read column col into the field at row; 0, or non-zero with *why set. */
 static int flash__sq_read(sqlite3_stmt *st, int col, const flash_field *fd, char *row, const char **why) {
     int c = sqlite3_column_type(st, col);
     char *p = row + fd->offset;
     *why = NULL;
+    if (flash_type_nullable(fd->type)) {
+        flash_field base = *fd;
+        if (c == SQLITE_NULL) {
+            flash_i64n n64 = flash_i64n_null();
+            flash_i32n n32 = flash_i32n_null();
+            flash_f64n nf = flash_f64n_null();
+            flash_booln nb = flash_booln_null();
+            switch (fd->type) {
+            case FLASH_I32N: memcpy(p, &n32, sizeof n32); break;
+            case FLASH_F64N: memcpy(p, &nf, sizeof nf); break;
+            case FLASH_BOOLN: memcpy(p, &nb, sizeof nb); break;
+            default: memcpy(p, &n64, sizeof n64); break;
+            }
+            return 0;
+        }
+        /* v comes first in every nullable struct; null stays false (zeroed) */
+        base.type = fd->type == FLASH_TIMEN ? FLASH_TIME : flash_value_type(fd->type);
+        return flash__sq_read(st, col, &base, row, why);
+    }
     switch (fd->type) {
+    case FLASH_TIME: {
+        flash_time v;
+        if (c == SQLITE_NULL) return *why = "NULL", 1;
+        if (flash__sq_time(st, col, c, &v, why)) return 1;
+        memcpy(p, &v, sizeof v);
+        return 0;
+    }
     case FLASH_I64:
     case FLASH_I32:
     case FLASH_BOOL: {
@@ -312,6 +370,7 @@ static int flash__sq_read(sqlite3_stmt *st, int col, const flash_field *fd, char
         memcpy(p, &v, sizeof v);
         return 0;
     }
+    default: break;
     }
     return *why = "mismatch", 1;
 }
@@ -332,9 +391,15 @@ static void flash__sq_reject(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, 
     if (strcmp(why, "NULL") == 0)
         snprintf(msg, sizeof msg, "sqlite: %s.%s is NULL, but %s.%s is a non-null %s field", table, fd->name,
                  m->name, fd->name, flash_type_name(fd->type));
+    else if (strcmp(why, "range") == 0 && c == SQLITE_TEXT)
+        snprintf(msg, sizeof msg, "sqlite: %s.%s = '%.40s' is out of range for %s.%s (%s)", table, fd->name,
+                 (const char *)sqlite3_column_text(st, bad), m->name, fd->name, flash_type_name(fd->type));
     else if (strcmp(why, "range") == 0)
-        snprintf(msg, sizeof msg, "sqlite: %s.%s = %lld is out of range for %s.%s (I32)", table, fd->name,
-                 (long long)sqlite3_column_int64(st, bad), m->name, fd->name);
+        snprintf(msg, sizeof msg, "sqlite: %s.%s = %lld is out of range for %s.%s (%s)", table, fd->name,
+                 (long long)sqlite3_column_int64(st, bad), m->name, fd->name, flash_type_name(fd->type));
+    else if (strcmp(why, "time") == 0)
+        snprintf(msg, sizeof msg, "sqlite: %s.%s = '%.40s' is not a timestamp (ISO-8601 text or unix seconds) for %s.%s",
+                 table, fd->name, (const char *)sqlite3_column_text(st, bad), m->name, fd->name);
     else
         snprintf(msg, sizeof msg, "sqlite: %s.%s holds a %s value, but %s.%s is a %s field", table, fd->name,
                  flash__sq_class_name(c), m->name, fd->name, flash_type_name(fd->type));
@@ -434,7 +499,7 @@ static void flash__sq_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
             bool owned;
             rc = flash__sq_get(s, f, 0, &st, &owned, err, sizeof err);
             if (rc) break;
-            for (j = 0; j < nk; j++) flash__sq_bind(st, (int)j + 1, &key[j]);
+            for (j = 0; j < nk; j++) flash__sq_bind(st, (int)j + 1, &key[j], m->fields[flash_fetch_field(f, j)].type);
             rc = flash__sq_rows(s, f, st, row, err, sizeof err);
             flash__sq_release(st, owned);
         }
@@ -448,7 +513,8 @@ static void flash__sq_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
         if (rc) break;
         for (t = 0; t < tuples; t++) { /* pad with the last tuple */
             const flash_value *key = flash_fetch_key(f, plain[i + (t < chunk ? t : chunk - 1)]);
-            for (j = 0; j < nk; j++) flash__sq_bind(st, (int)(t * nk + j) + 1, &key[j]);
+            for (j = 0; j < nk; j++)
+                flash__sq_bind(st, (int)(t * nk + j) + 1, &key[j], m->fields[flash_fetch_field(f, j)].type);
         }
         rc = flash__sq_rows(s, f, st, row, err, sizeof err);
         flash__sq_release(st, owned);
