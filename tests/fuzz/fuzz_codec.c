@@ -22,6 +22,8 @@
       source and equals the table's. The next request gets the table's answer
       or, when the bytes were usable and kept, the decoder's again.
    4. A row built from the input bytes survives encode -> decode unchanged.
+   Paths 1 and 4 run for N too (every nullable type, TIME, TIMEN: a null
+   marker per nullable field), and two queries of N join queries[].
 
    Build: clang -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz/fuzz_codec.c
    With -DFUZZ_CODEC_WRITE_CORPUS (no -fsanitize=fuzzer) it is instead a
@@ -58,6 +60,12 @@ FLASH_IDS_CACHE(TIdsOfN, T, (n))
 FLASH_INSTANCE_CACHE_OPT(TDynamic, T, (id), .invalidation = FLASH_INVALIDATE_DYNAMIC)
 FLASH_INSTANCE_CACHE_OPT(TAllowtime, T, (id), .allowtime_s = 60)
 
+/* The nullable types and timestamps. */
+#define N_FIELDS(F) F(I64, id) F(I64N, mgr) F(I32N, rank) F(F64N, score) F(BOOLN, ok) F(TIME, at) F(TIMEN, seen)
+FLASH_MODEL(N, N_FIELDS)
+FLASH_GET_KEYS(N, (id))
+FLASH_FILTER_KEYS(N, (mgr))
+
 /* A fixed clock: ages and the lag window are the input's doing. */
 static int64_t clock_now = 1700000000000;
 static int64_t fake_clock(void *ud) {
@@ -72,7 +80,7 @@ typedef struct fq {
     flash_value v;
 } fq;
 
-static fq queries[10];
+static fq queries[12];
 static size_t nqueries;
 
 static void init_queries(void) {
@@ -88,6 +96,8 @@ static void init_queries(void) {
     queries[nqueries++] = (fq){&TIdsOfN_class, flash_v_i32(7)};
     queries[nqueries++] = (fq){&TDynamic_class, flash_v_i64(2)};
     queries[nqueries++] = (fq){&TAllowtime_class, flash_v_i64(3)};
+    queries[nqueries++] = (fq){&N__get_by_id, flash_v_i64(2)};
+    queries[nqueries++] = (fq){&N__filter_by_mgr, flash_v_null(FLASH_I64N)};
 }
 
 /* ---- the world: a table, a poll loop, a memory backend, a context ---- */
@@ -108,6 +118,12 @@ static void init_world(void) {
         T row = {i, 7, i * 0.5, i % 2 == 1, s, {raw, (size_t)i}, t};
         if (i == 4) row.title = long_title, row.s = NULL, row.raw.data = NULL, row.raw.len = 0;
         FUZZ_CHECK(flash_table_put(db, &T_model, &row) == 0);
+    }
+    for (int i = 1; i <= 4; i++) {
+        N row = {i, i % 2 ? flash_i64n_null() : flash_i64n_of(INT64_MIN + i), i == 3 ? flash_i32n_null() : flash_i32n_of(-i),
+                 i == 2 ? flash_f64n_null() : flash_f64n_of(i * -0.25), i == 4 ? flash_booln_null() : flash_booln_of(i & 1),
+                 (flash_time)(INT64_MAX - i), i == 1 ? flash_timen_null() : flash_timen_of(-i * FLASH_TIME_PER_S)};
+        FUZZ_CHECK(flash_table_put(db, &N_model, &row) == 0);
     }
     flash_table_set_async(db, false);
     loop = flash_poll_create();
@@ -271,6 +287,14 @@ static void path_row(const uint8_t *data, size_t size) {
     size_t len;
     FUZZ_CHECK(flash_row_encode(ctx, &T_model, &row, &enc, &len) == 0);
     FUZZ_CHECK(len == size && memcmp(enc, data, size) == 0); /* one value, one byte string */
+    N nrow;
+    rc = flash_row_decode(ctx, &N_model, data, size, &nrow);
+    FUZZ_CHECK(rc == 0 || rc == FLASH_EPROTO);
+    if (rc) return;
+    FUZZ_CHECK(!nrow.mgr.null || nrow.mgr.v == 0);
+    FUZZ_CHECK(!nrow.score.null || nrow.score.v == 0);
+    FUZZ_CHECK(flash_row_encode(ctx, &N_model, &nrow, &enc, &len) == 0);
+    FUZZ_CHECK(len == size && memcmp(enc, data, size) == 0);
 }
 
 /* The engine's decoder on the bytes as q's cached value; 1 with *result
@@ -401,6 +425,31 @@ static void path_roundtrip(const uint8_t *data, size_t size) {
     FUZZ_CHECK(strcmp(back.title, row.title) == 0);
     FUZZ_CHECK((back.raw.data == NULL) == (row.raw.data == NULL) && back.raw.len == row.raw.len);
     FUZZ_CHECK(!row.raw.len || memcmp(back.raw.data, row.raw.data, row.raw.len) == 0);
+
+    /* N: every nullable type, NULL or not by the input's bits */
+    N nr, nb;
+    uint64_t w[6] = {0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < 6; j++)
+        for (int i = 0; i < 8; i++) w[j] |= (uint64_t)(size ? data[(size_t)(j * 8 + i) % size] : 0) << (8 * i);
+    uint8_t nulls = size ? data[size - 1] : 0;
+    memset(&nr, 0, sizeof nr);
+    nr.id = (int64_t)w[0];
+    nr.mgr = nulls & 1 ? flash_i64n_null() : flash_i64n_of((int64_t)w[1]);
+    nr.rank = nulls & 2 ? flash_i32n_null() : flash_i32n_of((int32_t)(uint32_t)w[2]);
+    double d;
+    memcpy(&d, &w[3], 8);
+    nr.score = nulls & 4 ? flash_f64n_null() : flash_f64n_of(d);
+    nr.ok = nulls & 8 ? flash_booln_null() : flash_booln_of(w[4] & 1);
+    nr.at = (flash_time)w[4];
+    nr.seen = nulls & 16 ? flash_timen_null() : flash_timen_of((flash_time)w[5]);
+    FUZZ_CHECK(flash_row_encode(ctx, &N_model, &nr, &enc, &len) == 0);
+    FUZZ_CHECK(flash_row_decode(ctx, &N_model, enc, len, &nb) == 0);
+    FUZZ_CHECK(nb.id == nr.id && nb.at == nr.at);
+    FUZZ_CHECK(nb.mgr.null == nr.mgr.null && nb.mgr.v == nr.mgr.v);
+    FUZZ_CHECK(nb.rank.null == nr.rank.null && nb.rank.v == nr.rank.v);
+    FUZZ_CHECK(nb.score.null == nr.score.null && memcmp(&nb.score.v, &nr.score.v, 8) == 0);
+    FUZZ_CHECK(nb.ok.null == nr.ok.null && nb.ok.v == nr.ok.v);
+    FUZZ_CHECK(nb.seen.null == nr.seen.null && nb.seen.v == nr.seen.v);
 }
 
 static void init(void) {

@@ -32,10 +32,14 @@
         }                                                                                      \
     } while (0)
 
-#define K_FIELDS(F) F(I64, i) F(I32, j) F(F64, f) F(BOOL, b) F(STR, s) F(STR, t) F(BYTES, r) F(BYTES, q)
+#define K_FIELDS(F) F(I64, i) F(I32, j) F(F64, f) F(BOOL, b) F(STR, s) F(STR, t) F(BYTES, r) F(BYTES, q) \
+    F(I64N, in) F(I32N, jn) F(F64N, fn) F(BOOLN, bn) F(TIME, tm) F(TIMEN, tn)
 FLASH_MODEL(K, K_FIELDS)
 FLASH_GET_KEYS(K, (i), (j), (f), (b), (s), (r), (s, t), (r, q))
 FLASH_FILTER_KEYS(K, (i, s, f), (s, r, t, q), (b, j), (f, i), (t), (q, i))
+/* The nullable types and timestamps, alone and next to strings. */
+FLASH_GET_KEYS(K, (in), (jn), (fn), (bn), (tm), (tn), (in, s), (s, tn))
+FLASH_FILTER_KEYS(K, (in, jn, fn, bn), (tm, tn, s, in))
 /* A class name long enough that a long prefix leaves no room for a hash. */
 FLASH_INSTANCE_CACHE_OPT(K_instance_cache_with_a_rather_long_name_to_push_the_key_head_towards_the_limit, K,
                          (s, i), .version = 4294967295u)
@@ -46,6 +50,9 @@ static const flash_class *const classes[] = {
     &K__filter_by_i_s_f,  &K__filter_by_s_r_t_q, &K__filter_by_b_j, &K__filter_by_f_i,
     &K__filter_by_t,      &K__filter_by_q_i,
     &K_instance_cache_with_a_rather_long_name_to_push_the_key_head_towards_the_limit_class,
+    &K__get_by_in,        &K__get_by_jn,        &K__get_by_fn,      &K__get_by_bn,
+    &K__get_by_tm,        &K__get_by_tn,        &K__get_by_in_s,    &K__get_by_s_tn,
+    &K__filter_by_in_jn_fn_bn, &K__filter_by_tm_tn_s_in,
 };
 #define NCLASSES (sizeof classes / sizeof classes[0])
 
@@ -131,6 +138,7 @@ static void make_value(rd *r, vals *vs, int k, flash_type t) {
         vs->v[k] = flash_v_null(t);
         return;
     }
+    t = flash_value_type(t); /* I64N, TIME, TIMEN: I64 values; I32N: I32 ... */
     switch (t) {
     case FLASH_I64: {
         static const int64_t edge[] = {0, -1, 1, INT64_MIN, INT64_MAX, 10, -10};
@@ -157,6 +165,7 @@ static void make_value(rd *r, vals *vs, int k, flash_type t) {
         }
         break;
     }
+    default: break;
     }
 }
 
@@ -233,6 +242,7 @@ static void mutate(rd *r, vals *vs, int k) {
         v->u.s.ptr = (const char *)vs->buf[k];
         break;
     }
+    default: break;
     }
 }
 
