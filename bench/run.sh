@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# flash benchmarks, two parts (BENCH_PARTS, default both):
+# flash benchmarks, two parts by default (BENCH_PARTS) and a third on demand:
 #
 #   loader     flash's loader against graphql's dataloader (node, required)
 #              and Python's aiodataloader (optional), run interleaved; the
@@ -10,6 +10,10 @@
 #              loopback port, killed on exit) against libmemcached's multi-get
 #              and the N+1 pattern, with flash's and the server's counters
 #              checked (bench/memcached_bench.c)
+#   changes    (only when named: BENCH_PARTS=changes) PostgreSQL's change
+#              stream into memcached: a wal_level=logical cluster (initdb, a
+#              few seconds) and a memcached started here; row changes/s, the
+#              ratio to decoding alone, lag p50/p99 (bench/changes_bench.c)
 #
 # Prints one table per part; exits non-zero when a required peer could not be
 # run, the peers did different work, a count did not verify, or memory grew.
@@ -49,7 +53,7 @@ mkdir -p "$out"
 [ "$RUNS" -ge 5 ] || note "BENCH_RUNS=$RUNS: fewer than 5 runs, medians are weak"
 [ "$MC_REPS" -ge 1 ] 2>/dev/null || fail "BENCH_MC_REPS must be a number"
 for p in $PARTS; do
-    case $p in loader | memcached) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached)" ;; esac
+    case $p in loader | memcached | changes) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached, changes)" ;; esac
 done
 
 as_root() { [ "$(id -u)" = 0 ]; }
@@ -87,6 +91,7 @@ fi
 bins=()
 has_part loader && bins+=(out/loader_bench out/memory_bench out/tasks_bench)
 has_part memcached && bins+=(out/memcached_bench)
+has_part changes && bins+=(out/changes_bench)
 if [ "${1:-}" != --no-build ]; then
     make -s -C "$here" "${bins[@]}"
 fi
@@ -484,6 +489,61 @@ if has_part memcached; then
     echo "== memcached counts (verified before the timed reps of every run; run 1 shown)"
     grep '^verify ' "$out/mc.1" | sed 's/^verify /   /'
     echo "   verified: all $RUNS runs ($nver checks each)"
+fi
+
+# ==== part 3 (not default): the PostgreSQL change stream into memcached ==========
+# BENCH_PARTS=changes: initdb a cluster (wal_level=logical) in a temp dir and a
+# memcached, both on free loopback ports, then bench/changes_bench.c
+# min(BENCH_RUNS, 3) times (medians). Not in the default parts: it needs
+# PostgreSQL's server binaries and a few seconds of setup.
+if has_part changes; then
+    pg_bin=${FLASH_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+    [ -x "$pg_bin/initdb" ] || fail "no PostgreSQL server binaries (set FLASH_PG_BIN): the changes part cannot run"
+    pgdir=$(mktemp -d /tmp/flash-bench-pg-XXXXXX)
+    pg_user=()
+    if as_root; then chown postgres "$pgdir" 2>/dev/null || chown nobody "$pgdir"; pg_user=(runuser -u "$(stat -c %U "$pgdir")" --); fi
+    cpid=""; cmc=""
+    stop_changes() {
+        [ -z "$cpid" ] || "${pg_user[@]}" "$pg_bin/pg_ctl" -D "$pgdir/data" -m immediate stop >/dev/null 2>&1 || true
+        [ -z "$cmc" ] || { kill "$cmc" 2>/dev/null; wait "$cmc" 2>/dev/null; } || true
+        rm -rf "$pgdir"
+    }
+    trap stop_changes EXIT
+    port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+    "${pg_user[@]}" "$pg_bin/initdb" -D "$pgdir/data" -A trust -U postgres --no-sync -E UTF8 --locale=C >"$pgdir/initdb.log" 2>&1 \
+        || { cat "$pgdir/initdb.log" >&2; fail "initdb failed"; }
+    PG_PORT=$((20000 + RANDOM % 30000))
+    "${pg_user[@]}" "$pg_bin/pg_ctl" -D "$pgdir/data" -l "$pgdir/pg.log" -w -o "-p $PG_PORT -k $pgdir -c listen_addresses=127.0.0.1 \
+        -c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10 -c fsync=off -c synchronous_commit=off \
+        -c full_page_writes=off -c shared_buffers=128MB" start >/dev/null 2>&1 || { cat "$pgdir/pg.log" >&2; fail "postgres did not start"; }
+    cpid=1
+    CMC_PORT=$((20000 + RANDOM % 30000))
+    mc_user=(); as_root && mc_user=(-u nobody)
+    memcached -l 127.0.0.1 -p "$CMC_PORT" -U 0 -m 256 ${mc_user[@]+"${mc_user[@]}"} >/dev/null 2>&1 &
+    cmc=$!
+    for _i in $(seq 1 200); do port_open "$CMC_PORT" && break; sleep 0.02; done
+    port_open "$CMC_PORT" || fail "memcached did not start"
+    CRUNS=$((RUNS < 3 ? RUNS : 3))
+    note "postgres (wal_level=logical) on $PG_PORT, memcached on $CMC_PORT; $CRUNS runs of changes_bench"
+    rm -f "$out"/changes.*
+    for r in $(seq 1 "$CRUNS"); do
+        "$out/changes_bench" "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" "$CMC_PORT" >"$out/changes.$r" 2>"$out/err.changes.$r" \
+            || { cat "$out/err.changes.$r" >&2; fail "changes_bench failed in run $r"; }
+    done
+    cval() { awk -v k="$1" -v f="$2" '$1 == k { for (i = 2; i < NF; i++) if ($i == f) print $(i + 1) }' "$out"/changes.[0-9]* | median; }
+    bulk=$(cval bulk rows_per_s); dec=$(cval decode rows_per_s); ratio=$(cval ratio "decode_per_s/bulk_per_s")
+    load=$(cval load rows_per_s); p50=$(cval lag p50_ms); p99=$(cval lag p99_ms)
+    echo
+    echo "== change stream -> memcached (bench/changes_bench.c; medians of $CRUNS runs; $(nproc 2>/dev/null || echo '?') cores shared by postgres, memcached and the consumer)"
+    echo "   $(grep -m1 '^# flash' "$out/changes.1" | sed 's/^# //')"
+    printf '   %-62s %12s\n' "bulk UPDATE, row changes/s (2 keys each, acknowledged)" "$(fmt "$bulk" 0)"
+    printf '   %-62s %12s\n' "decoding the same stream alone, row changes/s" "$(fmt "$dec" 0)"
+    printf '   %-62s %12s\n' "decode alone / with invalidation (the cost of invalidating)" "$(fmt "$ratio" 2)x"
+    printf '   %-62s %12s\n' "100-row transactions back to back, row changes/s" "$(fmt "$load" 0)"
+    printf '   %-62s %12s\n' "  lag of each applied batch (oldest commit -> applied), p50 ms" "$(fmt "$p50" 0)"
+    printf '   %-62s %12s\n' "  p99 ms" "$(fmt "$p99" 0)"
+    verdict=$(awk -v x="$bulk" 'BEGIN { if (x == "nan" || x == "") print "n/a"; else if (x >= 50000) print "met"; else print "NOT met" }')
+    echo "   target >= 50,000 row changes/s (bulk): $verdict"
 fi
 
 exit $status

@@ -162,7 +162,7 @@ typedef struct flash_pg_changes_stats {
     uint64_t received_lsn;     /* the end of the last Commit received */
     uint64_t acked_lsn;        /* the position acknowledged (flush) */
     uint64_t pending_rows;     /* rows received and not yet applied */
-    int64_t lag_ms;            /* commit timestamp -> applied, last batch (server clock) */
+    int64_t lag_ms;            /* last applied batch: its oldest commit -> applied (server clock) */
     bool streaming;            /* the stream is up now */
 } flash_pg_changes_stats;
 
@@ -192,6 +192,7 @@ FLASH_API void flash_pg_lsn_format(uint64_t lsn, char out[24]);
 #include <string.h>
 #include <time.h>
 
+enum { FLASH__PGC_CHUNK = 128 }; /* row pairs per flash_invalidate_rows_async */
 enum { FLASH__PGC_DOWN = 0, FLASH__PGC_CONNECTING, FLASH__PGC_SETUP, FLASH__PGC_STREAMING };
 enum { FLASH__PGC_STEP_PUB = 1, FLASH__PGC_STEP_SLOT_CHECK, FLASH__PGC_STEP_SLOT_CREATE, FLASH__PGC_STEP_START };
 
@@ -215,7 +216,7 @@ typedef struct flash__pgc_batch {
     size_t n, cap;
     flash__pgc_block *blocks;
     uint64_t lsn;      /* acknowledge this once applied */
-    int64_t commit_us; /* newest commit time in it (server clock, us since 2000) */
+    int64_t commit_us; /* its oldest commit time (server clock, us since 2000) */
     size_t rows;       /* row images */
 } flash__pgc_batch;
 
@@ -840,7 +841,8 @@ static void flash__pgc_flight_start(flash_pg_changes *c) {
         for (cl = b->e[i].m->classes; cl; cl = cl->next) k++;
         nclasses = k > nclasses ? k : nclasses;
     }
-    cap = b->n * 2 + 1;
+    /* rows chunks <= n, bumps <= n, query chunks <= n + 1 */
+    cap = b->n * 3 + 16;
     ps = (flash_promise **)flash_calloc(ctx, cap + 1, sizeof *ps);
     qs = (flash_query **)flash_calloc(ctx, b->n * 2 * (nclasses + 1) + 1, sizeof *qs);
     if (!done || !ps || !qs) goto oom;
@@ -870,10 +872,17 @@ static void flash__pgc_flight_start(flash_pg_changes *c) {
                 flash__pgc_partial(ctx, m, e->new_row, e->new_known, qs, &nq, &bump) != FLASH_OK)
                 goto oom;
         }
-        if (n) ps[np++] = flash_invalidate_rows_async(ctx, m, n, olds, news);
+        /* flash.h dedups an invalidation's keys by a linear scan: chunks
+           keep a big transaction linear (a key repeated across chunks is
+           merely written twice). */
+        for (j = 0; j < n; j += FLASH__PGC_CHUNK)
+            ps[np++] = flash_invalidate_rows_async(ctx, m, n - j < FLASH__PGC_CHUNK ? n - j : FLASH__PGC_CHUNK, olds + j,
+                                                   news + j);
         if (bump) ps[np++] = flash_bump_version_async(ctx, m);
     }
-    if (nq) ps[np++] = flash_invalidate_queries_async(ctx, nq, qs);
+    for (i = 0; i < nq; i += 4 * FLASH__PGC_CHUNK)
+        ps[np++] = flash_invalidate_queries_async(ctx, nq - i < 4 * FLASH__PGC_CHUNK ? nq - i : 4 * FLASH__PGC_CHUNK,
+                                                  qs + i);
     for (i = 0; i < np; i++)
         if (!ps[i]) goto oom;
     c->flight_p = flash_gather(ctx, np, ps);
@@ -1136,7 +1145,7 @@ static bool flash__pgc_message(flash_pg_changes *c, const char *buf, int len) {
             c->stats.transactions++;
             if (c->txn_end > c->acc.lsn) c->acc.lsn = c->txn_end;
             if (c->txn_end > c->stats.received_lsn) c->stats.received_lsn = c->txn_end;
-            if (c->committed < c->acc.n) c->acc.commit_us = c->txn_commit_us;
+            if (c->committed < c->acc.n && !c->acc.commit_us) c->acc.commit_us = c->txn_commit_us; /* the oldest */
             c->stats.pending_rows += c->acc.rows - c->committed_rows;
             c->committed = c->acc.n;
             c->committed_rows = c->acc.rows;
