@@ -433,6 +433,54 @@ FLASH_TEST(types_memory, foreign_keys_in_tasks_join_one_batch) {
     cr_assert_eq(jobs[3].rc, FLASH_E404);
 }
 
+/* ---- README's examples (Field types, Foreign keys), compiled ---- */
+
+#define MEMBER_FIELDS(F) F(I64, id) F(I64N, manager) F(TIME, created_at) F(TIMEN, left_at)
+FLASH_MODEL_OPT(Member, MEMBER_FIELDS, .table = "members")
+FLASH_GET_KEYS(Member, (id), (created_at))
+FLASH_FILTER_KEYS(Member, (manager))
+FLASH_FOREIGN_KEY(Member, manager, User, id)      /* needs FLASH_GET_KEYS(User, (id)) */
+
+static int readme_task(flash_ctx *ctx, void *arg, void **result) {
+    int rc;
+    void *v;
+    (void)arg;
+    Member m = {1, flash_i64n_of(42), 1714564800000000, flash_timen_null()};
+    cr_assert_eq(flash_table_put(fx.db, &Member_model, &m), 0);
+    Member m2 = {2, flash_i64n_null(), 0, flash_timen_of(5)};
+    cr_assert_eq(flash_table_put(fx.db, &Member_model, &m2), 0);
+    flash_list *unmanaged;    /* WHERE manager IS NULL: the NULL rows only */
+    rc = Member_filter_by_manager(ctx, flash_i64n_null(), &unmanaged);
+    cr_assert_eq(rc, 0);
+    cr_assert_eq(unmanaged->count, 1);
+    flash_time t;             /* text <-> microseconds, UTC */
+    rc = flash_time_parse("2024-05-01T12:00:00+02:00", 25, &t);
+    cr_assert_eq(rc, 0);
+    char text[48];
+    flash_time_format(t, text, sizeof text);  /* "2024-05-01 10:00:00" */
+    cr_assert_str_eq(text, "2024-05-01 10:00:00");
+
+    flash_list *members;
+    cr_assert_eq(Member_filter_by_manager(ctx, flash_i64n_of(42), &members), 0);
+    flash_promise *ps[100];                            /* 100 members' managers: one get-many */
+    for (size_t i = 0; i < members->count; i++) ps[i] = Member_manager_async(ctx, members->items[i]);
+    rc = flash_await(ctx, flash_gather(ctx, members->count, ps), &v);
+    cr_assert_eq(rc, 0);
+    User *u;
+    cr_assert_eq(Member_manager(ctx, &m, &u), 0);
+    cr_assert_eq(u->id, 42);
+    cr_assert_eq(Member_manager_or_404(ctx, &m2, &u), 0);
+    cr_assert_null(u);
+    *result = NULL;
+    return 0;
+}
+static flash_promise *readme_view(flash_ctx *ctx, void *arg) { return flash_spawn(ctx, readme_task, arg); }
+
+FLASH_TEST(types_memory, readme_examples) {
+    void *v;
+    cr_assert_eq(flash_run(fx.ctx, readme_view, NULL, &v), 0);
+}
+
 /* ---- SQLite ---- */
 
 static char sq_dir[64];
