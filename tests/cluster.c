@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 int flash_test_redis_cli(uint16_t port, char *out, size_t cap, const char *fmt, ...) {
-    char args[1024], cmd[1200];
+    char args[8192], cmd[8400];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
@@ -130,6 +130,9 @@ bool flash_test_cluster_wait_ok(const flash_test_cluster *c, int ms) {
             if (c->pids[i] <= 0) continue;
             flash_test_redis_cli(c->ports[i], out, sizeof out, "cluster info");
             ok = strstr(out, "cluster_state:ok") != NULL;
+            /* a replica that never synced cannot take over: wait for its link */
+            flash_test_redis_cli(c->ports[i], out, sizeof out, "info replication");
+            if (ok && strstr(out, "role:slave")) ok = strstr(out, "master_link_status:up") != NULL;
         }
         if (ok) return true;
         flash_test_sleep_ms(50);
@@ -146,10 +149,13 @@ static bool cluster_up(flash_test_cluster *c, int masters, int replicas, int nod
         char sub[96];
         snprintf(sub, sizeof sub, "%s/n%d", c->dir, i);
         mkdir(sub, 0777);
-        snprintf(extra, sizeof extra, "--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout %d",
-                 node_timeout_ms);
         pid_t pid = -1;
         for (int attempt = 0; attempt < 5 && pid <= 0; attempt++) {
+            /* the bus port too: by default port + 10000, past 65535 for
+               an ephemeral port */
+            snprintf(extra, sizeof extra,
+                     "--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout %d --cluster-port %u",
+                     node_timeout_ms, (unsigned)flash_test_free_port());
             c->ports[i] = flash_test_free_port();
             pid = spawn_redis(c->ports[i], sub, extra, detached);
         }

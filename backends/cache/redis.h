@@ -347,6 +347,7 @@ struct flash__redis {
     bool cluster;                         /* MGET per slot; error replies kept as text */
     bool no_scripts;                      /* a Sentinel: no SCRIPT LOAD in the hello */
     bool raw_next, asking_next;           /* the next submit: a raw command; ASKING first */
+    bool single_next;                     /* the next submit: one MGET per key */
 };
 
 static void *flash__redis_alloc(flash__redis *rd, size_t n) { return rd->alloc.alloc(n, rd->alloc.user_data); }
@@ -769,12 +770,13 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     flash__redis *rd = (flash__redis *)self;
     flash__redis_req *req = NULL;
     size_t i, n, unsent;
-    bool store, valid_code, down, raw, asking;
+    bool store, valid_code, down, raw, asking, single;
     (void)loop; /* desc.loop drives everything */
     if (!rd || !op) return;
     raw = rd->raw_next && op->count == 1; /* redis_cluster.h's own commands */
     asking = rd->asking_next;
-    rd->raw_next = rd->asking_next = false;
+    single = rd->single_next;
+    rd->raw_next = rd->asking_next = rd->single_next = false;
     n = op->count;
     op->status = FLASH_OK;
     op->round_trips = 0;
@@ -837,7 +839,7 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
         for (k = 0; k < req->count; k++) {
             const flash_cache_item *it = &op->items[req->idx[k]];
             size_t s = flash_redis_key_slot(it->key, it->key_len);
-            if (k && s == slot) req->groups[g - 1]++;
+            if (k && s == slot && !single) req->groups[g - 1]++;
             else req->groups[g++] = 1;
             slot = s;
         }

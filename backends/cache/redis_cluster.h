@@ -232,6 +232,7 @@ struct flash__rc_op {
     uint16_t *slot;                    /* per item */
     int32_t *ask;                      /* per item: ASK's node, or -1 */
     uint8_t *tries, *st;               /* per item: redirects and retries; FLASH__RC_* */
+    uint8_t *single;                   /* per item: GET alone (TRYAGAIN during a migration) */
     void **vals;                       /* GET value blocks, freed after done */
     size_t nvals, capvals;
 };
@@ -357,19 +358,19 @@ static void flash__rc_dispatch(flash__rc_op *rop) {
             }
         return;
     }
-    /* node (16 bits) | ASK (1) | slot (14) | item index (32) */
+    /* node (16 bits) | ASK (1) | alone (1) | slot (14) | item index (32) */
     for (i = 0, m = 0; i < op->count; i++) {
         uint64_t node, ask = rop->ask[i] >= 0;
         if (rop->st[i] != FLASH__RC_SEND) continue;
         node = ask ? (uint64_t)rop->ask[i] : rc->slots[rop->slot[i]];
-        keys[m++] = node << 47 | ask << 46 | (uint64_t)rop->slot[i] << 32 | (uint64_t)i;
+        keys[m++] = node << 48 | ask << 47 | (uint64_t)rop->single[i] << 46 | (uint64_t)rop->slot[i] << 32 | (uint64_t)i;
     }
     qsort(keys, m, sizeof *keys, flash__rc_u64cmp);
     rop->round_trips++; /* the nodes' requests go out together: one wave of latency */
     for (start = 0; start < m;) {
         size_t end = start, k;
-        uint32_t node = (uint32_t)(keys[start] >> 47);
-        bool ask = (keys[start] >> 46) & 1;
+        uint32_t node = (uint32_t)(keys[start] >> 48);
+        bool ask = (keys[start] >> 47) & 1, single = (keys[start] >> 46) & 1;
         flash__rc_sub *sub;
         while (end < m && keys[end] >> 46 == keys[start] >> 46) end++;
         sub = (flash__rc_sub *)flash__rc_alloc(rc, sizeof *sub + (end - start) * (sizeof(flash_cache_item) + sizeof(uint32_t)));
@@ -404,6 +405,7 @@ static void flash__rc_dispatch(flash__rc_op *rop) {
         rop->subs = sub;
         rop->pending++;
         rc->nodes[node].rd->asking_next = ask;
+        rc->nodes[node].rd->single_next = single;
         flash__redis_submit(rc->nodes[node].rd, rc->loop, &sub->op);
         start = end;
     }
@@ -489,8 +491,9 @@ static void flash__rc_on_error(flash__rc_op *rop, uint32_t node, size_t i, const
     flash__rc *rc = rop->rc;
     flash_cache_item *it = &rop->op->items[i];
     bool moved = n >= 5 && memcmp(text, "MOVED", 5) == 0, ask = n >= 3 && memcmp(text, "ASK", 3) == 0 && !moved;
+    bool wait = (n >= 8 && memcmp(text, "TRYAGAIN", 8) == 0) || (n >= 11 && memcmp(text, "CLUSTERDOWN", 11) == 0);
     rop->st[i] = FLASH__RC_SETTLED;
-    if (++rop->tries[i] > rc->max_redirects) {
+    if (!wait && ++rop->tries[i] > rc->max_redirects) {
         it->status = FLASH_EBACKEND; /* a redirect loop, or a cluster that stays down */
         return;
     }
@@ -523,10 +526,17 @@ static void flash__rc_on_error(flash__rc_op *rop, uint32_t node, size_t i, const
             rop->ask[i] = to;
         }
         rop->st[i] = FLASH__RC_SEND;
-    } else if ((n >= 8 && memcmp(text, "TRYAGAIN", 8) == 0) || (n >= 11 && memcmp(text, "CLUSTERDOWN", 11) == 0)) {
+    } else if (wait) {
         if (text[0] == 'T') rc->stats.tryagain++;
         else rc->stats.clusterdown++;
-        rop->st[i] = FLASH__RC_BACKOFF;
+        if (text[0] == 'T' && rop->op->code == FLASH_CACHE_GET && !rop->single[i]) {
+            /* A multi-key MGET in a slot being migrated, some keys gone:
+               each key alone gets its value or an ASK, at once. */
+            rop->single[i] = 1;
+            rop->st[i] = FLASH__RC_SEND;
+        } else {
+            rop->st[i] = FLASH__RC_BACKOFF;
+        }
     } else if (n >= 8 && memcmp(text, "NOSCRIPT", 8) == 0) {
         rc->stats.noscript++; /* the node reconnects when idle, loading them */
         rop->st[i] = FLASH__RC_SEND;
@@ -632,6 +642,7 @@ static bool flash__rc_parse_shards(flash__rc *rc, flash__rr *r, uint16_t *map) {
         const char *host = NULL;
         size_t hlen = 0;
         int64_t port = 0;
+        bool host_online = false;
         if (!flash__rr_next(r, &e) || e.kind != FLASH_REDIS_ARRAY || e.integer % 2) return false;
         for (f = 0; f < e.integer / 2; f++) {
             flash__rr_el k, v;
@@ -651,7 +662,7 @@ static bool flash__rc_parse_shards(flash__rc *rc, flash__rr *r, uint16_t *map) {
                     const char *ip = NULL;
                     size_t iplen = 0;
                     int64_t p = 0, g;
-                    bool master = false;
+                    bool master = false, online = false;
                     if (!flash__rr_next(r, &nd) || nd.kind != FLASH_REDIS_ARRAY || nd.integer % 2) return false;
                     for (g = 0; g < nd.integer / 2; g++) {
                         flash__rr_el a, b;
@@ -663,10 +674,15 @@ static bool flash__rc_parse_shards(flash__rc *rc, flash__rr *r, uint16_t *map) {
                             p = b.integer;
                         } else if (flash__rr_is(&a, "role")) {
                             master = flash__rr_is(&b, "master");
+                        } else if (flash__rr_is(&a, "health")) {
+                            online = flash__rr_is(&b, "online");
                         }
                         if (!flash__rr_skip(r, &b)) return false;
                     }
-                    if (master && ip) {
+                    /* a failed master stays listed as one until its
+                       replica is promoted: the online one wins */
+                    if (master && ip && (online || !host_online)) {
+                        host_online = online;
                         host = ip;
                         hlen = iplen;
                         port = p;
@@ -677,6 +693,8 @@ static bool flash__rc_parse_shards(flash__rc *rc, flash__rr *r, uint16_t *map) {
             }
         }
         if (nr % 2) return false;
+        for (i = 0; i < nr; i += 2)
+            if (ranges[i] < 0 || ranges[i + 1] >= FLASH__RC_SLOTS || ranges[i] > ranges[i + 1]) return false;
         for (i = 0; i < nr && host; i += 2)
             if (!flash__rc_assign(rc, map, ranges[i], ranges[i + 1], host, hlen, port)) return false;
     }
@@ -859,7 +877,7 @@ static void flash__rc_oom_tick(void *arg) {
 static void flash__rc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     flash__rc *rc = (flash__rc *)self;
     flash__rc_op *rop = NULL;
-    size_t i, n, each = sizeof(uint16_t) + sizeof(int32_t) + 2;
+    size_t i, n, each = sizeof(uint16_t) + sizeof(int32_t) + 3;
     bool store, valid_code;
     (void)loop;
     if (!rc || !op) return;
@@ -887,6 +905,7 @@ static void flash__rc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     rop->slot = (uint16_t *)(rop->ask + n);
     rop->tries = (uint8_t *)(rop->slot + n);
     rop->st = rop->tries + n;
+    rop->single = rop->st + n;
     rop->deadline = flash__pipe_now() + rc->node_desc.timeout_ms;
     rop->next = rc->live;
     if (rc->live) rc->live->prev = rop;
@@ -907,6 +926,7 @@ static void flash__rc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         it->status = st;
         rop->ask[i] = -1;
         rop->tries[i] = 0;
+        rop->single[i] = 0;
         rop->st[i] = st ? FLASH__RC_SETTLED : FLASH__RC_SEND;
         rop->slot[i] = st ? 0 : (uint16_t)flash_redis_key_slot(it->key, it->key_len);
     }
