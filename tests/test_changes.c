@@ -455,6 +455,9 @@ static bool item_slug_gone(void) {
     flash_ctx_reset(rctx);
     return ChItemOnSlug_resolve(rctx, "item1", &it) == FLASH_ENOTFOUND;
 }
+static bool truncated(void) { return flash_pg_changes_stats_get(ch).truncates >= 1 &&
+                                    flash_pg_changes_stats_get(ch).pending_rows == 0 &&
+                                    flash_pg_changes_stats_get(ch).acked_lsn >= flash_pg_changes_stats_get(ch).received_lsn; }
 static bool item2_fresh(void) { return read_item(2) == NULL; }
 
 FLASH_TEST(changes, truncate_bumps_dynamic_classes_and_bad_values_are_logged) {
@@ -469,9 +472,17 @@ FLASH_TEST(changes, truncate_bumps_dynamic_classes_and_bad_values_are_logged) {
     cr_assert(pump_until(item2_fresh, 5000), "the DELETE after a bad value was never seen");
     cr_assert(strstr(logbuf, "'5000000000' is not a valid I32"), "%s", logbuf);
     cr_assert_geq(flash_pg_changes_stats_get(ch).errors, 1);
-    /* TRUNCATE: the DYNAMIC class's version moves. */
+    /* TRUNCATE: the DYNAMIC class's version moves. First item1 cached
+       again (past the lag window of the bumps above): a hit. */
+    pump_for(400);
+    cr_assert(read_item_slug("item1"));
+    flash_stats before = flash_ctx_stats(rctx);
+    cr_assert(read_item_slug("item1"));
+    cr_assert_eq(flash_ctx_stats(rctx).cache_hits, before.cache_hits + 1, "item1 is cached");
     sql("TRUNCATE ch_items");
-    cr_assert(pump_until(item_slug_gone, 5000), "TRUNCATE was never seen");
-    cr_assert_geq(flash_pg_changes_stats_get(ch).truncates, 1);
+    cr_assert(pump_until(truncated, 5000), "TRUNCATE was never seen");
+    /* Bounded wait: once in a few runs the first read after the bump still
+       hit (under investigation; see the report of issue 14). */
+    cr_assert(pump_until(item_slug_gone, 3000), "the cached item1 is gone: its class's version moved");
     cr_assert(strstr(logbuf, "TRUNCATE public.ch_items"), "the UNSET class's limit is logged: %s", logbuf);
 }
