@@ -7,7 +7,9 @@
 
 #include "backends/cache/memcached.h"
 #include "backends/cache/redis.h"
+#include "backends/cache/redis_cluster.h"
 #include "backends/cache/memory.h"
+#include "cluster.h"
 #include "consistency.h"
 #include "harness.h"
 
@@ -298,4 +300,26 @@ FLASH_TEST(consistency, the_same_schedules_on_real_redis) {
     int runs = run_all(modes, 3, redis_store, 700000, "redis");
     cr_assert_eq(runs, 3 * 3 * 2 * 10);
     flash_test_server_stop(&rs);
+}
+
+static const flash_test_cluster *rcl;
+static flash_cache cluster_store(flash_poll *loop) {
+    flash_redis_node seeds[3];
+    flash_redis_cluster_desc d = {0};
+    int err = 0;
+    for (int i = 0; i < 3; i++) seeds[i] = (flash_redis_node){"127.0.0.1", rcl->ports[i]};
+    d.loop = flash_poll_loop(loop);
+    d.seeds = seeds;
+    d.seed_count = 3;
+    flash_cache c = flash_redis_cluster_create(&d, &err);
+    cr_assert(c.vt, "redis cluster backend: %s", flash_strerror(err));
+    return flash_test_prefixed(c); /* this process's keys only, on the shared cluster */
+}
+
+FLASH_TEST(consistency, the_same_schedules_on_a_redis_cluster) {
+    rcl = flash_test_cluster_shared();
+    cr_assert(rcl, "no Redis Cluster");
+    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
+    int runs = run_all(modes, 3, cluster_store, 900000, "redis cluster");
+    cr_assert_eq(runs, 3 * 3 * 2 * 10);
 }
