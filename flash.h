@@ -6433,11 +6433,21 @@ static void flash__memo_drop(flash_ctx *ctx, const char *full, size_t len) {
 
 /* A set of targets: keys to mark (hard: markers; soft: stale-marking for
    allowtime classes, with their classes) and version keys to bump. */
+/* A key already in one of the lists (hashed: an invalidation of n rows is
+   O(n), not O(n^2) as a scan of the list was). */
+typedef struct flash__tseen {
+    const char *key; /* NULL: an empty slot */
+    uint32_t len, list;
+    uint64_t hash;
+} flash__tseen;
+
 typedef struct flash__targets {
     flash_ctx *ctx;
     flash_cache_item *hard, *soft, *bump;
     const flash_class **soft_cls;
     size_t nhard, nsoft, nbump, cap_hard, cap_soft, cap_bump;
+    flash__tseen *seen;
+    size_t nseen, cap_seen;
     int error;
 } flash__targets;
 
@@ -6456,10 +6466,41 @@ static bool flash__targets_room(flash__targets *t, flash_cache_item **a, size_t 
     return true;
 }
 
-static bool flash__targets_has(const flash_cache_item *a, size_t n, const char *key, size_t len) {
-    size_t i;
-    for (i = 0; i < n; i++)
-        if (a[i].key_len == len && memcmp(a[i].key, key, len) == 0) return true;
+static flash__tseen *flash__targets_slot(flash__tseen *tab, size_t cap, uint32_t list, const char *key, size_t len,
+                                         uint64_t h) {
+    size_t i = (size_t)h & (cap - 1);
+    for (;; i = (i + 1) & (cap - 1)) {
+        flash__tseen *e = &tab[i];
+        if (!e->key || (e->hash == h && e->list == list && e->len == len && memcmp(e->key, key, len) == 0)) return e;
+    }
+}
+
+/* True when key is already in list (0 hard, 1 soft, 2 bump); otherwise it
+   is recorded (key must live as long as t: it is the item's). */
+static bool flash__targets_has(flash__targets *t, uint32_t list, const char *key, size_t len) {
+    uint64_t h = flash__hash(key, len) ^ list;
+    flash__tseen *e;
+    if ((t->nseen + 1) * 2 > t->cap_seen) {
+        size_t cap = t->cap_seen ? t->cap_seen * 2 : 64, i;
+        flash__tseen *tab = (flash__tseen *)flash_calloc(t->ctx, cap, sizeof *tab);
+        if (!tab) {
+            t->error = FLASH_ENOMEM;
+            return true;
+        }
+        for (i = 0; i < t->cap_seen; i++)
+            if (t->seen[i].key)
+                *flash__targets_slot(tab, cap, t->seen[i].list, t->seen[i].key, t->seen[i].len, t->seen[i].hash) =
+                    t->seen[i];
+        t->seen = tab; /* the old table stays in the arena */
+        t->cap_seen = cap;
+    }
+    e = flash__targets_slot(t->seen, t->cap_seen, list, key, len, h);
+    if (e->key) return true;
+    e->key = key;
+    e->len = (uint32_t)len;
+    e->list = list;
+    e->hash = h;
+    t->nseen++;
     return false;
 }
 
@@ -6478,7 +6519,7 @@ static void flash__targets_key(flash__targets *t, const flash_class *c, const fl
     flash__memo_drop(ctx, full ? full : key, full ? full_len : len);
     if (c->opts.allowtime_s > 0) {
         size_t old_cap = t->cap_soft;
-        if (flash__targets_has(t->soft, t->nsoft, key, len)) return;
+        if (flash__targets_has(t, 1, key, len)) return;
         if (!flash__targets_room(t, &t->soft, t->nsoft, &t->cap_soft)) return;
         if (t->cap_soft != old_cap) { /* grow the class list alongside */
             const flash_class **bc = (const flash_class **)flash__alloc(ctx, t->cap_soft * sizeof *bc);
@@ -6492,7 +6533,7 @@ static void flash__targets_key(flash__targets *t, const flash_class *c, const fl
         t->soft_cls[t->nsoft] = c;
         it = &t->soft[t->nsoft++];
     } else {
-        if (flash__targets_has(t->hard, t->nhard, key, len)) return;
+        if (flash__targets_has(t, 0, key, len)) return;
         if (!flash__targets_room(t, &t->hard, t->nhard, &t->cap_hard)) return;
         it = &t->hard[t->nhard];
         if (flash__marker(ctx, (void **)&it->value, &it->value_len) != FLASH_OK) {
@@ -6514,7 +6555,7 @@ static void flash__targets_bump(flash__targets *t, const flash_class *c) {
         if (!t->error) t->error = FLASH_ENOMEM;
         return;
     }
-    if (flash__targets_has(t->bump, t->nbump, key, len)) return;
+    if (flash__targets_has(t, 2, key, len)) return;
     if (!flash__targets_room(t, &t->bump, t->nbump, &t->cap_bump)) return;
     t->bump[t->nbump].key = key;
     t->bump[t->nbump].key_len = len;

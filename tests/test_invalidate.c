@@ -124,6 +124,26 @@ FLASH_TEST(invalidate, created_and_deleted_rows_and_many_rows_at_once) {
     flash_stats s = stats_delta();
     cr_assert_eq(s.invalidations, 10 + 10 + 5, "ids, usernames, five first names");
     cr_assert_eq(s.writes, 1);
+
+    /* 20,000 rows, old and new (a bulk UPDATE): the keys are deduplicated
+       by a hash set that grows with them, old and new rows sharing keys. */
+    enum { N = 20000 };
+    User *olds = flash_calloc(fx.ctx, N, sizeof *olds), *news = flash_calloc(fx.ctx, N, sizeof *news);
+    const void **op = flash_calloc(fx.ctx, N, sizeof *op), **np = flash_calloc(fx.ctx, N, sizeof *np);
+    static const char *const firsts[] = {"Ann", "Bob", "Cy"};
+    for (int i = 0; i < N; i++) {
+        olds[i].id = news[i].id = 100000 + i;
+        olds[i].username = news[i].username = flash_sprintf(fx.ctx, "bulk%d", i);
+        olds[i].first_name = firsts[i % 3];
+        news[i].first_name = firsts[(i + 1) % 3];
+        op[i] = &olds[i];
+        np[i] = &news[i];
+    }
+    stats_delta();
+    cr_assert_eq(flash_wait(fx.ctx, flash_invalidate_rows_async(fx.ctx, &User_model, N, op, np), NULL), 0);
+    s = stats_delta();
+    cr_assert_eq(s.invalidations, N + N + 3, "ids, usernames, three first names: %llu",
+                 (unsigned long long)s.invalidations);
 }
 
 FLASH_TEST(invalidate, the_request_memo_forgets_what_was_written) {

@@ -192,7 +192,7 @@ FLASH_API void flash_pg_lsn_format(uint64_t lsn, char out[24]);
 #include <string.h>
 #include <time.h>
 
-enum { FLASH__PGC_CHUNK = 128 }; /* row pairs per flash_invalidate_rows_async */
+#define FLASH__PGC_CHUNK ((size_t)128) /* row pairs per flash_invalidate_rows_async */
 enum { FLASH__PGC_DOWN = 0, FLASH__PGC_CONNECTING, FLASH__PGC_SETUP, FLASH__PGC_STREAMING };
 enum { FLASH__PGC_STEP_PUB = 1, FLASH__PGC_STEP_SLOT_CHECK, FLASH__PGC_STEP_SLOT_CREATE, FLASH__PGC_STEP_START };
 
@@ -872,9 +872,8 @@ static void flash__pgc_flight_start(flash_pg_changes *c) {
                 flash__pgc_partial(ctx, m, e->new_row, e->new_known, qs, &nq, &bump) != FLASH_OK)
                 goto oom;
         }
-        /* flash.h dedups an invalidation's keys by a linear scan: chunks
-           keep a big transaction linear (a key repeated across chunks is
-           merely written twice). */
+        /* Chunks keep each backend operation of a big transaction bounded
+           (a key repeated across chunks is merely written twice). */
         for (j = 0; j < n; j += FLASH__PGC_CHUNK)
             ps[np++] = flash_invalidate_rows_async(ctx, m, n - j < FLASH__PGC_CHUNK ? n - j : FLASH__PGC_CHUNK, olds + j,
                                                    news + j);
