@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# flash benchmarks, two parts by default (BENCH_PARTS) and a third on demand:
+# flash benchmarks, three parts by default (BENCH_PARTS) and a fourth on demand:
 #
 #   loader     flash's loader against graphql's dataloader (node, required)
 #              and Python's aiodataloader (optional), run interleaved; the
@@ -10,6 +10,13 @@
 #              loopback port, killed on exit) against libmemcached's multi-get
 #              and the N+1 pattern, with flash's and the server's counters
 #              checked (bench/memcached_bench.c)
+#   redis      one flash request (a gather of 1,000 / 10,000 cached model
+#              gets, decoded) on a 3-master Redis Cluster, on one Redis and
+#              on a 3-server memcached pool (all started here on free loopback
+#              ports, temp dirs, killed on exit; the cluster joined with
+#              redis-cli --cluster create), interleaved; flash's per-node
+#              requests and each node's INFO commandstats MGET calls (memcached:
+#              cmd_get) checked on every request (bench/redis_bench.c)
 #   changes    (only when named: BENCH_PARTS=changes) PostgreSQL's change
 #              stream into memcached: a wal_level=logical cluster (initdb, a
 #              few seconds) and a memcached started here; row changes/s, the
@@ -23,12 +30,13 @@
 # Environment: BENCH_RUNS (default 5, at least 5 for the medians to mean
 # anything), BENCH_REPS (timed repetitions per scenario per run, default 11),
 # BENCH_PY_REPS (default 3: aiodataloader is slow), BENCH_MC_REPS (memcached
-# part, default BENCH_REPS), BENCH_PARTS ("loader memcached"), DATALOADER_DIR
+# and redis parts, default BENCH_REPS), BENCH_PARTS ("loader memcached redis"), DATALOADER_DIR
 # (npm prefix for the dataloader package, default bench/out/npm), PYTHON.
 #
 # Nothing of the peers is committed: npm installs dataloader into
-# bench/out/npm (git-ignored) when it is missing; memcached and
-# libmemcached-dev are installed with apt-get when missing (as root).
+# bench/out/npm (git-ignored) when it is missing; memcached,
+# libmemcached-dev, redis-server and redis-tools (redis-cli) are installed
+# with apt-get when missing (as root).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -37,7 +45,7 @@ RUNS=${BENCH_RUNS:-5}
 REPS=${BENCH_REPS:-11}
 PY_REPS=${BENCH_PY_REPS:-3}
 MC_REPS=${BENCH_MC_REPS:-$REPS}
-PARTS=${BENCH_PARTS:-loader memcached}
+PARTS=${BENCH_PARTS:-loader memcached redis}
 DL_DIR=${DATALOADER_DIR:-$out/npm}
 SCENARIOS="distinct dup50 ticks memo"
 
@@ -53,7 +61,7 @@ mkdir -p "$out"
 [ "$RUNS" -ge 5 ] || note "BENCH_RUNS=$RUNS: fewer than 5 runs, medians are weak"
 [ "$MC_REPS" -ge 1 ] 2>/dev/null || fail "BENCH_MC_REPS must be a number"
 for p in $PARTS; do
-    case $p in loader | memcached | changes) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached, changes)" ;; esac
+    case $p in loader | memcached | redis | changes) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached, redis, changes)" ;; esac
 done
 
 as_root() { [ "$(id -u)" = 0 ]; }
@@ -68,13 +76,20 @@ median() { sort -g | awk '{a[NR] = $1} END { if (NR == 0) print "nan"; else if (
 fmt() { awk -v x="$1" -v d="${2:-1}" 'BEGIN { if (x == "nan" || x == "") print "n/a"; else printf "%.*f\n", d, x }'; }
 
 # ---- memcached + libmemcached-dev (the memcached part; before the build) -----
-if has_part memcached; then
+# ---- redis-server + redis-cli + memcached (the redis part) --------------------
+if has_part memcached || has_part redis; then
     mc_need=()
     command -v memcached >/dev/null 2>&1 || mc_need+=(memcached)
-    [ -e /usr/include/libmemcached/memcached.h ] || mc_need+=(libmemcached-dev)
+    if has_part memcached; then
+        [ -e /usr/include/libmemcached/memcached.h ] || mc_need+=(libmemcached-dev)
+    fi
+    if has_part redis; then
+        command -v redis-server >/dev/null 2>&1 || mc_need+=(redis-server)
+        command -v redis-cli >/dev/null 2>&1 || mc_need+=(redis-tools)
+    fi
     if [ ${#mc_need[@]} -gt 0 ]; then
         as_root && command -v apt-get >/dev/null 2>&1 \
-            || fail "${mc_need[*]} missing and cannot apt-get install (not root): the memcached part cannot run (BENCH_PARTS=loader skips it)"
+            || fail "${mc_need[*]} missing and cannot apt-get install (not root): the memcached/redis parts cannot run (BENCH_PARTS=loader skips them)"
         note "installing ${mc_need[*]} (Debian packages)"
         apt_ready
         export DEBIAN_FRONTEND=noninteractive
@@ -82,8 +97,9 @@ if has_part memcached; then
             || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "${mc_need[@]}" >/dev/null; } \
             || fail "apt-get install ${mc_need[*]} failed"
         # Debian starts the service on install; the benchmark starts its own.
-        if [[ " ${mc_need[*]} " == *" memcached "* ]] && command -v service >/dev/null 2>&1; then
-            service memcached stop >/dev/null 2>&1 || true
+        if command -v service >/dev/null 2>&1; then
+            [[ " ${mc_need[*]} " != *" memcached "* ]] || service memcached stop >/dev/null 2>&1 || true
+            [[ " ${mc_need[*]} " != *" redis-server "* ]] || service redis-server stop >/dev/null 2>&1 || true
         fi
     fi
 fi
@@ -91,6 +107,7 @@ fi
 bins=()
 has_part loader && bins+=(out/loader_bench out/memory_bench out/tasks_bench)
 has_part memcached && bins+=(out/memcached_bench)
+has_part redis && bins+=(out/redis_bench)
 has_part changes && bins+=(out/changes_bench)
 if [ "${1:-}" != --no-build ]; then
     make -s -C "$here" "${bins[@]}"
@@ -491,7 +508,131 @@ if has_part memcached; then
     echo "   verified: all $RUNS runs ($nver checks each)"
 fi
 
-# ==== part 3 (not default): the PostgreSQL change stream into memcached ==========
+# ==== part 3: one request on a Redis Cluster, one Redis, a memcached pool ========
+# 3 cluster-enabled redis-servers (joined with redis-cli --cluster create), one
+# standalone redis-server and 3 memcacheds, each on a free loopback port with
+# its own temp dir, killed on exit; then bench/redis_bench.c BENCH_RUNS times
+# (each run: the 3 backends interleaved, order rotated every rep).
+if has_part redis; then
+    rb_dir=$(mktemp -d /tmp/flash-bench-redis-XXXXXX)
+    rb_pids=()
+    stop_redis() {
+        local p
+        for p in ${rb_pids[@]+"${rb_pids[@]}"}; do kill "$p" 2>/dev/null || true; done
+        for p in ${rb_pids[@]+"${rb_pids[@]}"}; do wait "$p" 2>/dev/null || true; done
+        rb_pids=()
+        [ -z "$rb_dir" ] || rm -rf "$rb_dir"
+        rb_dir=""
+    }
+    trap stop_redis EXIT
+    trap 'exit 130' INT TERM HUP
+    port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+    rb_mc_user=()
+    as_root && rb_mc_user=(-u nobody)
+    RB_PORT=""
+    # rb_start KIND NAME: a server on a free port (its bus port free too) -> RB_PORT
+    rb_start() {
+        local kind=$1 d=$rb_dir/$2 port pid
+        mkdir -p "$d"
+        as_root && chmod 777 "$d"
+        RB_PORT=""
+        for _ in 1 2 3 4 5 6 7 8; do
+            port=$((20000 + RANDOM % 30000))
+            ! port_open "$port" && ! port_open $((port + 10000)) || continue
+            case $kind in
+            cluster) redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$d" \
+                --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 5000 >"$d/log" 2>&1 & ;;
+            redis) redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$d" >"$d/log" 2>&1 & ;;
+            memcached) memcached -l 127.0.0.1 -U 0 -m 256 -p "$port" ${rb_mc_user[@]+"${rb_mc_user[@]}"} >"$d/log" 2>&1 & ;;
+            esac
+            pid=$!
+            rb_pids+=("$pid")
+            for _i in $(seq 1 250); do
+                if port_open "$port"; then
+                    RB_PORT=$port
+                    return 0
+                fi
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.02
+            done
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        done
+        cat "$d/log" >&2
+        fail "could not start $kind ($2) on a free loopback port"
+    }
+    RB_C=(); RB_M=()
+    for i in 1 2 3; do rb_start cluster "node$i"; RB_C+=("$RB_PORT"); done
+    rb_start redis single; RB_R=$RB_PORT
+    for i in 1 2 3; do rb_start memcached "mc$i"; RB_M+=("$RB_PORT"); done
+    redis-cli --cluster create "127.0.0.1:${RB_C[0]}" "127.0.0.1:${RB_C[1]}" "127.0.0.1:${RB_C[2]}" \
+        --cluster-replicas 0 --cluster-yes >"$rb_dir/create.log" 2>&1 \
+        || { cat "$rb_dir/create.log" >&2; fail "redis-cli --cluster create failed"; }
+    # Every node must know the whole map before flash asks one of them.
+    for _i in $(seq 1 500); do
+        ok=1
+        for p in "${RB_C[@]}"; do
+            info=$(redis-cli -p "$p" cluster info 2>/dev/null | tr -d '\r')
+            case $info in *cluster_state:ok*cluster_slots_ok:16384*cluster_known_nodes:3*) ;; *) ok=0 ;; esac
+        done
+        [ $ok = 1 ] && break
+        sleep 0.02
+    done
+    [ $ok = 1 ] || fail "the redis cluster on ${RB_C[*]} did not reach cluster_state:ok with 3 nodes"
+    rb_args=("$(IFS=,; echo "${RB_C[*]}")" "$RB_R" "$(IFS=,; echo "${RB_M[*]}")")
+    note "redis cluster :${rb_args[0]}, redis :$RB_R, memcached pool :${rb_args[2]}; $RUNS runs of redis_bench, $MC_REPS reps each"
+    rm -f "$out"/rd.* "$out"/err.rd.*
+    for r in $(seq 1 "$RUNS"); do
+        "$out/redis_bench" "${rb_args[@]}" "$MC_REPS" >"$out/rd.$r" 2>"$out/err.rd.$r" \
+            || { cat "$out/err.rd.$r" >&2; fail "redis_bench failed in run $r (see above; bench/out/rd.$r)"; }
+    done
+    stop_redis
+    nver=$(grep -c '^verify ' "$out/rd.1" || true)
+    [ "$nver" = 6 ] || fail "redis_bench printed $nver verify lines in run 1 (want 6)"
+    for r in $(seq 2 "$RUNS"); do
+        [ "$(grep -c '^verify ' "$out/rd.$r" || true)" = "$nver" ] || fail "redis_bench run $r verified other things than run 1"
+    done
+    rd_vals() { awk -v s="$1" '$1 == s { print $2 }' "${@:2}"; }
+    rd_med() { rd_vals "$1/$2" "$out"/rd.[0-9]* | median; }
+    rd_ratio() { # row N: median over runs of (row median / redis median) in the same run
+        local r f p
+        for r in $(seq 1 "$RUNS"); do
+            f=$(rd_vals "redis/$2" "$out/rd.$r" | median)
+            p=$(rd_vals "$1/$2" "$out/rd.$r" | median)
+            awk -v p="$p" -v f="$f" 'BEGIN { if (f > 0 && p != "nan" && f != "nan") printf "%.4f\n", p / f }'
+        done | median
+    }
+    rd_label() {
+        case $1 in
+        cluster) echo "Redis Cluster, 3 masters" ;;
+        redis) echo "one Redis" ;;
+        mcpool) echo "memcached pool, 3 servers" ;;
+        esac
+    }
+    echo
+    echo "== one flash request on a Redis Cluster vs one Redis vs a memcached pool: ns per key (lower is better)"
+    echo "   $(grep -m1 '^# flash' "$out/rd.1" | sed 's/^# //')"
+    echo "   $(redis-server --version | awk '{print $1, $2, $3}'); $(memcached -V 2>/dev/null); $(nproc 2>/dev/null || echo '?')" \
+        "cores shared by client and 7 servers; $RUNS runs x $MC_REPS reps, the 3 backends interleaved"
+    echo "   request: flash_ctx_reset + N User_get_by_id_async + flash_gather + flash_wait, every key cached, rows decoded;"
+    echo "   ns/key = median of all timed reps; x redis = median over runs of (row median / one Redis median) in the same run"
+    echo
+    rrow() { printf '%-30s |%8s |%8s |%8s |%8s\n' "$@"; }
+    rrow "backend" "1k ns" "x redis" "10k ns" "x redis"
+    rrow "------------------------------" "--------" "--------" "--------" "--------"
+    for s in cluster redis mcpool; do
+        rrow "$(rd_label "$s")" "$(fmt "$(rd_med "$s" 1000)" 0)" "$(fmt "$(rd_ratio "$s" 1000)" 2)x" \
+            "$(fmt "$(rd_med "$s" 10000)" 0)" "$(fmt "$(rd_ratio "$s" 10000)" 2)x"
+    done
+    echo
+    grep '^# N=' "$out/rd.1" | sed 's/^# /   /'
+    echo
+    echo "== per-node counts (checked on every request of every run, timed or not; run 1's first shown)"
+    grep '^verify ' "$out/rd.1" | sed 's/^verify /   /; s/; /;\n      /g'
+    echo "   verified: all $RUNS runs ($nver verify lines each, and every timed rep checked the same way)"
+fi
+
+# ==== part 4 (not default): the PostgreSQL change stream into memcached ==========
 # BENCH_PARTS=changes: initdb a cluster (wal_level=logical) in a temp dir and a
 # memcached, both on free loopback ports, then bench/changes_bench.c
 # min(BENCH_RUNS, 3) times (medians). Not in the default parts: it needs
