@@ -700,7 +700,8 @@ typedef enum flash_class_kind {
     FLASH_CLASS_INSTANCE, /* a named instance cache (InstanceCache) */
     FLASH_CLASS_LIST,     /* a named queryset cache giving rows */
     FLASH_CLASS_COUNT,    /* a named queryset cache giving a count */
-    FLASH_CLASS_IDS       /* a named queryset cache giving ids */
+    FLASH_CLASS_IDS,      /* a named queryset cache giving ids */
+    FLASH_CLASS_EXISTS    /* a named queryset cache giving a bool (.exists()) */
 } flash_class_kind;
 
 /* How writes reach a class's cached values (django-flash InvalidationType). */
@@ -728,6 +729,16 @@ typedef struct flash_cache_opts {
     bool no_cache_none;      /* default: false, a not-found is cached too */
     const char *table;       /* models: the table sources read; default: name */
     int pk;                  /* models: primary-key field index; default: 0 */
+    /* List and ids classes (not inherited from the model): the order of
+       the rows, fields separated by commas, '-' for descending, e.g.
+       "-created_at,id"; the primary key is appended as the last tie-break.
+       NULLs sort after every value ascending, before descending (as
+       PostgreSQL's default); strings and bytes by their bytes. A field the
+       model does not have: the class fails with FLASH_EINVAL. */
+    const char *order_by;
+    uint32_t limit;          /* list and ids classes: at most this many rows
+                                per key (the first in order_by's order, by
+                                default the primary key's); 0: all */
 } flash_cache_opts;
 
 typedef struct flash_model flash_model;
@@ -759,6 +770,9 @@ struct flash_class {
     flash_class *canonical;
     flash_class *next;                     /* in its model's list */
     int error;                             /* registration error, 0 if fine */
+    size_t norder;                         /* order_by (and limit): sort fields, */
+    int order[8];                          /* by index, the primary key last; */
+    bool order_desc[8];                    /* 0 fields: the source's order */
 };
 
 /* Registration happens before main (the macros below emit constructors);
@@ -985,6 +999,9 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 #define FLASH_IDS_CACHE(NAME, M, t) FLASH_IDS_CACHE_OPT(NAME, M, t, .version = 0)
 #define FLASH_IDS_CACHE_OPT(NAME, M, t, ...)                                                \
     FLASH__NAMED(FLASH_CLASS_IDS, flash_ids **, NAME, M, t, __VA_ARGS__)
+#define FLASH_EXISTS_CACHE(NAME, M, t) FLASH_EXISTS_CACHE_OPT(NAME, M, t, .version = 0)
+#define FLASH_EXISTS_CACHE_OPT(NAME, M, t, ...)                                             \
+    FLASH__NAMED(FLASH_CLASS_EXISTS, bool *, NAME, M, t, __VA_ARGS__)
 
 /* Foreign keys (django-flash's cached_foreignkeys): the row a field points
    at, read through the target's get cache, so N rows' targets asked in one
@@ -1041,7 +1058,10 @@ enum {
 /* Ask a class for the row(s) under key values (one per key field, in the
    class's order). The typed functions the macros generate call this.
    Fulfils with: GET/INSTANCE a model struct, FILTER/LIST a flash_list,
-   COUNT an int64_t, IDS a flash_ids (pointers into the arena). */
+   COUNT an int64_t, IDS a flash_ids, EXISTS a bool (pointers into the
+   arena). Lists and ids of a class with order_by / limit come sorted and
+   cut (the engine sorts what the source gave, so any source, fallback
+   or cached value gives the same order). */
 FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c, const flash_value *values,
                                            size_t n, int flags);
 
@@ -1058,7 +1078,8 @@ FLASH_API flash_promise *flash_query_run_async(flash_ctx *ctx, const flash_query
 FLASH_API flash_promise *flash_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs, int flags);
 FLASH_API int flash_queries(flash_ctx *ctx, size_t n, flash_query *const *qs, int flags, void ***out);
 /* Sync form: wait for p (a query of class c) and store its result through
-   out (c's result type: Model **, flash_list **, int64_t *, flash_ids **). */
+   out (c's result type: Model **, flash_list **, int64_t *, flash_ids **,
+   bool *). */
 FLASH_API int flash_wait_result(flash_ctx *ctx, flash_promise *p, const flash_class *c, void *out);
 
 /* ---- sources: where misses are read from ----------------------------------
@@ -1095,7 +1116,11 @@ FLASH_API const flash_value *flash_fetch_key(const flash_fetch *f, size_t i); /*
 FLASH_API int flash_fetch_row(flash_fetch *f, const void *row);
 /* Custom fallbacks may answer key i directly: */
 FLASH_API int flash_fetch_set_row(flash_fetch *f, size_t i, const void *row); /* NULL: none */
-FLASH_API int flash_fetch_set_count(flash_fetch *f, size_t i, int64_t count);
+FLASH_API int flash_fetch_set_count(flash_fetch *f, size_t i, int64_t count); /* COUNT, EXISTS */
+/* COUNT and EXISTS classes, for SQL's GROUP BY: row's key fields (the
+   others are not read) name the key tuple, whose count grows by n.
+   FLASH_ENOTFOUND (ignored) when no tuple has those values. */
+FLASH_API int flash_fetch_add_count(flash_fetch *f, const void *row, int64_t n);
 FLASH_API int flash_fetch_add_id(flash_fetch *f, size_t i, int64_t id);
 FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message);
 /* Fail every key tuple whose parts equal parts[] (parts[j] ignored where
@@ -3931,6 +3956,46 @@ FLASH_API void flash_register_model(flash_model *m) {
     *tail = m;
 }
 
+/* order_by / limit of c into c->order: 0, or FLASH_EINVAL (a field the
+   model does not have, more than 8, a class that gives no rows). */
+static int flash__parse_order(flash_class *c, const flash_model *m) {
+    const char *p = c->opts.order_by;
+    bool has_pk = false;
+    size_t j;
+    c->norder = 0;
+    if (!p && !c->opts.limit) return FLASH_OK;
+    if (c->kind != FLASH_CLASS_FILTER && c->kind != FLASH_CLASS_LIST && c->kind != FLASH_CLASS_IDS)
+        return FLASH_EINVAL;
+    while (p && *p) {
+        const char *s, *e;
+        bool desc = false;
+        int field = -1;
+        while (*p == ' ' || *p == ',') p++;
+        if (!*p) break;
+        if (*p == '-' || *p == '+') desc = *p++ == '-';
+        for (s = p; *p && *p != ',' && *p != ' '; p++) {
+        }
+        e = p;
+        for (j = 0; j < m->nfields; j++)
+            if (strlen(m->fields[j].name) == (size_t)(e - s) && memcmp(m->fields[j].name, s, (size_t)(e - s)) == 0)
+                field = (int)j;
+        if (field < 0 || s == e || c->norder >= sizeof c->order / sizeof c->order[0]) return FLASH_EINVAL;
+        while (*p == ' ') p++;
+        if (*p && *p != ',') return FLASH_EINVAL;
+        for (j = 0; j < c->norder; j++)
+            if (c->order[j] == field) return FLASH_EINVAL; /* twice */
+        has_pk = has_pk || field == m->opts.pk;
+        c->order_desc[c->norder] = desc;
+        c->order[c->norder++] = field;
+    }
+    if (!has_pk) { /* ties: deterministic */
+        if (c->norder >= sizeof c->order / sizeof c->order[0]) return FLASH_EINVAL;
+        c->order_desc[c->norder] = false;
+        c->order[c->norder++] = m->opts.pk;
+    }
+    return FLASH_OK;
+}
+
 FLASH_API void flash_register_class(flash_class *c) {
     flash_model *m;
     flash_class *it, **tail;
@@ -3961,6 +4026,10 @@ FLASH_API void flash_register_class(flash_class *c) {
         }
     }
     flash__opts_defaults(&c->opts, (c->kind == FLASH_CLASS_GET || c->kind == FLASH_CLASS_FILTER) ? &m->opts : NULL);
+    if (flash__parse_order(c, m) != FLASH_OK) {
+        c->error = FLASH_EINVAL;
+        return;
+    }
     for (tail = &m->classes; (it = *tail) != NULL; tail = &it->next) {
         if (strcmp(it->name, c->name) == 0) {
             c->canonical = it;
@@ -5002,6 +5071,7 @@ enum { FLASH__FILL_NONE = 0, FLASH__FILL_ADD, FLASH__FILL_CAS, FLASH__FILL_KINDS
 /* Rows (or ids) collected for one key tuple of a list-like class. */
 typedef struct flash__rows {
     void *row;
+    void *full;              /* ordered IDS classes: the row, to sort by */
     struct flash__rows *next;
 } flash__rows;
 
@@ -5245,6 +5315,8 @@ static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *resu
             flash__encode_row(&b, c->model, result);
         } else if (c->kind == FLASH_CLASS_COUNT) {
             flash__buf_varint(&b, flash__zigzag(*(int64_t *)result));
+        } else if (c->kind == FLASH_CLASS_EXISTS) {
+            flash__buf_varint(&b, *(bool *)result ? 1 : 0);
         } else if (c->kind == FLASH_CLASS_IDS) {
             flash_ids *ids = (flash_ids *)result;
             size_t i;
@@ -5332,6 +5404,14 @@ static int flash__decode_value(flash_ctx *ctx, const flash__query *q, const void
         if (!n) return FLASH_ENOMEM;
         *n = flash__unzigzag(flash__rd_varint(&r));
         *result = n;
+    } else if (c->kind == FLASH_CLASS_EXISTS) {
+        bool *e = (bool *)flash__alloc(ctx, sizeof *e);
+        uint64_t x;
+        if (!e) return FLASH_ENOMEM;
+        x = flash__rd_varint(&r);
+        if (x > 1) return FLASH_EPROTO;
+        *e = x == 1;
+        *result = e;
     } else if (c->kind == FLASH_CLASS_IDS) {
         uint64_t count = flash__rd_varint(&r), i;
         flash_ids *ids = (flash_ids *)flash__alloc(ctx, sizeof *ids);
@@ -5493,7 +5573,7 @@ static int flash__fetch_add(flash_fetch *f, size_t t, const void *row) {
         f->row[t] = flash_row_copy(ctx, c->model, row);
         return f->row[t] ? FLASH_OK : FLASH_ENOMEM;
     }
-    if (c->kind == FLASH_CLASS_COUNT) {
+    if (c->kind == FLASH_CLASS_COUNT || c->kind == FLASH_CLASS_EXISTS) {
         f->nrows[t]++;
         return FLASH_OK;
     }
@@ -5513,6 +5593,8 @@ static int flash__fetch_add(flash_fetch *f, size_t t, const void *row) {
                 return FLASH_EINVAL;
             }
             r->row = id;
+            r->full = NULL;
+            if (c->norder && !(r->full = flash_row_copy(ctx, c->model, row))) return FLASH_ENOMEM;
         } else {
             r->row = flash_row_copy(ctx, c->model, row);
             if (!r->row) return FLASH_ENOMEM;
@@ -5550,9 +5632,23 @@ FLASH_API int flash_fetch_set_row(flash_fetch *f, size_t i, const void *row) {
 FLASH_API int flash_fetch_set_count(flash_fetch *f, size_t i, int64_t count) {
     int rc = flash__fetch_check(f);
     if (rc) return rc;
-    if (i >= f->count || f->cls->kind != FLASH_CLASS_COUNT) return FLASH_EINVAL;
+    if (i >= f->count || (f->cls->kind != FLASH_CLASS_COUNT && f->cls->kind != FLASH_CLASS_EXISTS)) return FLASH_EINVAL;
     f->counts[i] = count;
     f->count_set[i] = true;
+    return FLASH_OK;
+}
+
+FLASH_API int flash_fetch_add_count(flash_fetch *f, const void *row, int64_t n) {
+    int rc = flash__fetch_check(f);
+    long t;
+    if (rc) return rc;
+    if (!row || n < 0 || (f->cls->kind != FLASH_CLASS_COUNT && f->cls->kind != FLASH_CLASS_EXISTS)) return FLASH_EINVAL;
+    if (!f->map && (rc = flash__fetch_map_build(f)) != FLASH_OK) return rc;
+    t = flash__fetch_match(f, row);
+    if (t < 0) return FLASH_ENOTFOUND;
+    f->ctx->stats.source_rows++;
+    if (f->count_set[t]) f->counts[t] += n;
+    else f->nrows[t] += (size_t)n;
     return FLASH_OK;
 }
 
@@ -5567,6 +5663,7 @@ FLASH_API int flash_fetch_add_id(flash_fetch *f, size_t i, int64_t id) {
     if (!r || !p) return FLASH_ENOMEM;
     *p = id;
     r->row = p;
+    r->full = NULL;
     r->next = NULL;
     if (f->rows_tail[i]) f->rows_tail[i]->next = r;
     else f->rows[i] = r;
@@ -5611,34 +5708,124 @@ FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *m
     return FLASH_OK;
 }
 
+/* Two rows in the order of c (order_by, then the primary key): <0, 0, >0.
+   NULLs after every value ascending (PostgreSQL's default), strings and
+   bytes by their bytes then length. */
+static int flash__order_cmp(const flash_class *c, const void *a, const void *b) {
+    size_t k;
+    for (k = 0; k < c->norder; k++) {
+        flash_value x = flash_row_value(c->model, a, c->order[k]);
+        flash_value y = flash_row_value(c->model, b, c->order[k]);
+        int r = 0;
+        if (x.is_null || y.is_null) {
+            r = x.is_null == y.is_null ? 0 : (x.is_null ? 1 : -1);
+        } else {
+            switch (x.type) {
+            case FLASH_I64: r = x.u.i64 < y.u.i64 ? -1 : x.u.i64 > y.u.i64; break;
+            case FLASH_I32: r = x.u.i32 < y.u.i32 ? -1 : x.u.i32 > y.u.i32; break;
+            case FLASH_F64: r = x.u.f64 < y.u.f64 ? -1 : x.u.f64 > y.u.f64; break;
+            case FLASH_BOOL: r = (int)x.u.b - (int)y.u.b; break;
+            case FLASH_STR:
+            case FLASH_BYTES: {
+                size_t n = x.u.s.len < y.u.s.len ? x.u.s.len : y.u.s.len;
+                r = n ? memcmp(x.u.s.ptr, y.u.s.ptr, n) : 0;
+                if (!r) r = x.u.s.len < y.u.s.len ? -1 : x.u.s.len > y.u.s.len;
+                break;
+            }
+            default: break;
+            }
+        }
+        if (r) return c->order_desc[k] ? -r : (r < 0 ? -1 : 1);
+    }
+    return 0;
+}
+
+/* Sort n rows of c (stable: a merge sort, tmp of n), keys[i] the row of
+   items[i] (they move together). */
+static void flash__order_sort(const flash_class *c, void **items, void **keys, void **tmp, void **ktmp, size_t n) {
+    size_t w, i;
+    for (w = 1; w < n; w *= 2) {
+        for (i = 0; i < n; i += 2 * w) {
+            size_t lo = i, mid = i + w < n ? i + w : n, hi = i + 2 * w < n ? i + 2 * w : n;
+            size_t a = lo, b = mid, o = lo;
+            while (a < mid || b < hi) {
+                bool left = b >= hi || (a < mid && flash__order_cmp(c, keys[a], keys[b]) <= 0);
+                size_t from = left ? a++ : b++;
+                tmp[o] = items[from];
+                ktmp[o++] = keys[from];
+            }
+        }
+        memcpy(items, tmp, n * sizeof *items);
+        memcpy(keys, ktmp, n * sizeof *keys);
+    }
+}
+
+/* The rows (or ids) of tuple t as an array, sorted and cut for an ordered
+   class; *n their count. NULL on ENOMEM. */
+static void **flash__fetch_items(flash_fetch *f, size_t t, size_t *n) {
+    flash_ctx *ctx = f->ctx;
+    const flash_class *c = f->cls;
+    size_t cnt = f->nrows[t], k = 0;
+    flash__rows *r;
+    bool sortable = c->norder > 0;
+    void **items = (void **)flash__alloc(ctx, (cnt ? cnt : 1) * sizeof *items), **keys = NULL;
+    if (!items) return NULL;
+    for (r = f->rows[t]; r; r = r->next) {
+        items[k++] = r->row;
+        if (c->kind == FLASH_CLASS_IDS && !r->full) sortable = false; /* ids of a custom fallback */
+    }
+    if (sortable && cnt > 1) {
+        void **tmp = (void **)flash__alloc(ctx, cnt * sizeof *tmp), **ktmp = (void **)flash__alloc(ctx, cnt * sizeof *ktmp);
+        keys = items;
+        if (c->kind == FLASH_CLASS_IDS) {
+            keys = (void **)flash__alloc(ctx, cnt * sizeof *keys);
+            if (keys)
+                for (k = 0, r = f->rows[t]; r; r = r->next) keys[k++] = r->full;
+        } else {
+            keys = (void **)flash__alloc(ctx, cnt * sizeof *keys);
+            if (keys) memcpy(keys, items, cnt * sizeof *keys);
+        }
+        if (!tmp || !ktmp || !keys) return NULL;
+        flash__order_sort(c, items, keys, tmp, ktmp, cnt);
+    }
+    if (c->opts.limit && cnt > c->opts.limit) cnt = c->opts.limit;
+    *n = cnt;
+    return items;
+}
+
 /* The result of tuple t, or NULL for a not-found (one-row classes). */
 static void *flash__fetch_result(flash_fetch *f, size_t t) {
     flash_ctx *ctx = f->ctx;
     const flash_class *c = f->cls;
-    flash__rows *r;
-    size_t k = 0;
+    size_t k = 0, n = 0;
+    void **items;
     if (flash__one_row(c->kind)) return f->row[t];
     if (c->kind == FLASH_CLASS_COUNT) {
-        int64_t *n = (int64_t *)flash__alloc(ctx, sizeof *n);
-        if (n) *n = f->count_set[t] ? f->counts[t] : (int64_t)f->nrows[t];
-        return n;
+        int64_t *cn = (int64_t *)flash__alloc(ctx, sizeof *cn);
+        if (cn) *cn = f->count_set[t] ? f->counts[t] : (int64_t)f->nrows[t];
+        return cn;
     }
+    if (c->kind == FLASH_CLASS_EXISTS) {
+        bool *e = (bool *)flash__alloc(ctx, sizeof *e);
+        if (e) *e = f->count_set[t] ? f->counts[t] > 0 : f->nrows[t] > 0;
+        return e;
+    }
+    items = flash__fetch_items(f, t, &n);
+    if (!items) return NULL;
     if (c->kind == FLASH_CLASS_IDS) {
         flash_ids *ids = (flash_ids *)flash__alloc(ctx, sizeof *ids);
         if (!ids) return NULL;
-        ids->count = f->nrows[t];
-        ids->ids = (int64_t *)flash__alloc(ctx, (ids->count ? ids->count : 1) * sizeof *ids->ids);
+        ids->count = n;
+        ids->ids = (int64_t *)flash__alloc(ctx, (n ? n : 1) * sizeof *ids->ids);
         if (!ids->ids) return NULL;
-        for (r = f->rows[t]; r; r = r->next) ids->ids[k++] = *(int64_t *)r->row;
+        for (k = 0; k < n; k++) ids->ids[k] = *(int64_t *)items[k];
         return ids;
     }
     {
         flash_list *l = (flash_list *)flash__alloc(ctx, sizeof *l);
         if (!l) return NULL;
-        l->count = f->nrows[t];
-        l->items = (void **)flash__alloc(ctx, (l->count ? l->count : 1) * sizeof *l->items);
-        if (!l->items) return NULL;
-        for (r = f->rows[t]; r; r = r->next) l->items[k++] = r->row;
+        l->count = n;
+        l->items = items;
         return l;
     }
 }
@@ -6255,6 +6442,9 @@ FLASH_API int flash_wait_result(flash_ctx *ctx, flash_promise *p, const flash_cl
     if (c->kind == FLASH_CLASS_COUNT) {
         int64_t n = v ? *(int64_t *)v : 0;
         memcpy(out, &n, sizeof n);
+    } else if (c->kind == FLASH_CLASS_EXISTS) {
+        bool e = v ? *(bool *)v : false;
+        memcpy(out, &e, sizeof e);
     } else {
         memcpy(out, &v, sizeof v);
     }

@@ -185,6 +185,7 @@ enum { FLASH__PG_PREPARE = 1, FLASH__PG_EXEC };
 /* A distinct statement: (model, key fields, NULL form). */
 typedef struct flash__pg_stmt {
     const flash_model *model;
+    const flash_class *shape; /* a class of its own SQL (order, limit, count, exists), or NULL */
     size_t nkeys;
     int keys[8];
     bool nulls;
@@ -367,14 +368,88 @@ static void flash__pg_elem(flash_strbuf *b, const flash_value *v, flash_type fie
 
 /* ---- statements ---- */
 
+/* The class a statement is made for when its SQL is its own (order_by,
+   limit, COUNT's GROUP BY, EXISTS' DISTINCT), else NULL. */
+static const flash_class *flash__pg_shape(const flash_class *c) {
+    if (c->kind == FLASH_CLASS_COUNT || c->kind == FLASH_CLASS_EXISTS || c->norder) return c;
+    return NULL;
+}
+
+static void flash__pg_keys(flash_strbuf *b, const flash_fetch *f) {
+    size_t j;
+    for (j = 0; j < flash_fetch_nfields(f); j++) {
+        if (j) flash_strbuf_puts(b, ",");
+        flash_sql_ident(b, flash_fetch_model(f)->fields[flash_fetch_field(f, j)].name, false);
+    }
+}
+
+/* The class's order as flash.h sorts: NULLs last ascending, first
+   descending; strings by their bytes (COLLATE "C"). */
+static void flash__pg_order(flash_strbuf *b, const flash_class *c) {
+    size_t k;
+    for (k = 0; k < c->norder; k++) {
+        const flash_field *fd = &c->model->fields[c->order[k]];
+        if (k) flash_strbuf_puts(b, ",");
+        flash_sql_ident(b, fd->name, false);
+        if (fd->type == FLASH_STR) flash_strbuf_puts(b, " COLLATE \"C\"");
+        flash_strbuf_puts(b, c->order_desc[k] ? " DESC NULLS FIRST" : " ASC NULLS LAST");
+    }
+}
+
+/* Wrap the plain SELECT in b for a shaped class: COUNT(*) ... GROUP BY,
+   DISTINCT keys, ORDER BY, or a ROW_NUMBER window per key for a limit. */
+static void flash__pg_shape_sql(flash_strbuf *b, const flash_fetch *f, const flash_class *c) {
+    flash_strbuf w;
+    char lim[48];
+    memset(&w, 0, sizeof w);
+    if (c->kind == FLASH_CLASS_COUNT || c->kind == FLASH_CLASS_EXISTS) {
+        flash_strbuf_puts(&w, c->kind == FLASH_CLASS_COUNT ? "SELECT " : "SELECT DISTINCT ");
+        flash__pg_keys(&w, f);
+        if (c->kind == FLASH_CLASS_COUNT) flash_strbuf_puts(&w, ",COUNT(*)");
+        flash_strbuf_puts(&w, " FROM (");
+        flash_strbuf_put(&w, b->data, b->len);
+        flash_strbuf_puts(&w, ") AS flash_q");
+        if (c->kind == FLASH_CLASS_COUNT) {
+            flash_strbuf_puts(&w, " GROUP BY ");
+            flash__pg_keys(&w, f);
+        }
+    } else if (c->opts.limit) {
+        size_t i;
+        flash_strbuf_puts(&w, "SELECT ");
+        for (i = 0; i < c->model->nfields; i++) {
+            if (i) flash_strbuf_puts(&w, ",");
+            flash_sql_ident(&w, c->model->fields[i].name, false);
+        }
+        flash_strbuf_puts(&w, " FROM (SELECT *,ROW_NUMBER() OVER (PARTITION BY ");
+        flash__pg_keys(&w, f);
+        flash_strbuf_puts(&w, " ORDER BY ");
+        flash__pg_order(&w, c);
+        flash_strbuf_puts(&w, ") AS flash__rn FROM (");
+        flash_strbuf_put(&w, b->data, b->len);
+        snprintf(lim, sizeof lim, "%lu", (unsigned long)c->opts.limit);
+        flash_strbuf_puts(&w, ") AS flash_q) AS flash_w WHERE flash__rn <= ");
+        flash_strbuf_puts(&w, lim);
+        flash_strbuf_puts(&w, " ORDER BY flash__rn");
+    } else {
+        flash_strbuf_puts(&w, "SELECT * FROM (");
+        flash_strbuf_put(&w, b->data, b->len);
+        flash_strbuf_puts(&w, ") AS flash_q ORDER BY ");
+        flash__pg_order(&w, c);
+    }
+    if (b->oom) w.oom = true;
+    free(b->data);
+    *b = w;
+}
+
 static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
     const flash_model *m = flash_fetch_model(f);
+    const flash_class *shape = flash__pg_shape(flash_fetch_class(f));
     size_t nk = flash_fetch_nfields(f), i, j;
     flash__pg_stmt *st;
     flash_strbuf b;
     for (i = 0; i < pg->nstmts; i++) {
         st = &pg->stmts[i];
-        if (st->model != m || st->nkeys != nk || st->nulls != nulls) continue;
+        if (st->model != m || st->shape != shape || st->nkeys != nk || st->nulls != nulls) continue;
         for (j = 0; j < nk && st->keys[j] == flash_fetch_field(f, j); j++) {
         }
         if (j == nk) return (long)i;
@@ -452,6 +527,7 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
             flash_strbuf_puts(&b, "))");
         }
     }
+    if (shape) flash__pg_shape_sql(&b, f, shape);
     if (b.oom) {
         free(b.data);
         return -1;
@@ -459,6 +535,7 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
     st = &pg->stmts[pg->nstmts];
     memset(st, 0, sizeof *st);
     st->model = m;
+    st->shape = shape;
     st->nkeys = nk;
     for (j = 0; j < nk; j++) st->keys[j] = flash_fetch_field(f, j);
     st->nulls = nulls;
@@ -975,6 +1052,44 @@ static void flash__pg_reject(flash_pg *pg, flash_fetch *f, const PGresult *res, 
 }
 
 /* Answer a job's fetch from its result. */
+/* COUNT (key columns, count) and EXISTS (DISTINCT key columns) results. */
+static void flash__pg_answer_groups(flash_pg *pg, flash__pg_job *job, PGresult *res) {
+    flash_fetch *f = job->f;
+    const flash_model *m = flash_fetch_model(f);
+    bool count = flash_fetch_class(f)->kind == FLASH_CLASS_COUNT;
+    int nk = (int)flash_fetch_nfields(f), r, j, status = FLASH_OK;
+    char *row;
+    if (PQnfields(res) != nk + (count ? 1 : 0)) {
+        flash__pg_finish(pg, job, FLASH_ESOURCE, "postgres: unexpected column count");
+        return;
+    }
+    row = (char *)calloc(1, m->size ? m->size : 1);
+    if (!row) {
+        flash__pg_finish(pg, job, FLASH_ENOMEM, NULL);
+        return;
+    }
+    for (r = 0; r < PQntuples(res) && status == FLASH_OK; r++) {
+        void *owned[8];
+        int nowned = 0, k, bad = 0;
+        int64_t n = 1;
+        pg->stats.rows++;
+        memset(row, 0, m->size);
+        for (j = 0; j < nk; j++) {
+            const char *why = NULL;
+            void *o = NULL;
+            int rc = flash__pg_read(res, r, j, &m->fields[flash_fetch_field(f, j)], row, &why, &o);
+            if (o) owned[nowned++] = o;
+            if (rc < 0) status = FLASH_ENOMEM;
+            else if (rc) bad = 1; /* a NULL in a non-null key column: no tuple asked for it */
+        }
+        if (count && flash__pg_parse_i64(PQgetvalue(res, r, nk), &n) != 0) bad = 1;
+        if (status == FLASH_OK && !bad) flash_fetch_add_count(f, row, n);
+        for (k = 0; k < nowned; k++) free(owned[k]);
+    }
+    free(row);
+    flash__pg_finish(pg, job, status, status ? "postgres: out of memory reading rows" : NULL);
+}
+
 static void flash__pg_answer(flash_pg *pg, flash__pg_job *job, PGresult *res) {
     flash_fetch *f = job->f;
     const flash_model *m = flash_fetch_model(f);
@@ -985,6 +1100,10 @@ static void flash__pg_answer(flash_pg *pg, flash__pg_job *job, PGresult *res) {
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         flash__pg_msg(msg, sizeof msg, "postgres: ", PQresultErrorMessage(res));
         flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
+        return;
+    }
+    if (flash_fetch_class(f)->kind == FLASH_CLASS_COUNT || flash_fetch_class(f)->kind == FLASH_CLASS_EXISTS) {
+        flash__pg_answer_groups(pg, job, res);
         return;
     }
     if ((size_t)PQnfields(res) != m->nfields) {

@@ -100,6 +100,7 @@ FLASH_API void flash_sqlite_set_max_keys(flash_sqlite *s, size_t n);
 typedef struct flash__sq_stmt {
     struct flash__sq_stmt *next;
     const flash_model *model;
+    const flash_class *shape; /* a class of its own SQL (order, limit, count, exists), or NULL */
     size_t nkeys;
     int keys[8];
     size_t tuples;
@@ -150,17 +151,52 @@ FLASH_API void flash_sqlite_set_max_keys(flash_sqlite *s, size_t n) {
     s->max_keys = p;
 }
 
+/* The class a statement is made for when its SQL is its own (order_by,
+   limit, COUNT's GROUP BY, EXISTS' DISTINCT), else NULL: the plain SELECT
+   shared by every class of those key fields. */
+static const flash_class *flash__sq_shape(const flash_class *c) {
+    if (c->kind == FLASH_CLASS_COUNT || c->kind == FLASH_CLASS_EXISTS || c->norder) return c;
+    return NULL;
+}
+
+static void flash__sq_columns(flash_strbuf *b, const flash_model *m) {
+    size_t i;
+    for (i = 0; i < m->nfields; i++) {
+        if (i) flash_strbuf_puts(b, ",");
+        flash_sql_ident(b, m->fields[i].name, false);
+    }
+}
+
+static void flash__sq_keys(flash_strbuf *b, const flash_fetch *f) {
+    size_t j;
+    for (j = 0; j < flash_fetch_nfields(f); j++) {
+        if (j) flash_strbuf_puts(b, ",");
+        flash_sql_ident(b, flash_fetch_model(f)->fields[flash_fetch_field(f, j)].name, false);
+    }
+}
+
+/* The class's order (NULLs last ascending, first descending: flash.h's). */
+static void flash__sq_order(flash_strbuf *b, const flash_class *c) {
+    size_t k;
+    for (k = 0; k < c->norder; k++) {
+        if (k) flash_strbuf_puts(b, ",");
+        flash_sql_ident(b, c->model->fields[c->order[k]].name, false);
+        flash_strbuf_puts(b, c->order_desc[k] ? " DESC NULLS FIRST" : " ASC NULLS LAST");
+    }
+}
+
 /* The statement for (model, key fields, tuples), prepared on first use. */
 static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, sqlite3_stmt **out, bool *owned,
                          char *err, size_t errcap) {
     const flash_model *m = flash_fetch_model(f);
+    const flash_class *c = flash_fetch_class(f), *shape = flash__sq_shape(c);
     size_t nk = flash_fetch_nfields(f), i, j;
     flash__sq_stmt *st, **pp;
     flash_strbuf b;
     int rc;
     *owned = false;
     for (pp = &s->stmts; (st = *pp) != NULL; pp = &st->next) {
-        if (st->model != m || st->nkeys != nk || st->tuples != tuples) continue;
+        if (st->model != m || st->shape != shape || st->nkeys != nk || st->tuples != tuples) continue;
         for (j = 0; j < nk && st->keys[j] == flash_fetch_field(f, j); j++) {
         }
         if (j < nk) continue;
@@ -176,10 +212,25 @@ static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, s
         break; /* in use further up the stack (re-entered): prepare a private one */
     }
     memset(&b, 0, sizeof b);
+    if (shape && shape->opts.limit) { /* the first rows of each key: a window */
+        flash_strbuf_puts(&b, "SELECT ");
+        flash__sq_columns(&b, m);
+        flash_strbuf_puts(&b, " FROM (");
+    }
     flash_strbuf_puts(&b, "SELECT ");
-    for (i = 0; i < m->nfields; i++) {
-        if (i) flash_strbuf_puts(&b, ",");
-        flash_sql_ident(&b, m->fields[i].name, false);
+    if (shape && shape->kind == FLASH_CLASS_EXISTS) flash_strbuf_puts(&b, "DISTINCT ");
+    if (shape && (shape->kind == FLASH_CLASS_COUNT || shape->kind == FLASH_CLASS_EXISTS)) {
+        flash__sq_keys(&b, f);
+        if (shape->kind == FLASH_CLASS_COUNT) flash_strbuf_puts(&b, ",COUNT(*)");
+    } else {
+        flash__sq_columns(&b, m);
+    }
+    if (shape && shape->opts.limit) {
+        flash_strbuf_puts(&b, ",ROW_NUMBER() OVER (PARTITION BY ");
+        flash__sq_keys(&b, f);
+        flash_strbuf_puts(&b, " ORDER BY ");
+        flash__sq_order(&b, shape);
+        flash_strbuf_puts(&b, ") AS \"flash__rn\"");
     }
     flash_strbuf_puts(&b, " FROM ");
     flash_sql_ident(&b, m->opts.table ? m->opts.table : m->name, true);
@@ -205,6 +256,21 @@ static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, s
         }
         flash_strbuf_puts(&b, ")");
     }
+    if (shape && (shape->kind == FLASH_CLASS_COUNT || shape->kind == FLASH_CLASS_EXISTS)) {
+        if (shape->kind == FLASH_CLASS_COUNT) {
+            flash_strbuf_puts(&b, " GROUP BY ");
+            flash__sq_keys(&b, f);
+        }
+    } else if (shape && shape->opts.limit) {
+        char lim[32];
+        snprintf(lim, sizeof lim, "%lu", (unsigned long)shape->opts.limit);
+        flash_strbuf_puts(&b, ") WHERE \"flash__rn\" <= ");
+        flash_strbuf_puts(&b, lim);
+        flash_strbuf_puts(&b, " ORDER BY \"flash__rn\"");
+    } else if (shape) {
+        flash_strbuf_puts(&b, " ORDER BY ");
+        flash__sq_order(&b, shape);
+    }
     if (b.oom) {
         free(b.data);
         return FLASH_ENOMEM;
@@ -229,6 +295,7 @@ static int flash__sq_get(flash_sqlite *s, const flash_fetch *f, size_t tuples, s
         return FLASH_OK;
     }
     st->model = m;
+    st->shape = shape;
     st->nkeys = nk;
     for (j = 0; j < nk; j++) st->keys[j] = flash_fetch_field(f, j);
     st->tuples = tuples;
@@ -458,6 +525,50 @@ static int flash__sq_rows(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, cha
     return FLASH_OK;
 }
 
+/* COUNT (key columns, COUNT(*)) and EXISTS (DISTINCT key columns) results.
+   tuple >= 0: the statement was for that key tuple alone (a NULL key). */
+static int flash__sq_groups(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, char *row, long tuple, char *err,
+                            size_t errcap) {
+    const flash_model *m = flash_fetch_model(f);
+    bool count = flash_fetch_class(f)->kind == FLASH_CLASS_COUNT;
+    size_t nk = flash_fetch_nfields(f), j;
+    int rc;
+    s->stats.statements++;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        int64_t n = count ? (int64_t)sqlite3_column_int64(st, (int)nk) : 1;
+        s->stats.rows++;
+        if (tuple >= 0) {
+            flash_fetch_set_count(f, (size_t)tuple, n);
+            continue;
+        }
+        memset(row, 0, m->size);
+        for (j = 0; j < nk; j++) {
+            const char *why = NULL;
+            if (flash__sq_read(st, (int)j, &m->fields[flash_fetch_field(f, j)], row, &why) != 0) {
+                snprintf(err, errcap, "sqlite: %s.%s: %s value in a key column", m->opts.table ? m->opts.table : m->name,
+                         m->fields[flash_fetch_field(f, j)].name, why);
+                sqlite3_reset(st);
+                return FLASH_ESOURCE;
+            }
+        }
+        flash_fetch_add_count(f, row, n);
+    }
+    if (rc != SQLITE_DONE) {
+        snprintf(err, errcap, "sqlite: %s: %s", m->opts.table ? m->opts.table : m->name, sqlite3_errmsg(s->db));
+        sqlite3_reset(st);
+        return FLASH_ESOURCE;
+    }
+    sqlite3_reset(st);
+    return FLASH_OK;
+}
+
+static int flash__sq_run(flash_sqlite *s, flash_fetch *f, sqlite3_stmt *st, char *row, long tuple, char *err,
+                         size_t errcap) {
+    flash_class_kind k = flash_fetch_class(f)->kind;
+    if (k == FLASH_CLASS_COUNT || k == FLASH_CLASS_EXISTS) return flash__sq_groups(s, f, st, row, tuple, err, errcap);
+    return flash__sq_rows(s, f, st, row, err, errcap);
+}
+
 static void flash__sq_release(sqlite3_stmt *st, bool owned) {
     if (owned) sqlite3_finalize(st);
     else sqlite3_clear_bindings(st);
@@ -500,7 +611,7 @@ static void flash__sq_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
             rc = flash__sq_get(s, f, 0, &st, &owned, err, sizeof err);
             if (rc) break;
             for (j = 0; j < nk; j++) flash__sq_bind(st, (int)j + 1, &key[j], m->fields[flash_fetch_field(f, j)].type);
-            rc = flash__sq_rows(s, f, st, row, err, sizeof err);
+            rc = flash__sq_run(s, f, st, row, (long)i, err, sizeof err);
             flash__sq_release(st, owned);
         }
     }
@@ -516,7 +627,7 @@ static void flash__sq_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
             for (j = 0; j < nk; j++)
                 flash__sq_bind(st, (int)(t * nk + j) + 1, &key[j], m->fields[flash_fetch_field(f, j)].type);
         }
-        rc = flash__sq_rows(s, f, st, row, err, sizeof err);
+        rc = flash__sq_run(s, f, st, row, -1, err, sizeof err);
         flash__sq_release(st, owned);
     }
     free(row);
