@@ -1088,11 +1088,16 @@ FLASH_API int flash_wait_result(flash_ctx *ctx, flash_promise *p, const flash_cl
    fields equal any of these key tuples" (WHERE slug IN (...)). It answers
    with rows (matched to the keys by their field values, so order does not
    matter) and then flash_fetch_done, now or from a loop callback later. */
+typedef struct flash_write flash_write; /* a write (layer 9) */
 typedef struct flash_source_vtable {
     const char *name;
     void (*fetch)(void *self, flash_ctx *ctx, flash_fetch *f);
     /* Optional: forget f (context reset); no flash_fetch_* calls after. */
     void (*cancel)(void *self, flash_fetch *f);
+    /* Optional: write rows (flash_save / flash_delete, layer 9), in one
+       transaction, telling each row's old value (flash_write_set_old);
+       then flash_write_done, now or later. NULL: FLASH_EUNSUPPORTED. */
+    void (*write)(void *self, flash_ctx *ctx, flash_write *w);
 } flash_source_vtable;
 typedef struct flash_source {
     const flash_source_vtable *vt;
@@ -1167,6 +1172,49 @@ FLASH_API int flash_invalidate_queries(flash_ctx *ctx, size_t n, flash_query *co
    cached under an older version becomes a miss. */
 FLASH_API flash_promise *flash_bump_version_async(flash_ctx *ctx, const flash_model *m);
 FLASH_API int flash_bump_version(flash_ctx *ctx, const flash_model *m);
+
+/* ---- writes: Django's save() / delete() and their signals ------------------
+
+   flash_save writes a row through the model's source (insert, or update by
+   primary key), reading the row's old value in the same transaction, and
+   after the commit invalidates the keys of the old and the new row (as
+   flash_invalidate_rows_async), so a username change invalidates both
+   usernames. flash_delete deletes by primary key (only the pk field of the
+   row is read) and invalidates the old row's keys. The bulk forms write n
+   rows in ONE transaction (all or none) and invalidate once.
+   Fulfils with NULL once the write committed AND the invalidation was
+   applied. Rejects with the source's code (FLASH_ESOURCE: a constraint
+   violation, ...; FLASH_EUNSUPPORTED: a source without writes) when the
+   write failed: nothing was written, nothing invalidated; or with the
+   backend's code and a message saying the write is committed when only the
+   invalidation failed (values may then stay stale until their timeout).
+   Deleting a row that does not exist fulfils (nothing to invalidate).
+   The sync forms run the loop, or suspend the calling task, like every
+   sync form. Rows are copied: they may go once the call returns. */
+FLASH_API flash_promise *flash_save_async(flash_ctx *ctx, const flash_model *m, const void *row);
+FLASH_API flash_promise *flash_save_rows_async(flash_ctx *ctx, const flash_model *m, size_t n,
+                                               const void *const *rows);
+FLASH_API flash_promise *flash_delete_async(flash_ctx *ctx, const flash_model *m, const void *row);
+FLASH_API flash_promise *flash_delete_rows_async(flash_ctx *ctx, const flash_model *m, size_t n,
+                                                 const void *const *rows);
+FLASH_API int flash_save(flash_ctx *ctx, const flash_model *m, const void *row);
+FLASH_API int flash_save_rows(flash_ctx *ctx, const flash_model *m, size_t n, const void *const *rows);
+FLASH_API int flash_delete(flash_ctx *ctx, const flash_model *m, const void *row);
+FLASH_API int flash_delete_rows(flash_ctx *ctx, const flash_model *m, size_t n, const void *const *rows);
+
+/* For sources implementing write: */
+typedef enum flash_write_kind { FLASH_WRITE_SAVE = 1, FLASH_WRITE_DELETE } flash_write_kind;
+FLASH_API flash_ctx *flash_write_ctx(const flash_write *w);
+FLASH_API const flash_model *flash_write_model(const flash_write *w);
+FLASH_API flash_write_kind flash_write_kind_of(const flash_write *w);
+FLASH_API size_t flash_write_count(const flash_write *w);
+FLASH_API const void *flash_write_row(const flash_write *w, size_t i); /* lives until flash_write_done */
+/* The old value of row i, read in the write's transaction (copied); none
+   given: the row did not exist. */
+FLASH_API int flash_write_set_old(flash_write *w, size_t i, const void *old_row);
+/* status 0: committed (then the engine invalidates); else nothing was
+   written. Call once; the write and its rows are gone after. */
+FLASH_API int flash_write_done(flash_write *w, int status, const char *message);
 
 #ifdef __cplusplus
 } /* extern "C" */
@@ -6867,6 +6915,133 @@ FLASH_API flash_promise *flash_bump_version_async(flash_ctx *ctx, const flash_mo
 
 FLASH_API int flash_bump_version(flash_ctx *ctx, const flash_model *m) {
     return flash_wait(ctx, flash_bump_version_async(ctx, m), NULL);
+}
+
+/* ---- writes ---- */
+
+struct flash_write {
+    flash_ctx *ctx;
+    const flash_model *model;
+    flash_write_kind kind;
+    size_t n;
+    void **rows;             /* copies of the caller's rows */
+    void **old;              /* flash_write_set_old, NULL: none */
+    flash_promise *out;
+    uint64_t gen;
+    bool done;
+};
+
+static void flash__write_inv_done(flash_ctx *ctx, flash_promise *p, void *arg) {
+    flash_promise *out = (flash_promise *)arg;
+    if (flash_promise_state(p) == FLASH_FULFILLED) flash_resolve(ctx, out, NULL);
+    else
+        flash_rejectf(ctx, out, flash_promise_error(p), "the write is committed, but its invalidation failed: %s",
+                      flash_promise_message(p));
+}
+
+static flash_promise *flash__write_start(flash_ctx *ctx, const flash_model *m, flash_write_kind kind, size_t n,
+                                         const void *const *rows) {
+    const flash_model *cm = flash__model_of(m);
+    flash_source src;
+    flash_write *w;
+    size_t i;
+    if (!ctx) return NULL;
+    if (!cm || (n && !rows)) return flash_rejected(ctx, FLASH_EINVAL, "write: no model or no rows");
+    for (i = 0; i < n; i++)
+        if (!rows[i]) return flash_rejected(ctx, FLASH_EINVAL, "write: a NULL row");
+    src = flash__source_for(ctx, cm);
+    if (!src.vt || !src.vt->write)
+        return flash_rejected(ctx, src.vt ? FLASH_EUNSUPPORTED : FLASH_ESOURCE,
+                              flash_sprintf(ctx, "%s: the source of %s cannot write", src.vt ? src.vt->name : "no source",
+                                            cm->name));
+    if (n == 0) return flash_fulfilled(ctx, NULL);
+    w = (flash_write *)flash_calloc(ctx, 1, sizeof *w);
+    if (!w) return NULL;
+    w->ctx = ctx;
+    w->model = cm;
+    w->kind = kind;
+    w->n = n;
+    w->rows = (void **)flash_calloc(ctx, n, sizeof *w->rows);
+    w->old = (void **)flash_calloc(ctx, n, sizeof *w->old);
+    w->out = flash_promise_new(ctx);
+    if (!w->rows || !w->old || !w->out) return NULL;
+    for (i = 0; i < n; i++)
+        if (!(w->rows[i] = flash_row_copy(ctx, cm, rows[i]))) return NULL;
+    w->gen = flash__hold(ctx); /* the write's memory lives until its source answers */
+    src.vt->write(src.self, ctx, w);
+    return w->out;
+}
+
+FLASH_API flash_promise *flash_save_async(flash_ctx *ctx, const flash_model *m, const void *row) {
+    return flash__write_start(ctx, m, FLASH_WRITE_SAVE, 1, &row);
+}
+FLASH_API flash_promise *flash_save_rows_async(flash_ctx *ctx, const flash_model *m, size_t n,
+                                               const void *const *rows) {
+    return flash__write_start(ctx, m, FLASH_WRITE_SAVE, n, rows);
+}
+FLASH_API flash_promise *flash_delete_async(flash_ctx *ctx, const flash_model *m, const void *row) {
+    return flash__write_start(ctx, m, FLASH_WRITE_DELETE, 1, &row);
+}
+FLASH_API flash_promise *flash_delete_rows_async(flash_ctx *ctx, const flash_model *m, size_t n,
+                                                 const void *const *rows) {
+    return flash__write_start(ctx, m, FLASH_WRITE_DELETE, n, rows);
+}
+FLASH_API int flash_save(flash_ctx *ctx, const flash_model *m, const void *row) {
+    return flash_wait(ctx, flash_save_async(ctx, m, row), NULL);
+}
+FLASH_API int flash_save_rows(flash_ctx *ctx, const flash_model *m, size_t n, const void *const *rows) {
+    return flash_wait(ctx, flash_save_rows_async(ctx, m, n, rows), NULL);
+}
+FLASH_API int flash_delete(flash_ctx *ctx, const flash_model *m, const void *row) {
+    return flash_wait(ctx, flash_delete_async(ctx, m, row), NULL);
+}
+FLASH_API int flash_delete_rows(flash_ctx *ctx, const flash_model *m, size_t n, const void *const *rows) {
+    return flash_wait(ctx, flash_delete_rows_async(ctx, m, n, rows), NULL);
+}
+
+FLASH_API flash_ctx *flash_write_ctx(const flash_write *w) { return w ? w->ctx : NULL; }
+FLASH_API const flash_model *flash_write_model(const flash_write *w) { return w ? w->model : NULL; }
+FLASH_API flash_write_kind flash_write_kind_of(const flash_write *w) { return w ? w->kind : FLASH_WRITE_SAVE; }
+FLASH_API size_t flash_write_count(const flash_write *w) { return w ? w->n : 0; }
+FLASH_API const void *flash_write_row(const flash_write *w, size_t i) {
+    return (w && !w->done && i < w->n) ? w->rows[i] : NULL;
+}
+
+FLASH_API int flash_write_set_old(flash_write *w, size_t i, const void *old_row) {
+    if (!w || i >= w->n) return FLASH_EINVAL;
+    if (w->done) return FLASH_ESTATE;
+    if (!old_row) {
+        w->old[i] = NULL;
+        return FLASH_OK;
+    }
+    w->old[i] = flash_row_copy(w->ctx, w->model, old_row);
+    return w->old[i] ? FLASH_OK : FLASH_ENOMEM;
+}
+
+FLASH_API int flash_write_done(flash_write *w, int status, const char *message) {
+    flash_ctx *ctx;
+    flash_promise *inv;
+    bool live;
+    if (!w) return FLASH_EINVAL;
+    if (w->done) return FLASH_ESTATE;
+    w->done = true;
+    ctx = w->ctx;
+    live = w->gen == ctx->gen; /* else the context was reset meanwhile: nobody waits */
+    if (status) {
+        if (live) flash_reject(ctx, w->out, status, message);
+        flash__unhold(ctx, w->gen);
+        return FLASH_OK;
+    }
+    /* Committed: the keys of the old rows and of the saved ones. The keys
+       are built inside the call: the rows may go right after. */
+    inv = flash_invalidate_rows_async(ctx, w->model, w->n, (const void *const *)w->old,
+                                      w->kind == FLASH_WRITE_SAVE ? (const void *const *)w->rows : NULL);
+    if (live) {
+        if (!inv) flash_reject(ctx, w->out, FLASH_ENOMEM, "the write is committed, but its invalidation failed");
+        else flash_on_settle(ctx, inv, flash__write_inv_done, w->out);
+    }
+    flash__unhold(ctx, w->gen);
+    return FLASH_OK;
 }
 
 #endif /* FLASH_IMPLEMENTED */

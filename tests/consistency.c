@@ -143,7 +143,7 @@ static void gs_cancel(void *self, flash_fetch *f) {
     }
 }
 
-static const flash_source_vtable gs_vt = {"gated", gs_fetch, gs_cancel};
+static const flash_source_vtable gs_vt = {"gated", gs_fetch, gs_cancel, NULL};
 
 gated_source *gated_source_create(flash_table *table, flash_loop loop) {
     gated_source *s = calloc(1, sizeof *s);

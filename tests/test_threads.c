@@ -62,7 +62,7 @@ static void locked_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
     inner.vt->fetch(inner.self, ctx, f); /* the table answers inside the call (sync) */
     pthread_mutex_unlock(&db_lock);
 }
-static const flash_source_vtable locked_vt = {"locked-table", locked_fetch, NULL};
+static const flash_source_vtable locked_vt = {"locked-table", locked_fetch, NULL, NULL};
 
 static const char *const first_names[] = {"Ada", "Alan", "Grace", "Edsger", "Barbara"};
 

@@ -1323,7 +1323,7 @@ static void flash__pg_cancel(void *self, flash_fetch *f) {
     }
 }
 
-static const flash_source_vtable flash__pg_vt = {"postgres", flash__pg_fetch, flash__pg_cancel};
+static const flash_source_vtable flash__pg_vt = {"postgres", flash__pg_fetch, flash__pg_cancel, NULL};
 
 FLASH_API flash_source flash_pg_source(flash_pg *pg) {
     flash_source s;

@@ -636,7 +636,7 @@ static void flash__sq_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
     flash_fetch_done(f, rc, rc ? err : NULL);
 }
 
-static const flash_source_vtable flash__sq_vt = {"sqlite", flash__sq_fetch, NULL};
+static const flash_source_vtable flash__sq_vt = {"sqlite", flash__sq_fetch, NULL, NULL};
 
 FLASH_API flash_source flash_sqlite_source(flash_sqlite *s) {
     flash_source src;

@@ -294,7 +294,7 @@ static void flash__table_cancel(void *self, flash_fetch *f) {
     }
 }
 
-static const flash_source_vtable flash__table_vt = {"table", flash__table_fetch, flash__table_cancel};
+static const flash_source_vtable flash__table_vt = {"table", flash__table_fetch, flash__table_cancel, NULL};
 
 FLASH_API flash_source flash_table_source(flash_table *t) {
     flash_source s;
