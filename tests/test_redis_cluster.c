@@ -291,7 +291,7 @@ RC_TEST(a_slot_migrated_live_loses_no_answer_ask_then_moved) {
 /* ---- a fake node: redirects and garbage ---- */
 
 static uint16_t fake_port;
-enum { FAKE_MOVED_SELF = 1, FAKE_BAD_MOVED, FAKE_GARBAGE, FAKE_HALF_MAP, FAKE_TRYAGAIN, FAKE_BAD_MAP };
+enum { FAKE_MOVED_SELF = 1, FAKE_BAD_MOVED, FAKE_GARBAGE, FAKE_HALF_MAP, FAKE_TRYAGAIN, FAKE_BAD_MAP, FAKE_NAMED_MOVED };
 
 /* One command off buf: argv of bulk strings; 0 when incomplete. */
 static size_t fake_command(const char *buf, size_t len, char argv[8][64], int *argc) {
@@ -350,6 +350,8 @@ static void fake_node(int fd, int mode) {
                 size_t slot = flash_redis_key_slot(argv[1], strlen(argv[1]));
                 if (mode == FAKE_MOVED_SELF)
                     snprintf(reply, sizeof reply, "-MOVED %zu 127.0.0.1:%u\r\n", slot, (unsigned)fake_port);
+                else if (mode == FAKE_NAMED_MOVED) /* a host name: never looked up */
+                    snprintf(reply, sizeof reply, "-MOVED %zu localhost:%u\r\n", slot, (unsigned)fake_port);
                 else if (mode == FAKE_BAD_MOVED)
                     snprintf(reply, sizeof reply, "-MOVED %zu nowhere\r\n", slot);
                 else if (mode == FAKE_TRYAGAIN)
@@ -402,6 +404,11 @@ RC_TEST(redirect_loops_garbage_and_unserved_slots_fail_only_their_keys) {
     cr_assert_eq(fake_get(FAKE_HALF_MAP, "b{x}", &st) == FLASH_ENOTFOUND || flash_redis_key_slot("b{x}", 4) > 8191, 1);
     cr_assert_eq(fake_get(FAKE_BAD_MAP, "a", &st), FLASH_EBACKEND, "a map that does not parse");
     cr_assert_gt(st.refresh_failures, 0);
+    /* fuzz_redis_cluster: a name in a redirect was resolved (getaddrinfo on
+       the loop) and became a node; now only IP literals are followed */
+    cr_assert_eq(fake_get(FAKE_NAMED_MOVED, "a", &st), FLASH_EBACKEND, "a MOVED to a host name");
+    cr_assert_eq(st.moved, 0);
+    cr_assert_eq(st.nodes, 1, "no node made for the name");
 }
 
 /* ---- failover ---- */

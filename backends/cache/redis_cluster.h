@@ -30,7 +30,9 @@
      waves of requests (sent to every node concurrently: 1 with a fresh
      map); the requests per node are in the stats. Limits: db 0 only
      (Cluster has no SELECT), masters only (no reads from replicas), node
-     addresses as the cluster announces them (IP literals), at most 1024 nodes.
+     addresses as the cluster announces them, IP literals only (a host name
+     in a MOVED / ASK is not looked up: its key fails with FLASH_EBACKEND;
+     in a map reply, that load fails), at most 1024 nodes.
 
    SENTINEL
      The primary named master_name is asked of the sentinels in turn
@@ -130,6 +132,8 @@ FLASH_API int flash_redis_sentinel_stats_get(flash_cache cache, flash_redis_sent
 #ifdef FLASH_IMPLEMENTATION
 #ifndef FLASH_REDIS_CLUSTER_IMPLEMENTED
 #define FLASH_REDIS_CLUSTER_IMPLEMENTED
+
+#include <arpa/inet.h> /* inet_pton: announced node addresses are IP literals */
 
 #define FLASH__RC_SLOTS 16384
 #define FLASH__RC_NONE 0xFFFFu
@@ -265,8 +269,10 @@ static void flash__rc_continue(flash__rc_op *rop, bool in_submit);
 static void flash__rc_refresh(flash__rc *rc);
 
 /* The node at host:port, added (with its connection, not yet open) when
-   new; -1 when out of memory or unusable. */
-static int32_t flash__rc_node_find(flash__rc *rc, const char *host, size_t hlen, uint16_t port) {
+   new; -1 when out of memory or unusable. A host a node announced (ip_only:
+   a MOVED / ASK, the slot map) must be an IP literal: a name would be looked
+   up (getaddrinfo, blocking the loop) for whatever text a reply carries. */
+static int32_t flash__rc_node_find(flash__rc *rc, const char *host, size_t hlen, uint16_t port, bool ip_only) {
     size_t i;
     flash_redis_desc d;
     flash__rc_node *n;
@@ -276,6 +282,14 @@ static int32_t flash__rc_node_find(flash__rc *rc, const char *host, size_t hlen,
         if (rc->nodes[i].port == port && strlen(rc->nodes[i].host) == hlen && memcmp(rc->nodes[i].host, host, hlen) == 0)
             return (int32_t)i;
     if (rc->nnodes >= FLASH__RC_MAX_NODES) return -1;
+    if (ip_only) {
+        char lit[sizeof n->host];
+        unsigned char addr[16];
+        memcpy(lit, host, hlen);
+        lit[hlen] = 0;
+        if (memchr(lit, 0, hlen) || (inet_pton(AF_INET, lit, addr) != 1 && inet_pton(AF_INET6, lit, addr) != 1))
+            return -1;
+    }
     if (rc->nnodes == rc->capnodes) {
         size_t cap = rc->capnodes ? rc->capnodes * 2 : 8;
         flash__rc_node *m = (flash__rc_node *)flash__rc_alloc(rc, cap * sizeof *m);
@@ -511,7 +525,7 @@ static void flash__rc_on_error(flash__rc_op *rop, uint32_t node, size_t i, const
             host = rc->nodes[node].host;
             hlen = strlen(host);
         }
-        to = flash__rc_node_find(rc, host, hlen, port);
+        to = flash__rc_node_find(rc, host, hlen, port, true);
         if (to < 0) {
             it->status = FLASH_EBACKEND;
             return;
@@ -625,7 +639,7 @@ static bool flash__rc_assign(flash__rc *rc, uint16_t *map, int64_t lo, int64_t h
                              int64_t port) {
     int32_t n;
     if (lo < 0 || hi >= FLASH__RC_SLOTS || lo > hi || port <= 0 || port > 65535) return false;
-    n = flash__rc_node_find(rc, host, hlen, (uint16_t)port);
+    n = flash__rc_node_find(rc, host, hlen, (uint16_t)port, true);
     if (n < 0) return false;
     while (lo <= hi) map[lo++] = (uint16_t)n;
     return true;
@@ -1064,7 +1078,7 @@ FLASH_API flash_cache flash_redis_cluster_create(const flash_redis_cluster_desc 
     for (i = 0; i < desc->seed_count; i++) {
         const flash_redis_node *s = &desc->seeds[i];
         if (!s->host || !s->host[0] || strlen(s->host) >= 64 ||
-            flash__rc_node_find(rc, s->host, strlen(s->host), s->port ? s->port : 6379) < 0) {
+            flash__rc_node_find(rc, s->host, strlen(s->host), s->port ? s->port : 6379, false) < 0) {
             rc_err = FLASH_EINVAL;
             goto fail;
         }
