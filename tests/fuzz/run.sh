@@ -42,6 +42,7 @@ flags=(-std=c11 -Wall -Wextra -Wpedantic -Werror -g -O1 -fno-omit-frame-pointer
 opts_for() {
     case "$1" in
         fuzz_memcached) echo "-max_len=9000 -dict=tests/fuzz/fuzz_memcached.dict" ;;
+        fuzz_redis_cluster) echo "-max_len=4096 -dict=tests/fuzz/fuzz_redis_cluster.dict" ;;
         *) echo "-max_len=4096" ;;
     esac
 }
