@@ -636,7 +636,155 @@ static void flash__sq_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
     flash_fetch_done(f, rc, rc ? err : NULL);
 }
 
-static const flash_source_vtable flash__sq_vt = {"sqlite", flash__sq_fetch, NULL, NULL};
+/* ---- writes (flash_save / flash_delete) ---- */
+
+static int flash__sq_exec(flash_sqlite *s, const char *sql) {
+    return sqlite3_exec(s->db, sql, NULL, NULL, NULL);
+}
+
+static int flash__sq_prepare(flash_sqlite *s, flash_strbuf *b, sqlite3_stmt **st) {
+    int rc;
+    *st = NULL;
+    if (b->oom) {
+        free(b->data);
+        return SQLITE_NOMEM;
+    }
+    rc = sqlite3_prepare_v2(s->db, b->data, (int)b->len + 1, st, NULL);
+    free(b->data);
+    memset(b, 0, sizeof *b);
+    return rc;
+}
+
+/* Bind the fields of row (all, or just field `only` when >= 0) from at. */
+static int flash__sq_bind_row(sqlite3_stmt *st, const flash_model *m, const void *row, int only) {
+    size_t i;
+    int at = 1, rc = SQLITE_OK;
+    for (i = 0; i < m->nfields && rc == SQLITE_OK; i++) {
+        flash_value v;
+        if (only >= 0 && (int)i != only) continue;
+        v = flash_row_value(m, row, (int)i);
+        rc = flash__sq_bind(st, at++, &v, m->fields[i].type);
+    }
+    return rc;
+}
+
+/* One transaction (BEGIN IMMEDIATE: the old rows read cannot change before
+   the write): per row, SELECT the old row by primary key, then UPSERT or
+   DELETE; COMMIT, or ROLLBACK on the first error. */
+static void flash__sq_write(void *self, flash_ctx *ctx, flash_write *w) {
+    flash_sqlite *s = (flash_sqlite *)self;
+    const flash_model *m = flash_write_model(w);
+    const char *table = m->opts.table ? m->opts.table : m->name;
+    const char *pkname = m->fields[m->opts.pk].name;
+    bool save = flash_write_kind_of(w) == FLASH_WRITE_SAVE;
+    sqlite3_stmt *sel = NULL, *wr = NULL;
+    flash_strbuf b;
+    char err[512];
+    char *row = NULL;
+    size_t i, n = flash_write_count(w);
+    int rc, code = FLASH_ESOURCE;
+    (void)ctx;
+    err[0] = 0;
+    if (!sqlite3_get_autocommit(s->db)) {
+        flash_write_done(w, FLASH_ESTATE, "sqlite: a transaction is open on the connection: flash_save runs its own");
+        return;
+    }
+    memset(&b, 0, sizeof b);
+    flash_strbuf_puts(&b, "SELECT ");
+    flash__sq_columns(&b, m);
+    flash_strbuf_puts(&b, " FROM ");
+    flash_sql_ident(&b, table, true);
+    flash_strbuf_puts(&b, " WHERE ");
+    flash_sql_ident(&b, pkname, false);
+    flash_strbuf_puts(&b, " = ?");
+    rc = flash__sq_prepare(s, &b, &sel);
+    if (rc == SQLITE_OK) {
+        if (save) {
+            flash_strbuf_puts(&b, "INSERT INTO ");
+            flash_sql_ident(&b, table, true);
+            flash_strbuf_puts(&b, " (");
+            flash__sq_columns(&b, m);
+            flash_strbuf_puts(&b, ") VALUES (");
+            for (i = 0; i < m->nfields; i++) flash_strbuf_puts(&b, i ? ",?" : "?");
+            flash_strbuf_puts(&b, ") ON CONFLICT (");
+            flash_sql_ident(&b, pkname, false);
+            flash_strbuf_puts(&b, ") DO ");
+            if (m->nfields == 1) flash_strbuf_puts(&b, "NOTHING");
+            else {
+                bool first = true;
+                flash_strbuf_puts(&b, "UPDATE SET ");
+                for (i = 0; i < m->nfields; i++) {
+                    if ((int)i == m->opts.pk) continue;
+                    if (!first) flash_strbuf_puts(&b, ",");
+                    first = false;
+                    flash_sql_ident(&b, m->fields[i].name, false);
+                    flash_strbuf_puts(&b, "=excluded.");
+                    flash_sql_ident(&b, m->fields[i].name, false);
+                }
+            }
+        } else {
+            flash_strbuf_puts(&b, "DELETE FROM ");
+            flash_sql_ident(&b, table, true);
+            flash_strbuf_puts(&b, " WHERE ");
+            flash_sql_ident(&b, pkname, false);
+            flash_strbuf_puts(&b, " = ?");
+        }
+        rc = flash__sq_prepare(s, &b, &wr);
+    }
+    row = (char *)calloc(1, m->size ? m->size : 1);
+    if (rc == SQLITE_OK && !row) rc = SQLITE_NOMEM;
+    if (rc == SQLITE_OK) rc = flash__sq_exec(s, "BEGIN IMMEDIATE");
+    if (rc != SQLITE_OK) snprintf(err, sizeof err, "sqlite: %s: %s", table, sqlite3_errmsg(s->db));
+    for (i = 0; i < n && rc == SQLITE_OK; i++) {
+        const void *nr = flash_write_row(w, i);
+        int step;
+        flash__sq_bind_row(sel, m, nr, m->opts.pk);
+        step = sqlite3_step(sel);
+        s->stats.statements++;
+        if (step == SQLITE_ROW) {
+            size_t k;
+            const char *why = NULL;
+            memset(row, 0, m->size);
+            for (k = 0; k < m->nfields; k++)
+                if (flash__sq_read(sel, (int)k, &m->fields[k], row, &why) != 0) break;
+            if (k < m->nfields) {
+                /* cannot read the old row: its keys are unknown, so refuse */
+                snprintf(err, sizeof err, "sqlite: %s.%s: the old row cannot be read (%s): not written", table,
+                         m->fields[k].name, why ? why : "?");
+                rc = SQLITE_MISMATCH;
+            } else if (flash_write_set_old(w, i, row) != FLASH_OK) {
+                code = FLASH_ENOMEM;
+                rc = SQLITE_NOMEM;
+            }
+        } else if (step != SQLITE_DONE) {
+            rc = step;
+        }
+        sqlite3_reset(sel);
+        sqlite3_clear_bindings(sel);
+        if (rc != SQLITE_OK) break;
+        flash__sq_bind_row(wr, m, nr, save ? -1 : m->opts.pk);
+        step = sqlite3_step(wr);
+        s->stats.statements++;
+        if (step != SQLITE_DONE) rc = step;
+        sqlite3_reset(wr);
+        sqlite3_clear_bindings(wr);
+    }
+    if (rc != SQLITE_OK && !err[0]) snprintf(err, sizeof err, "sqlite: %s: %s", table, sqlite3_errmsg(s->db));
+    sqlite3_finalize(sel);
+    sqlite3_finalize(wr);
+    free(row);
+    if (rc == SQLITE_OK && (rc = flash__sq_exec(s, "COMMIT")) != SQLITE_OK)
+        snprintf(err, sizeof err, "sqlite: %s: COMMIT: %s", table, sqlite3_errmsg(s->db));
+    if (rc != SQLITE_OK) {
+        if (!sqlite3_get_autocommit(s->db)) flash__sq_exec(s, "ROLLBACK");
+        s->stats.errors++;
+        flash_write_done(w, code, err);
+        return;
+    }
+    flash_write_done(w, FLASH_OK, NULL);
+}
+
+static const flash_source_vtable flash__sq_vt = {"sqlite", flash__sq_fetch, NULL, flash__sq_write};
 
 FLASH_API flash_source flash_sqlite_source(flash_sqlite *s) {
     flash_source src;

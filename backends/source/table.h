@@ -294,7 +294,35 @@ static void flash__table_cancel(void *self, flash_fetch *f) {
     }
 }
 
-static const flash_source_vtable flash__table_vt = {"table", flash__table_fetch, flash__table_cancel, NULL};
+/* flash_save / flash_delete: inside the call; the old rows first, then the
+   writes (flash_table_fail_next fails the write, nothing written). */
+static void flash__table_write(void *self, flash_ctx *ctx, flash_write *w) {
+    flash_table *t = (flash_table *)self;
+    const flash_model *m = flash_write_model(w);
+    size_t i, n = flash_write_count(w);
+    (void)ctx;
+    if (t->fail_code) {
+        int code = t->fail_code;
+        t->fail_code = 0;
+        flash_write_done(w, code, t->fail_message[0] ? t->fail_message : NULL);
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        const void *old = flash_table_find(t, m, flash_row_value(m, flash_write_row(w, i), m->opts.pk));
+        if (old && flash_write_set_old(w, i, old) != FLASH_OK) {
+            flash_write_done(w, FLASH_ENOMEM, NULL);
+            return;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        const void *row = flash_write_row(w, i);
+        if (flash_write_kind_of(w) == FLASH_WRITE_SAVE) flash_table_put(t, m, row);
+        else flash_table_delete(t, m, flash_row_value(m, row, m->opts.pk));
+    }
+    flash_write_done(w, FLASH_OK, NULL);
+}
+
+static const flash_source_vtable flash__table_vt = {"table", flash__table_fetch, flash__table_cancel, flash__table_write};
 
 FLASH_API flash_source flash_table_source(flash_table *t) {
     flash_source s;
