@@ -77,6 +77,8 @@ headers: | $(BUILD)/headers
 	echo "headers: $(words $(HEADERS)) headers compile as C11 and C++17, alone and with the implementation"; \
 	$(CC) $(STRICT) -I. tests/compile/feature_macros.c -o $(BUILD)/headers/feature_macros -lpthread; \
 	./$(BUILD)/headers/feature_macros; \
+	$(CC) $(STRICT) -I. tests/compile/default_timeout.c -o $(BUILD)/headers/default_timeout -lpthread; \
+	./$(BUILD)/headers/default_timeout; \
 	CC=$(CC) CXX=$(CXX) BUILD=$(BUILD) ./tests/compile/task_switches.sh
 
 $(BUILD)/tests/flash_tests: $(TEST_SRC) $(SRCLIST) $(wildcard tests/*.h) $(HEADERS) | $(BUILD)/tests

@@ -20,6 +20,9 @@
      FLASH_NO_THREADS     leave out flash_thread_ctx() and its pthread use
      FLASH_NO_TASKS       leave out tasks (see layer 3b, also for
                           FLASH_TASK_UCONTEXT and bringing your own switch)
+     FLASH_DEFAULT_TIMEOUT_S  lifetime of cached values of every class and
+                          model that sets no timeout_s (default: one week;
+                          django-flash's FLASH_DEFAULT_TIMEOUT)
 
    LAYERS (sections of this file, bottom to top; each calls only those below)
      1. config, errors, allocator, logger
@@ -719,7 +722,8 @@ typedef void (*flash_fetch_fn)(flash_ctx *ctx, flash_fetch *f, void *user_data);
    Zero fields take the defaults. */
 typedef struct flash_cache_opts {
     uint32_t version;        /* static version, part of every key; default: 1 */
-    uint32_t timeout_s;      /* cached value lifetime; default: one week */
+    uint32_t timeout_s;      /* cached value lifetime; default: the model's, else
+                                FLASH_DEFAULT_TIMEOUT_S (one week) */
     flash_invalidation invalidation; /* default: FLASH_INVALIDATE_UNSET */
     uint32_t allowtime_s;    /* serve a stale value up to this long while one
                                 reader refreshes it; default: 0, never */
@@ -3958,6 +3962,9 @@ FLASH_API void flash_cache_destroy(flash_cache cache) {
 /* ---- 7. model registry --------------------------------------------------- */
 
 #define FLASH__WEEK_S (7u * 24u * 3600u)
+#ifndef FLASH_DEFAULT_TIMEOUT_S /* the global default of every class's timeout_s */
+#define FLASH_DEFAULT_TIMEOUT_S FLASH__WEEK_S
+#endif
 #define FLASH__MAX_KEY 250u
 
 static flash_model *flash__registry;
@@ -3980,7 +3987,7 @@ static void flash__opts_defaults(flash_cache_opts *o, const flash_cache_opts *in
         if (!o->allowtime_s) o->allowtime_s = inherit->allowtime_s;
     }
     if (!o->version) o->version = 1;
-    if (!o->timeout_s) o->timeout_s = FLASH__WEEK_S;
+    if (!o->timeout_s) o->timeout_s = FLASH_DEFAULT_TIMEOUT_S;
 }
 
 FLASH_API void flash_register_model(flash_model *m) {
