@@ -291,7 +291,7 @@ RC_TEST(a_slot_migrated_live_loses_no_answer_ask_then_moved) {
 /* ---- a fake node: redirects and garbage ---- */
 
 static uint16_t fake_port;
-enum { FAKE_MOVED_SELF = 1, FAKE_BAD_MOVED, FAKE_GARBAGE, FAKE_HALF_MAP, FAKE_TRYAGAIN, FAKE_BAD_MAP, FAKE_NAMED_MOVED };
+enum { FAKE_MOVED_SELF = 1, FAKE_BAD_MOVED, FAKE_GARBAGE, FAKE_HALF_MAP, FAKE_TRYAGAIN, FAKE_BAD_MAP, FAKE_NAMED_MOVED, FAKE_READONLY };
 
 /* One command off buf: argv of bulk strings; 0 when incomplete. */
 static size_t fake_command(const char *buf, size_t len, char argv[8][64], int *argc) {
@@ -362,6 +362,8 @@ static void fake_node(int fd, int mode) {
                     int o = snprintf(reply, sizeof reply, "*%d\r\n", keys);
                     for (int i = 0; i < keys; i++) o += snprintf(reply + o, sizeof reply - (size_t)o, "$-1\r\n");
                 }
+            } else if (mode == FAKE_READONLY && !strcasecmp(argv[0], "SET")) {
+                snprintf(reply, sizeof reply, "-READONLY You can't write against a read only replica.\r\n");
             } else {
                 snprintf(reply, sizeof reply, "+OK\r\n");
             }
@@ -409,6 +411,33 @@ RC_TEST(redirect_loops_garbage_and_unserved_slots_fail_only_their_keys) {
     cr_assert_eq(fake_get(FAKE_NAMED_MOVED, "a", &st), FLASH_EBACKEND, "a MOVED to a host name");
     cr_assert_eq(st.moved, 0);
     cr_assert_eq(st.nodes, 1, "no node made for the name");
+}
+
+/* READONLY (a demoted master, its connection still open): the map is
+   reloaded and the key sent again, up to max_redirects, then FLASH_EBACKEND. */
+RC_TEST(readonly_reloads_the_map_and_retries) {
+    int mode = FAKE_READONLY;
+    flash_test_fake f;
+    flash_test_fake_start(&f, fake_node, &mode, 1, mode);
+    fake_port = f.port;
+    flash_poll *p = flash_poll_create();
+    flash_cache rc = cluster_backend(p, &f.port, 1, 2000);
+    flash_cache_item it[1];
+    flash_cache_op op;
+    flash_redis_cluster_stats st;
+    int done;
+    key(&it[0], "a");
+    it[0].value = "v";
+    it[0].value_len = 1;
+    op_init(&op, FLASH_CACHE_SET, it, 1, &done);
+    run(p, rc, &op);
+    cr_assert_eq(it[0].status, FLASH_EBACKEND, "given up after max_redirects");
+    flash_redis_cluster_stats_get(rc, &st);
+    cr_assert_geq(st.refreshes, 2, "the first map and a reload after READONLY (%llu)", (unsigned long long)st.refreshes);
+    cr_assert_geq(st.requests, 6, "the SET sent again (requests %llu)", (unsigned long long)st.requests);
+    flash_cache_destroy(rc);
+    flash_poll_destroy(p);
+    flash_test_fake_stop(&f);
 }
 
 /* ---- failover ---- */

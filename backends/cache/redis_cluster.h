@@ -23,6 +23,8 @@
                      while the op's deadline (timeout_ms from submit) allows,
                      then FLASH_ETIMEDOUT
        NOSCRIPT      the node's connection reloads the scripts; retried
+       READONLY      (a demoted master on a still-open connection) the map
+                     is reloaded and the key sent again after a backoff
      Each key follows at most max_redirects redirects and retries (a loop:
      FLASH_EBACKEND); a malformed redirect fails its key with FLASH_EPROTO; a
      slot no node serves, FLASH_EBACKEND. Retries of one op go out together,
@@ -554,8 +556,14 @@ static void flash__rc_on_error(flash__rc_op *rop, uint32_t node, size_t i, const
     } else if (n >= 8 && memcmp(text, "NOSCRIPT", 8) == 0) {
         rc->stats.noscript++; /* the node reconnects when idle, loading them */
         rop->st[i] = FLASH__RC_SEND;
+    } else if (n >= 8 && memcmp(text, "READONLY", 8) == 0) {
+        /* A master demoted to a replica (a failover) still answering on the
+           open connection: the map is stale. Reload it and send the key
+           again after a backoff (counted as a redirect). */
+        flash__rc_refresh(rc);
+        rop->st[i] = FLASH__RC_BACKOFF;
     } else {
-        it->status = FLASH_EBACKEND; /* OOM, READONLY, a script error, ... */
+        it->status = FLASH_EBACKEND; /* OOM, a script error, ... */
     }
 }
 
