@@ -17,7 +17,7 @@ mkdir -p "$out"
 
 "$CC" -std=c11 -Wall -Wextra -Wpedantic -Werror -O1 -g -fno-omit-frame-pointer -fsanitize=thread \
     -DFLASH_THREADS_MAIN -I. -Itests \
-    tests/test_threads.c tests/harness.c tests/models.c tests/loops.c tests/impl.c \
+    tests/test_threads.c tests/harness.c tests/models.c tests/loops.c tests/cluster.c tests/impl.c \
     -o "$out/flash_threads" -lcriterion -luv -levent -lev -lsqlite3 -lpq -lpthread -lm
 
 status=0
