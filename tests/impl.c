@@ -1,6 +1,8 @@
 /* The one translation unit of the test binary that holds the implementation
    of flash.h and of every adapter header the tests use. */
 #define FLASH_IMPLEMENTATION
+/* SQLite change tracking's preupdate path (Debian's libsqlite3 has it). */
+#define FLASH_SQLITE_PREUPDATE 1
 #include "flash.h"
 #include "backends/loop/poll.h"
 #include "backends/cache/memory.h"
