@@ -595,7 +595,9 @@ struct flash_cache_op {
     flash_cache_done_fn done;
     void *data;              /* the caller's */
     int status;              /* out: 0, or the error of the whole operation */
-    uint32_t round_trips;    /* out: server requests the operation took */
+    uint32_t round_trips;    /* out: server requests the operation took (a
+                                backend that sends to several servers at once
+                                may count the wave once: say which) */
     void *priv[4];           /* the backend's */
     flash_defer tick;        /* the backend's: completing on a later tick
                                 with flash_loop_post, without allocating */
