@@ -30,15 +30,37 @@ static int64_t fake_clock(void *ud) {
     return fake_now;
 }
 
-typedef enum mode { MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME } mode;
-static const char *const mode_names[] = {"unset", "dynamic", "allowtime"};
+/* MODE_OFF (no invalidation) is a deliberately broken variant: the
+   harness must find it inconsistent. */
+typedef enum mode { MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_OFF } mode;
+static const char *const mode_names[] = {"unset", "dynamic", "allowtime", "off"};
 
 static const flash_model *model_of(mode m) {
-    return m == MODE_UNSET ? &Account_model : m == MODE_DYNAMIC ? &DynAccount_model : &SoftAccount_model;
+    return m == MODE_UNSET ? &Account_model : m == MODE_DYNAMIC ? &DynAccount_model
+                                          : m == MODE_ALLOWTIME ? &SoftAccount_model : &OffAccount_model;
 }
 static const flash_class *class_of(mode m) {
-    return m == MODE_UNSET ? &Account__get_by_id : m == MODE_DYNAMIC ? &DynAccount__get_by_id : &SoftAccount__get_by_id;
+    return m == MODE_UNSET ? &Account__get_by_id : m == MODE_DYNAMIC ? &DynAccount__get_by_id
+                                               : m == MODE_ALLOWTIME ? &SoftAccount__get_by_id : &OffAccount__get_by_id;
 }
+
+/* Who invalidates the write.
+     WR_DIRECT   the writer itself, flash_invalidate_async after its commit.
+     WR_STREAM   the change-stream consumer (backends/changes/postgres.h):
+                 the writer only commits; later the consumer applies the
+                 transaction on a context of its own, exactly as its
+                 flash__pgc_flight_start does: flash_ctx_reset, then
+                 flash_invalidate_rows_async(ctx, m, n, olds, news) with the
+                 row images decoded from the stream (copies: REPLICA IDENTITY
+                 FULL gives the whole old row), gathered with flash_gather;
+                 the acknowledgement waits for that promise. The real
+                 consumer needs PostgreSQL's stream, which cannot be held
+                 step by step at the gate: its apply step is reproduced
+                 call for call.
+     WR_STREAM_LOST  deliberately broken: the consumer drops the change
+                 (acknowledges without applying); must be found inconsistent. */
+typedef enum writer { WR_DIRECT, WR_STREAM, WR_STREAM_LOST } writer;
+static const char *const writer_names[] = {"direct", "stream", "stream-lost"};
 
 /* ---- the world a scenario runs in ---- */
 
@@ -52,6 +74,7 @@ typedef struct world {
     gate *g;
     gated_source *gs;
     flash_ctx *reader, *writer;
+    flash_ctx *consumer; /* the change stream's: no source, the readers' desc */
 } world;
 
 static flash_ctx *world_ctx(world *w, flash_cache cache, flash_source src) {
@@ -75,11 +98,13 @@ static void world_init(world *w, store_fn make_store) {
     w->gs = gated_source_create(w->db, flash_poll_loop(w->loop));
     w->reader = world_ctx(w, gate_cache(w->g), gated_source_get(w->gs));
     w->writer = world_ctx(w, gate_cache(w->g), flash_table_source(w->db));
+    w->consumer = world_ctx(w, gate_cache(w->g), flash_table_source(w->db));
 }
 
 static void world_free(world *w) {
     flash_ctx_destroy(w->reader);
     flash_ctx_destroy(w->writer);
+    flash_ctx_destroy(w->consumer);
     gated_source_destroy(w->gs);
     gate_destroy(w->g);
     flash_cache_destroy(w->store);
@@ -119,6 +144,7 @@ static const char *const start_names[] = {"cold", "warm", "marked"};
 
 typedef struct scenario {
     mode m;
+    writer wr;
     start from;      /* cold; the old row cached; or an earlier write's
                         invalidation already there (outside the lag window) */
     int step_ms;     /* time between steps: 0 (inside the lag window) or 400 */
@@ -126,7 +152,8 @@ typedef struct scenario {
 } scenario;
 
 static void describe(const scenario *s, char *out, size_t cap) {
-    int n = snprintf(out, cap, "%s/%s/%dms:", mode_names[s->m], start_names[s->from], s->step_ms);
+    int n = snprintf(out, cap, "%s/%s/%s/%dms:", writer_names[s->wr], mode_names[s->m], start_names[s->from],
+                     s->step_ms);
     for (int i = 0; i < 5 && n > 0 && (size_t)n < cap; i++) n += snprintf(out + n, cap - (size_t)n, " %s", step_names[s->steps[i]]);
 }
 
@@ -178,7 +205,18 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
             break;
         case W_UPDATE: cr_assert_eq(flash_table_put(w.db, model, &new_row), 0); break;
         case W_INVALIDATE:
-            inv = flash_invalidate_async(w.writer, model, &old_row, &new_row);
+            if (s->wr == WR_DIRECT) {
+                inv = flash_invalidate_async(w.writer, model, &old_row, &new_row);
+            } else {
+                /* The consumer's apply step (see writer). */
+                flash_ctx_reset(w.consumer);
+                const void *olds[1] = {flash_row_copy(w.consumer, model, &old_row)};
+                const void *news[1] = {flash_row_copy(w.consumer, model, &new_row)};
+                flash_promise *ps[1];
+                if (s->wr == WR_STREAM_LOST) ps[0] = flash_fulfilled(w.consumer, NULL);
+                else ps[0] = flash_invalidate_rows_async(w.consumer, model, 1, olds, news);
+                inv = flash_gather(w.consumer, 1, ps);
+            }
             release_writer(&w, inv);
             break;
         }
@@ -230,26 +268,46 @@ static int schedules(int out[][5]) {
     return n;
 }
 
-static int run_all(const mode *modes, int nmodes, store_fn make_store, int64_t id_base, const char *label) {
+/* Every schedule of the modes with writer wr; returns the inconsistent
+   ones (expect_bad: a broken variant, whose failures are not errors). */
+static int run_writer(writer wr, const mode *modes, int nmodes, store_fn make_store, int64_t id_base,
+                      const char *label, bool expect_bad, int *nruns) {
     int orders[10][5], n = schedules(orders), runs = 0, bad = 0;
     static const int step_ms[] = {0, 400};
     for (int mi = 0; mi < nmodes; mi++)
         for (int from = START_COLD; from <= START_MARKED; from++)
             for (int si = 0; si < 2; si++)
                 for (int o = 0; o < n; o++) {
-                    scenario s = {modes[mi], (start)from, step_ms[si], {0}};
+                    scenario s = {modes[mi], wr, (start)from, step_ms[si], {0}};
                     memcpy(s.steps, orders[o], sizeof s.steps);
                     char why[128] = "", name[256];
                     if (!run_scenario(&s, make_store, id_base + runs, why, sizeof why)) {
                         describe(&s, name, sizeof name);
-                        cr_log_error("inconsistent: %s: %s", name, why);
-                        fprintf(stderr, "inconsistent: %s: %s\n", name, why);
+                        if (!expect_bad) {
+                            cr_log_error("inconsistent: %s: %s", name, why);
+                            fprintf(stderr, "inconsistent: %s: %s\n", name, why);
+                        }
                         bad++;
                     }
                     runs++;
                 }
-    fprintf(stderr, "consistency (%s): %d schedules run, %d inconsistent\n", label, runs, bad);
+    fprintf(stderr, "consistency (%s, %s writer): %d schedules run, %d inconsistent%s\n", label, writer_names[wr],
+            runs, bad, expect_bad ? " (a broken variant: expected)" : "");
+    *nruns = runs;
+    return bad;
+}
+
+static int run_all(const mode *modes, int nmodes, store_fn make_store, int64_t id_base, const char *label) {
+    int runs = 0, bad = run_writer(WR_DIRECT, modes, nmodes, make_store, id_base, label, false, &runs);
     cr_assert_eq(bad, 0, "%d of %d schedules left a stale value", bad, runs);
+    return runs;
+}
+
+/* The change-stream writer: the same schedules, the invalidation applied
+   by the consumer's context. */
+static int run_stream(const mode *modes, int nmodes, store_fn make_store, int64_t id_base, const char *label) {
+    int runs = 0, bad = run_writer(WR_STREAM, modes, nmodes, make_store, id_base, label, false, &runs);
+    cr_assert_eq(bad, 0, "%d of %d stream schedules left a stale value", bad, runs);
     return runs;
 }
 
@@ -322,4 +380,47 @@ FLASH_TEST(consistency, the_same_schedules_on_a_redis_cluster) {
     mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
     int runs = run_all(modes, 3, cluster_store, 900000, "redis cluster");
     cr_assert_eq(runs, 3 * 3 * 2 * 10);
+}
+
+/* ---- the change-stream writer (issue 14) ---- */
+
+FLASH_TEST(consistency, stream_writer_every_schedule_on_the_memory_backend_ends_consistent) {
+    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
+    cr_assert_eq(run_stream(modes, 3, memory_store, 2000, "memory backend"), 3 * 3 * 2 * 10);
+}
+
+FLASH_TEST(consistency, stream_writer_the_same_schedules_on_real_memcached) {
+    cr_assert(flash_test_memcached_start(&mc, "-m 16"));
+    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
+    cr_assert_eq(run_stream(modes, 3, memcached_store, 600000, "memcached"), 3 * 3 * 2 * 10);
+    flash_test_server_stop(&mc);
+}
+
+FLASH_TEST(consistency, stream_writer_the_same_schedules_on_real_redis) {
+    cr_assert(flash_test_redis_start(&rs));
+    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
+    cr_assert_eq(run_stream(modes, 3, redis_store, 800000, "redis"), 3 * 3 * 2 * 10);
+    flash_test_server_stop(&rs);
+}
+
+FLASH_TEST(consistency, stream_writer_the_same_schedules_on_a_redis_cluster) {
+    rcl = flash_test_cluster_shared();
+    cr_assert(rcl, "no Redis Cluster");
+    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
+    cr_assert_eq(run_stream(modes, 3, cluster_store, 950000, "redis cluster"), 3 * 3 * 2 * 10);
+}
+
+/* The broken variants: the harness must catch them. A consumer that
+   acknowledges without applying, and a class without invalidation. */
+FLASH_TEST(consistency, broken_variants_are_caught) {
+    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
+    int runs = 0;
+    int bad = run_writer(WR_STREAM_LOST, modes, 3, memory_store, 3000, "memory backend", true, &runs);
+    cr_assert_gt(bad, 0, "a lost stream change must leave stale values");
+    cr_log_info("stream-lost: %d of %d schedules inconsistent", bad, runs);
+    mode off[] = {MODE_OFF};
+    bad = run_writer(WR_STREAM, off, 1, memory_store, 4000, "memory backend", true, &runs);
+    cr_assert_gt(bad, 0, "a class without invalidation must leave stale values");
+    bad = run_writer(WR_DIRECT, off, 1, memory_store, 5000, "memory backend", true, &runs);
+    cr_assert_gt(bad, 0, "a class without invalidation must leave stale values");
 }
