@@ -279,3 +279,20 @@ FLASH_TEST(sqlite_changes, a_busy_commit_invalidates_only_once_retried) {
     cr_assert_str_eq(by_id(7)->username, "busy");
     sqlite3_close(other);
 }
+
+/* The update path re-reads rows after the commit: not while a later
+   transaction is open on the connection (it would read that one's
+   uncommitted row, and miss the committed value's keys). */
+FLASH_TEST(sqlite_changes, update_hook_rereads_outside_a_later_transaction) {
+    start(false, FLASH_SQLITE_TRACK_UPDATE_HOOK);
+    cr_assert_null(by_name("alice"));
+    exec("UPDATE sc_users SET username = 'alice' WHERE id = 1");
+    exec("BEGIN; UPDATE sc_users SET username = 'carol' WHERE id = 1");
+    settle();
+    cr_assert_eq(flash_sqlite_changes_stats_get(tr).commits, 0, "waits for the open transaction");
+    exec("ROLLBACK");
+    settle();
+    cr_assert_eq(flash_sqlite_changes_stats_get(tr).commits, 1);
+    ScUser *u = by_name("alice");
+    cr_assert(u && u->id == 1, "the committed username's key (a cached none) was invalidated");
+}

@@ -152,7 +152,9 @@ FLASH_API void flash_sqlite_set_max_keys(flash_sqlite *s, size_t n);
                 Keys on OLD values of other columns (the old username, the
                 old first_name's list) cannot be invalidated: they stay until
                 their timeout. WITHOUT ROWID tables are not seen at all
-                (SQLite does not call the update hook for them).
+                (SQLite does not call the update hook for them). While the
+                connection has a transaction open the re-read waits for its
+                end (it would read that transaction's uncommitted rows).
    Both: values that do not convert to their field (NULL in a non-null
    field, a type mismatch) leave that field unknown: the classes keyed on
    it are skipped for that row (DYNAMIC classes are bumped). Column
@@ -1112,6 +1114,7 @@ static void flash__sqc_rollback(void *arg) {
         flash__sqc_drop(t, i);
         t->stats.rollbacks++;
     }
+    if (t->ncommitting) flash__sqc_post(t); /* one kept for a transaction open then */
 }
 
 /* Column names and the rowid alias of a table, outside the hooks. */
@@ -1515,6 +1518,11 @@ static void flash__sqc_tick(void *arg) {
         if (g->dv == dv) {
             if (!sqlite3_get_autocommit(t->db)) break; /* COMMIT failed: still open */
             t->stats.rollbacks++;                      /* gone without its rollback hook */
+        } else if (!t->preupdate && !sqlite3_get_autocommit(t->db)) {
+            /* The update path re-reads rows: not inside a transaction opened
+               since, whose uncommitted rows it would read instead. Its
+               COMMIT or ROLLBACK posts this tick again. */
+            break;
         } else {
             flash__sqc_apply(t, g);
         }
