@@ -1221,6 +1221,12 @@ FLASH_API int flash_write_set_old(flash_write *w, size_t i, const void *old_row)
 /* status 0: committed (then the engine invalidates); else nothing was
    written. Call once; the write and its rows are gone after. */
 FLASH_API int flash_write_done(flash_write *w, int status, const char *message);
+/* For a source answering later (from a loop callback): cancel(self, w)
+   runs if the context is destroyed before flash_write_done; the source then
+   forgets w (no flash_write_* calls on it after; its rows are gone). The
+   database may still commit the write: nothing is invalidated for it then.
+   A context reset does not cancel: the write finishes, and invalidates. */
+FLASH_API void flash_write_on_cancel(flash_write *w, void (*cancel)(void *self, flash_write *w), void *self);
 
 #ifdef __cplusplus
 } /* extern "C" */
@@ -1467,6 +1473,7 @@ struct flash_ctx {
     struct flash__binding *sources; /* layer 8: model -> source, kept across resets */
     struct flash__eop *writes;      /* layer 8: cache writes in flight, any generation */
     struct flash_fetch *fetches;    /* layer 8: source fetches not done, any generation */
+    struct flash_write *live_writes; /* layer 9: source writes not done, any generation */
     size_t nsources;
     char *prefix;            /* layer 7: escaped key prefix */
     size_t prefix_len;
@@ -1637,6 +1644,7 @@ static void flash__tasks_cancel(flash_ctx *ctx);                  /* layer 3b */
 static void flash__tasks_free(flash_ctx *ctx);
 static void flash__tasks_trim(flash_ctx *ctx);
 static void flash__kheads_free(flash_ctx *ctx);                   /* layer 7 */
+static void flash__writes_cancel(flash_ctx *ctx);                 /* layer 9 */
 
 /* Holds to release at the next drain (see flash__batch_finish). */
 typedef struct flash__later {
@@ -1813,6 +1821,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
     flash__tasks_cancel(ctx);
     flash__loaders_cancel(ctx);
     flash__engine_reset(ctx, true);
+    flash__writes_cancel(ctx);
     flash__loaders_release(ctx);
     flash__cancel_drain(ctx);
     flash__release_later(ctx);
@@ -6938,7 +6947,36 @@ struct flash_write {
     flash_promise *out;
     uint64_t gen;
     bool done;
+    struct flash_write *next_live, **prev_live; /* ctx->live_writes */
+    void (*cancel)(void *self, flash_write *w);
+    void *cancel_self;
 };
+
+static void flash__write_unlink(flash_write *w) {
+    if (!w->prev_live) return;
+    *w->prev_live = w->next_live;
+    if (w->next_live) w->next_live->prev_live = w->prev_live;
+    w->prev_live = NULL;
+    w->next_live = NULL;
+}
+
+/* Context destroyed: the sources forget their writes in flight. */
+static void flash__writes_cancel(flash_ctx *ctx) {
+    flash_write *w;
+    while ((w = ctx->live_writes) != NULL) {
+        flash__write_unlink(w);
+        w->done = true;
+        if (w->cancel) w->cancel(w->cancel_self, w);
+        else flash_ctx_log(ctx, FLASH_LOG_ERROR, "flash_ctx_destroy: a write of %s in flight cannot be cancelled",
+                           w->model->name);
+    }
+}
+
+FLASH_API void flash_write_on_cancel(flash_write *w, void (*cancel)(void *self, flash_write *w), void *self) {
+    if (!w || w->done) return;
+    w->cancel = cancel;
+    w->cancel_self = self;
+}
 
 static void flash__write_inv_done(flash_ctx *ctx, flash_promise *p, void *arg) {
     flash_promise *out = (flash_promise *)arg;
@@ -6977,6 +7015,10 @@ static flash_promise *flash__write_start(flash_ctx *ctx, const flash_model *m, f
     for (i = 0; i < n; i++)
         if (!(w->rows[i] = flash_row_copy(ctx, cm, rows[i]))) return NULL;
     w->gen = flash__hold(ctx); /* the write's memory lives until its source answers */
+    w->next_live = ctx->live_writes;
+    if (w->next_live) w->next_live->prev_live = &w->next_live;
+    w->prev_live = &ctx->live_writes;
+    ctx->live_writes = w;
     src.vt->write(src.self, ctx, w);
     return w->out;
 }
@@ -7034,6 +7076,7 @@ FLASH_API int flash_write_done(flash_write *w, int status, const char *message) 
     if (!w) return FLASH_EINVAL;
     if (w->done) return FLASH_ESTATE;
     w->done = true;
+    flash__write_unlink(w);
     ctx = w->ctx;
     live = w->gen == ctx->gen; /* else the context was reset meanwhile: nobody waits */
     if (status) {

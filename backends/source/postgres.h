@@ -84,6 +84,17 @@
    cancel (context reset or destroyed): a queued fetch is dropped; one in
    flight is forgotten and its results are discarded when they come.
 
+   WRITES (flash_save / flash_delete and the _rows forms): ONE statement per
+   batch, its own transaction, on the loop like a fetch (see
+   flash__pg_wstmt_for: a CTE reading and locking the old rows, then
+   INSERT ... ON CONFLICT (pk) DO UPDATE; DELETE ... RETURNING the old rows).
+   The rows are one JSON parameter read by json_populate_recordset(NULL::t,
+   $1::json), so each value goes through its column's input function. A
+   server error rejects the batch (FLASH_ESOURCE); so does a lost connection
+   or a timeout, with the outcome unknown (never retried). Destroying the
+   context cancels the write (flash_write_on_cancel): queued, it is
+   dropped; in flight, its result is discarded (it may still commit).
+
    LIMITS
      Single-threaded: use a source from its loop's thread. Rows are matched
      to keys by field values (byte equality): keep key columns' collations
@@ -130,7 +141,10 @@ typedef struct flash_pg_stats {
     uint64_t fast_fails;       /* fetches failed without trying, while marked down */
     uint64_t lost;             /* connections lost (by the server or the network) */
     uint64_t retries;          /* queries retried on a new connection */
-    uint64_t canceled;         /* fetches cancelled (context reset or destroyed) */
+    uint64_t canceled;         /* fetches cancelled (context reset or destroyed), and writes
+                                  cancelled (context destroyed) */
+    uint64_t writes;           /* write calls (flash_save / flash_delete, one per batch) */
+    uint64_t write_rows;       /* rows written (saved or deleted as asked) */
     uint32_t connected;        /* connections open now */
     uint32_t queued;           /* fetches waiting for a connection now */
 } flash_pg_stats;
@@ -189,12 +203,15 @@ typedef struct flash__pg_stmt {
     size_t nkeys;
     int keys[8];
     bool nulls;
+    int write;                /* 0: a fetch; FLASH_WRITE_SAVE / FLASH_WRITE_DELETE */
     char *sql;
 } flash__pg_stmt;
 
 typedef struct flash__pg_job {
     struct flash__pg_job *next;
     flash_fetch *f;       /* NULL once cancelled: results are discarded */
+    flash_write *w;       /* a write job: NULL once cancelled (context destroyed) */
+    bool is_write;
     size_t stmt;
     int nparams;
     char *params[8];      /* text-format array literals */
@@ -310,7 +327,7 @@ static void flash__pg_time_text(flash_time t, char *out, size_t cap) {
     long long y;
     flash_time_format(t, iso, sizeof iso);
     y = strtoll(iso, (char **)&rest, 10);
-    if (y >= 1) snprintf(out, cap, "%lld%s+00", y, rest);
+    if (y >= 1) snprintf(out, cap, "%04lld%s+00", y, rest);
     else snprintf(out, cap, "%04lld%s+00 BC", 1 - y, rest);
 }
 
@@ -449,7 +466,7 @@ static long flash__pg_stmt_for(flash_pg *pg, const flash_fetch *f, bool nulls) {
     flash_strbuf b;
     for (i = 0; i < pg->nstmts; i++) {
         st = &pg->stmts[i];
-        if (st->model != m || st->shape != shape || st->nkeys != nk || st->nulls != nulls) continue;
+        if (st->write || st->model != m || st->shape != shape || st->nkeys != nk || st->nulls != nulls) continue;
         for (j = 0; j < nk && st->keys[j] == flash_fetch_field(f, j); j++) {
         }
         if (j == nk) return (long)i;
@@ -554,9 +571,11 @@ static void flash__pg_job_free(flash__pg_job *job) {
 /* Answer and free a job. */
 static void flash__pg_finish(flash_pg *pg, flash__pg_job *job, int code, const char *msg) {
     flash_fetch *f = job->f;
+    flash_write *w = job->w;
     flash__pg_job_free(job);
     if (code) pg->stats.errors++;
     if (f) flash_fetch_done(f, code, msg);
+    if (w) flash_write_done(w, code, msg);
 }
 
 static void flash__pg_push(flash_pg *pg, flash__pg_job *job, bool front) {
@@ -738,7 +757,7 @@ static void flash__pg_lost(flash__pg_conn *c, const char *why) {
     flash__pg_close(c);
     pg->stats.lost++;
     if (job) {
-        if (job->f && reused && !job->retried) { /* idle connection found dead: once more */
+        if (job->f && !job->is_write && reused && !job->retried) { /* idle connection found dead: once more */
             job->retried = true;
             pg->stats.retries++;
             flash__pg_push(pg, job, true);
@@ -1159,6 +1178,8 @@ static void flash__pg_answer(flash_pg *pg, flash__pg_job *job, PGresult *res) {
     flash__pg_finish(pg, job, status, status ? "postgres: out of memory reading rows" : NULL);
 }
 
+static void flash__pg_write_answer(flash_pg *pg, flash__pg_job *job, PGresult *res);
+
 /* A query (PREPARE or EXEC stage) has delivered all its results. */
 static void flash__pg_stage_done(flash__pg_conn *c, PGresult *res) {
     flash_pg *pg = c->pg;
@@ -1198,7 +1219,8 @@ static void flash__pg_stage_done(flash__pg_conn *c, PGresult *res) {
         flash__pg_finish(pg, job, FLASH_ESOURCE, msg);
     } else {
         if (PQresultStatus(res) != PGRES_TUPLES_OK) c->names[job->stmt] = 0; /* re-prepare next time */
-        if (job->f) flash__pg_answer(pg, job, res);
+        if (job->w) flash__pg_write_answer(pg, job, res);
+        else if (job->f) flash__pg_answer(pg, job, res);
         else flash__pg_job_free(job); /* cancelled: discard */
         PQclear(res);
     }
@@ -1243,7 +1265,10 @@ static void flash__pg_on_io(void *arg, int events) {
             return;
         }
         if (!c->res) c->res = res;
-        else PQclear(res); /* one statement, one result: ignore extras */
+        else if (PQresultStatus(res) == PGRES_FATAL_ERROR) { /* the rows came, then the COMMIT failed */
+            PQclear(c->res);
+            c->res = res;
+        } else PQclear(res); /* one statement, one result: ignore extras */
     }
 }
 
@@ -1323,7 +1348,343 @@ static void flash__pg_cancel(void *self, flash_fetch *f) {
     }
 }
 
-static const flash_source_vtable flash__pg_vt = {"postgres", flash__pg_fetch, flash__pg_cancel, NULL};
+/* ---- writes (flash_save / flash_delete) ---- */
+
+/* A value as a JSON member value, read by json_populate_recordset with the
+   column's own input function: numbers as JSON numbers (float specials as
+   strings), text and bytea ("\\x0102") and timestamps (UTC text, typed
+   by the column: timestamp, timestamptz or date) as JSON strings. */
+static void flash__pg_json_str(flash_strbuf *b, const char *p, size_t n) {
+    size_t i;
+    flash_strbuf_put(b, "\"", 1);
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c == '"' || c == '\\') {
+            char e[2];
+            e[0] = '\\';
+            e[1] = (char)c;
+            flash_strbuf_put(b, e, 2);
+        } else if (c < 0x20) {
+            char e[8];
+            snprintf(e, sizeof e, "\\u%04x", (unsigned)c);
+            flash_strbuf_puts(b, e);
+        } else {
+            flash_strbuf_put(b, (const char *)&p[i], 1);
+        }
+    }
+    flash_strbuf_put(b, "\"", 1);
+}
+
+static void flash__pg_json(flash_strbuf *b, const flash_value *v, flash_type field) {
+    char tmp[80];
+    static const char hex[] = "0123456789abcdef";
+    size_t i;
+    if (v->is_null || ((v->type == FLASH_STR || v->type == FLASH_BYTES) && !v->u.s.ptr)) {
+        flash_strbuf_puts(b, "null");
+        return;
+    }
+    if ((field == FLASH_TIME || field == FLASH_TIMEN) && v->type == FLASH_I64) {
+        flash__pg_time_text(v->u.i64, tmp, sizeof tmp);
+        flash__pg_json_str(b, tmp, strlen(tmp));
+        return;
+    }
+    switch (v->type) {
+    case FLASH_I64: snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i64); flash_strbuf_puts(b, tmp); return;
+    case FLASH_I32: snprintf(tmp, sizeof tmp, "%ld", (long)v->u.i32); flash_strbuf_puts(b, tmp); return;
+    case FLASH_BOOL: flash_strbuf_puts(b, v->u.b ? "true" : "false"); return;
+    case FLASH_F64:
+        if (v->u.f64 != v->u.f64) flash_strbuf_puts(b, "\"NaN\"");
+        else if (v->u.f64 > DBL_MAX) flash_strbuf_puts(b, "\"Infinity\"");
+        else if (v->u.f64 < -DBL_MAX) flash_strbuf_puts(b, "\"-Infinity\"");
+        else {
+            snprintf(tmp, sizeof tmp, "%.17g", v->u.f64);
+            flash_strbuf_puts(b, tmp);
+        }
+        return;
+    case FLASH_STR: flash__pg_json_str(b, v->u.s.ptr, v->u.s.len); return;
+    case FLASH_BYTES:
+        flash_strbuf_puts(b, "\"\\\\x");
+        for (i = 0; i < v->u.s.len; i++) {
+            unsigned char c = (unsigned char)v->u.s.ptr[i];
+            char h[2];
+            h[0] = hex[c >> 4];
+            h[1] = hex[c & 15];
+            flash_strbuf_put(b, h, 2);
+        }
+        flash_strbuf_put(b, "\"", 1);
+        return;
+    default: flash_strbuf_puts(b, "null"); return;
+    }
+}
+
+static void flash__pg_cols(flash_strbuf *b, const flash_model *m, const char *qual) {
+    size_t i;
+    for (i = 0; i < m->nfields; i++) {
+        if (i) flash_strbuf_puts(b, ",");
+        if (qual) flash_strbuf_puts(b, qual);
+        flash_sql_ident(b, m->fields[i].name, false);
+    }
+}
+
+/* One statement per write batch (its own transaction):
+     save    WITH flash_new AS (SELECT * FROM json_populate_recordset(NULL::"t", $1::json)),
+                  flash_old AS (SELECT <cols> FROM "t" WHERE "id" IN (SELECT "id" FROM flash_new) FOR UPDATE),
+                  flash_up AS (INSERT INTO "t" (<cols>) SELECT <cols> FROM flash_new
+                               ON CONFLICT ("id") DO UPDATE SET "c" = EXCLUDED."c", ... RETURNING 1)
+             SELECT <cols> FROM flash_old
+     delete  DELETE FROM "t" WHERE "id" IN (SELECT "id" FROM json_populate_recordset(NULL::"t", $1::json))
+             RETURNING <cols>
+   The CTEs share one snapshot: flash_old holds the rows as they were before
+   the upsert (and locks them first: the primary query reads it, the upsert
+   runs after). */
+static long flash__pg_wstmt_for(flash_pg *pg, const flash_model *m, int kind) {
+    flash__pg_stmt *st;
+    flash_strbuf b;
+    const char *pk = m->fields[m->opts.pk].name;
+    size_t i;
+    bool first = true;
+    for (i = 0; i < pg->nstmts; i++)
+        if (pg->stmts[i].write == kind && pg->stmts[i].model == m) return (long)i;
+    if (pg->nstmts == pg->stmts_cap) {
+        size_t cap = pg->stmts_cap ? pg->stmts_cap * 2 : 8;
+        flash__pg_stmt *n = (flash__pg_stmt *)realloc(pg->stmts, cap * sizeof *n);
+        if (!n) return -1;
+        pg->stmts = n;
+        pg->stmts_cap = cap;
+    }
+    memset(&b, 0, sizeof b);
+    if (kind == FLASH_WRITE_SAVE) {
+        flash_strbuf_puts(&b, "WITH flash_new AS (SELECT * FROM json_populate_recordset(NULL::");
+        flash_sql_ident(&b, flash__pg_table(m), true);
+        flash_strbuf_puts(&b, ", $1::json)), flash_old AS (SELECT ");
+        flash__pg_cols(&b, m, NULL);
+        flash_strbuf_puts(&b, " FROM ");
+        flash_sql_ident(&b, flash__pg_table(m), true);
+        flash_strbuf_puts(&b, " WHERE ");
+        flash_sql_ident(&b, pk, false);
+        flash_strbuf_puts(&b, " IN (SELECT ");
+        flash_sql_ident(&b, pk, false);
+        flash_strbuf_puts(&b, " FROM flash_new) FOR UPDATE), flash_up AS (INSERT INTO ");
+        flash_sql_ident(&b, flash__pg_table(m), true);
+        flash_strbuf_puts(&b, " (");
+        flash__pg_cols(&b, m, NULL);
+        flash_strbuf_puts(&b, ") SELECT ");
+        flash__pg_cols(&b, m, NULL);
+        flash_strbuf_puts(&b, " FROM flash_new ON CONFLICT (");
+        flash_sql_ident(&b, pk, false);
+        flash_strbuf_puts(&b, ") DO ");
+        for (i = 0; i < m->nfields; i++) {
+            if ((int)i == m->opts.pk) continue;
+            flash_strbuf_puts(&b, first ? "UPDATE SET " : ", ");
+            first = false;
+            flash_sql_ident(&b, m->fields[i].name, false);
+            flash_strbuf_puts(&b, " = EXCLUDED.");
+            flash_sql_ident(&b, m->fields[i].name, false);
+        }
+        if (first) flash_strbuf_puts(&b, "NOTHING");
+        flash_strbuf_puts(&b, " RETURNING 1) SELECT ");
+        flash__pg_cols(&b, m, NULL);
+        flash_strbuf_puts(&b, " FROM flash_old");
+    } else {
+        flash_strbuf_puts(&b, "DELETE FROM ");
+        flash_sql_ident(&b, flash__pg_table(m), true);
+        flash_strbuf_puts(&b, " WHERE ");
+        flash_sql_ident(&b, pk, false);
+        flash_strbuf_puts(&b, " IN (SELECT ");
+        flash_sql_ident(&b, pk, false);
+        flash_strbuf_puts(&b, " FROM json_populate_recordset(NULL::");
+        flash_sql_ident(&b, flash__pg_table(m), true);
+        flash_strbuf_puts(&b, ", $1::json)) RETURNING ");
+        flash__pg_cols(&b, m, NULL);
+    }
+    if (b.oom) {
+        free(b.data);
+        return -1;
+    }
+    st = &pg->stmts[pg->nstmts];
+    memset(st, 0, sizeof *st);
+    st->model = m;
+    st->write = kind;
+    st->sql = b.data;
+    return (long)pg->nstmts++;
+}
+
+static bool flash__pg_same(const flash_value *a, const flash_value *b) {
+    if (a->is_null || b->is_null) return a->is_null && b->is_null;
+    switch (a->type) {
+    case FLASH_I64:
+        if (b->type == FLASH_I32) return a->u.i64 == b->u.i32;
+        return b->type == FLASH_I64 && a->u.i64 == b->u.i64;
+    case FLASH_I32:
+        if (b->type == FLASH_I64) return a->u.i32 == b->u.i64;
+        return b->type == FLASH_I32 && a->u.i32 == b->u.i32;
+    case FLASH_F64: return b->type == FLASH_F64 && a->u.f64 == b->u.f64;
+    case FLASH_BOOL: return b->type == FLASH_BOOL && a->u.b == b->u.b;
+    case FLASH_STR:
+    case FLASH_BYTES:
+        return b->type == a->type && a->u.s.len == b->u.s.len &&
+               (a->u.s.len == 0 || memcmp(a->u.s.ptr, b->u.s.ptr, a->u.s.len) == 0);
+    default: return false;
+    }
+}
+
+/* The old rows (flash_old, or DELETE's RETURNING): each to the write rows
+   of its primary key; then commit is known: flash_write_done. */
+static void flash__pg_write_answer(flash_pg *pg, flash__pg_job *job, PGresult *res) {
+    flash_write *w = job->w;
+    const flash_model *m = flash_write_model(w);
+    size_t n = flash_write_count(w), k;
+    int nrows, r, i, status = FLASH_OK;
+    char msg[512];
+    char *row;
+    msg[0] = 0;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        flash__pg_msg(msg, sizeof msg, "postgres: ", PQresultErrorMessage(res));
+        flash__pg_finish(pg, job, FLASH_ESOURCE, msg); /* the statement's transaction rolled back */
+        return;
+    }
+    /* The statement committed: from here on the write must invalidate, even
+       when an old row cannot be read (then: invalidate what is known, and
+       say so). */
+    if ((size_t)PQnfields(res) != m->nfields) {
+        snprintf(msg, sizeof msg, "postgres: %s: %d columns for %zu fields", flash__pg_table(m), PQnfields(res),
+                 m->nfields);
+        status = FLASH_ESOURCE;
+    }
+    for (i = 0; status == FLASH_OK && i < PQnfields(res); i++)
+        if (!flash__pg_compatible(m->fields[i].type, PQftype(res, i))) {
+            snprintf(msg, sizeof msg, "postgres: %s.%s does not map to %s.%s (%s)", flash__pg_table(m),
+                     m->fields[i].name, m->name, m->fields[i].name, flash_type_name(m->fields[i].type));
+            status = FLASH_ESOURCE;
+        }
+    row = (char *)calloc(1, m->size ? m->size : 1);
+    if (!row) status = FLASH_ENOMEM;
+    nrows = status == FLASH_OK ? PQntuples(res) : 0;
+    for (r = 0; r < nrows && status == FLASH_OK; r++) {
+        void *owned[64];
+        size_t nowned = 0, j;
+        const char *why = NULL;
+        flash_value pk;
+        pg->stats.rows++;
+        memset(row, 0, m->size);
+        for (i = 0; i < (int)m->nfields && status == FLASH_OK; i++) {
+            void *o = NULL;
+            int rc = flash__pg_read(res, r, i, &m->fields[i], row, &why, &o);
+            if (o && nowned < sizeof owned / sizeof owned[0]) owned[nowned++] = o;
+            else if (o) {
+                free(o);
+                rc = -1;
+            }
+            if (rc < 0) status = FLASH_ENOMEM;
+            else if (rc) {
+                snprintf(msg, sizeof msg, "postgres: the old row's %s.%s = '%.40s' cannot be read (%s)",
+                         flash__pg_table(m), m->fields[i].name, PQgetvalue(res, r, i), why ? why : "value");
+                status = FLASH_ESOURCE;
+            }
+        }
+        if (status == FLASH_OK) {
+            pk = flash_row_value(m, row, m->opts.pk);
+            for (k = 0; k < n && status == FLASH_OK; k++) {
+                flash_value x = flash_row_value(m, flash_write_row(w, k), m->opts.pk);
+                if (flash__pg_same(&pk, &x)) status = flash_write_set_old(w, k, row);
+            }
+        }
+        for (j = 0; j < nowned; j++) free(owned[j]);
+    }
+    free(row);
+    if (status == FLASH_OK) pg->stats.write_rows += n;
+    flash__pg_job_free(job);
+    if (status == FLASH_OK) {
+        flash_write_done(w, FLASH_OK, NULL);
+        return;
+    }
+    /* Committed, but an old row is unknown: its keys cannot be invalidated.
+       Invalidate the rest (done with 0), after logging why. */
+    pg->stats.errors++;
+    flash_ctx_log(flash_write_ctx(w), FLASH_LOG_ERROR, "%s (the write is committed; keys of that old row may stay stale)",
+                  msg[0] ? msg : "postgres: out of memory reading the old rows");
+    flash_write_done(w, FLASH_OK, NULL);
+}
+
+static void flash__pg_write_cancel(void *self, flash_write *w) {
+    flash_pg *pg = (flash_pg *)self;
+    flash__pg_job **pp, *job;
+    size_t i;
+    for (i = 0; i < pg->nconns; i++) {
+        if (pg->conns[i].job && pg->conns[i].job->w == w) {
+            pg->conns[i].job->w = NULL; /* in flight: the result is discarded */
+            pg->stats.canceled++;
+            return;
+        }
+    }
+    for (pp = &pg->head; (job = *pp) != NULL; pp = &job->next) {
+        if (job->w != w) continue;
+        *pp = job->next;
+        if (pg->tail == job) {
+            flash__pg_job *t = pg->head;
+            while (t && t->next) t = t->next;
+            pg->tail = t;
+        }
+        pg->stats.queued--;
+        pg->stats.canceled++;
+        flash__pg_job_free(job);
+        return;
+    }
+}
+
+static void flash__pg_write(void *self, flash_ctx *ctx, flash_write *w) {
+    flash_pg *pg = (flash_pg *)self;
+    const flash_model *m = flash_write_model(w);
+    bool save = flash_write_kind_of(w) == FLASH_WRITE_SAVE;
+    size_t n = flash_write_count(w), i, j;
+    flash__pg_job *job;
+    flash_strbuf b;
+    long stmt;
+    (void)ctx;
+    pg->stats.writes++;
+    stmt = flash__pg_wstmt_for(pg, m, save ? FLASH_WRITE_SAVE : FLASH_WRITE_DELETE);
+    job = stmt >= 0 ? (flash__pg_job *)calloc(1, sizeof *job) : NULL;
+    if (!job) {
+        flash_write_done(w, FLASH_ENOMEM, "postgres: out of memory");
+        return;
+    }
+    /* The rows: one JSON array of objects (column: value), one parameter. */
+    memset(&b, 0, sizeof b);
+    flash_strbuf_put(&b, "[", 1);
+    for (i = 0; i < n; i++) {
+        const void *row = flash_write_row(w, i);
+        bool first = true;
+        flash_strbuf_puts(&b, i ? ",{" : "{");
+        for (j = 0; j < m->nfields; j++) {
+            flash_value v;
+            if (!save && (int)j != m->opts.pk) continue; /* a delete reads only the primary key */
+            v = flash_row_value(m, row, (int)j);
+            if (!first) flash_strbuf_put(&b, ",", 1);
+            first = false;
+            flash__pg_json_str(&b, m->fields[j].name, strlen(m->fields[j].name));
+            flash_strbuf_put(&b, ":", 1);
+            flash__pg_json(&b, &v, m->fields[j].type);
+        }
+        flash_strbuf_put(&b, "}", 1);
+    }
+    flash_strbuf_put(&b, "]", 1);
+    if (b.oom) {
+        free(b.data);
+        free(job);
+        flash_write_done(w, FLASH_ENOMEM, "postgres: out of memory");
+        return;
+    }
+    job->w = w;
+    job->is_write = true;
+    job->stmt = (size_t)stmt;
+    job->nparams = 1;
+    job->params[0] = b.data;
+    flash_write_on_cancel(w, flash__pg_write_cancel, pg);
+    flash__pg_push(pg, job, false);
+    flash__pg_kick(pg);
+}
+
+static const flash_source_vtable flash__pg_vt = {"postgres", flash__pg_fetch, flash__pg_cancel, flash__pg_write};
 
 FLASH_API flash_source flash_pg_source(flash_pg *pg) {
     flash_source s;
