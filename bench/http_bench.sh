@@ -5,8 +5,10 @@
 # file in a temp dir, then runs wrk twice over GET /events/event<1..100>
 # (random slugs): first from a cold cache, then warm. For each run prints
 # wrk's requests/s and, from /stats deltas, cache round trips, cache hits and
-# source (database) calls per request. Everything is killed and removed on
-# exit.
+# source (database) calls per request, wrk's mean latency, and (when perf can count the
+# raw_syscalls tracepoint) the server's system calls per request, in all and
+# those to the cache (sendto/recvfrom: memcached; the HTTP side uses
+# write/writev/read). Everything is killed and removed on exit.
 #
 #   bench/http_bench.sh            (builds build/examples/http_server if missing)
 #
@@ -85,12 +87,30 @@ stat() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p" <<<"$2"; }
 
 printf 'flash http_server: memcached + SQLite, wrk -t%s -c%s -d%ss, GET /events/event<1..100>\n\n' \
     "$THREADS" "$CONNS" "$SECONDS_"
-printf '%-8s %12s %16s %14s %16s %8s\n' run requests/s "round trips/req" "cache hits/req" "source calls/req" non-200
+perf_ok=0
+ev=raw_syscalls:sys_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom
+command -v perf >/dev/null && perf stat -e "$ev" true >/dev/null 2>&1 && perf_ok=1
+printf '%-8s %12s %10s %16s %14s %16s %8s %14s %16s\n' run requests/s latency "round trips/req" "cache hits/req" \
+    "source calls/req" non-200 "syscalls/req" "send+recv/req"
 for run in cold warm; do
     before=$(curl -s "http://127.0.0.1:$http_port/stats")
+    perf_pid=""
+    if [ "$perf_ok" = 1 ]; then
+        perf stat -x, -e "$ev" -p "$srv_pid" -o "$tmp/perf.$run" &
+        perf_pid=$!
+        sleep 0.2
+    fi
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECONDS_}s" -s "$tmp/slugs.lua" "http://127.0.0.1:$http_port/")
     after=$(curl -s "http://127.0.0.1:$http_port/stats")
+    sys=0 sr=0
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        sys=$(awk -F, '$3 == "raw_syscalls:sys_enter" { print $1 }' "$tmp/perf.$run")
+        sr=$(awk -F, '$3 ~ /sys_enter_(sendto|recvfrom)$/ { n += $1 } END { print n + 0 }' "$tmp/perf.$run")
+    fi
     rps=$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' <<<"$out")
+    lat=$(awk '$1 == "Latency" { print $2; exit }' <<<"$out")
     [ -n "$rps" ] || fail "wrk: $out"
     n=$(($(stat event_requests "$after") - $(stat event_requests "$before")))
     ok=$(($(stat 200 "$after") - $(stat 200 "$before")))
@@ -99,7 +119,9 @@ for run in cold warm; do
     src=$(($(stat source_calls "$after") - $(stat source_calls "$before")))
     [ "$n" -gt 0 ] || fail "no requests counted"
     awk -v run="$run" -v rps="$rps" -v n="$n" -v rt="$rt" -v hits="$hits" -v src="$src" -v bad=$((n - ok)) \
-        'BEGIN { printf "%-8s %12.0f %16.3f %14.2f %16.4f %8d\n", run, rps, rt / n, hits / n, src / n, bad }'
+        -v sys="${sys:-0}" -v sr="${sr:-0}" -v p="$perf_ok" -v lat="$lat" \
+        'BEGIN { printf "%-8s %12.0f %10s %16.3f %14.2f %16.4f %8d", run, rps, lat, rt / n, hits / n, src / n, bad
+                 if (p) printf " %14.2f %16.2f\n", sys / n, sr / n; else printf " %14s %16s\n", "n/a", "n/a" }'
 done
 echo
 echo "(2 round trips per request with participants: event + list, then users; 1 without: 1.9 expected)"

@@ -3,7 +3,9 @@
 
    One non-blocking TCP connection, driven by a flash loop, carrying
    pipelined requests that the server answers in order: a write buffer
-   flushed as the socket takes it, a read buffer handed to the protocol's
+   flushed once per loop iteration (every request submitted in the
+   iteration, from every context on the loop, leaves in one send) and then
+   as the socket takes it, a read buffer handed to the protocol's
    parser, a FIFO of requests in flight with a deadline each (a timer on the
    oldest), a connect timeout, and the failure policy — a refused or lost
    connection with requests on it, or a timeout, fails those requests and
@@ -89,6 +91,7 @@ struct flash__pipe {
     size_t wlen, woff, wcap, rlen, rcap;
     size_t skip;                  /* bytes of an oversized value (+ "\r\n") still to drop */
     flash__pipe_req *head, *tail; /* in flight, answered in order */
+    flash_defer flush;            /* the iteration's one write (flash__pipe_send) */
     flash__pipe_counts counts;
 };
 
@@ -206,6 +209,7 @@ static void flash__pipe_arm_timer(flash__pipe *p) {
 
 /* Close the socket; the requests stay queued (see flash__pipe_fail). */
 static void flash__pipe_close(flash__pipe *p) {
+    flash_loop_unpost(p->loop, &p->flush);
     if (p->io) p->loop.vt->io_stop(p->loop.native, p->io);
     if (p->timer) p->loop.vt->cancel(p->loop.native, p->timer);
     if (p->fd >= 0) close(p->fd);
@@ -438,7 +442,19 @@ static void flash__pipe_check_idle(flash__pipe *p) {
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) flash__pipe_close(p);
 }
 
-/* req's bytes are in the write buffer: queue it, connecting or writing. */
+/* The posted flush: what the iteration's submits buffered, in one send. */
+static void flash__pipe_on_flush(void *arg) {
+    flash__pipe *p = (flash__pipe *)arg;
+    if (p->state == FLASH__PIPE_READY && p->woff < p->wlen) flash__pipe_write(p);
+}
+
+/* req's bytes are in the write buffer: queue it, connecting or posting the
+   flush. The bytes leave at the end of the loop iteration (the posted node
+   runs after the iteration's I/O; posted from inside the loop's queue run —
+   the engine's dispatch is one — it runs on the next pass, after a poll
+   that does not block), so that the requests of every context dispatching
+   in this iteration share one send and their replies one read. A loop that
+   cannot post (out of memory) gets the write now, as before. */
 static void flash__pipe_send(flash__pipe *p, flash__pipe_req *req) {
     req->next = NULL;
     req->deadline = 0;
@@ -450,7 +466,9 @@ static void flash__pipe_send(flash__pipe *p, flash__pipe_req *req) {
     } else if (p->state == FLASH__PIPE_READY) {
         req->deadline = flash__pipe_now() + p->timeout_ms;
         if (p->head == req) flash__pipe_arm_timer(p);
-        flash__pipe_write(p); /* a failure completes through the transport, not here */
+        /* a failure completes through the transport, not here */
+        if (p->io_events & FLASH_IO_WRITE) return; /* the socket is full: its write event sends */
+        if (flash_loop_post(p->loop, &p->flush, flash__pipe_on_flush, p) != FLASH_OK) flash__pipe_write(p);
     }
 }
 
