@@ -755,6 +755,7 @@ struct flash_model {
     size_t size;                           /* sizeof the struct */
     const flash_field *(*field_table)(size_t *count);
     flash_cache_opts opts;
+    bool result;                           /* FLASH_RESULT: a struct no table holds */
     /* Filled in at registration: */
     const flash_field *fields;
     size_t nfields;
@@ -762,6 +763,7 @@ struct flash_model {
     flash_model *canonical;                /* the registered copy */
     flash_class *classes;
     flash_model *next;
+    struct flash_dependency *dependents;   /* classes of other models that depend on it */
 };
 
 struct flash_class {
@@ -779,7 +781,42 @@ struct flash_class {
     size_t norder;                         /* order_by (and limit): sort fields, */
     int order[8];                          /* by index, the primary key last; */
     bool order_desc[8];                    /* 0 fields: the source's order */
+    const char *error_message;             /* why error is set, or NULL */
 };
+
+/* Dependencies (django-flash's related caches): a class whose values are
+   made from rows of other models (a join in its fallback) declares, for
+   each of them, how a changed row of that model maps to the class's keys.
+   flash_invalidate of that model (rows, the change stream, flash_save)
+   then invalidates those keys too, from the old and the new row, in the
+   class's mode (UNSET: markers; DYNAMIC: a version bump, no mapping run;
+   OFF: nothing). Declared with FLASH_DEPENDS_ON / FLASH_DEPENDS_ON_FIELDS.
+   A mapping adds zero or more key tuples to the sink; one whose parts do
+   not fit the class (arity, types) fails the invalidation with
+   FLASH_EINVAL. A bad declaration (a model that is not registered, field
+   lists of another arity) fails the class's queries with FLASH_EINVAL. */
+typedef struct flash_key_sink flash_key_sink;
+typedef void (*flash_depends_fn)(flash_ctx *ctx, const void *row, flash_key_sink *sink, void *user_data);
+typedef struct flash_dependency {
+    flash_class *cls;          /* the dependent class */
+    flash_model *model;        /* the model it reads */
+    flash_depends_fn map;      /* custom mapping, or NULL and: */
+    const size_t *offsets;     /* fields of model giving the key parts, in order */
+    size_t nfields;
+    void *user_data;           /* handed to map */
+    /* Filled in at registration: */
+    int fields[8];
+    struct flash_dependency *canonical;
+    struct flash_dependency *next; /* in the model's dependents */
+    int error;
+    const char *error_message;
+} flash_dependency;
+FLASH_API void flash_register_dependency(flash_dependency *d);
+/* From a mapping: the class's key tuple parts[0..n) is affected. Returns
+   0, or FLASH_EINVAL (n or a type does not fit the class: the invalidation
+   fails with that, saying which). */
+FLASH_API int flash_key_sink_add(flash_key_sink *sink, const flash_value *parts, size_t n);
+FLASH_API const flash_class *flash_key_sink_class(const flash_key_sink *sink);
 
 /* Registration happens before main (the macros below emit constructors);
    a header defining models may be included by many files: every copy
@@ -887,7 +924,12 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 #define FLASH__CTOR(fn) static void fn(void) __attribute__((constructor, used)); static void fn(void)
 
 #define FLASH_MODEL(M, FIELDS) FLASH_MODEL_OPT(M, FIELDS, .version = 0)
-#define FLASH_MODEL_OPT(M, FIELDS, ...)                                                      \
+#define FLASH_MODEL_OPT(M, FIELDS, ...) FLASH__MODEL(M, FIELDS, false, __VA_ARGS__)
+/* A result struct (get_result of any value): declared like a model, coded
+   like one, but no table holds it: its classes (FLASH_RESULT_CACHE, ...)
+   need a .fallback, and it cannot be saved. */
+#define FLASH_RESULT(M, FIELDS) FLASH__MODEL(M, FIELDS, true, .version = 0)
+#define FLASH__MODEL(M, FIELDS, RESULT, ...)                                                 \
     typedef struct M { FIELDS(FLASH__STRUCT_FIELD) } M;                                      \
     static FLASH__UNUSED const flash_field *M##__field_table(size_t *flash__count) {         \
         typedef M flash__M;                                                                  \
@@ -896,7 +938,7 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
         return flash__table;                                                                 \
     }                                                                                        \
     static flash_model M##_model = {.name = #M, .size = sizeof(M), .field_table = M##__field_table, \
-                                    .opts = {__VA_ARGS__}};                                  \
+                                    .opts = {__VA_ARGS__}, .result = RESULT};                \
     FLASH__CTOR(M##__register_model) { flash_register_model(&M##_model); }
 
 /* Key-set plumbing: each arity spreads the fields into a parameter list,
@@ -1008,6 +1050,39 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
 #define FLASH_EXISTS_CACHE(NAME, M, t) FLASH_EXISTS_CACHE_OPT(NAME, M, t, .version = 0)
 #define FLASH_EXISTS_CACHE_OPT(NAME, M, t, ...)                                             \
     FLASH__NAMED(FLASH_CLASS_EXISTS, bool *, NAME, M, t, __VA_ARGS__)
+
+/* Result caches: one result struct (or a list of them) per key, the key
+   fields being fields of the struct, filled by the fallback
+   (flash_fetch_set_row). NAME_resolve(ctx, key..., R **out) /
+   (..., flash_list **out), as the instance and list caches. */
+#define FLASH_RESULT_CACHE(NAME, R, t, ...)                                                 \
+    FLASH__NAMED(FLASH_CLASS_INSTANCE, R **, NAME, R, t, __VA_ARGS__)
+#define FLASH_RESULT_LIST_CACHE(NAME, R, t, ...)                                            \
+    FLASH__NAMED(FLASH_CLASS_LIST, flash_list **, NAME, R, t, __VA_ARGS__)
+
+/* Dependencies of class NAME (a named cache: NAME_class) on model DEP:
+     FLASH_DEPENDS_ON(NAME, DEP, fn)   fn(ctx, const DEP *row, sink, NULL)
+                                       adds the affected key tuples
+     FLASH_DEPENDS_ON_FIELDS(NAME, DEP, (f1, ...))  the key is the row's
+                                       fields f1, ... (one per key part)
+   One dependency per class and model. */
+#define FLASH_DEPENDS_ON(NAME, DEP, FN)                                                       \
+    static flash_dependency NAME##__dep_##DEP = {.cls = &NAME##_class, .model = &DEP##_model,  \
+                                                 .map = FN};                                  \
+    FLASH__CTOR(NAME##__dep_##DEP##__register) { flash_register_dependency(&NAME##__dep_##DEP); }
+#define FLASH__DEP_OFF(M, ...) FLASH__CAT(FLASH__DEP_OFF_, FLASH__NARG(__VA_ARGS__))(M, __VA_ARGS__)
+#define FLASH__DEP_OFF_1(M, a) offsetof(M, a)
+#define FLASH__DEP_OFF_2(M, a, b) offsetof(M, a), offsetof(M, b)
+#define FLASH__DEP_OFF_3(M, a, b, c) offsetof(M, a), offsetof(M, b), offsetof(M, c)
+#define FLASH__DEP_OFF_4(M, a, b, c, d) offsetof(M, a), offsetof(M, b), offsetof(M, c), offsetof(M, d)
+#define FLASH__DEP_OFFS(M, ...) FLASH__DEP_OFF(M, __VA_ARGS__)
+#define FLASH_DEPENDS_ON_FIELDS(NAME, DEP, t)                                                 \
+    static const size_t NAME##__dep_##DEP##__offsets[] = {FLASH__DEP_OFFS(DEP, FLASH__UNPAREN t)}; \
+    static flash_dependency NAME##__dep_##DEP = {                                             \
+        .cls = &NAME##_class, .model = &DEP##_model, .map = NULL,                             \
+        .offsets = NAME##__dep_##DEP##__offsets,                                              \
+        .nfields = sizeof NAME##__dep_##DEP##__offsets / sizeof NAME##__dep_##DEP##__offsets[0]}; \
+    FLASH__CTOR(NAME##__dep_##DEP##__register) { flash_register_dependency(&NAME##__dep_##DEP); }
 
 /* Foreign keys (django-flash's cached_foreignkeys): the row a field points
    at, read through the target's get cache, so N rows' targets asked in one
@@ -4092,6 +4167,11 @@ FLASH_API void flash_register_class(flash_class *c) {
         }
     }
     flash__opts_defaults(&c->opts, (c->kind == FLASH_CLASS_GET || c->kind == FLASH_CLASS_FILTER) ? &m->opts : NULL);
+    if (m->result && !c->opts.fallback) { /* no table to read it from */
+        c->error = FLASH_EINVAL;
+        c->error_message = "a class of a result struct (FLASH_RESULT) needs a .fallback";
+        return;
+    }
     if (flash__parse_order(c, m) != FLASH_OK) {
         c->error = FLASH_EINVAL;
         return;
@@ -4137,7 +4217,81 @@ static flash_class *flash__class_of(const flash_class *c, int *err) {
         *err = cc->error;
         return NULL;
     }
+    if (cc->canonical->error) { /* a bad dependency declared on it */
+        *err = cc->canonical->error;
+        return NULL;
+    }
     return cc->canonical;
+}
+
+/* A dependency's mistake makes its class fail (queries say why). */
+static void flash__dep_fail(flash_dependency *d, flash_class *c, const char *why) {
+    d->error = FLASH_EINVAL;
+    d->error_message = why;
+    if (c && !c->error) {
+        c->error = FLASH_EINVAL;
+        c->error_message = why;
+    }
+}
+
+FLASH_API void flash_register_dependency(flash_dependency *d) {
+    flash_class *c;
+    flash_model *m;
+    flash_dependency *it, **tail;
+    size_t i;
+    if (!d || d->canonical) return;
+    d->canonical = d;
+    if (!d->cls) {
+        d->error = FLASH_EINVAL;
+        return;
+    }
+    if (!d->cls->canonical) flash_register_class(d->cls);
+    c = d->cls->canonical;
+    if (c->error) {
+        d->error = c->error;
+        return;
+    }
+    if (!d->model || !d->model->field_table) {
+        flash__dep_fail(d, c, "a dependency on a model that is not registered (no FLASH_MODEL)");
+        return;
+    }
+    flash_register_model(d->model);
+    m = d->model->canonical;
+    if (m != d->model && m->schema != d->model->schema) {
+        flash__dep_fail(d, c, "a dependency on a model registered twice with different fields");
+        return;
+    }
+    if (m == c->model) {
+        flash__dep_fail(d, c, "a dependency on the class's own model (its keys are invalidated already)");
+        return;
+    }
+    if (!d->map) {
+        if (d->nfields != c->nfields || !d->offsets) {
+            flash__dep_fail(d, c, "a dependency's fields are not one per key field of the class");
+            return;
+        }
+        for (i = 0; i < d->nfields; i++) {
+            size_t j;
+            d->fields[i] = -1;
+            for (j = 0; j < m->nfields; j++)
+                if (m->fields[j].offset == d->offsets[i]) d->fields[i] = (int)j;
+            if (d->fields[i] < 0 || c->fields[i] < 0 ||
+                flash_value_type(m->fields[d->fields[i]].type) !=
+                    flash_value_type(c->model->fields[c->fields[i]].type)) {
+                flash__dep_fail(d, c, "a dependency's field is not of the type of the class's key field");
+                return;
+            }
+        }
+    }
+    d->model = m;
+    d->cls = c;
+    for (tail = &m->dependents; (it = *tail) != NULL; tail = &it->next) {
+        if (it->cls == c) { /* another file's copy */
+            d->canonical = it;
+            return;
+        }
+    }
+    *tail = d;
 }
 
 FLASH_API flash_value flash_v_i64(int64_t v) {
@@ -6419,10 +6573,14 @@ FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c,
     if (!ctx) return NULL;
     cc = flash__class_of(c, &err);
     if (!cc) {
+        const char *why = c && c->error_message ? c->error_message
+                          : c && c->canonical && c->canonical->error_message ? c->canonical->error_message
+                                                                            : NULL;
         p = flash_rejected(ctx, err,
-                           c ? "cache class not registered: its model was registered twice with different fields, "
-                               "or a key field is unknown"
-                             : "NULL cache class");
+                           why ? flash_sprintf(ctx, "%s: %s", c->name, why)
+                           : c ? "cache class not registered: its model was registered twice with different fields, "
+                                 "or a key field is unknown"
+                               : "NULL cache class");
         return flash__wrap(ctx, p, flags & FLASH_Q_NONE_ON_EXCEPTION);
     }
     rc = flash__check_values(ctx, cc, values, n, &msg);
@@ -6705,6 +6863,7 @@ typedef struct flash__targets {
     flash__tseen *seen;
     size_t nseen, cap_seen;
     int error;
+    const char *message;     /* why error is set, or NULL */
 } flash__targets;
 
 /* Room for one more item in *a (arena: the old array is abandoned). */
@@ -6822,6 +6981,62 @@ static void flash__targets_bump(flash__targets *t, const flash_class *c) {
     t->nbump++;
 }
 
+struct flash_key_sink {
+    flash__targets *t;
+    const flash_dependency *dep;
+};
+
+FLASH_API const flash_class *flash_key_sink_class(const flash_key_sink *sink) {
+    return sink ? sink->dep->cls : NULL;
+}
+
+FLASH_API int flash_key_sink_add(flash_key_sink *sink, const flash_value *parts, size_t n) {
+    flash__targets *t;
+    const flash_class *c;
+    const char *msg = NULL;
+    int rc;
+    if (!sink || (n && !parts)) return FLASH_EINVAL;
+    t = sink->t;
+    c = sink->dep->cls;
+    rc = n == c->nfields ? flash__check_values(t->ctx, c, parts, n, &msg) : FLASH_EINVAL;
+    if (rc != FLASH_OK) {
+        if (!t->error) {
+            t->error = rc;
+            t->message = flash_sprintf(t->ctx, "invalidate: %s's dependency on %s gave a key %s%s", c->name,
+                                       sink->dep->model->name,
+                                       n != c->nfields ? "of another arity than the class's" : "that does not fit: ",
+                                       n != c->nfields ? "" : (msg ? msg : flash_strerror(rc)));
+        }
+        return rc;
+    }
+    flash__targets_key(t, c, parts);
+    return FLASH_OK;
+}
+
+/* The keys of the classes depending on m that row may be cached under. */
+static void flash__targets_dependents(flash__targets *t, const flash_model *m, const void *row) {
+    const flash_dependency *d;
+    for (d = m->dependents; d; d = d->next) {
+        const flash_class *c = d->cls;
+        flash_key_sink sink;
+        if (c->opts.invalidation == FLASH_INVALIDATE_OFF) continue;
+        if (c->opts.invalidation == FLASH_INVALIDATE_DYNAMIC) {
+            flash__targets_bump(t, c);
+            continue;
+        }
+        sink.t = t;
+        sink.dep = d;
+        if (d->map) {
+            d->map(t->ctx, row, &sink, d->user_data);
+        } else {
+            flash_value v[8];
+            size_t k;
+            for (k = 0; k < d->nfields; k++) v[k] = flash_row_value(m, row, d->fields[k]);
+            flash_key_sink_add(&sink, v, d->nfields);
+        }
+    }
+}
+
 /* Every key of every class of m that row may be cached under. */
 static void flash__targets_row(flash__targets *t, const flash_model *m, const void *row) {
     const flash_class *c;
@@ -6836,6 +7051,7 @@ static void flash__targets_row(flash__targets *t, const flash_model *m, const vo
         for (k = 0; k < c->nfields; k++) v[k] = flash_row_value(m, row, c->fields[k]);
         flash__targets_key(t, c, v);
     }
+    flash__targets_dependents(t, m, row);
 }
 
 static flash_promise *flash__invalidate_run(flash_ctx *ctx, flash__targets *t) {
@@ -6845,7 +7061,7 @@ static flash_promise *flash__invalidate_run(flash_ctx *ctx, flash__targets *t) {
     v->ctx = ctx;
     v->gen = ctx->gen;
     if (t->error) {
-        flash__fail(ctx, &v->out, t->error, "invalidation: cannot build the keys");
+        flash__fail(ctx, &v->out, t->error, t->message ? t->message : "invalidation: cannot build the keys");
         return &v->out;
     }
     ctx->stats.invalidations += t->nhard + t->nsoft + t->nbump;
@@ -6996,6 +7212,10 @@ static flash_promise *flash__write_start(flash_ctx *ctx, const flash_model *m, f
     if (!cm || (n && !rows)) return flash_rejected(ctx, FLASH_EINVAL, "write: no model or no rows");
     for (i = 0; i < n; i++)
         if (!rows[i]) return flash_rejected(ctx, FLASH_EINVAL, "write: a NULL row");
+    if (cm->result)
+        return flash_rejected(ctx, FLASH_EINVAL,
+                              flash_sprintf(ctx, "write: %s is a result struct (FLASH_RESULT), no table holds it",
+                                            cm->name));
     src = flash__source_for(ctx, cm);
     if (!src.vt || !src.vt->write)
         return flash_rejected(ctx, src.vt ? FLASH_EUNSUPPORTED : FLASH_ESOURCE,
