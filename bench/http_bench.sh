@@ -66,6 +66,14 @@ user_opt=()
 [ "$(id -u)" = 0 ] && user_opt=(-u nobody)
 memcached -l 127.0.0.1 -p "$mc_port" -U 0 -t 1 -m 64 "${user_opt[@]}" &
 mc_pid=$!
+# memcached must be listening before the server starts (a port taken by then
+# would leave the cache down for the whole run: every request to the source).
+for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$mc_port") 2>/dev/null && break
+    kill -0 "$mc_pid" 2>/dev/null || fail "memcached exited (port $mc_port taken?)"
+    sleep 0.01
+done
+(exec 3<>"/dev/tcp/127.0.0.1/$mc_port") 2>/dev/null || fail "memcached does not listen on $mc_port"
 
 http_port=$(free_port)
 "$bin" --sqlite "$tmp/bench.db" --seed --memcached "127.0.0.1:$mc_port" --port "$http_port" >"$tmp/server.log" 2>&1 &

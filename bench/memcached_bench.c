@@ -77,7 +77,7 @@
 #define BENCH_NOINLINE
 #endif
 
-enum { NMAX = 10000, DEFAULT_MAX_BATCH = 1000 };
+enum { NMAX = 100000, DEFAULT_MAX_BATCH = 1000 }; /* 100k: the --scale sweep's largest tick */
 static const size_t sizes[] = {1000, 10000};
 #define NSIZES (sizeof sizes / sizeof sizes[0])
 #define ARENA_RETAIN ((size_t)64 << 20)
@@ -541,8 +541,43 @@ static void verify(size_t n, size_t si) {
 static BENCH_NOINLINE void cg_measure(const scenario *s, size_t n, size_t si) { run_checked(s, n, si, NULL); }
 
 static void usage(void) {
-    fprintf(stderr, "usage: memcached_bench PORT [reps] | PORT --callgrind SCENARIO N [PREFIX]\n");
+    fprintf(stderr, "usage: memcached_bench PORT [reps] | PORT --scale [reps] | PORT --callgrind SCENARIO N [PREFIX]\n");
     exit(2);
+}
+
+/* --scale: ns/key of flash (one gather, decoded), flash's backend alone
+   (one GET op) and libmemcached's mget for 1 .. 100k keys per tick; each
+   sample runs the tick max(1, 20000 / N) times (20,000 keys or one tick),
+   the rows interleaved, order rotated per rep. Prints "scale <row>/<N>
+   <ns_per_key>" per sample. Every sample checks its hits (and the decoded
+   rows of the last tick). */
+static void scale(int reps) {
+    static const size_t ns[] = {1, 10, 100, 1000, 10000, 100000};
+    static const struct {
+        const char *name;
+        void (*run)(size_t n);
+    } rows[] = {{"flash", run_flash}, {"raw", run_raw}, {"libmc", run_libmc}};
+    size_t si, k;
+    int r;
+    for (si = 0; si < sizeof ns / sizeof ns[0]; si++) {
+        size_t n = ns[si], iters = n >= 20000 ? 1 : 20000 / n, it;
+        for (k = 0; k < 3; k++) rows[k].run(n); /* warm-up */
+        for (r = 0; r < reps; r++) {
+            for (k = 0; k < 3; k++) {
+                size_t w = (k + (size_t)r) % 3;
+                double t0, t1;
+                got_hits = 0;
+                t0 = now_ns();
+                for (it = 0; it < iters; it++) rows[w].run(n);
+                t1 = now_ns();
+                if (rows[w].run == run_flash) check_rows(result_vec, n, "scale flash");
+                else if (got_hits != n * iters) die("scale %s/%zu: %llu hits, want %zu", rows[w].name, n,
+                                                    (unsigned long long)got_hits, n * iters);
+                printf("scale %s/%zu %.2f\n", rows[w].name, n, (t1 - t0) / (double)(n * iters));
+            }
+        }
+        fflush(stdout);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -551,6 +586,7 @@ int main(int argc, char **argv) {
     const char *only = NULL;
     size_t only_n = 0;
     const char *reuse = NULL; /* --callgrind: the key prefix of a run that seeded */
+    bool scale_mode = false;
     char prefix[64], version[64];
     flash_memcached_server server;
     flash_memcached_desc md;
@@ -564,6 +600,10 @@ int main(int argc, char **argv) {
         only = argv[3];
         only_n = (size_t)atol(argv[4]);
         if (argc > 5) reuse = argv[5];
+    } else if (argc > 2 && strcmp(argv[2], "--scale") == 0) {
+        scale_mode = true;
+        reps = argc > 3 ? atoi(argv[3]) : 5;
+        if (reps < 1) usage();
     } else if (argc > 2) {
         reps = atoi(argv[2]);
         if (reps < 1) usage();
@@ -626,6 +666,12 @@ int main(int argc, char **argv) {
         usage();
     }
 
+    if (scale_mode) {
+        printf("# scale: flash / flash backend alone / libmemcached, ns per key for 1 .. 100k keys per tick; reps=%d\n",
+               reps);
+        scale(reps);
+        goto done;
+    }
     printf("# flash %d.%d.%d memcached backend (gets + meta writes), poll loop, arena_retain=%zu max_batch=%d; "
            "libmemcached %s (text; TCP_NODELAY); memcached %s on 127.0.0.1:%u; reps=%d\n",
            FLASH_VERSION_MAJOR, FLASH_VERSION_MINOR, FLASH_VERSION_PATCH, flash_ctx_desc(ctx)->arena_retain, NMAX,

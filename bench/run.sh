@@ -106,7 +106,7 @@ fi
 
 bins=()
 has_part loader && bins+=(out/loader_bench out/memory_bench out/tasks_bench)
-has_part memcached && bins+=(out/memcached_bench)
+has_part memcached && bins+=(out/memcached_bench out/mc_cost_bench)
 has_part redis && bins+=(out/redis_bench)
 has_part changes && bins+=(out/changes_bench)
 if [ "${1:-}" != --no-build ]; then
@@ -400,6 +400,11 @@ if has_part memcached; then
             fail "memcached_bench failed in run $r (see above; bench/out/mc.$r)"
         fi
     done
+    # What a read costs memcached per key, by command (bench/mc_cost_bench.c).
+    if ! "$out/mc_cost_bench" "$MC_PORT" $((RUNS * 3)) 200 >"$out/mc_cost" 2>"$out/err.mc_cost"; then
+        cat "$out/err.mc_cost" >&2
+        fail "mc_cost_bench failed (see above)"
+    fi
     MC_SIZES="1000 10000"
     MC_ROWS="flash flash_mb raw libmc libmc_bin flash_n1 libmc_n1"
     # Every run verified the same things (it exits non-zero otherwise).
@@ -502,6 +507,19 @@ if has_part memcached; then
     echo "   Timed: (a) flash_ctx_reset + the queries + flash_gather + flash_wait (the model layer builds the keys,"
     echo "   memoises, decodes every row into a User struct); backend alone and (b): values as bytes, not decoded."
     echo "   flash reads with one multi-key gets (writes: meta commands); libmemcached text sends one multi-key get."
+    echo
+    echo "== memcached's CPU per key read, by command (1,000 keys per request, all hits, 60-byte values;"
+    echo "   bench/mc_cost_bench.c: rusage_user + rusage_system deltas over 200 requests per sample, median of"
+    echo "   $((RUNS * 3)) interleaved samples; client wall ns/key beside it)"
+    printf '   %-32s %12s %12s\n' command "srv ns/key" "wall ns/key"
+    for v in get gets mg_v mg_vf mg_vfc; do
+        case $v in
+        get) l="get k1..kN (no CAS)" ;; gets) l="gets k1..kN (flash's read)" ;;
+        mg_v) l="mg k v  per key + mn" ;; mg_vf) l="mg k v f  per key + mn" ;; mg_vfc) l="mg k v f c  per key + mn" ;;
+        esac
+        printf '   %-32s %12s %12s\n' "$l" "$(fmt "$(awk -v v="$v" '$1 == v { print $2 }' "$out/mc_cost" | median)" 0)" \
+            "$(fmt "$(awk -v v="$v" '$1 == v { print $3 }' "$out/mc_cost" | median)" 0)"
+    done
     echo
     echo "== memcached counts (verified before the timed reps of every run; run 1 shown)"
     grep '^verify ' "$out/mc.1" | sed 's/^verify /   /'
