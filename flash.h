@@ -1209,6 +1209,10 @@ FLASH_API int flash_fetch_set_count(flash_fetch *f, size_t i, int64_t count); /*
 FLASH_API int flash_fetch_add_count(flash_fetch *f, const void *row, int64_t n);
 FLASH_API int flash_fetch_add_id(flash_fetch *f, size_t i, int64_t id);
 FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message);
+/* Answer key i as given but write nothing back to the cache for it
+   (django-flash's DontCache(value)): e.g. a partial or transient answer.
+   The next request asks the source again. */
+FLASH_API int flash_fetch_dont_cache(flash_fetch *f, size_t i);
 /* Fail every key tuple whose parts equal parts[] (parts[j] ignored where
    any[j]; any may be NULL): for a row that matched but cannot be read.
    Returns how many keys failed. */
@@ -5310,6 +5314,7 @@ struct flash_fetch {
     size_t *nrows;           /* FILTER/LIST/COUNT/IDS: rows (or ids) seen */
     int64_t *counts;         /* COUNT set by flash_fetch_set_count */
     bool *count_set;
+    bool *dont_cache;        /* flash_fetch_dont_cache: made on first use */
     int *error;
     const char **message;
     uint64_t gen;
@@ -5919,6 +5924,16 @@ FLASH_API void flash_sql_ident(flash_strbuf *b, const char *name, bool dotted) {
     flash_strbuf_put(b, "\"", 1);
 }
 
+FLASH_API int flash_fetch_dont_cache(flash_fetch *f, size_t i) {
+    int rc = flash__fetch_check(f);
+    if (rc) return rc;
+    if (i >= f->count) return FLASH_EINVAL;
+    if (!f->dont_cache && (f->dont_cache = (bool *)flash_calloc(f->ctx, f->count, sizeof *f->dont_cache)) == NULL)
+        return FLASH_ENOMEM;
+    f->dont_cache[i] = true;
+    return FLASH_OK;
+}
+
 FLASH_API int flash_fetch_fail(flash_fetch *f, size_t i, int code, const char *message) {
     int rc = flash__fetch_check(f);
     if (rc) return rc;
@@ -6098,7 +6113,7 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) 
             if (!eb->served[i]) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
             continue;
         }
-        if (fill != FLASH__FILL_NONE && !(none && c->opts.no_cache_none)) {
+        if (fill != FLASH__FILL_NONE && !(none && c->opts.no_cache_none) && !(f->dont_cache && f->dont_cache[t])) {
             void *val;
             size_t len;
             if (flash__encode_value(ctx, q, result, none, eb->ver[i], &val, &len) == FLASH_OK) {
