@@ -734,6 +734,10 @@ typedef struct flash_cache_opts {
     void *user_data;         /* handed to fallback */
     bool no_cache_none;      /* default: false, a not-found is cached too */
     const char *table;       /* models: the table sources read; default: name */
+    const char *db;          /* database alias, part of every key of the class
+                                ("prefix:Class@db:vN:...", django-flash's
+                                `using`); every class of a model takes the
+                                model's; default: none (no @ part) */
     int pk;                  /* models: primary-key field index; default: 0 */
     /* List and ids classes (not inherited from the model): the order of
        the rows, fields separated by commas, '-' for descending, e.g.
@@ -4171,6 +4175,7 @@ FLASH_API void flash_register_class(flash_class *c) {
         }
     }
     flash__opts_defaults(&c->opts, (c->kind == FLASH_CLASS_GET || c->kind == FLASH_CLASS_FILTER) ? &m->opts : NULL);
+    if (!c->opts.db) c->opts.db = m->opts.db; /* the rows of every class come from the model's database */
     if (m->result && !c->opts.fallback) { /* no table to read it from */
         c->error = FLASH_EINVAL;
         c->error_message = "a class of a result struct (FLASH_RESULT) needs a .fallback";
@@ -5026,7 +5031,7 @@ static const char *flash__prefix(flash_ctx *ctx, size_t *len) {
     return ctx->prefix;
 }
 
-/* prefix:Class:vN: — the part every key of a class starts with. */
+/* prefix:Class[@db]:vN: — the part every key of a class starts with. */
 /* The escaped "prefix:Class:vN:" of each class is made once per context
    (it was half of the cost of a query's key) and kept across resets. */
 typedef struct flash__khead {
@@ -5057,6 +5062,10 @@ static void flash__key_head(flash__buf *b, flash_ctx *ctx, const flash_class *c)
     flash__buf_put(&h, p, plen);
     flash__buf_put(&h, ":", 1);
     flash__buf_escape(&h, c->name, strlen(c->name));
+    if (c->opts.db && *c->opts.db) { /* '@' is escaped inside names: unambiguous */
+        flash__buf_put(&h, "@", 1);
+        flash__buf_escape(&h, c->opts.db, strlen(c->opts.db));
+    }
     snprintf(v, sizeof v, ":v%u:", (unsigned)c->opts.version);
     flash__buf_put(&h, v, strlen(v));
     if (h.err) {
