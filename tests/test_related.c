@@ -265,13 +265,13 @@ static void sexec(const char *sql) {
 
 static void put_data(void) {
     for (int u = 1; u <= 5; u++) {
-        char name[16];
+        char name[32];
         snprintf(name, sizeof name, "user%d", u);
         RUser r = {u, name};
         cr_assert_eq(flash_table_put(fx.db, &RUser_model, &r), 0);
     }
     for (int e = 1; e <= 4; e++) {
-        char title[16];
+        char title[32];
         snprintf(title, sizeof title, "Event %d", e);
         REvent r = {e, title};
         cr_assert_eq(flash_table_put(fx.db, &REvent_model, &r), 0);
@@ -445,7 +445,7 @@ static void check_related_instance(void) {
     for (int i = 0; i < 15; i++) {
         PartFull *r = out[i];
         cr_assert_eq(r->id, i + 1);
-        char want[16];
+        char want[32];
         snprintf(want, sizeof want, "user%d", 1 + i / 3);
         cr_assert_str_eq(r->username, i < 3 ? "ada" : want);
     }
