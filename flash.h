@@ -867,6 +867,9 @@ FLASH_API size_t flash_time_format(flash_time t, char *buf, size_t cap);
 FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int field);
 /* The value of a field of type `type` stored at p (p: a struct member). */
 FLASH_API flash_value flash_field_value(flash_type type, const void *p);
+/* Store SQL NULL in a nullable field (I64N, I32N, F64N, BOOLN, TIMEN) of
+   row: for sources reading a NULL column. false for another type. */
+FLASH_API bool flash_field_set_null(const flash_field *f, void *row);
 FLASH_API bool flash_value_eq(const flash_value *a, const flash_value *b);
 
 /* Rows: deep copy into the arena, and the compact binary codec. */
@@ -4526,6 +4529,22 @@ FLASH_API flash_value flash_row_value(const flash_model *m, const void *row, int
     memset(&v, 0, sizeof v);
     if (!m || !row || field < 0 || (size_t)field >= m->nfields) return v;
     return flash_field_value(m->fields[field].type, (const char *)row + m->fields[field].offset);
+}
+
+FLASH_API bool flash_field_set_null(const flash_field *f, void *row) {
+    char *p = (char *)row + f->offset;
+    flash_i64n n64 = flash_i64n_null();
+    flash_i32n n32 = flash_i32n_null();
+    flash_f64n nf = flash_f64n_null();
+    flash_booln nb = flash_booln_null();
+    switch (f->type) {
+    case FLASH_I64N:
+    case FLASH_TIMEN: memcpy(p, &n64, sizeof n64); return true;
+    case FLASH_I32N: memcpy(p, &n32, sizeof n32); return true;
+    case FLASH_F64N: memcpy(p, &nf, sizeof nf); return true;
+    case FLASH_BOOLN: memcpy(p, &nb, sizeof nb); return true;
+    default: return false;
+    }
 }
 
 FLASH_API flash_value flash_field_value(flash_type type, const void *p) {

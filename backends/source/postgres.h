@@ -941,16 +941,7 @@ static int flash__pg_read(const PGresult *res, int r, int col, const flash_field
     if (flash_type_nullable(fd->type)) {
         flash_field base = *fd;
         if (PQgetisnull(res, r, col)) {
-            flash_i64n n64 = flash_i64n_null();
-            flash_i32n n32 = flash_i32n_null();
-            flash_f64n nf = flash_f64n_null();
-            flash_booln nb = flash_booln_null();
-            switch (fd->type) {
-            case FLASH_I32N: memcpy(p, &n32, sizeof n32); break;
-            case FLASH_F64N: memcpy(p, &nf, sizeof nf); break;
-            case FLASH_BOOLN: memcpy(p, &nb, sizeof nb); break;
-            default: memcpy(p, &n64, sizeof n64); break;
-            }
+            flash_field_set_null(fd, row);
             return 0;
         }
         /* v comes first in every nullable struct; null stays false (zeroed) */
@@ -1322,19 +1313,22 @@ static void flash__pg_fetch(void *self, flash_ctx *ctx, flash_fetch *f) {
     flash__pg_kick(pg);
 }
 
-static void flash__pg_cancel(void *self, flash_fetch *f) {
-    flash_pg *pg = (flash_pg *)self;
+/* Forget the job of fetch f or of write w (the other is NULL): a queued one
+   goes, one in flight has its result discarded. */
+static void flash__pg_forget(flash_pg *pg, const flash_fetch *f, const flash_write *w) {
     flash__pg_job **pp, *job;
     size_t i;
     for (i = 0; i < pg->nconns; i++) {
-        if (pg->conns[i].job && pg->conns[i].job->f == f) {
-            pg->conns[i].job->f = NULL; /* in flight: its results are discarded */
+        job = pg->conns[i].job;
+        if (job && ((f && job->f == f) || (w && job->w == w))) {
+            if (f) job->f = NULL;
+            else job->w = NULL;
             pg->stats.canceled++;
             return;
         }
     }
     for (pp = &pg->head; (job = *pp) != NULL; pp = &job->next) {
-        if (job->f != f) continue;
+        if (!((f && job->f == f) || (w && job->w == w))) continue;
         *pp = job->next;
         if (pg->tail == job) {
             flash__pg_job *t = pg->head;
@@ -1347,6 +1341,8 @@ static void flash__pg_cancel(void *self, flash_fetch *f) {
         return;
     }
 }
+
+static void flash__pg_cancel(void *self, flash_fetch *f) { flash__pg_forget((flash_pg *)self, f, NULL); }
 
 /* ---- writes (flash_save / flash_delete) ---- */
 
@@ -1606,31 +1602,7 @@ static void flash__pg_write_answer(flash_pg *pg, flash__pg_job *job, PGresult *r
     flash_write_done(w, FLASH_OK, NULL);
 }
 
-static void flash__pg_write_cancel(void *self, flash_write *w) {
-    flash_pg *pg = (flash_pg *)self;
-    flash__pg_job **pp, *job;
-    size_t i;
-    for (i = 0; i < pg->nconns; i++) {
-        if (pg->conns[i].job && pg->conns[i].job->w == w) {
-            pg->conns[i].job->w = NULL; /* in flight: the result is discarded */
-            pg->stats.canceled++;
-            return;
-        }
-    }
-    for (pp = &pg->head; (job = *pp) != NULL; pp = &job->next) {
-        if (job->w != w) continue;
-        *pp = job->next;
-        if (pg->tail == job) {
-            flash__pg_job *t = pg->head;
-            while (t && t->next) t = t->next;
-            pg->tail = t;
-        }
-        pg->stats.queued--;
-        pg->stats.canceled++;
-        flash__pg_job_free(job);
-        return;
-    }
-}
+static void flash__pg_write_cancel(void *self, flash_write *w) { flash__pg_forget((flash_pg *)self, NULL, w); }
 
 static void flash__pg_write(void *self, flash_ctx *ctx, flash_write *w) {
     flash_pg *pg = (flash_pg *)self;

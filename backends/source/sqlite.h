@@ -474,16 +474,7 @@ static int flash__sq_read(sqlite3_stmt *st, int col, const flash_field *fd, char
     if (flash_type_nullable(fd->type)) {
         flash_field base = *fd;
         if (c == SQLITE_NULL) {
-            flash_i64n n64 = flash_i64n_null();
-            flash_i32n n32 = flash_i32n_null();
-            flash_f64n nf = flash_f64n_null();
-            flash_booln nb = flash_booln_null();
-            switch (fd->type) {
-            case FLASH_I32N: memcpy(p, &n32, sizeof n32); break;
-            case FLASH_F64N: memcpy(p, &nf, sizeof nf); break;
-            case FLASH_BOOLN: memcpy(p, &nb, sizeof nb); break;
-            default: memcpy(p, &n64, sizeof n64); break;
-            }
+            flash_field_set_null(fd, row);
             return 0;
         }
         /* v comes first in every nullable struct; null stays false (zeroed) */
@@ -1184,16 +1175,7 @@ static int flash__sqc_conv(sqlite3_value *v, const flash_field *fd, char *row, f
     if (flash_type_nullable(fd->type)) {
         flash_field base = *fd;
         if (c == SQLITE_NULL) {
-            flash_i64n n64 = flash_i64n_null();
-            flash_i32n n32 = flash_i32n_null();
-            flash_f64n nf = flash_f64n_null();
-            flash_booln nb = flash_booln_null();
-            switch (fd->type) {
-            case FLASH_I32N: memcpy(p, &n32, sizeof n32); break;
-            case FLASH_F64N: memcpy(p, &nf, sizeof nf); break;
-            case FLASH_BOOLN: memcpy(p, &nb, sizeof nb); break;
-            default: memcpy(p, &n64, sizeof n64); break;
-            }
+            flash_field_set_null(fd, row);
             return 0;
         }
         base.type = fd->type == FLASH_TIMEN ? FLASH_TIME : flash_value_type(fd->type);
