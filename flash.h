@@ -1098,12 +1098,15 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
    FLASH_FOREIGN_KEY(Participant, user, User, id) needs FLASH_GET_KEYS(User,
    (id)) before it (else: a compile error, no User__get_by_id) and generates
      flash_promise *Participant_user_async(flash_ctx *, const Participant *p)
+     flash_promise *Participant_user_async_or_none(flash_ctx *, const Participant *p)
      flash_promise *Participant_user_async_or_404(flash_ctx *, const Participant *p)
      int Participant_user(flash_ctx *, const Participant *p, User **out)
+     int Participant_user_or_none(flash_ctx *, const Participant *p, User **out)
      int Participant_user_or_404(flash_ctx *, const Participant *p, User **out)
    They fulfil with a User *, or NULL when p->user is NULL (a nullable
-   field: I64N, ...); a missing target rejects with FLASH_ENOTFOUND, or
-   FLASH_E404 in the _or_404 forms. The field's values must have the target
+   field: I64N, ...); a missing target rejects with FLASH_ENOTFOUND, gives
+   NULL in the _or_none forms (a dangling reference), FLASH_E404 in the
+   _or_404 forms. The field's values must have the target
    field's value type (I64N -> I64 is fine; I32 -> I64 rejects with
    FLASH_EINVAL, naming both). The sync forms suspend the calling task, or
    run the loop outside one, like every sync form. */
@@ -1119,9 +1122,18 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
     static FLASH__UNUSED inline flash_promise *M##_##FIELD##_async(flash_ctx *flash__ctx, const M *flash__row) { \
         return M##_##FIELD##__fk(flash__ctx, flash__row, 0);                                 \
     }                                                                                        \
+    static FLASH__UNUSED inline flash_promise *M##_##FIELD##_async_or_none(flash_ctx *flash__ctx,           \
+                                                                           const M *flash__row) {           \
+        return M##_##FIELD##__fk(flash__ctx, flash__row, FLASH_Q_OR_NONE);                   \
+    }                                                                                        \
     static FLASH__UNUSED inline flash_promise *M##_##FIELD##_async_or_404(flash_ctx *flash__ctx,            \
                                                                           const M *flash__row) {            \
         return M##_##FIELD##__fk(flash__ctx, flash__row, FLASH_Q_OR_404);                    \
+    }                                                                                        \
+    static FLASH__UNUSED inline int M##_##FIELD##_or_none(flash_ctx *flash__ctx, const M *flash__row,        \
+                                                          T **flash__out) {                  \
+        return flash_wait_result(flash__ctx, M##_##FIELD##_async_or_none(flash__ctx, flash__row),            \
+                                 &T##__get_by_##TFIELD, (void *)flash__out);                 \
     }                                                                                        \
     static FLASH__UNUSED inline int M##_##FIELD(flash_ctx *flash__ctx, const M *flash__row, T **flash__out) { \
         return flash_wait_result(flash__ctx, M##_##FIELD##_async(flash__ctx, flash__row), &T##__get_by_##TFIELD, \

@@ -63,7 +63,11 @@ FLASH_INSTANCE_CACHE(EventCacheOnSlug, Event, (slug))
    round trip as the event itself. */
 #define PARTICIPANT_FIELDS(F) F(I64, id) F(I64, user) F(I64, event) F(STR, event_slug)
 FLASH_MODEL_OPT(Participant, PARTICIPANT_FIELDS, .table = "event_participants")
-FLASH_LIST_CACHE(EventParticipants, Participant, (event_slug))
+/* Ordered by user id (the SQL sources push the ORDER BY down; the cached
+   list keeps the order). */
+FLASH_LIST_CACHE_OPT(EventParticipants, Participant, (event_slug), .order_by = "user")
+/* participant.user through User's get cache (cached_foreignkeys). */
+FLASH_FOREIGN_KEY(Participant, user, User, id)
 
 /* ---- replies are built in a flash_strbuf ---- */
 
@@ -282,7 +286,7 @@ static int render(flash_ctx *ctx, const Event *e, User **users, size_t n, const 
 
        event, parts = await gather(EventCacheOnSlug(slug).resolve_async_or_404(),
                                    EventParticipants(slug).resolve_async())   round trip 1
-       users = await gather(*[User.cache.get_async_or_none(id=p.user) ...])   round trip 2 */
+       users = await gather(*[p.user for p in parts])  (cached foreign keys)    round trip 2 */
 static int get_data(flash_ctx *ctx, const char *slug, const char **json, const char **message) {
     flash_promise *both[2] = {EventCacheOnSlug_resolve_async_or_404(ctx, slug),
                               EventParticipants_resolve_async(ctx, slug)};
@@ -300,7 +304,7 @@ static int get_data(flash_ctx *ctx, const char *slug, const char **json, const c
         flash_promise **ps = (flash_promise **)flash_alloc(ctx, parts->count * sizeof *ps);
         if (!ps) return FLASH_ENOMEM;
         for (size_t i = 0; i < parts->count; i++)
-            ps[i] = User_get_by_id_async_or_none(ctx, ((const Participant *)parts->items[i])->user);
+            ps[i] = Participant_user_async_or_none(ctx, (const Participant *)parts->items[i]);
         g = flash_gather(ctx, parts->count, ps);
         if ((rc = flash_await(ctx, g, &v)) != 0) {
             *message = flash_promise_message(g);

@@ -375,6 +375,15 @@ FLASH_TEST(types_memory, foreign_key_missing_target_null_and_wrong_type) {
     cr_assert_eq(TyRow_manager(fx.ctx, &orphan, &u), FLASH_ENOTFOUND);
     cr_assert_eq(TyRow_manager_or_404(fx.ctx, &orphan, &u), FLASH_E404);
     u = (TyUser *)&orphan;
+    cr_assert_eq(TyRow_manager_or_none(fx.ctx, &orphan, &u), 0, "a dangling reference is NULL in the _or_none form");
+    cr_assert_null(u);
+    void *dangling = &orphan;
+    cr_assert_eq(flash_wait(fx.ctx, TyRow_manager_async_or_none(fx.ctx, &orphan), &dangling), 0);
+    cr_assert_null(dangling);
+    u = (TyUser *)&orphan;
+    cr_assert_eq(TyRow_manager_or_none(fx.ctx, &none, &u), 0);
+    cr_assert_null(u);
+    u = (TyUser *)&orphan;
     cr_assert_eq(TyRow_manager(fx.ctx, &none, &u), 0);
     cr_assert_null(u);
     u = (TyUser *)&orphan;
