@@ -163,6 +163,9 @@ typedef struct flash_desc {
     const char *key_prefix;       /* default: "flash" */
     uint32_t lag_window_ms;       /* default: 300, no fills this soon after an invalidation */
     uint32_t stale_marker_ttl_s;  /* default: 5, lifetime of an invalidation marker */
+    uint32_t refresh_lock_s;      /* default: 30, longest a refresh lock is held
+                                     (FLASH_WRITE_LOCK_TIMEOUT): bounds a reader
+                                     that took it and died */
     uint32_t task_stack;          /* default: 64 KiB (256 KiB under ASan/TSan), usable
                                      bytes of each task's stack, rounded up to pages */
     uint32_t max_tasks;           /* default: 10000, tasks alive at once; past it
@@ -713,7 +716,13 @@ typedef enum flash_class_kind {
 typedef enum flash_invalidation {
     FLASH_INVALIDATE_UNSET = 0, /* default: a write marks the keys stale */
     FLASH_INVALIDATE_OFF,       /* writes do nothing: values live until timeout */
-    FLASH_INVALIDATE_DYNAMIC    /* a write bumps the class's version */
+    FLASH_INVALIDATE_DYNAMIC,   /* a write bumps the class's version */
+    FLASH_INVALIDATE_STALE,     /* per key (upstream's DYNAMIC): a write marks
+                                   each key's value stale; readers are served
+                                   it while one of them refreshes it */
+    FLASH_INVALIDATE_RESET      /* write-through (upstream's RESET): a write
+                                   marks the keys, then refreshes them from
+                                   the source at once (CAS against its marks) */
 } flash_invalidation;
 
 typedef struct flash_fetch flash_fetch;
@@ -728,7 +737,8 @@ typedef struct flash_cache_opts {
                                 FLASH_DEFAULT_TIMEOUT_S (one week) */
     flash_invalidation invalidation; /* default: FLASH_INVALIDATE_UNSET */
     uint32_t allowtime_s;    /* serve a stale value up to this long while one
-                                reader refreshes it; default: 0, never */
+                                reader refreshes it; default: 0, never (STALE
+                                classes: no bound). Per mode, see layer 9 */
     flash_fetch_fn fallback; /* custom fallback (get_instance / get_result);
                                 default: the model's source */
     void *user_data;         /* handed to fallback */
@@ -882,6 +892,10 @@ FLASH_API int flash_row_decode(flash_ctx *ctx, const flash_model *m, const void 
    goes into the value. */
 FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n,
                               char **key, size_t *len, bool *hashed);
+/* The key of a class's version ("prefix:Class:vN:@version"): a number
+   (absent: 0) that every get-many reads beside the class's keys and that
+   DYNAMIC writes and flash_bump_version increment. */
+FLASH_API int flash_cache_version_key(flash_ctx *ctx, const flash_class *c, char **key, size_t *len);
 
 /* ---- registration macros -------------------------------------------------
 
@@ -1256,8 +1270,26 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message);
                                with allowtime_s the value is marked stale
                                instead (served for allowtime_s while one
                                reader refreshes it);
+     FLASH_INVALIDATE_STALE    the value is marked stale (a marker where there
+                               is none): readers are served it while one of
+                               them, the one whose refresh lock lands, reads
+                               the source and replaces it by CAS; with
+                               allowtime_s, for at most that long;
+     FLASH_INVALIDATE_RESET    markers, then this context re-reads the keys
+                               from the model's source (which must see the
+                               write: the primary) and fills them by CAS
+                               against the markers, so the next reader hits;
+                               the promise settles after the refresh (a failed
+                               refresh leaves the markers: readers refill);
      FLASH_INVALIDATE_DYNAMIC  the class's version is bumped (one incr);
      FLASH_INVALIDATE_OFF      nothing.
+   allowtime_s with the other cases: a value written under an older class
+   version (DYNAMIC's bumps, flash_bump_version) is served while one reader
+   refreshes it if it was written at most allowtime_s ago; an OFF class's
+   value older than allowtime_s is served while one reader refreshes it.
+   Either way no value older than allowtime_s is served from a superseded
+   state. A refresh lock is deleted after its refresh and lives at most
+   min(allowtime_s, desc.refresh_lock_s).
    A few multi-key backend operations in all, and the request memo forgets
    those keys. Call it after the database write committed. Fulfils with NULL
    once the backend has applied everything; rejects (FLASH_EBACKEND, ...)
@@ -1269,11 +1301,21 @@ FLASH_API int flash_invalidate(flash_ctx *ctx, const flash_model *m, const void 
    NULLs). */
 FLASH_API flash_promise *flash_invalidate_rows_async(flash_ctx *ctx, const flash_model *m, size_t n,
                                                      const void *const *old_rows, const void *const *new_rows);
-/* The keys of these queries, whatever their class's mode (markers). */
+/* The keys of these queries, in their class's mode (DYNAMIC and OFF
+   classes: markers). */
 FLASH_API flash_promise *flash_invalidate_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs);
 FLASH_API int flash_invalidate_queries(flash_ctx *ctx, size_t n, flash_query *const *qs);
-/* Bump the version of every FLASH_INVALIDATE_DYNAMIC class of m: every value
-   cached under an older version becomes a miss. */
+/* Cache.reset(): the keys of these queries are marked, re-read from their
+   sources and filled by CAS against the marks (as a RESET class's write),
+   whatever their class's mode. Fulfils once the refills were tried. */
+FLASH_API flash_promise *flash_reset_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs);
+FLASH_API int flash_reset_queries(flash_ctx *ctx, size_t n, flash_query *const *qs);
+/* Flush by hand (CacheDynamicVersion.bump_version_for_model): bump the
+   version of every class of m and of every class depending on m
+   (FLASH_DEPENDS_ON). Every class's version key travels in each get-many
+   (one key per class per batch), so every value cached under an older
+   version becomes a miss (or, with allowtime_s, is served while one reader
+   refreshes it, as above). */
 FLASH_API flash_promise *flash_bump_version_async(flash_ctx *ctx, const flash_model *m);
 FLASH_API int flash_bump_version(flash_ctx *ctx, const flash_model *m);
 
@@ -1875,6 +1917,7 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
     if (!d.key_prefix) d.key_prefix = "flash";
     if (!d.lag_window_ms) d.lag_window_ms = 300;
     if (!d.stale_marker_ttl_s) d.stale_marker_ttl_s = 5;
+    if (!d.refresh_lock_s) d.refresh_lock_s = 30;
     if (!d.clock_ms) d.clock_ms = flash__realtime_ms;
 #if defined(FLASH__ASAN) || defined(FLASH__TSAN)
     if (!d.task_stack) d.task_stack = (uint32_t)256 << 10; /* instrumented frames are larger */
@@ -5248,6 +5291,17 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
     return rc;
 }
 
+static int flash__version_key(flash_ctx *ctx, const flash_class *c, char **key, size_t *len);
+
+FLASH_API int flash_cache_version_key(flash_ctx *ctx, const flash_class *c, char **key, size_t *len) {
+    int err = 0;
+    flash_class *cc;
+    if (!ctx || !key || !len) return FLASH_EINVAL;
+    cc = flash__class_of(c, &err);
+    if (!cc) return err;
+    return flash__version_key(ctx, cc, key, len);
+}
+
 /* ---- 8. query engine ----------------------------------------------------- */
 
 /* Value header: magic, flags, schema, dynamic version, time, [full key]. */
@@ -5311,6 +5365,11 @@ typedef struct flash__query {
     int flags;
 } flash__query;
 
+/* Internal query flag: a write's refresh (RESET, flash_reset_queries). It
+   bypasses the memo and fills inside the lag window: its source read comes
+   after the write it refreshes, by the writer's own context. */
+#define FLASH__Q_REFRESH 16
+
 typedef struct flash__engine flash__engine;
 typedef struct flash__eb flash__eb;
 
@@ -5327,6 +5386,7 @@ typedef struct flash__eop {
 
 struct flash__engine {
     flash_loader *loader;
+    uint64_t refreshes; /* numbers the memo keys of write refreshes */
 };
 
 /* What the engine decided for one key after the cache answered. */
@@ -5374,7 +5434,7 @@ struct flash__eb {
     uint64_t *cas;           /* per key: CAS of the marker / stale value seen */
     uint64_t *ver;           /* per key: the version to write under */
     bool *served;            /* per key: answered (stale); the fetch only refreshes */
-    flash_class **vcls;      /* FLASH_INVALIDATE_DYNAMIC classes of the batch */
+    flash_class **vcls;      /* the classes of the batch (their version keys) */
     uint64_t *vval;          /* their current versions */
     int *verr;               /* their version key's error, or 0 */
     size_t nver;
@@ -6110,11 +6170,13 @@ static size_t flash__max_value(flash_ctx *ctx) {
     return (c->vt && c->vt->max_value) ? c->vt->max_value(c->self) : (size_t)1 << 20;
 }
 
+static int flash__lock_key(flash_ctx *ctx, const char *key, size_t len, char **out, size_t *out_len);
+
 FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) {
     flash__eb *eb;
     flash_ctx *ctx;
-    flash_cache_item *fills[FLASH__FILL_KINDS] = {NULL, NULL, NULL};
-    size_t nfill[FLASH__FILL_KINDS] = {0, 0, 0}, t, maxv;
+    flash_cache_item *fills[FLASH__FILL_KINDS] = {NULL, NULL, NULL}, *unlock = NULL;
+    size_t nfill[FLASH__FILL_KINDS] = {0, 0, 0}, t, maxv, nunlock = 0;
     const flash_class *c;
     int rc = flash__fetch_check(f);
     if (rc == FLASH_ECANCELED && f && !f->done) {
@@ -6176,13 +6238,23 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) 
                 }
             }
         }
-        if (eb->served[i]) continue; /* answered stale already: this was the refresh */
+        if (eb->served[i]) {
+            /* Answered stale already: this was the refresh. Its lock goes
+               (after the fill is sent), so the next stale mark is refreshed
+               at once rather than when the lock expires. */
+            if (!unlock) unlock = (flash_cache_item *)flash_calloc(ctx, f->count, sizeof *unlock);
+            if (unlock && flash__lock_key(ctx, q->key, q->key_len, (char **)&unlock[nunlock].key,
+                                          &unlock[nunlock].key_len) == FLASH_OK)
+                nunlock++;
+            continue;
+        }
         if (none) flash__eb_settle_none(eb, i);
         else flash_batch_resolve(eb->batch, i, result);
     }
     ctx->stats.fills += nfill[FLASH__FILL_ADD] + nfill[FLASH__FILL_CAS];
     flash__write(ctx, FLASH_CACHE_ADD, fills[FLASH__FILL_ADD], nfill[FLASH__FILL_ADD]);
     flash__write(ctx, FLASH_CACHE_CAS, fills[FLASH__FILL_CAS], nfill[FLASH__FILL_CAS]);
+    flash__write(ctx, FLASH_CACHE_DELETE, unlock, nunlock);
     eb->fetches_pending--;
     flash__eb_maybe_end(eb);
     return FLASH_OK;
@@ -6270,8 +6342,8 @@ static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
     }
 }
 
-/* The current version of q's class, or 0 (not DYNAMIC / never bumped); *err
-   when its version key could not be read. */
+/* The current version of q's class, or 0 (never bumped); *err when its
+   version key could not be read. */
 static uint64_t flash__eb_version(const flash__eb *eb, const flash_class *c, int *err) {
     size_t k;
     *err = 0;
@@ -6294,6 +6366,13 @@ static bool flash__parse_u64(const char *s, size_t n, uint64_t *out) {
     }
     *out = x;
     return true;
+}
+
+/* How long a refresh lock lives at most (it is deleted after the refresh):
+   a reader that took it and died holds back the refresh that long. */
+static uint32_t flash__lock_ttl(const flash_ctx *ctx, const flash_class *c) {
+    uint32_t t = ctx->desc.refresh_lock_s;
+    return c->opts.allowtime_s && c->opts.allowtime_s < t ? c->opts.allowtime_s : t;
 }
 
 /* The refresh lock of a key (allowtime): prefix:lock:<hash of the key>. */
@@ -6366,7 +6445,13 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
         int verr = 0;
         uint64_t version = flash__eb_version(eb, q->cls, &verr);
         int st = items ? (op_status ? op_status : items[i].status) : FLASH_ENOTFOUND;
-        if (!st && verr) st = verr; /* cannot tell whether the value is current */
+        /* A version key that could not be read: a DYNAMIC class cannot tell
+           whether the value is current (a cache error for its keys); the
+           others take their values as they are (a by-hand bump is not seen
+           while its key is unreachable) and fill under version 0, which a
+           later read of a bumped version refreshes. */
+        bool vunknown = verr && q->cls->opts.invalidation != FLASH_INVALIDATE_DYNAMIC;
+        if (!st && verr && !vunknown) st = verr;
         eb->ver[i] = version;
         eb->fill[i] = items ? FLASH__FILL_ADD : FLASH__FILL_NONE;
         if (items && st == FLASH_OK) {
@@ -6375,29 +6460,44 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
             flash__hdr h;
             int r = flash__decode_value(ctx, q, items[i].value, items[i].value_len, &result, &none, &h);
             int64_t age = r >= 0 ? now - h.time_ms : 0;
-            if (r == 1 && h.version != version) {
-                /* Written under an older version: refresh it, but only if it
-                   is still the value seen (an invalidation may land first). */
-                r = 0;
-                eb->fill[i] = FLASH__FILL_CAS;
-                eb->cas[i] = items[i].cas;
-            } else if (r == 1 && (h.flags & FLASH__VF_STALE)) {
-                if (age <= (int64_t)q->cls->opts.allowtime_s * 1000) {
-                    /* Invalidated, but within allowtime: serve it, and let
-                       one reader (whoever takes the lock) refresh it. */
-                    ctx->stats.cache_hits++;
-                    if (none) flash__eb_settle_none(eb, i);
-                    else flash_batch_resolve(eb->batch, i, result);
-                    eb->served[i] = true;
-                    if (age >= lag && !(q->flags & FLASH_Q_ONLY_CACHE)) {
-                        eb->fill[i] = FLASH__FILL_CAS;
-                        eb->cas[i] = items[i].cas;
-                        nlock++;
-                    }
-                    continue;
+            const flash_cache_opts *co = &q->cls->opts;
+            int64_t allow = (int64_t)co->allowtime_s * 1000;
+            bool old = r == 1 && !vunknown && h.version != version, stale = r == 1 && (h.flags & FLASH__VF_STALE);
+            bool serve = false; /* served as is while one reader refreshes it */
+            if (old || stale) {
+                /* Superseded (an older class version) or marked stale: the
+                   class's allowtime bounds how long it may still be served
+                   (age: since the stale mark, or since written); STALE
+                   classes without one serve it until it is refreshed. */
+                serve = allow ? age <= allow : co->invalidation == FLASH_INVALIDATE_STALE;
+                if (q->flags & FLASH__Q_REFRESH) serve = false; /* a write's refresh replaces it */
+                if (!serve && old) {
+                    /* Refresh it, but only if it is still the value seen (an
+                       invalidation may land first). */
+                    r = 0;
+                    eb->fill[i] = FLASH__FILL_CAS;
+                    eb->cas[i] = items[i].cas;
+                } else if (!serve) {
+                    r = 0; /* too old to serve: a marker */
+                    h.flags |= FLASH__VF_MARKER;
                 }
-                r = 0; /* too old to serve: a marker */
-                h.flags |= FLASH__VF_MARKER;
+            } else if (r == 1 && allow && co->invalidation == FLASH_INVALIDATE_OFF && age > allow) {
+                serve = true; /* OFF with allowtime: refreshed every allowtime by one reader */
+            }
+            if (serve) {
+                ctx->stats.cache_hits++;
+                if (none) flash__eb_settle_none(eb, i);
+                else flash_batch_resolve(eb->batch, i, result);
+                eb->served[i] = true;
+                /* One reader, whoever takes the lock, refreshes it; a stale
+                   mark inside the lag window is not refreshed yet (a
+                   replica may not have the write). */
+                if ((!stale || age >= lag) && !(q->flags & FLASH_Q_ONLY_CACHE)) {
+                    eb->fill[i] = FLASH__FILL_CAS;
+                    eb->cas[i] = items[i].cas;
+                    nlock++;
+                }
+                continue;
             }
             if (r == 1) {
                 ctx->stats.cache_hits++;
@@ -6410,9 +6510,10 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
                 /* Invalidated: read the source, and replace the marker only
                    if it is still the one seen; not inside the lag window,
                    when a replica may not have the write yet. */
-                eb->fill[i] = age < lag ? FLASH__FILL_NONE : FLASH__FILL_CAS;
+                bool in_lag = age < lag && !(q->flags & FLASH__Q_REFRESH);
+                eb->fill[i] = in_lag ? FLASH__FILL_NONE : FLASH__FILL_CAS;
                 eb->cas[i] = items[i].cas;
-                if (age < lag && !(q->flags & FLASH_Q_ONLY_CACHE)) ctx->stats.fills_skipped++;
+                if (in_lag && !(q->flags & FLASH_Q_ONLY_CACHE)) ctx->stats.fills_skipped++;
             } else if (r < 0) {
                 flash_ctx_log(ctx, FLASH_LOG_WARN, "%s: corrupt cached value at %s (%s): replaced",
                               q->cls->name, q->key, flash_strerror(r));
@@ -6452,7 +6553,7 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
                     break;
                 li[k].value = "1";
                 li[k].value_len = 1;
-                li[k].ttl_s = eb->qs[i]->cls->opts.allowtime_s;
+                li[k].ttl_s = flash__lock_ttl(ctx, eb->qs[i]->cls);
                 k++;
             }
         }
@@ -6485,7 +6586,8 @@ static void flash__engine_get_done(flash_cache_op *op) {
     /* The batch holds the generation; the GET needs no hold of its own. */
 }
 
-/* prefix:Class:vN:@version — a DYNAMIC class's version key. */
+/* prefix:Class:vN:@version — a class's version key (absent: version 0;
+   bumped by DYNAMIC writes and flash_bump_version). */
 static int flash__version_key(flash_ctx *ctx, const flash_class *c, char **key, size_t *len) {
     flash__buf b;
     flash__buf_init(&b, ctx, 64);
@@ -6522,11 +6624,11 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
     }
     for (i = 0; i < n; i++) {
         eb->qs[i] = (flash__query *)flash_batch_payload(b, i);
-        if (eb->qs[i]->cls->opts.invalidation == FLASH_INVALIDATE_DYNAMIC) {
-            for (k = 0; k < eb->nver && eb->vcls[k] != eb->qs[i]->cls; k++) {
-            }
-            if (k == eb->nver) eb->vcls[eb->nver++] = eb->qs[i]->cls;
+        /* Batches are mostly of one class: check the last one seen first. */
+        if (eb->nver && eb->vcls[eb->nver - 1] == eb->qs[i]->cls) continue;
+        for (k = 0; k < eb->nver && eb->vcls[k] != eb->qs[i]->cls; k++) {
         }
+        if (k == eb->nver) eb->vcls[eb->nver++] = eb->qs[i]->cls;
     }
     flash_batch_set_data(b, eb); /* for flash__engine_cancel */
     eb->vval = (uint64_t *)flash_calloc(ctx, eb->nver ? eb->nver : 1, sizeof *eb->vval);
@@ -6541,7 +6643,7 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
         return;
     }
     {
-        /* One get-many: the keys, then the versions of DYNAMIC classes. */
+        /* One get-many: the keys, then the version key of each class. */
         flash__eop *o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
         flash_cache_item *items = (flash_cache_item *)flash_calloc(ctx, n + eb->nver, sizeof *items);
         if (!o || !items) {
@@ -6615,8 +6717,8 @@ static flash_promise *flash__wrap(flash_ctx *ctx, flash_promise *p, int flags) {
     return p;
 }
 
-FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c, const flash_value *values,
-                                           size_t n, int flags) {
+static flash_promise *flash__query_run(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n,
+                                   int flags) {
     flash__engine *e;
     flash__query *q;
     flash_class *cc;
@@ -6644,7 +6746,7 @@ FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c,
     q = (flash__query *)flash__alloc(ctx, sizeof *q);
     if (!e || !q) return NULL;
     q->cls = cc;
-    q->flags = flags & FLASH_Q_ONLY_CACHE; /* the only flag that changes what is fetched */
+    q->flags = flags & (FLASH_Q_ONLY_CACHE | FLASH__Q_REFRESH); /* the flags that change what is fetched */
     q->values = (flash_value *)flash__alloc(ctx, n * sizeof *q->values);
     if (!q->values) return NULL;
     for (i = 0; i < n; i++) {
@@ -6656,17 +6758,27 @@ FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c,
     }
     rc = flash__build_key(ctx, cc, q->values, n, &q->key, &q->key_len, &q->full, &q->full_len);
     if (rc) return flash__wrap(ctx, flash_rejected(ctx, rc, "cannot build the cache key"), flags & FLASH_Q_NONE_ON_EXCEPTION);
-    /* Memo key: the mode, then the full cache key. */
+    /* Memo key: the mode, then the full cache key; a refresh's, a number
+       of its own too (each write refreshes anew). */
     {
         const char *k = q->full ? q->full : q->key;
-        size_t klen = q->full ? q->full_len : q->key_len;
-        lkey = (char *)flash__alloc(ctx, klen + 1);
+        size_t klen = q->full ? q->full_len : q->key_len, extra = (q->flags & FLASH__Q_REFRESH) ? 8 : 0;
+        lkey = (char *)flash__alloc(ctx, klen + 1 + extra);
         if (!lkey) return NULL;
         lkey[0] = (char)('0' + q->flags);
         memcpy(lkey + 1, k, klen);
-        p = flash_load_with(e->loader, lkey, klen + 1, q);
+        if (extra) {
+            uint64_t seq = ++e->refreshes;
+            memcpy(lkey + 1 + klen, &seq, 8);
+        }
+        p = flash_load_with(e->loader, lkey, klen + 1 + extra, q);
     }
     return p ? flash__wrap(ctx, p, flags) : NULL;
+}
+
+FLASH_API flash_promise *flash_query_async(flash_ctx *ctx, const flash_class *c, const flash_value *values,
+                                           size_t n, int flags) {
+    return flash__query_run(ctx, c, values, n, flags & ~FLASH__Q_REFRESH);
 }
 
 FLASH_API flash_query *flash_query_new(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n) {
@@ -6743,6 +6855,9 @@ typedef struct flash__inv {
     flash_cache_item *soft;  /* allowtime keys: GET, then mark stale */
     size_t nsoft;
     const flash_class **soft_cls;
+    flash_query **reset;     /* keys refreshed once the writes landed (RESET) */
+    size_t nreset;
+    bool reset_started;
 } flash__inv;
 
 /* A marker value: the header alone. */
@@ -6776,9 +6891,42 @@ static int flash__restamp(flash_ctx *ctx, const void *data, size_t len, void **o
     return FLASH_OK;
 }
 
+static flash_promise *flash__query_run(flash_ctx *ctx, const flash_class *c, const flash_value *values, size_t n,
+                                   int flags);
+static void flash__inv_settle(flash__inv *v);
+
+static void flash__inv_refreshed(flash_ctx *ctx, flash_promise *p, void *arg) {
+    flash__inv *v = (flash__inv *)arg;
+    (void)ctx;
+    (void)p; /* a refresh that failed leaves its marker: the next reader refills */
+    v->pending--;
+    flash__inv_settle(v);
+}
+
+/* RESET: once every marker landed, re-read the keys (a refresh query each:
+   its get sees the marker, or a newer one, and its fill is a CAS on it). */
+static bool flash__inv_start_reset(flash__inv *v) {
+    flash_ctx *ctx = v->ctx;
+    flash_promise **ps;
+    size_t i;
+    if (!v->nreset || v->reset_started || v->error) return false;
+    v->reset_started = true;
+    ps = (flash_promise **)flash__alloc(ctx, v->nreset * sizeof *ps);
+    if (!ps) return false;
+    for (i = 0; i < v->nreset; i++)
+        ps[i] = flash__query_run(ctx, v->reset[i]->cls, v->reset[i]->values, v->reset[i]->count, FLASH__Q_REFRESH);
+    v->pending++;
+    if (flash_on_settle(ctx, flash_gather_settled(ctx, v->nreset, ps), flash__inv_refreshed, v) != FLASH_OK) {
+        v->pending--;
+        return false;
+    }
+    return true;
+}
+
 static void flash__inv_settle(flash__inv *v) {
     flash_ctx *ctx = v->ctx;
     if (v->pending || v->gen != ctx->gen || v->out.state != FLASH_PENDING) return;
+    if (flash__inv_start_reset(v)) return;
     if (v->error) flash__fail(ctx, &v->out, v->error, v->message ? v->message : flash_strerror(v->error));
     else flash__fulfil(ctx, &v->out, NULL);
 }
@@ -6915,6 +7063,9 @@ typedef struct flash__targets {
     flash_cache_item *hard, *soft, *bump;
     const flash_class **soft_cls;
     size_t nhard, nsoft, nbump, cap_hard, cap_soft, cap_bump;
+    flash_query **reset;     /* RESET keys (also in hard): refreshed after */
+    size_t nreset, cap_reset;
+    bool force_reset;        /* flash_reset_queries: every key is RESET */
     flash__tseen *seen;
     size_t nseen, cap_seen;
     int error;
@@ -6975,19 +7126,21 @@ static bool flash__targets_has(flash__targets *t, uint32_t list, const char *key
 }
 
 /* Add the key of class c for values v: a marker, or stale-marking when the
-   class serves stale values (allowtime). The request memo forgets it. */
+   class serves stale values (STALE, allowtime), and for RESET a refresh
+   after. The request memo forgets it. */
 static void flash__targets_key(flash__targets *t, const flash_class *c, const flash_value *v) {
     flash_ctx *ctx = t->ctx;
     char *key, *full;
     size_t len, full_len;
     flash_cache_item *it;
+    bool reset = t->force_reset || c->opts.invalidation == FLASH_INVALIDATE_RESET;
     int rc = flash__build_key(ctx, c, v, c->nfields, &key, &len, &full, &full_len);
     if (rc) {
         if (!t->error) t->error = rc;
         return;
     }
     flash__memo_drop(ctx, full ? full : key, full ? full_len : len);
-    if (c->opts.allowtime_s > 0) {
+    if (!reset && (c->opts.allowtime_s > 0 || c->opts.invalidation == FLASH_INVALIDATE_STALE)) {
         size_t old_cap = t->cap_soft;
         if (flash__targets_has(t, 1, key, len)) return;
         if (!flash__targets_room(t, &t->soft, t->nsoft, &t->cap_soft)) return;
@@ -7012,6 +7165,21 @@ static void flash__targets_key(flash__targets *t, const flash_class *c, const fl
         }
         it->ttl_s = ctx->desc.stale_marker_ttl_s;
         t->nhard++;
+        if (reset) {
+            flash_query *q = flash_query_new(ctx, c, v, c->nfields);
+            if (q && t->nreset == t->cap_reset) { /* arena: the old array is abandoned */
+                size_t cap = t->cap_reset ? t->cap_reset * 2 : 16;
+                flash_query **b = (flash_query **)flash__alloc(ctx, cap * sizeof *b);
+                if (b && t->nreset) memcpy(b, t->reset, t->nreset * sizeof *b);
+                t->reset = b;
+                t->cap_reset = b ? cap : 0;
+            }
+            if (!q || !t->reset) {
+                t->error = FLASH_ENOMEM;
+                return;
+            }
+            t->reset[t->nreset++] = q;
+        }
     }
     it->key = key;
     it->key_len = len;
@@ -7121,6 +7289,10 @@ static flash_promise *flash__invalidate_run(flash_ctx *ctx, flash__targets *t) {
     }
     ctx->stats.invalidations += t->nhard + t->nsoft + t->nbump;
     v->soft_cls = t->soft_cls;
+    if (ctx->desc.cache.vt) { /* without a backend there is nothing to refresh */
+        v->reset = t->reset;
+        v->nreset = t->nreset;
+    }
     flash__inv_write(v, FLASH_CACHE_SET, t->hard, t->nhard, flash__inv_done);
     flash__inv_write(v, FLASH_CACHE_INCR, t->bump, t->nbump, flash__inv_done);
     flash__inv_write(v, FLASH_CACHE_GET, t->soft, t->nsoft, flash__inv_soft_done);
@@ -7165,13 +7337,14 @@ FLASH_API int flash_invalidate(flash_ctx *ctx, const flash_model *m, const void 
     return flash_wait(ctx, flash_invalidate_async(ctx, m, old_row, new_row), NULL);
 }
 
-FLASH_API flash_promise *flash_invalidate_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs) {
+static flash_promise *flash__invalidate_queries(flash_ctx *ctx, size_t n, flash_query *const *qs, bool reset) {
     flash__targets t;
     size_t i;
     if (!ctx) return NULL;
     if (n && !qs) return flash_rejected(ctx, FLASH_EINVAL, "invalidate: NULL query array");
     memset(&t, 0, sizeof t);
     t.ctx = ctx;
+    t.force_reset = reset;
     for (i = 0; i < n; i++) {
         const char *msg = NULL;
         int err = 0;
@@ -7184,21 +7357,34 @@ FLASH_API flash_promise *flash_invalidate_queries_async(flash_ctx *ctx, size_t n
     return flash__invalidate_run(ctx, &t);
 }
 
+FLASH_API flash_promise *flash_invalidate_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs) {
+    return flash__invalidate_queries(ctx, n, qs, false);
+}
+
 FLASH_API int flash_invalidate_queries(flash_ctx *ctx, size_t n, flash_query *const *qs) {
     return flash_wait(ctx, flash_invalidate_queries_async(ctx, n, qs), NULL);
+}
+
+FLASH_API flash_promise *flash_reset_queries_async(flash_ctx *ctx, size_t n, flash_query *const *qs) {
+    return flash__invalidate_queries(ctx, n, qs, true);
+}
+
+FLASH_API int flash_reset_queries(flash_ctx *ctx, size_t n, flash_query *const *qs) {
+    return flash_wait(ctx, flash_reset_queries_async(ctx, n, qs), NULL);
 }
 
 FLASH_API flash_promise *flash_bump_version_async(flash_ctx *ctx, const flash_model *m) {
     flash__targets t;
     const flash_class *c;
+    const flash_dependency *d;
     const flash_model *cm;
     if (!ctx) return NULL;
     cm = flash__model_of(m);
     if (!cm) return flash_rejected(ctx, FLASH_EINVAL, "bump_version: not a model");
     memset(&t, 0, sizeof t);
     t.ctx = ctx;
-    for (c = cm->classes; c; c = c->next)
-        if (c->opts.invalidation == FLASH_INVALIDATE_DYNAMIC) flash__targets_bump(&t, c);
+    for (c = cm->classes; c; c = c->next) flash__targets_bump(&t, c);
+    for (d = cm->dependents; d; d = d->next) flash__targets_bump(&t, d->cls);
     return flash__invalidate_run(ctx, &t);
 }
 

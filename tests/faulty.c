@@ -172,6 +172,7 @@ static void deliver_answer(fop *o) {
                 it->value_len = 0;
             }
             f->st.item_failures++;
+            if (it->key_len >= 8 && memcmp(it->key + it->key_len - 8, "@version", 8) == 0) f->st.version_item_failures++;
         }
     }
     finish(o);

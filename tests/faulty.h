@@ -57,6 +57,7 @@ typedef struct faulty_stats {
     uint64_t faulted_ops;         /* operations with at least one fault of any kind */
     uint64_t dropped, failed, delayed, reordered; /* operations */
     uint64_t item_failures, corrupted;            /* items */
+    uint64_t version_item_failures;  /* of item_failures: class version keys ("...@version") */
     uint64_t completed;           /* done() calls */
     uint64_t canceled;            /* operations cancelled before done() */
     uint64_t max_latency_ms;      /* longest submit -> done() */

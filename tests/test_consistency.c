@@ -1,5 +1,6 @@
 /* Consistency: invalidation on write, race-free fills, stale markers with
-   CAS, the replication-lag window, dynamic versions, allowtime — and the
+   CAS, the replication-lag window, dynamic versions, allowtime, per-key
+   stale serving, write-through, flushes by hand — and the
    interleaving harness that runs every schedule of a reader against a
    writer, on the memory backend, on real memcached and on real Redis. */
 #include <stdio.h>
@@ -23,6 +24,14 @@ FLASH_MODEL_OPT(SoftAccount, ACCOUNT_FIELDS, .allowtime_s = 10)
 FLASH_GET_KEYS(SoftAccount, (id))
 FLASH_MODEL_OPT(OffAccount, ACCOUNT_FIELDS, .invalidation = FLASH_INVALIDATE_OFF)
 FLASH_GET_KEYS(OffAccount, (id))
+FLASH_MODEL_OPT(StaleAccount, ACCOUNT_FIELDS, .invalidation = FLASH_INVALIDATE_STALE)
+FLASH_GET_KEYS(StaleAccount, (id))
+FLASH_MODEL_OPT(ResetAccount, ACCOUNT_FIELDS, .invalidation = FLASH_INVALIDATE_RESET)
+FLASH_GET_KEYS(ResetAccount, (id))
+FLASH_MODEL_OPT(DynSoftAccount, ACCOUNT_FIELDS, .invalidation = FLASH_INVALIDATE_DYNAMIC, .allowtime_s = 10)
+FLASH_GET_KEYS(DynSoftAccount, (id))
+FLASH_MODEL(BumpAccount, ACCOUNT_FIELDS) /* UNSET; its writer flushes it by hand */
+FLASH_GET_KEYS(BumpAccount, (id))
 
 static int64_t fake_now = 1700000000000;
 static int64_t fake_clock(void *ud) {
@@ -30,19 +39,35 @@ static int64_t fake_clock(void *ud) {
     return fake_now;
 }
 
-/* MODE_OFF (no invalidation) is a deliberately broken variant: the
-   harness must find it inconsistent. */
-typedef enum mode { MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_OFF } mode;
-static const char *const mode_names[] = {"unset", "dynamic", "allowtime", "off"};
+/* The class modes. MODE_OFF (no invalidation) is a deliberately broken
+   variant: the harness must find it inconsistent.
+     MODE_STALE     per key: the writer marks the value stale; readers are
+                    served it while one refreshes (no time bound)
+     MODE_RESET     write-through: markers, then the writer refreshes
+     MODE_DYN_SOFT  DYNAMIC with allowtime: an older version's value written
+                    less than allowtime ago is served while one refreshes
+     MODE_BUMP      an UNSET class whose writer flushes by hand
+                    (flash_bump_version) instead of invalidating rows */
+typedef enum mode { MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_STALE, MODE_RESET, MODE_DYN_SOFT, MODE_BUMP, MODE_OFF } mode;
+static const char *const mode_names[] = {"unset", "dynamic", "allowtime", "stale", "reset", "dynamic+allowtime", "bump", "off"};
+/* Every mode that must stay consistent. */
+static const mode good_modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_STALE, MODE_RESET, MODE_DYN_SOFT, MODE_BUMP};
+#define NGOOD ((int)(sizeof good_modes / sizeof good_modes[0]))
 
 static const flash_model *model_of(mode m) {
-    return m == MODE_UNSET ? &Account_model : m == MODE_DYNAMIC ? &DynAccount_model
-                                          : m == MODE_ALLOWTIME ? &SoftAccount_model : &OffAccount_model;
+    static const flash_model *const ms[] = {&Account_model,      &DynAccount_model,     &SoftAccount_model,
+                                            &StaleAccount_model, &ResetAccount_model,   &DynSoftAccount_model,
+                                            &BumpAccount_model,  &OffAccount_model};
+    return ms[m];
 }
 static const flash_class *class_of(mode m) {
-    return m == MODE_UNSET ? &Account__get_by_id : m == MODE_DYNAMIC ? &DynAccount__get_by_id
-                                               : m == MODE_ALLOWTIME ? &SoftAccount__get_by_id : &OffAccount__get_by_id;
+    static const flash_class *const cs[] = {&Account__get_by_id,      &DynAccount__get_by_id,   &SoftAccount__get_by_id,
+                                            &StaleAccount__get_by_id, &ResetAccount__get_by_id, &DynSoftAccount__get_by_id,
+                                            &BumpAccount__get_by_id,  &OffAccount__get_by_id};
+    return cs[m];
 }
+/* Served stale values, by design, until this much later. */
+static int64_t stale_bound_ms(mode m) { return m == MODE_ALLOWTIME || m == MODE_DYN_SOFT ? 11000 : 0; }
 
 /* Who invalidates the write.
      WR_DIRECT   the writer itself, flash_invalidate_async after its commit.
@@ -57,10 +82,13 @@ static const flash_class *class_of(mode m) {
                  consumer needs PostgreSQL's stream, which cannot be held
                  step by step at the gate: its apply step is reproduced
                  call for call.
+     WR_DELETE   deliberately broken: the writer deletes the key instead of
+                 leaving a marker (a reader's fill from before the write
+                 then lands on the empty key)
      WR_STREAM_LOST  deliberately broken: the consumer drops the change
                  (acknowledges without applying); must be found inconsistent. */
-typedef enum writer { WR_DIRECT, WR_STREAM, WR_STREAM_LOST } writer;
-static const char *const writer_names[] = {"direct", "stream", "stream-lost"};
+typedef enum writer { WR_DIRECT, WR_STREAM, WR_STREAM_LOST, WR_DELETE } writer;
+static const char *const writer_names[] = {"direct", "stream", "stream-lost", "delete"};
 
 /* ---- the world a scenario runs in ---- */
 
@@ -128,7 +156,9 @@ static const char *outside_read(world *w, mode m, int64_t id, bool only_cache, c
     int rc = flash_wait(ctx, flash_query_async(ctx, class_of(m), &k, 1, only_cache ? FLASH_Q_ONLY_CACHE | FLASH_Q_OR_NONE : 0), &v);
     cr_assert_eq(rc, 0, "outside read failed: %s", flash_strerror(rc));
     snprintf(buf, cap, "%s", v ? ((Account *)v)->name : "");
-    run_until_idle(flash_poll_loop(w->loop)); /* its own fills */
+    /* its own fills, refresh lock and refresh (on a real server: replies) */
+    while (flash_ctx_busy(ctx)) flash_poll_run_once(w->loop, true);
+    run_until_idle(flash_poll_loop(w->loop));
     flash_ctx_destroy(ctx);
     return buf;
 }
@@ -170,6 +200,42 @@ static void release_writer(world *w, flash_promise *inv) {
     cr_assert_eq(flash_promise_error(inv), 0, "invalidation failed: %s", flash_promise_message(inv));
 }
 
+/* The broken writer's delete: a DELETE of the key through the gate,
+   settling p when the backend answered. */
+typedef struct raw_delete {
+    flash_cache_op op;
+    flash_cache_item item;
+    flash_ctx *ctx;
+    flash_promise *p;
+} raw_delete;
+static void raw_delete_done(flash_cache_op *op) {
+    raw_delete *d = (raw_delete *)op->data;
+    flash_resolve(d->ctx, d->p, NULL);
+}
+static flash_promise *delete_key(world *w, mode m, int64_t id) {
+    raw_delete *d = flash_calloc(w->writer, 1, sizeof *d);
+    flash_value k = flash_v_i64(id);
+    char *key;
+    cr_assert_eq(flash_cache_key(w->writer, class_of(m), &k, 1, &key, &d->item.key_len, NULL), 0);
+    d->item.key = key;
+    d->ctx = w->writer;
+    d->p = flash_promise_new(w->writer);
+    d->op.code = FLASH_CACHE_DELETE;
+    d->op.items = &d->item;
+    d->op.count = 1;
+    d->op.done = raw_delete_done;
+    d->op.data = d;
+    flash_cache c = gate_cache(w->g);
+    c.vt->submit(c.self, flash_poll_loop(w->loop), &d->op);
+    return d->p;
+}
+
+/* The write's invalidation, as mode m's writer makes it. */
+static flash_promise *invalidate_for(flash_ctx *ctx, mode m, const Account *old_row, const Account *new_row) {
+    if (m == MODE_BUMP) return flash_bump_version_async(ctx, model_of(m));
+    return flash_invalidate_async(ctx, model_of(m), old_row, new_row);
+}
+
 /* Runs s; returns false (with a message) when the cache ends inconsistent. */
 static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, char *why, size_t cap) {
     world w;
@@ -185,7 +251,8 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
     if (s->from == START_MARKED) {
         /* An earlier write (to the same value): its marker, bump or stale
            mark is in the cache, and its lag window has passed. */
-        cr_assert_eq(flash_invalidate(w.writer, model, &old_row, &old_row), 0);
+        cr_assert_eq(flash_wait(w.writer, invalidate_for(w.writer, s->m, &old_row, &old_row), NULL), 0);
+        run_until_idle(flash_poll_loop(w.loop)); /* a RESET refresh's fill */
         flash_ctx_reset(w.writer);
         fake_now += 1000;
     }
@@ -206,7 +273,9 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
         case W_UPDATE: cr_assert_eq(flash_table_put(w.db, model, &new_row), 0); break;
         case W_INVALIDATE:
             if (s->wr == WR_DIRECT) {
-                inv = flash_invalidate_async(w.writer, model, &old_row, &new_row);
+                inv = invalidate_for(w.writer, s->m, &old_row, &new_row);
+            } else if (s->wr == WR_DELETE) {
+                inv = delete_key(&w, s->m, id);
             } else {
                 /* The consumer's apply step (see writer). */
                 flash_ctx_reset(w.consumer);
@@ -214,6 +283,7 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
                 const void *news[1] = {flash_row_copy(w.consumer, model, &new_row)};
                 flash_promise *ps[1];
                 if (s->wr == WR_STREAM_LOST) ps[0] = flash_fulfilled(w.consumer, NULL);
+                else if (s->m == MODE_BUMP) ps[0] = flash_bump_version_async(w.consumer, model);
                 else ps[0] = flash_invalidate_rows_async(w.consumer, model, 1, olds, news);
                 inv = flash_gather(w.consumer, 1, ps);
             }
@@ -235,11 +305,21 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
 
     /* The invariant: after the writer's invalidation no reader sees the old
        row from the cache. Stale values of allowtime are served by design
-       until allowtime passes: look after it. */
-    if (s->m == MODE_ALLOWTIME) fake_now += 11000;
+       until allowtime passes: look after it. A STALE class serves them until
+       one reader refreshed it: let one read (past the lag window) first. A
+       RESET writer refreshed the key itself: the cache holds the new row. */
     bool ok = true;
+    if (s->m == MODE_RESET && s->wr != WR_STREAM_LOST && strcmp(outside_read(&w, s->m, id, true, buf, sizeof buf), "new") != 0) {
+        snprintf(why, cap, "after the write-through the cache holds '%s', not the new row", buf);
+        ok = false;
+    }
+    fake_now += stale_bound_ms(s->m);
+    if (s->m == MODE_STALE) {
+        fake_now += 1000;
+        outside_read(&w, s->m, id, false, buf, sizeof buf);
+    }
     outside_read(&w, s->m, id, true, name, sizeof name);
-    if (strcmp(name, "old") == 0) {
+    if (ok && strcmp(name, "old") == 0) {
         snprintf(why, cap, "the cache still serves the old row");
         ok = false;
     }
@@ -312,9 +392,8 @@ static int run_stream(const mode *modes, int nmodes, store_fn make_store, int64_
 }
 
 FLASH_TEST(consistency, every_schedule_on_the_memory_backend_ends_consistent) {
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    int runs = run_all(modes, 3, memory_store, 1000, "memory backend");
-    cr_assert_eq(runs, 3 * 3 * 2 * 10);
+    int runs = run_all(good_modes, NGOOD, memory_store, 1000, "memory backend");
+    cr_assert_eq(runs, NGOOD * 3 * 2 * 10);
 }
 
 static flash_test_server mc;
@@ -334,9 +413,8 @@ FLASH_TEST(consistency, the_same_schedules_on_real_memcached) {
     cr_assert(flash_test_memcached_start(&mc, "-m 16"));
     /* Markers live on memcached's real clock (5 s); lag windows and
        allowtime on the contexts' fake clock, as in the memory runs. */
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    int runs = run_all(modes, 3, memcached_store, 500000, "memcached");
-    cr_assert_eq(runs, 3 * 3 * 2 * 10);
+    int runs = run_all(good_modes, NGOOD, memcached_store, 500000, "memcached");
+    cr_assert_eq(runs, NGOOD * 3 * 2 * 10);
     flash_test_server_stop(&mc);
 }
 
@@ -354,9 +432,8 @@ static flash_cache redis_store(flash_poll *loop) {
 
 FLASH_TEST(consistency, the_same_schedules_on_real_redis) {
     cr_assert(flash_test_redis_start(&rs));
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    int runs = run_all(modes, 3, redis_store, 700000, "redis");
-    cr_assert_eq(runs, 3 * 3 * 2 * 10);
+    int runs = run_all(good_modes, NGOOD, redis_store, 700000, "redis");
+    cr_assert_eq(runs, NGOOD * 3 * 2 * 10);
     flash_test_server_stop(&rs);
 }
 
@@ -377,45 +454,39 @@ static flash_cache cluster_store(flash_poll *loop) {
 FLASH_TEST(consistency, the_same_schedules_on_a_redis_cluster) {
     rcl = flash_test_cluster_shared();
     cr_assert(rcl, "no Redis Cluster");
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    int runs = run_all(modes, 3, cluster_store, 900000, "redis cluster");
-    cr_assert_eq(runs, 3 * 3 * 2 * 10);
+    int runs = run_all(good_modes, NGOOD, cluster_store, 900000, "redis cluster");
+    cr_assert_eq(runs, NGOOD * 3 * 2 * 10);
 }
 
 /* ---- the change-stream writer (issue 14) ---- */
 
 FLASH_TEST(consistency, stream_writer_every_schedule_on_the_memory_backend_ends_consistent) {
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    cr_assert_eq(run_stream(modes, 3, memory_store, 2000, "memory backend"), 3 * 3 * 2 * 10);
+    cr_assert_eq(run_stream(good_modes, NGOOD, memory_store, 2000, "memory backend"), NGOOD * 3 * 2 * 10);
 }
 
 FLASH_TEST(consistency, stream_writer_the_same_schedules_on_real_memcached) {
     cr_assert(flash_test_memcached_start(&mc, "-m 16"));
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    cr_assert_eq(run_stream(modes, 3, memcached_store, 600000, "memcached"), 3 * 3 * 2 * 10);
+    cr_assert_eq(run_stream(good_modes, NGOOD, memcached_store, 600000, "memcached"), NGOOD * 3 * 2 * 10);
     flash_test_server_stop(&mc);
 }
 
 FLASH_TEST(consistency, stream_writer_the_same_schedules_on_real_redis) {
     cr_assert(flash_test_redis_start(&rs));
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    cr_assert_eq(run_stream(modes, 3, redis_store, 800000, "redis"), 3 * 3 * 2 * 10);
+    cr_assert_eq(run_stream(good_modes, NGOOD, redis_store, 800000, "redis"), NGOOD * 3 * 2 * 10);
     flash_test_server_stop(&rs);
 }
 
 FLASH_TEST(consistency, stream_writer_the_same_schedules_on_a_redis_cluster) {
     rcl = flash_test_cluster_shared();
     cr_assert(rcl, "no Redis Cluster");
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
-    cr_assert_eq(run_stream(modes, 3, cluster_store, 950000, "redis cluster"), 3 * 3 * 2 * 10);
+    cr_assert_eq(run_stream(good_modes, NGOOD, cluster_store, 950000, "redis cluster"), NGOOD * 3 * 2 * 10);
 }
 
 /* The broken variants: the harness must catch them. A consumer that
    acknowledges without applying, and a class without invalidation. */
 FLASH_TEST(consistency, broken_variants_are_caught) {
-    mode modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME};
     int runs = 0;
-    int bad = run_writer(WR_STREAM_LOST, modes, 3, memory_store, 3000, "memory backend", true, &runs);
+    int bad = run_writer(WR_STREAM_LOST, good_modes, NGOOD, memory_store, 3000, "memory backend", true, &runs);
     cr_assert_gt(bad, 0, "a lost stream change must leave stale values");
     cr_log_info("stream-lost: %d of %d schedules inconsistent", bad, runs);
     mode off[] = {MODE_OFF};
@@ -423,4 +494,7 @@ FLASH_TEST(consistency, broken_variants_are_caught) {
     cr_assert_gt(bad, 0, "a class without invalidation must leave stale values");
     bad = run_writer(WR_DIRECT, off, 1, memory_store, 5000, "memory backend", true, &runs);
     cr_assert_gt(bad, 0, "a class without invalidation must leave stale values");
+    mode unset[] = {MODE_UNSET};
+    bad = run_writer(WR_DELETE, unset, 1, memory_store, 6000, "memory backend", true, &runs);
+    cr_assert_gt(bad, 0, "a delete instead of a marker must let an old fill land");
 }

@@ -74,11 +74,9 @@
                             then only the key columns) and the new row
      DELETE                 the old row (FULL: every column; default: the key
                             columns only)
-     TRUNCATE               flash_bump_version of the model: every
-                            FLASH_INVALIDATE_DYNAMIC class. FLASH_INVALIDATE_UNSET
-                            classes have no key list to walk: their values
-                            stay until timeout_s (a warning is logged once per
-                            table). Use DYNAMIC classes for tables you truncate.
+     TRUNCATE               flash_bump_version of the model: every class of
+                            it, and every class depending on it, is flushed
+                            (one version key each).
    A row with every field known goes through flash_invalidate_rows_async:
    every key of every class (markers, allowtime, version bumps). A partial
    row (default identity old rows; unchanged TOASTed values, sent as 'u';
@@ -104,8 +102,8 @@
        from filling a key soon after a marker, not before it: keep the
        stream's lag well under the marker's TTL (stale_marker_ttl_s) and
        read flash_pg_changes_stats().lag_ms.
-     - TRUNCATE of UNSET classes (above); unqualified opts.table matches that
-       name in every schema (an extra invalidation, never a missed one).
+     - An unqualified opts.table matches that name in every schema (an extra
+       invalidation, never a missed one).
      - Single-threaded: use it from its loop's thread. Numbers parse with
        strtoll/strtod (C locale).
 
@@ -236,7 +234,7 @@ typedef struct flash__pgc_rel {
     uint8_t *flags;
     flash__pgc_map *maps;
     size_t nmaps;
-    bool warned_identity, warned_partial, warned_truncate, warned_unmapped, warned_type;
+    bool warned_identity, warned_partial, warned_unmapped, warned_type;
 } flash__pgc_rel;
 
 struct flash_pg_changes {
@@ -770,18 +768,9 @@ static bool flash__pgc_on_truncate(flash_pg_changes *c, flash__pgc_rd *r) {
         if (rel->nmaps) c->stats.truncates++;
         for (k = 0; k < rel->nmaps; k++) {
             flash__pgc_entry *e = flash__pgc_push(&c->acc);
-            const flash_class *cl;
             if (!e) return false;
             e->m = rel->maps[k].m;
-            e->truncate = true;
-            for (cl = e->m->classes; cl && !rel->warned_truncate; cl = cl->next) {
-                if (cl->opts.invalidation != FLASH_INVALIDATE_UNSET) continue;
-                rel->warned_truncate = true;
-                flash__pgc_log(c, FLASH_LOG_WARN,
-                               "TRUNCATE %s.%s: class %s (FLASH_INVALIDATE_UNSET) has no key list; its values stay "
-                               "until their timeout (DYNAMIC classes are bumped)",
-                               rel->nsp, rel->name, cl->name);
-            }
+            e->truncate = true; /* every class of the model is bumped */
         }
     }
     return !r->bad;
