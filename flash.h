@@ -4788,9 +4788,28 @@ typedef struct flash__rd {
 
 /* Only the shortest encoding is accepted (so one value has one byte string):
    no trailing zero group, nothing past bit 63. */
-static uint64_t flash__rd_varint(flash__rd *r) {
+static uint64_t flash__rd_varint_slow(flash__rd *r) {
     uint64_t v = 0;
     unsigned shift = 0;
+    if (r->end - r->p >= 10) {
+        /* Room for the longest varint: no bounds check per byte. */
+        const unsigned char *p = r->p;
+        unsigned char c;
+        do {
+            c = *p++;
+            v |= (uint64_t)(c & 0x7f) << shift;
+            shift += 7;
+        } while ((c & 0x80) && shift < 63);
+        if (c & 0x80) { /* the tenth byte: bit 63 only */
+            c = *p++;
+            if (c > 1) goto bad;
+            v |= (uint64_t)c << 63;
+            shift += 7;
+        }
+        if (shift > 7 && !c) goto bad; /* overlong */
+        r->p = p;
+        return v;
+    }
     while (r->p < r->end && shift < 64) {
         unsigned char c = *r->p++;
         if (shift == 63 && c > 1) break;
@@ -4801,8 +4820,15 @@ static uint64_t flash__rd_varint(flash__rd *r) {
         }
         shift += 7;
     }
+bad:
     r->err = FLASH_EPROTO;
     return 0;
+}
+
+/* Most varints of a value (small numbers, lengths, flags) are one byte. */
+static inline uint64_t flash__rd_varint(flash__rd *r) {
+    if (r->p < r->end && *r->p < 0x80) return *r->p++;
+    return flash__rd_varint_slow(r);
 }
 
 static const unsigned char *flash__rd_bytes(flash__rd *r, size_t n) {
@@ -5176,15 +5202,30 @@ static void flash__kheads_free(flash_ctx *ctx) {
 
 /* Decimal digits of v: no escaping needed ('-' and digits are kept). */
 static void flash__buf_int(flash__buf *b, int64_t v) {
+    /* Two digits per division: key values are built for every query. */
+    static const char pairs[] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+                                "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+                                "8081828384858687888990919293949596979899";
     char tmp[24];
     size_t n = sizeof tmp;
     uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    do {
-        tmp[--n] = (char)('0' + (int)(u % 10));
-        u /= 10;
-    } while (u);
+    unsigned char *p;
+    while (u >= 100) {
+        unsigned d = (unsigned)(u % 100) * 2;
+        u /= 100;
+        tmp[--n] = pairs[d + 1];
+        tmp[--n] = pairs[d];
+    }
+    if (u >= 10) {
+        tmp[--n] = pairs[u * 2 + 1];
+        tmp[--n] = pairs[u * 2];
+    } else {
+        tmp[--n] = (char)('0' + (int)u);
+    }
     if (v < 0) tmp[--n] = '-';
-    flash__buf_put(b, tmp + n, sizeof tmp - n);
+    if (!(p = flash__buf_room(b, sizeof tmp - n))) return;
+    memcpy(p, tmp + n, sizeof tmp - n);
+    b->len += sizeof tmp - n;
 }
 
 static void flash__key_value(flash__buf *b, const flash_value *v) {
