@@ -5166,7 +5166,23 @@ static void flash__key_head(flash__buf *b, flash_ctx *ctx, const flash_class *c)
         flash__buf_put(&h, "@", 1);
         flash__buf_escape(&h, c->opts.db, strlen(c->opts.db));
     }
-    snprintf(v, sizeof v, ":v%u:", (unsigned)c->opts.version);
+    if (c->norder || c->opts.limit) {
+        /* What a list key means depends on its order and limit: a class
+           whose order_by or limit changes gets new keys by itself. */
+        unsigned char fp[8 * 2 + 8];
+        size_t k, n = 0;
+        for (k = 0; k < c->norder; k++) {
+            fp[n++] = (unsigned char)c->order[k];
+            fp[n++] = (unsigned char)c->order_desc[k];
+        }
+        fp[n++] = (unsigned char)c->opts.limit;
+        fp[n++] = (unsigned char)(c->opts.limit >> 8);
+        fp[n++] = (unsigned char)(c->opts.limit >> 16);
+        fp[n++] = (unsigned char)(c->opts.limit >> 24);
+        snprintf(v, sizeof v, ":v%u.%08x:", (unsigned)c->opts.version, (unsigned)(flash__hash(fp, n) & 0xffffffffu));
+    } else {
+        snprintf(v, sizeof v, ":v%u:", (unsigned)c->opts.version);
+    }
     flash__buf_put(&h, v, strlen(v));
     if (h.err) {
         b->err = h.err;

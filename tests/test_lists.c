@@ -369,3 +369,30 @@ FLASH_TEST(lists, invalidation_of_old_and_new_keys) {
     cr_assert_eq(e3, true);
     expect_list(l, (int64_t[]){2, 4, 5}, 3, "latest(1) after the move");
 }
+
+/* A list key's meaning depends on its order and limit: they are part of the
+   key (a fingerprint after the version), so changing them needs no version
+   bump; classes without either keep the plain head. */
+FLASH_TEST(lists, order_and_limit_are_part_of_the_key) {
+    flash_ctx *c = flash_ctx_create(NULL);
+    flash_value a = flash_v_i64(1);
+    char *k1, *k2, *k3, *k4;
+    size_t n1, n2, n3, n4;
+    cr_assert_eq(flash_cache_key(c, &PostsLatest_class, &a, 1, &k1, &n1, NULL), 0);
+    cr_assert_eq(flash_cache_key(c, &PostsByTitle_class, &a, 1, &k2, &n2, NULL), 0);
+    cr_assert_eq(flash_cache_key(c, &PostsFirstTwo_class, &a, 1, &k3, &n3, NULL), 0);
+    cr_assert_eq(flash_cache_key(c, &PostCount_class, &a, 1, &k4, &n4, NULL), 0);
+    const char *f1 = strstr(k1, ":v1."), *f2 = strstr(k2, ":v1."), *f3 = strstr(k3, ":v1.");
+    cr_assert(f1 && f2 && f3, "ordered or limited keys carry a fingerprint: %s %s %s", k1, k2, k3);
+    cr_assert_neq(strncmp(f1, f2, 13), 0, "different orders, different keys: %s %s", k1, k2);
+    cr_assert_neq(strncmp(f1, f3, 13), 0, "a limit alone changes the key: %s %s", k1, k3);
+    cr_assert(strstr(k4, ":v1:1") != NULL, "an unordered class keeps its plain key: %s", k4);
+    /* Stable: the same class gives the same key in another context. */
+    flash_ctx *d = flash_ctx_create(NULL);
+    char *k5;
+    size_t n5;
+    cr_assert_eq(flash_cache_key(d, &PostsLatest_class, &a, 1, &k5, &n5, NULL), 0);
+    cr_assert_str_eq(k1, k5);
+    flash_ctx_destroy(c);
+    flash_ctx_destroy(d);
+}
