@@ -502,6 +502,17 @@ if has_part memcached; then
         verdict=$(awk -v r="$rr" 'BEGIN { if (r == "nan" || r == "") print "n/a"; else if (r >= 1) print "met"; else print "NOT met" }')
         echo "   target \"flash at least as fast per key as libmemcached's multi-get\", N=$n: $verdict (libmemcached/flash = $(fmt "$rr" 2)x)"
     done
+    # The cause, in the stable figure: where flash's instructions per key go.
+    for n in $MC_SIZES; do
+        fi=${MIPK[flash/$n]:-} ri=${MIPK[raw/$n]:-} li=${MIPK[libmc/$n]:-}
+        case "$fi$ri$li" in *[!0-9]* | "") continue ;; esac
+        ml=$((fi - ri))
+        mv=$(awk -v m="$ml" -v r="$ri" 'BEGIN { if (m <= 1.2 * r) print "met"; else print "NOT met" }')
+        echo "   N=$n instructions/key: flash $fi = transport $ri + model layer $ml (keys, memo, decode; target <= 1.2x the transport: $mv, $(awk -v m="$ml" -v r="$ri" 'BEGIN { printf "%.2f", m / r }')x); libmemcached text $li"
+    done
+    echo "   cause and next step: the transport's reply parser (flash_memcached_parse) and the model layer's per-query key"
+    echo "   build and memo insert are the largest items (bench/out/callgrind.mc.flash.*.out); the server also spends"
+    echo "   more per key on flash's gets (CAS, needed by classes that refresh by CAS) than on get (table below)"
     grep -m1 '^# libmc_bin' "$out/mc.1" | sed 's/^# /   /' || true
     echo "   $MCG_NOTE"
     echo "   Timed: (a) flash_ctx_reset + the queries + flash_gather + flash_wait (the model layer builds the keys,"
