@@ -4740,22 +4740,26 @@ static void flash__buf_init(flash__buf *b, flash_ctx *ctx, size_t cap) {
     if (!b->p) b->err = FLASH_ENOMEM;
 }
 
-static unsigned char *flash__buf_room(flash__buf *b, size_t n) {
-    if (b->err) return NULL;
-    if (b->cap - b->len < n) {
-        size_t cap = b->cap * 2;
-        unsigned char *p;
-        while (cap - b->len < n) cap *= 2;
-        p = (unsigned char *)flash__alloc(b->ctx, cap);
-        if (!p) {
-            b->err = FLASH_ENOMEM;
-            return NULL;
-        }
-        memcpy(p, b->p, b->len);
-        b->p = p;
-        b->cap = cap;
+static unsigned char *flash__buf_grow(flash__buf *b, size_t n) {
+    size_t cap = b->cap * 2;
+    unsigned char *p;
+    while (cap - b->len < n) cap *= 2;
+    p = (unsigned char *)flash__alloc(b->ctx, cap);
+    if (!p) {
+        b->err = FLASH_ENOMEM;
+        return NULL;
     }
+    memcpy(p, b->p, b->len);
+    b->p = p;
+    b->cap = cap;
     return b->p + b->len;
+}
+
+/* Room for n more bytes (keys and values are built a few bytes at a time). */
+static inline unsigned char *flash__buf_room(flash__buf *b, size_t n) {
+    if (b->err) return NULL;
+    if (b->cap - b->len >= n) return b->p + b->len;
+    return flash__buf_grow(b, n);
 }
 
 static void flash__buf_put(flash__buf *b, const void *data, size_t n) {
@@ -4956,11 +4960,13 @@ static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m
                 break;
             }
             data = flash__rd_bytes(r, (size_t)(n1 - 1));
-            copy = (char *)flash_memdup(ctx, data, (size_t)(n1 - 1));
+            copy = (char *)flash__alloc(ctx, (size_t)n1); /* the bytes and a NUL */
             if (!copy) {
                 r->err = FLASH_ENOMEM;
                 break;
             }
+            memcpy(copy, data, (size_t)(n1 - 1));
+            copy[n1 - 1] = 0;
             if (f->type == FLASH_STR) {
                 if (memchr(copy, 0, (size_t)(n1 - 1))) r->err = FLASH_EPROTO;
                 memcpy(dst, &copy, sizeof copy);
