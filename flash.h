@@ -3339,15 +3339,26 @@ FLASH_API int flash_run(flash_ctx *ctx, flash_run_fn fn, void *arg, void **value
    key_fn made one. */
 typedef struct flash__entry {
     flash_promise p;            /* first: entries are promises */
-    void *payload;
     uint32_t klen, mlen;        /* the memo key's hash is not kept: the rare
                                    paths that need it (forget) hash again */
 } flash__entry;
-enum { FLASH__E_IN_MEMO = 1, FLASH__E_OWN_MKEY = 2 };
+enum { FLASH__E_IN_MEMO = 1, FLASH__E_OWN_MKEY = 2, FLASH__E_PAYLOAD = 4 };
 
 static inline const char *flash__ekey(const flash__entry *e) { return (const char *)(e + 1); }
 static inline const char *flash__emkey(const flash__entry *e) {
     return (e->p.eflags & FLASH__E_OWN_MKEY) ? (const char *)(e + 1) + e->klen + 1 : (const char *)(e + 1);
+}
+/* A payload (flash_load_with) is kept after the keys, 8-aligned, only when
+   there is one: a plain entry with a key of up to 7 bytes is 64 bytes. */
+static inline size_t flash__ekeys_size(size_t klen, size_t mlen, bool own_mkey) {
+    return FLASH__ROUND8(klen + 1 + (own_mkey ? mlen : 0));
+}
+static inline void *flash__epayload(const flash__entry *e) {
+    void *v;
+    if (!(e->p.eflags & FLASH__E_PAYLOAD)) return NULL;
+    memcpy(&v, (const char *)(e + 1) + flash__ekeys_size(e->klen, e->mlen, (e->p.eflags & FLASH__E_OWN_MKEY) != 0),
+           sizeof v);
+    return v;
 }
 
 struct flash_batch {
@@ -3854,7 +3865,7 @@ static FLASH__ALWAYS_INLINE flash_promise *flash__load_new(flash_loader *l, flas
     /* len and mlen are below 2^32 (checked by the callers): no overflow,
        so flash__alloc's bump without its size check. Entries are packed at
        8 bytes (flash__alloc aligns the next allocation up to 16 again). */
-    size_t size = FLASH__ROUND8(sizeof *e + len + 1 + (own_mkey ? mlen : 0));
+    size_t size = sizeof *e + flash__ekeys_size(len, mlen, own_mkey) + (payload ? sizeof payload : 0);
     flash__block *blk = ctx->blocks;
     if (FLASH__LIKELY(blk && blk->cap - blk->used >= size)) {
         e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
@@ -3869,16 +3880,16 @@ static FLASH__ALWAYS_INLINE flash_promise *flash__load_new(flash_loader *l, flas
     e->p.state = FLASH_PENDING;
     e->p.has_more = 0;
     e->p.is_entry = 1;
-    e->p.eflags = own_mkey ? FLASH__E_OWN_MKEY : 0;
+    e->p.eflags = (uint8_t)((own_mkey ? FLASH__E_OWN_MKEY : 0) | (payload ? FLASH__E_PAYLOAD : 0));
     e->p.error = 0;
     e->p.u.value = NULL;
     e->p.first.fn.pub = NULL;
-    e->payload = payload;
     e->klen = (uint32_t)len;
     e->mlen = (uint32_t)mlen;
     flash__copy_key((char *)(e + 1), (const char *)key, len);
     ((char *)(e + 1))[len] = 0;
     if (own_mkey) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
+    if (payload) memcpy((char *)(e + 1) + flash__ekeys_size(len, mlen, own_mkey), &payload, sizeof payload);
     b = l->open;
     if (FLASH__UNLIKELY(!b || (l->desc.max_batch && b->count >= l->desc.max_batch))) {
         if (!(b = flash__batch_open(l)))
@@ -3986,9 +3997,9 @@ static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, 
         flash_batch *b = l->open;
         flash__entry *e;
         size_t size = FLASH__ROUND8(sizeof *e + len + 1);
-        if (FLASH__UNLIKELY(len > 16 || (l->count + 1) * 2 > l->cap || !blk || blk->cap - blk->used < size || !b ||
-                            b->count == b->kcap || (l->desc.max_batch && b->count >= l->desc.max_batch) ||
-                            l->desc.max_memo))
+        if (FLASH__UNLIKELY(len > 16 || payload || (l->count + 1) * 2 > l->cap || !blk ||
+                            blk->cap - blk->used < size || !b || b->count == b->kcap ||
+                            (l->desc.max_batch && b->count >= l->desc.max_batch) || l->desc.max_memo))
             return flash__load_slow(l, key, len, payload);
         e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
         blk->used += size;
@@ -4000,7 +4011,6 @@ static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, 
         e->p.error = 0;
         e->p.u.value = NULL;
         e->p.first.fn.pub = NULL;
-        e->payload = payload;
         e->klen = (uint32_t)len;
         e->mlen = (uint32_t)len;
         flash__copy_key((char *)(e + 1), (const char *)key, len);
@@ -4116,7 +4126,7 @@ FLASH_API const void *flash_batch_key(const flash_batch *b, size_t i, size_t *le
     return flash__ekey(b->keys[i]);
 }
 FLASH_API void *flash_batch_payload(const flash_batch *b, size_t i) {
-    return (b && b->dispatched && i < b->count) ? b->keys[i]->payload : NULL;
+    return (b && b->dispatched && i < b->count) ? flash__epayload(b->keys[i]) : NULL;
 }
 FLASH_API flash_promise *flash_batch_promise(const flash_batch *b, size_t i) {
     return (b && b->dispatched && i < b->count) ? &b->keys[i]->p : NULL;

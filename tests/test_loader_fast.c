@@ -223,3 +223,41 @@ FLASH_TEST(loader_fast, empty_and_null_keys_are_refused) {
     cr_assert_eq(flash_promise_error(flash_load_str(l, NULL)), FLASH_EINVAL);
     flash_ctx_destroy(ctx);
 }
+
+static void *payload_seen[8];
+static size_t payload_n;
+static void payload_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
+    (void)ctx;
+    (void)ud;
+    payload_n = flash_batch_size(b);
+    for (size_t i = 0; i < flash_batch_size(b) && i < 8; i++) payload_seen[i] = flash_batch_payload(b, i);
+    for (size_t i = 0; i < flash_batch_size(b); i++) flash_batch_resolve(b, i, flash_batch_payload(b, i));
+}
+
+FLASH_TEST(loader_fast, payloads_follow_keys_of_every_shape) {
+    /* The payload lives after the key (and the memo key of a key_fn), only
+       when there is one: plain short and long keys, and key_fn keys. */
+    static int v[6];
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader_desc pd = {.name = "payload", .batch = payload_batch};
+    flash_loader_desc kd = {.name = "payload_fold", .batch = payload_batch, .key_fn = fold_key};
+    flash_loader *l = flash_loader_create(ctx, &pd), *k = flash_loader_create(ctx, &kd);
+    flash_promise *a = flash_load_with(l, "a", 1, &v[0]);
+    flash_promise *b = flash_load(l, "b", 1); /* no payload: NULL */
+    flash_promise *c = flash_load_with(l, "a-key-longer-than-sixteen", 25, &v[1]);
+    flash_promise *d = flash_load_with(l, "1234567", 7, &v[2]);
+    cr_assert_eq(flash_load_with(l, "a", 1, &v[3]), a, "first load's payload wins");
+    cr_assert_eq(flash_wait(ctx, flash_gather(ctx, 4, (flash_promise *[]){a, b, c, d}), NULL), FLASH_OK);
+    cr_assert_eq(payload_n, 4);
+    cr_assert_eq(flash_promise_value(a), &v[0]);
+    cr_assert_null(flash_promise_value(b));
+    cr_assert_eq(flash_promise_value(c), &v[1]);
+    cr_assert_eq(flash_promise_value(d), &v[2]);
+    flash_promise *e = flash_load_with(k, "Mixed-Case-Key", 14, &v[4]);
+    flash_promise *f = flash_load_with(k, "x", 1, &v[5]);
+    cr_assert_eq(flash_load_with(k, "mixed-case-key", 14, &v[3]), e);
+    cr_assert_eq(flash_wait(ctx, e, NULL), FLASH_OK);
+    cr_assert_eq(flash_promise_value(e), &v[4]);
+    cr_assert_eq(flash_promise_value(f), &v[5]);
+    flash_ctx_destroy(ctx);
+}
