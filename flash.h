@@ -1451,6 +1451,18 @@ void __tsan_switch_to_fiber(void *fiber, unsigned flags);
 
 #define FLASH__ALIGN 16u
 #define FLASH__ROUND(n) (((n) + (FLASH__ALIGN - 1)) & ~(size_t)(FLASH__ALIGN - 1))
+#define FLASH__ROUND8(n) (((n) + 7u) & ~(size_t)7u)
+#if defined(__GNUC__) || defined(__clang__)
+#define FLASH__LIKELY(x) __builtin_expect(!!(x), 1)
+#define FLASH__UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define FLASH__NOINLINE __attribute__((noinline))
+#define FLASH__ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define FLASH__ALWAYS_INLINE inline
+#define FLASH__LIKELY(x) (x)
+#define FLASH__UNLIKELY(x) (x)
+#define FLASH__NOINLINE
+#endif
 
 /* ---- 1. config, errors, allocator, logger -------------------------------- */
 
@@ -1607,6 +1619,7 @@ struct flash_ctx {
     bool own_queue_loop;     /* loop is the internal defer-only queue */
     flash_defer drain;       /* the deferred drain, posted on the loop */
     uint64_t memo_seed;      /* seeds memo hashes (see flash__memo_hash) */
+    uint64_t memo_seed2;     /* the second word of that seed */
     int depth;               /* drains on the stack: new tasks get run */
     int running;             /* flash_wait / flash_run on the stack */
     void *engine;            /* layer 8 state, per generation */
@@ -1684,10 +1697,14 @@ static inline void *flash__alloc(flash_ctx *ctx, size_t size) {
     flash__block *b = ctx->blocks;
     if (size > SIZE_MAX / 2) return NULL; /* would wrap when rounded or given a header */
     size = FLASH__ROUND(size ? size : 1);
-    if (b && b->cap - b->used >= size) {
-        void *p = (char *)b + FLASH__BLOCK_HDR + b->used;
-        b->used += size;
-        return p;
+    if (b) {
+        /* Memo entries are packed at 8 bytes (layer 5): align up again. */
+        size_t used = FLASH__ROUND(b->used);
+        if (used + size <= b->cap) {
+            void *p = (char *)b + FLASH__BLOCK_HDR + used;
+            b->used = used + size;
+            return p;
+        }
     }
     return flash__arena_slow(ctx, size);
 }
@@ -1937,6 +1954,7 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
         clock_gettime(CLOCK_MONOTONIC, &ts);
         ctx->memo_seed =
             flash__mix64((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30) ^ (uint64_t)(uintptr_t)ctx);
+        ctx->memo_seed2 = flash__mix64(ctx->memo_seed ^ 0xe7037ed1a0b428dbull) | 1;
     }
     ctx->qloop = (flash__qloop *)flash__sys_alloc(ctx, sizeof *ctx->qloop);
     if (!ctx->qloop) {
@@ -2152,25 +2170,54 @@ static void flash__work_add(flash_ctx *ctx, flash_promise *p, const flash__cb *c
    were added (never run inside flash_resolve); its internal callbacks run
    now, after those are queued, so that a gather sees rejections in the
    order they happened and settles after the callbacks added before it. */
-static void flash__settle(flash_ctx *ctx, flash_promise *p) {
-    flash__cb first, *more, *rev = NULL;
-    if (!p->first.fn.pub && !p->has_more) return;
-    if (!p->has_more) {
-        if (!p->first.is_inline) { /* the common user case */
+typedef struct flash__gather {
+    flash_promise out;
+    size_t remaining;
+    bool settled_form;
+    void **values;           /* gather */
+    flash_settled *settled;  /* gather_settled */
+} flash__gather;
+
+static void flash__gather_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i);
+
+static FLASH__NOINLINE void flash__settle_more(flash_ctx *ctx, flash_promise *p);
+static inline void flash__settle(flash_ctx *ctx, flash_promise *p) {
+    if (FLASH__LIKELY(!p->has_more)) {
+        flash__cb *c = &p->first;
+        if (!c->fn.pub) return; /* nobody waits */
+        if (c->fn.priv == flash__gather_cb) {
+            /* A gather's only callback, and not its last promise: record
+               the value in place (what flash__gather_cb does) without the
+               indirect call; it settles nothing, so needs no work list. */
+            flash__gather *g = (flash__gather *)c->arg;
+            if (p->state == FLASH_FULFILLED && !g->settled_form && g->remaining > 1) {
+                g->values[c->idx] = p->u.value;
+                g->remaining--;
+                c->fn.pub = NULL;
+                return;
+            }
+        }
+        if (!c->is_inline) { /* the common user case */
             flash__ready_push(ctx, p, NULL);
             if (!ctx->depth) flash__schedule_drain(ctx);
             return;
         }
-        if (!ctx->working) { /* one internal callback: run it at once */
-            first = p->first;
-            p->first.fn.pub = NULL;
+        if (!ctx->working) { /* one internal callback (a gather's): run it at once */
+            flash__cbfn fn = c->fn.priv;
+            c->fn.pub = NULL;
             ctx->working = true; /* settles it causes go to the work list */
-            first.fn.priv(ctx, p, first.arg, first.idx);
+            fn(ctx, p, c->arg, c->idx);
             ctx->working = false;
-            flash__work_run(ctx);
+            if (ctx->work_tail) flash__work_run(ctx);
             return;
         }
     }
+    flash__settle_more(ctx, p);
+}
+
+/* flash__settle with more than one callback, or from inside an internal one. */
+static FLASH__NOINLINE void flash__settle_more(flash_ctx *ctx, flash_promise *p) {
+    flash__cb first, *more, *rev = NULL;
     first = p->first;
     more = p->has_more ? p->first.next : NULL;
     p->first.fn.pub = NULL;
@@ -2431,16 +2478,13 @@ FLASH_API flash_promise *flash_catch(flash_ctx *ctx, flash_promise *p, flash_cat
     return flash__chain_new(ctx, p, NULL, fn, arg);
 }
 
-typedef struct flash__gather {
-    flash_promise out;
-    size_t remaining;
-    bool settled_form;
-    void **values;           /* gather */
-    flash_settled *settled;  /* gather_settled */
-} flash__gather;
-
 static void flash__gather_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i) {
     flash__gather *g = (flash__gather *)arg;
+    if (FLASH__LIKELY(p->state == FLASH_FULFILLED && !g->settled_form)) {
+        g->values[i] = p->u.value;
+        if (FLASH__UNLIKELY(--g->remaining == 0) && g->out.state == FLASH_PENDING) flash__fulfil(ctx, &g->out, g->values);
+        return;
+    }
     if (g->settled_form) {
         flash_settled *s = &g->settled[i];
         s->state = (flash_state)p->state;
@@ -2482,6 +2526,9 @@ static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise 
             stand_in.error = FLASH_EINVAL;
             stand_in.u.message = flash_promise_message(NULL);
             flash__gather_cb(ctx, &stand_in, g, i);
+        } else if (p->state == FLASH_FULFILLED && !settled_form) {
+            g->values[i] = p->u.value; /* settled already (a memo hit): record it now */
+            g->remaining--;            /* never 0 here: the +1 above */
         } else if (p->state != FLASH_PENDING) {
             flash__gather_cb(ctx, p, g, i); /* settled already: record it now */
         } else if (!p->first.fn.pub && !p->has_more) {
@@ -3335,24 +3382,33 @@ FLASH_API int flash_run(flash_ctx *ctx, flash_run_fn fn, void *arg, void **value
    key_fn made one. */
 typedef struct flash__entry {
     flash_promise p;            /* first: entries are promises */
-    struct flash__entry *next;  /* next key of the same batch */
-    void *payload;
-    uint64_t hash;              /* of the memo key */
-    uint32_t klen, mlen;
+    uint32_t klen, mlen;        /* the memo key's hash is not kept: the rare
+                                   paths that need it (forget) hash again */
 } flash__entry;
-enum { FLASH__E_IN_MEMO = 1, FLASH__E_OWN_MKEY = 2 };
+enum { FLASH__E_IN_MEMO = 1, FLASH__E_OWN_MKEY = 2, FLASH__E_PAYLOAD = 4 };
 
 static inline const char *flash__ekey(const flash__entry *e) { return (const char *)(e + 1); }
 static inline const char *flash__emkey(const flash__entry *e) {
     return (e->p.eflags & FLASH__E_OWN_MKEY) ? (const char *)(e + 1) + e->klen + 1 : (const char *)(e + 1);
 }
+/* A payload (flash_load_with) is kept after the keys, 8-aligned, only when
+   there is one: a plain entry with a key of up to 7 bytes is 64 bytes. */
+static inline size_t flash__ekeys_size(size_t klen, size_t mlen, bool own_mkey) {
+    return FLASH__ROUND8(klen + 1 + (own_mkey ? mlen : 0));
+}
+static inline void *flash__epayload(const flash__entry *e) {
+    void *v;
+    if (!(e->p.eflags & FLASH__E_PAYLOAD)) return NULL;
+    memcpy(&v, (const char *)(e + 1) + flash__ekeys_size(e->klen, e->mlen, (e->p.eflags & FLASH__E_OWN_MKEY) != 0),
+           sizeof v);
+    return v;
+}
 
 struct flash_batch {
     flash_batch *next_open;
     flash_loader *loader;
-    flash__entry *first, *last; /* while open */
-    flash__entry **keys;        /* after dispatch */
-    size_t count, unsettled;
+    flash__entry **keys;        /* count of kcap used, in first-asked order */
+    size_t count, kcap, unsettled;
     uint64_t gen;
     void *data;
     bool dispatched, ended;
@@ -3425,27 +3481,77 @@ static inline uint64_t flash__hash_seeded(const void *data, size_t n, uint64_t s
 /* Unseeded: what must agree across processes (hashed cache keys, checks). */
 static inline uint64_t flash__hash(const void *data, size_t n) { return flash__hash_seeded(data, n, 0); }
 
-/* Memo keys may be chosen by clients (slugs): the memo hashes them with a
-   seed of the context's, so colliding keys cannot be precomputed. */
-#define flash__memo_hash(l, k, n) flash__hash_seeded((k), (n), (l)->ctx->memo_seed)
+/* 64 x 64 -> 128-bit multiply, the halves folded (wyhash's "mum"): one
+   instruction on 64-bit targets that have it. */
+#if defined(__SIZEOF_INT128__)
+static inline uint64_t flash__mum(uint64_t a, uint64_t b) {
+    __extension__ typedef unsigned __int128 flash__u128;
+    flash__u128 r = (flash__u128)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+#else
+static inline uint64_t flash__mum(uint64_t a, uint64_t b) {
+    uint64_t ha = a >> 32, hb = b >> 32, la = (uint32_t)a, lb = (uint32_t)b;
+    uint64_t rh = ha * hb, rm0 = ha * lb, rm1 = hb * la, rl = la * lb, t = rl + (rm0 << 32), c = t < rl, lo, hi;
+    lo = t + (rm1 << 32);
+    c += lo < t;
+    hi = rh + (rm0 >> 32) + (rm1 >> 32) + c;
+    return lo ^ hi;
+}
+#endif
 
-/* Equal keys of equal length n; short ones without a libc call. */
-static inline bool flash__keyeq(const char *a, const char *b, size_t n) {
-    if (n <= 8) {
-        uint64_t x = 0, y = 0;
-        if (n >= 4) {
-            uint32_t a0, a1, b0, b1;
-            memcpy(&a0, a, 4);
-            memcpy(&a1, a + n - 4, 4);
-            memcpy(&b0, b, 4);
-            memcpy(&b1, b + n - 4, 4);
-            return a0 == b0 && a1 == b1;
-        }
-        memcpy(&x, a, n);
-        memcpy(&y, b, n);
-        return x == y;
+/* Memo keys may be chosen by clients (slugs): the memo hashes them with a
+   seed of the context's, so colliding keys cannot be precomputed. Keys of
+   up to 16 bytes (most keys) take one folded multiply of the seeded key
+   bytes (wyhash's last step); longer ones the multiply-xorshift rounds. */
+static inline uint64_t flash__memo_hash_seeded(const void *data, size_t n, uint64_t seed, uint64_t seed2) {
+    const unsigned char *s = (const unsigned char *)data;
+    uint64_t a, b;
+    if (n > 16) return flash__hash_seeded(data, n, seed);
+    if (n >= 8) {
+        memcpy(&a, s, 8);
+        memcpy(&b, s + n - 8, 8);
+    } else if (n >= 4) {
+        uint32_t lo, hi;
+        memcpy(&lo, s, 4);
+        memcpy(&hi, s + n - 4, 4);
+        a = lo;
+        b = hi;
+    } else if (n) {
+        a = ((uint64_t)s[0] << 16) | ((uint64_t)s[n / 2] << 8) | s[n - 1];
+        b = 0;
+    } else {
+        a = b = 0;
     }
-    return memcmp(a, b, n) == 0;
+    return flash__mum(a ^ seed, b ^ (seed2 + n));
+}
+#define flash__memo_hash(l, k, n) flash__memo_hash_seeded((k), (n), (l)->ctx->memo_seed, (l)->ctx->memo_seed2)
+
+/* Equal keys of equal length 1 <= n <= 16, without a libc call
+   (overlapping loads). */
+static inline bool flash__keyeq_short(const char *a, const char *b, size_t n) {
+    if (n >= 8) {
+        uint64_t a0, a1, b0, b1;
+        memcpy(&a0, a, 8);
+        memcpy(&a1, a + n - 8, 8);
+        memcpy(&b0, b, 8);
+        memcpy(&b1, b + n - 8, 8);
+        return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+    }
+    if (n >= 4) {
+        uint32_t a0, a1, b0, b1;
+        memcpy(&a0, a, 4);
+        memcpy(&a1, a + n - 4, 4);
+        memcpy(&b0, b, 4);
+        memcpy(&b1, b + n - 4, 4);
+        return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+    }
+    return a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1];
+}
+
+/* Equal keys of equal length n >= 1; short ones without a libc call. */
+static inline bool flash__keyeq(const char *a, const char *b, size_t n) {
+    return n <= 16 ? flash__keyeq_short(a, b, n) : memcmp(a, b, n) == 0;
 }
 
 static inline flash__slot *flash__memo_find(const flash_loader *l, const void *mkey, size_t mlen, uint64_t h) {
@@ -3512,26 +3618,29 @@ static void flash__memo_remove_slot(flash_loader *l, flash__slot *slot) {
 static void flash__memo_forget(flash_loader *l, flash__entry *e) {
     flash__slot *slot;
     if (!(e->p.eflags & FLASH__E_IN_MEMO) || !l->cap) return;
-    slot = flash__memo_find(l, flash__emkey(e), e->mlen, e->hash);
+    slot = flash__memo_find(l, flash__emkey(e), e->mlen, flash__memo_hash(l, flash__emkey(e), e->mlen));
     if (slot->gen == l->gen && slot->e == e) flash__memo_remove_slot(l, slot);
 }
 
-static int flash__memo_insert(flash_loader *l, flash__slot *slot, flash__entry *e) {
-    slot->hash = (uint32_t)e->hash;
+/* max_memo: the FIFO of memo entries, the oldest forgotten when full. */
+static FLASH__NOINLINE void flash__memo_ring_add(flash_loader *l, flash__entry *e) {
+    if (l->ring_len == l->desc.max_memo) {
+        flash__entry *old = l->ring[l->ring_head];
+        l->ring[l->ring_head] = e;
+        l->ring_head = (l->ring_head + 1) % l->desc.max_memo;
+        flash__memo_forget(l, old);
+    } else {
+        l->ring[(l->ring_head + l->ring_len++) % l->desc.max_memo] = e;
+    }
+}
+
+static inline int flash__memo_insert(flash_loader *l, flash__slot *slot, flash__entry *e, uint64_t h) {
+    slot->hash = (uint32_t)h;
     slot->gen = l->gen;
     slot->e = e;
     e->p.eflags |= FLASH__E_IN_MEMO;
     l->count++;
-    if (l->desc.max_memo) {
-        if (l->ring_len == l->desc.max_memo) {
-            flash__entry *old = l->ring[l->ring_head];
-            l->ring[l->ring_head] = e;
-            l->ring_head = (l->ring_head + 1) % l->desc.max_memo;
-            flash__memo_forget(l, old);
-        } else {
-            l->ring[(l->ring_head + l->ring_len++) % l->desc.max_memo] = e;
-        }
-    }
+    if (FLASH__UNLIKELY(l->desc.max_memo != 0)) flash__memo_ring_add(l, e);
     return FLASH_OK;
 }
 
@@ -3653,6 +3762,22 @@ FLASH_API flash_loader *flash_loader_for(flash_ctx *ctx, const flash_loader_desc
 
 FLASH_API flash_ctx *flash_loader_ctx(const flash_loader *l) { return l ? l->ctx : NULL; }
 
+/* A batch's key array starts with this many slots and doubles (in the
+   arena) as loads join: dispatch needs no pass over the keys. */
+enum { FLASH__BATCH_KEYS0 = 16 };
+
+/* Room for one more key in b. */
+static FLASH__NOINLINE bool flash__batch_grow(flash_ctx *ctx, flash_batch *b) {
+    flash__entry **keys;
+    if (b->kcap > SIZE_MAX / 2 / sizeof *keys) return false;
+    keys = (flash__entry **)flash__alloc(ctx, b->kcap * 2 * sizeof *keys);
+    if (!keys) return false;
+    memcpy(keys, b->keys, b->count * sizeof *keys);
+    b->keys = keys;
+    b->kcap *= 2;
+    return true;
+}
+
 static flash_batch *flash__batch_open(flash_loader *l) {
     flash_ctx *ctx = l->ctx;
     flash_batch *b;
@@ -3661,6 +3786,9 @@ static flash_batch *flash__batch_open(flash_loader *l) {
     if (!l->desc.schedule && !ctx->depth && !flash__schedule_drain(ctx)) return NULL;
     b = (flash_batch *)flash_calloc(ctx, 1, sizeof *b);
     if (!b) return NULL;
+    b->kcap = FLASH__BATCH_KEYS0;
+    b->keys = (flash__entry **)flash__alloc(ctx, b->kcap * sizeof *b->keys);
+    if (!b->keys) return NULL;
     b->loader = l;
     b->gen = ctx->gen;
     l->open = b;
@@ -3683,24 +3811,12 @@ static void flash__batch_finish(flash_batch *b);
 static void flash__batch_dispatch(flash_batch *b) {
     flash_loader *l = b->loader;
     flash_ctx *ctx = l->ctx;
-    flash__entry *e;
-    size_t i = 0;
+    size_t i;
     if (l->open == b) l->open = NULL;
     b->dispatched = true;
-    b->keys = (flash__entry **)flash__alloc(ctx, (b->count ? b->count : 1) * sizeof *b->keys);
-    if (!b->keys) {
-        for (e = b->first; e; e = e->next) {
-            flash__memo_forget(l, e); /* a batch-level failure: never memoised */
-            flash__fail(ctx, &e->p, FLASH_ENOMEM, NULL);
-        }
-        b->ended = true;
-        return;
-    }
-    for (e = b->first; e; e = e->next) {
-        b->keys[i++] = e;
-        /* Without memo the table only made keys unique within the batch. */
-        if (l->desc.no_memo) flash__memo_forget(l, e);
-    }
+    /* Without memo the table only made keys unique within the batch. */
+    if (l->desc.no_memo)
+        for (i = 0; i < b->count; i++) flash__memo_forget(l, b->keys[i]);
     b->unsettled = b->count;
     b->next_inflight = l->inflight;
     if (l->inflight) l->inflight->prev_inflight = b;
@@ -3755,19 +3871,90 @@ FLASH_API int flash_loader_dispatch(flash_loader *l) {
     return FLASH_OK;
 }
 
-/* The load itself: memo lookup, else a new entry in the open batch. mkey
-   is the memo key (key itself unless a key_fn made another). */
-static inline flash_promise *flash__load(flash_loader *l, const void *key, size_t len, const void *mkey,
-                                         size_t mlen, void *payload) {
+/* Copy a key of n >= 1 bytes; up to 16 without a libc call (overlapping
+   loads and stores). */
+static inline void flash__copy_key(char *dst, const char *src, size_t n) {
+    if (n > 16) {
+        memcpy(dst, src, n);
+    } else if (n >= 8) {
+        uint64_t a, b;
+        memcpy(&a, src, 8);
+        memcpy(&b, src + n - 8, 8);
+        memcpy(dst, &a, 8);
+        memcpy(dst + n - 8, &b, 8);
+    } else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, src, 4);
+        memcpy(&b, src + n - 4, 4);
+        memcpy(dst, &a, 4);
+        memcpy(dst + n - 4, &b, 4);
+    } else {
+        dst[0] = src[0];
+        dst[n / 2] = src[n / 2];
+        dst[n - 1] = src[n - 1];
+    }
+}
+
+/* A new memo entry for a key not in the memo: appended to the open batch
+   and memoised in slot (the empty slot where the lookup for hash h ended).
+   mkey is the memo key (key itself unless a key_fn made another). */
+static FLASH__ALWAYS_INLINE flash_promise *flash__load_new(flash_loader *l, flash__slot *slot, uint64_t h,
+                                                           const void *key, size_t len, const void *mkey,
+                                                           size_t mlen, void *payload) {
     flash_ctx *ctx = l->ctx;
+    bool own_mkey = mkey != key;
+    flash_batch *b;
     flash__entry *e;
+    /* len and mlen are below 2^32 (checked by the callers): no overflow,
+       so flash__alloc's bump without its size check. Entries are packed at
+       8 bytes (flash__alloc aligns the next allocation up to 16 again). */
+    size_t size = sizeof *e + flash__ekeys_size(len, mlen, own_mkey) + (payload ? sizeof payload : 0);
+    flash__block *blk = ctx->blocks;
+    if (FLASH__LIKELY(blk && blk->cap - blk->used >= size)) {
+        e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
+        blk->used += size;
+    } else {
+        e = (flash__entry *)flash__arena_slow(ctx, size);
+        if (FLASH__UNLIKELY(!e)) return NULL;
+    }
+    /* flash__promise_init, less first.is_inline and first.next: both are
+       read only once first.fn or has_more is set, and whoever sets those
+       sets them. */
+    e->p.state = FLASH_PENDING;
+    e->p.has_more = 0;
+    e->p.is_entry = 1;
+    e->p.eflags = (uint8_t)((own_mkey ? FLASH__E_OWN_MKEY : 0) | (payload ? FLASH__E_PAYLOAD : 0));
+    e->p.error = 0;
+    e->p.u.value = NULL;
+    e->p.first.fn.pub = NULL;
+    e->klen = (uint32_t)len;
+    e->mlen = (uint32_t)mlen;
+    flash__copy_key((char *)(e + 1), (const char *)key, len);
+    ((char *)(e + 1))[len] = 0;
+    if (own_mkey) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
+    if (payload) memcpy((char *)(e + 1) + flash__ekeys_size(len, mlen, own_mkey), &payload, sizeof payload);
+    b = l->open;
+    if (FLASH__UNLIKELY(!b || (l->desc.max_batch && b->count >= l->desc.max_batch))) {
+        if (!(b = flash__batch_open(l)))
+            return flash_rejected(ctx, FLASH_ENOMEM, "load: no batch could be opened (out of memory, or the loop "
+                                                     "could not defer its dispatch)");
+    }
+    if (b->count == b->kcap && !flash__batch_grow(ctx, b)) return NULL;
+    b->keys[b->count++] = e;
+    flash__memo_insert(l, slot, e, h);
+    return &e->p;
+}
+
+/* The load by memo key: memo lookup, else a new entry (the general path:
+   key functions, and the first load or a growing table of the plain one). */
+static flash_promise *flash__load(flash_loader *l, const void *key, size_t len, const void *mkey, size_t mlen,
+                                  void *payload) {
     flash__slot *slot = NULL;
     uint64_t h = flash__memo_hash(l, mkey, mlen);
-    bool own_mkey = mkey != key;
     if (l->cap) {
         slot = flash__memo_find(l, mkey, mlen, h);
         if (slot->gen == l->gen) {
-            ctx->stats.memo_hits++;
+            l->ctx->stats.memo_hits++;
             return &slot->e->p;
         }
     }
@@ -3775,30 +3962,7 @@ static inline flash_promise *flash__load(flash_loader *l, const void *key, size_
         if (flash__memo_grow(l) != FLASH_OK) return NULL;
         slot = flash__memo_find(l, mkey, mlen, h);
     }
-    e = (flash__entry *)flash__alloc(ctx, sizeof *e + len + 1 + (own_mkey ? mlen : 0));
-    if (!e) return NULL;
-    flash__promise_init(&e->p);
-    e->p.is_entry = 1;
-    e->p.eflags = own_mkey ? FLASH__E_OWN_MKEY : 0;
-    e->next = NULL;
-    e->payload = payload;
-    e->hash = h;
-    e->klen = (uint32_t)len;
-    e->mlen = (uint32_t)mlen;
-    memcpy(e + 1, key, len);
-    ((char *)(e + 1))[len] = 0;
-    if (own_mkey) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
-    if (!l->open || (l->desc.max_batch && l->open->count >= l->desc.max_batch)) {
-        if (!flash__batch_open(l))
-            return flash_rejected(ctx, FLASH_ENOMEM, "load: no batch could be opened (out of memory, or the loop "
-                                                     "could not defer its dispatch)");
-    }
-    if (l->open->last) l->open->last->next = e;
-    else l->open->first = e;
-    l->open->last = e;
-    l->open->count++;
-    flash__memo_insert(l, slot, e);
-    return &e->p;
+    return flash__load_new(l, slot, h, key, len, mkey, mlen, payload);
 }
 
 /* The memo key a key_fn makes, in buf or (when longer) in the arena. */
@@ -3815,33 +3979,103 @@ static const void *flash__mkey(flash_loader *l, const void *key, size_t len, cha
     return buf;
 }
 
-/* Kept out of line so the common path carries no key buffer. */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((noinline))
-#endif
-static flash_promise *flash__load_keyfn(flash_loader *l, const void *key, size_t len, void *payload) {
+/* Everything but a plain load of a non-empty key into a loader whose memo
+   table has room: kept out of line so the fast path carries no key buffer. */
+static FLASH__NOINLINE flash_promise *flash__load_slow(flash_loader *l, const void *key, size_t len, void *payload) {
     char buf[256];
     size_t mlen = 0;
-    const void *mkey = flash__mkey(l, key, len, buf, sizeof buf, &mlen);
+    const void *mkey;
+    if (!key || !len) return flash_rejected(l->ctx, FLASH_EINVAL, "load: empty key");
+    if (len > UINT32_MAX) return flash_rejected(l->ctx, FLASH_ETOOLARGE, "load: key too long");
+    if (!l->desc.key_fn) return flash__load(l, key, len, key, len, payload);
+    mkey = flash__mkey(l, key, len, buf, sizeof buf, &mlen);
     if (!mkey) return NULL;
     if (!mlen) return flash_rejected(l->ctx, FLASH_EINVAL, "load: key function gave an empty key");
     return flash__load(l, key, len, mkey, mlen, payload);
 }
 
-FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {
-    if (!l) return NULL;
+/* The plain load (no key_fn: the memo key is the key), inlined into
+   flash_load and flash_load_with. A memo hit is a hash and one probe; a
+   miss writes the entry in place when nothing else is needed: room in the
+   memo table, in the arena block and in the open batch, a key of at most 16
+   bytes, no max_memo. Anything else (a key function, the first load of a
+   tick, a growing table, a new arena block) takes the general path, which
+   looks the key up again: this path calls nothing, so it saves no
+   registers. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((always_inline))
+#endif
+static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, size_t len, void *payload) {
+    flash__slot *slot;
+    uint64_t h;
+    size_t mask, i;
+    uint32_t h32, gen;
+    if (FLASH__UNLIKELY(!l)) return NULL;
     l->ctx->stats.loads++;
-    if (!key || !len) return flash_rejected(l->ctx, FLASH_EINVAL, "load: empty key");
-    if (len > UINT32_MAX) return flash_rejected(l->ctx, FLASH_ETOOLARGE, "load: key too long");
-    if (l->desc.key_fn) return flash__load_keyfn(l, key, len, payload);
-    return flash__load(l, key, len, key, len, payload);
+    if (FLASH__UNLIKELY(!key || len - 1 >= UINT32_MAX || l->desc.key_fn || !l->cap))
+        return flash__load_slow(l, key, len, payload);
+    h = flash__memo_hash(l, key, len);
+    mask = l->cap - 1;
+    i = (size_t)h & mask;
+    h32 = (uint32_t)h;
+    gen = l->gen;
+    for (;;) {
+        slot = &l->slots[i];
+        if (slot->gen != gen) break;
+        /* Without a key_fn every memo key is the entry's own key. Keys
+           over 16 bytes compare on the general path (a libc call here
+           would make every hit save registers). */
+        if (slot->hash == h32 && slot->e->klen == len) {
+            if (FLASH__UNLIKELY(len > 16)) return flash__load_slow(l, key, len, payload);
+            if (flash__keyeq_short(flash__ekey(slot->e), (const char *)key, len)) {
+                l->ctx->stats.memo_hits++;
+                return &slot->e->p;
+            }
+        }
+        i = (i + 1) & mask;
+    }
+    {
+        flash_ctx *ctx = l->ctx;
+        flash__block *blk = ctx->blocks;
+        flash_batch *b = l->open;
+        flash__entry *e;
+        size_t size = FLASH__ROUND8(sizeof *e + len + 1);
+        if (FLASH__UNLIKELY(len > 16 || payload || (l->count + 1) * 2 > l->cap || !blk ||
+                            blk->cap - blk->used < size || !b || b->count == b->kcap ||
+                            (l->desc.max_batch && b->count >= l->desc.max_batch) || l->desc.max_memo))
+            return flash__load_slow(l, key, len, payload);
+        e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
+        blk->used += size;
+        /* As flash__load_new. */
+        e->p.state = FLASH_PENDING;
+        e->p.has_more = 0;
+        e->p.is_entry = 1;
+        e->p.eflags = FLASH__E_IN_MEMO;
+        e->p.error = 0;
+        e->p.u.value = NULL;
+        e->p.first.fn.pub = NULL;
+        e->klen = (uint32_t)len;
+        e->mlen = (uint32_t)len;
+        flash__copy_key((char *)(e + 1), (const char *)key, len);
+        ((char *)(e + 1))[len] = 0;
+        b->keys[b->count++] = e;
+        slot->hash = h32;
+        slot->gen = gen;
+        slot->e = e;
+        l->count++;
+        return &e->p;
+    }
+}
+
+FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {
+    return flash__load_fast(l, key, len, payload);
 }
 
 FLASH_API flash_promise *flash_load(flash_loader *l, const void *key, size_t len) {
-    return flash_load_with(l, key, len, NULL);
+    return flash__load_fast(l, key, len, NULL);
 }
 FLASH_API flash_promise *flash_load_str(flash_loader *l, const char *key) {
-    return flash_load_with(l, key, key ? strlen(key) : 0, NULL);
+    return flash__load_fast(l, key, key ? strlen(key) : 0, NULL);
 }
 
 FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *const *keys, const size_t *lens) {
@@ -3882,12 +4116,11 @@ static int flash__prime(flash_loader *l, const void *key, size_t len, void *valu
         e->p.u.value = value;
     }
     e->p.eflags = mkey != key ? FLASH__E_OWN_MKEY : 0;
-    e->hash = h;
     e->klen = (uint32_t)len;
     e->mlen = (uint32_t)mlen;
     memcpy(e + 1, key, len);
     if (mkey != key) memcpy((char *)(e + 1) + len + 1, mkey, mlen);
-    return flash__memo_insert(l, slot, e);
+    return flash__memo_insert(l, slot, e, h);
 }
 
 FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *value) {
@@ -3928,7 +4161,7 @@ FLASH_API flash_ctx *flash_batch_ctx(const flash_batch *b) { return b ? b->loade
 FLASH_API flash_loader *flash_batch_loader(const flash_batch *b) { return b ? b->loader : NULL; }
 FLASH_API size_t flash_batch_size(const flash_batch *b) { return b ? b->count : 0; }
 FLASH_API const void *flash_batch_key(const flash_batch *b, size_t i, size_t *len) {
-    if (!b || !b->keys || i >= b->count) {
+    if (!b || !b->dispatched || i >= b->count) {
         if (len) *len = 0;
         return NULL;
     }
@@ -3936,10 +4169,10 @@ FLASH_API const void *flash_batch_key(const flash_batch *b, size_t i, size_t *le
     return flash__ekey(b->keys[i]);
 }
 FLASH_API void *flash_batch_payload(const flash_batch *b, size_t i) {
-    return (b && b->keys && i < b->count) ? b->keys[i]->payload : NULL;
+    return (b && b->dispatched && i < b->count) ? flash__epayload(b->keys[i]) : NULL;
 }
 FLASH_API flash_promise *flash_batch_promise(const flash_batch *b, size_t i) {
-    return (b && b->keys && i < b->count) ? &b->keys[i]->p : NULL;
+    return (b && b->dispatched && i < b->count) ? &b->keys[i]->p : NULL;
 }
 
 FLASH_API void flash_batch_set_data(flash_batch *b, void *data) {

@@ -23,6 +23,17 @@
           loader_bench --callgrind S   one warm-up of scenario S, then one
                                        run inside cg_measure() (for
                                        valgrind --toggle-collect='cg_measure*'; GCC may clone it)
+          loader_bench --scale [reps]  the scale sweep: one request of n
+                                       distinct loads (reset + loader + n
+                                       loads + gather + wait, like distinct)
+                                       for n = 10, 100, ..., 1,000,000;
+                                       each sample repeats the request until
+                                       it made at least 1M loads; prints
+                                       "scale/<n> <ns_per_load>" reps times
+                                       per n after a warm-up, and one
+                                       "check scale/<n> ..." line per n
+          loader_bench --callgrind scale/<n>   one request of n loads after a
+                                       warm-up, inside cg_measure()
 */
 #define FLASH_IMPLEMENTATION
 #include "flash.h"
@@ -196,13 +207,104 @@ static uint32_t check_results(const scenario *s) {
 
 static BENCH_NOINLINE void cg_measure(const scenario *s) { s->run(); }
 
+/* ---- the scale sweep: n distinct loads per request, n = 10 .. 1M ---------- */
+
+enum { SCALE_MAX = 1000000, SCALE_MIN_LOADS = 1000000 };
+#define SCALE_RETAIN ((size_t)512 << 20)
+static const size_t scale_sizes[] = {10, 100, 1000, 10000, 100000, 1000000};
+static const char **skeys;
+static size_t *slens;
+static flash_promise **sps;
+static void **svals;
+
+static void scale_keys(void) {
+    static char *buf;
+    size_t i, off = 0, cap = (size_t)SCALE_MAX * 9;
+    if (skeys) return;
+    buf = (char *)malloc(cap);
+    skeys = (const char **)malloc(SCALE_MAX * sizeof *skeys);
+    slens = (size_t *)malloc(SCALE_MAX * sizeof *slens);
+    sps = (flash_promise **)malloc(SCALE_MAX * sizeof *sps);
+    if (!buf || !skeys || !slens || !sps) die("malloc", 0);
+    for (i = 0; i < SCALE_MAX; i++) {
+        int n = snprintf(buf + off, cap - off, "k%zu", i);
+        skeys[i] = buf + off;
+        slens[i] = (size_t)n;
+        off += (size_t)n + 1;
+    }
+}
+
+/* One request of n distinct loads: the distinct scenario at size n. */
+static void scale_request(size_t n) {
+    flash_loader *l;
+    size_t i;
+    flash_ctx_reset(ctx);
+    l = flash_loader_create(ctx, &ldesc);
+    for (i = 0; i < n; i++) sps[i] = flash_load(l, skeys[i], slens[i]);
+    wait_gather(n, sps, &svals);
+}
+
+static uint32_t scale_check(size_t n) {
+    uint32_t h = 2166136261u;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        const char *r = (const char *)svals[i], *c;
+        if (!r || strcmp(r, skeys[i]) != 0) {
+            fprintf(stderr, "loader_bench: scale/%zu: result %zu is not key %s\n", n, i, skeys[i]);
+            exit(1);
+        }
+        for (c = r;; c++) {
+            h ^= (unsigned char)*c;
+            h *= 16777619u;
+            if (!*c) break;
+        }
+    }
+    return h;
+}
+
+static size_t cg_scale_n;
+static BENCH_NOINLINE void cg_measure_scale(void) { scale_request(cg_scale_n); }
+
+static int run_scale(int reps) {
+    size_t si;
+    int r;
+    scale_keys();
+    printf("# flash %d.%d.%d scale arena_retain=%zu min_loads_per_sample=%d reps=%d\n", FLASH_VERSION_MAJOR,
+           FLASH_VERSION_MINOR, FLASH_VERSION_PATCH, flash_ctx_desc(ctx)->arena_retain, SCALE_MIN_LOADS, reps);
+    for (si = 0; si < sizeof scale_sizes / sizeof scale_sizes[0]; si++) {
+        size_t n = scale_sizes[si], k, per = (SCALE_MIN_LOADS + n - 1) / n;
+        unsigned long calls = 0, bkeys = 0;
+        for (r = -1; r < reps; r++) { /* r == -1: warm-up, not printed */
+            double t0, t1;
+            batch_calls = batch_keys = 0;
+            t0 = now_ns();
+            for (k = 0; k < per; k++) scale_request(n);
+            t1 = now_ns();
+            calls = batch_calls / per;
+            bkeys = batch_keys / per;
+            if (r >= 0) printf("scale/%zu %.2f\n", n, (t1 - t0) / (double)(per * n));
+        }
+        printf("check scale/%zu loads=%zu batches=%lu batch_keys=%lu hash=%08x\n", n, n, calls, bkeys,
+               (unsigned)scale_check(n));
+        fflush(stdout);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     flash_desc desc;
     int reps = 11, r;
     size_t si;
     const char *only = NULL;
+    bool scale = false;
     if (argc > 2 && strcmp(argv[1], "--callgrind") == 0) {
         only = argv[2];
+    } else if (argc > 1 && strcmp(argv[1], "--scale") == 0) {
+        scale = true;
+        if (argc > 2 && (reps = atoi(argv[2])) < 1) {
+            fprintf(stderr, "usage: loader_bench --scale [reps]\n");
+            return 2;
+        }
     } else if (argc > 1) {
         reps = atoi(argv[1]);
         if (reps < 1) {
@@ -212,13 +314,33 @@ int main(int argc, char **argv) {
     }
     make_keys();
     memset(&desc, 0, sizeof desc);
-    desc.arena_retain = ARENA_RETAIN;
+    /* The sweep keeps up to 1M loads' memory (entries, memo table) across
+       requests, so that each size measures a steady state, not page faults. */
+    desc.arena_retain = (scale || (only && strncmp(only, "scale/", 6) == 0)) ? SCALE_RETAIN : ARENA_RETAIN;
     ctx = flash_ctx_create(&desc);
     if (!ctx) die("flash_ctx_create", FLASH_ENOMEM);
     memset(&ldesc, 0, sizeof ldesc);
     ldesc.name = "bench";
     ldesc.batch = batch_fn;
 
+    if (scale) {
+        r = run_scale(reps);
+        flash_ctx_destroy(ctx);
+        return r;
+    }
+    if (only && strncmp(only, "scale/", 6) == 0) {
+        cg_scale_n = (size_t)strtoul(only + 6, NULL, 10);
+        if (cg_scale_n < 1 || cg_scale_n > SCALE_MAX) {
+            fprintf(stderr, "loader_bench: scale/N with 1 <= N <= %d\n", SCALE_MAX);
+            return 2;
+        }
+        scale_keys();
+        scale_request(cg_scale_n); /* warm-up: arena blocks and memo tables now retained */
+        cg_measure_scale();
+        scale_check(cg_scale_n);
+        flash_ctx_destroy(ctx);
+        return 0;
+    }
     if (only) {
         for (si = 0; si < NSCEN; si++) {
             const scenario *s = &scenarios[si];

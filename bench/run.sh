@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# flash benchmarks, three parts by default (BENCH_PARTS) and a fourth on demand:
+# flash benchmarks, four parts by default (BENCH_PARTS) and a fifth on demand:
 #
 #   loader     flash's loader against graphql's dataloader (node, required)
 #              and Python's aiodataloader (optional), run interleaved; the
@@ -17,6 +17,12 @@
 #              redis-cli --cluster create), interleaved; flash's per-node
 #              requests and each node's INFO commandstats MGET calls (memcached:
 #              cmd_get) checked on every request (bench/redis_bench.c)
+#   scale      cost per key as the batch grows: the loader sweep (10 .. 1M
+#              distinct loads per request, flash against graphql's
+#              dataloader, with callgrind's instructions and simulated L2
+#              misses per load) and the memcached sweep (1 .. 100k keys per
+#              tick: flash, flash with the default max_batch, flash's
+#              backend alone, libmemcached; a memcached started here)
 #   changes    (only when named: BENCH_PARTS=changes) PostgreSQL's change
 #              stream into memcached: a wal_level=logical cluster (initdb, a
 #              few seconds) and a memcached started here; row changes/s, the
@@ -30,7 +36,8 @@
 # Environment: BENCH_RUNS (default 5, at least 5 for the medians to mean
 # anything), BENCH_REPS (timed repetitions per scenario per run, default 11),
 # BENCH_PY_REPS (default 3: aiodataloader is slow), BENCH_MC_REPS (memcached
-# and redis parts, default BENCH_REPS), BENCH_PARTS ("loader memcached redis"), DATALOADER_DIR
+# and redis parts, default BENCH_REPS), BENCH_PARTS ("loader memcached redis scale"),
+# BENCH_SCALE_RUNS (3) and BENCH_SCALE_REPS (3: the scale part), DATALOADER_DIR
 # (npm prefix for the dataloader package, default bench/out/npm), PYTHON.
 #
 # Nothing of the peers is committed: npm installs dataloader into
@@ -45,7 +52,9 @@ RUNS=${BENCH_RUNS:-5}
 REPS=${BENCH_REPS:-11}
 PY_REPS=${BENCH_PY_REPS:-3}
 MC_REPS=${BENCH_MC_REPS:-$REPS}
-PARTS=${BENCH_PARTS:-loader memcached redis}
+PARTS=${BENCH_PARTS:-loader memcached redis scale}
+SCALE_RUNS=${BENCH_SCALE_RUNS:-3}
+SCALE_REPS=${BENCH_SCALE_REPS:-3}
 DL_DIR=${DATALOADER_DIR:-$out/npm}
 SCENARIOS="distinct dup50 ticks memo"
 
@@ -61,7 +70,7 @@ mkdir -p "$out"
 [ "$RUNS" -ge 5 ] || note "BENCH_RUNS=$RUNS: fewer than 5 runs, medians are weak"
 [ "$MC_REPS" -ge 1 ] 2>/dev/null || fail "BENCH_MC_REPS must be a number"
 for p in $PARTS; do
-    case $p in loader | memcached | redis | changes) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached, redis, changes)" ;; esac
+    case $p in loader | memcached | redis | scale | changes) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached, redis, scale, changes)" ;; esac
 done
 
 as_root() { [ "$(id -u)" = 0 ]; }
@@ -77,10 +86,10 @@ fmt() { awk -v x="$1" -v d="${2:-1}" 'BEGIN { if (x == "nan" || x == "") print "
 
 # ---- memcached + libmemcached-dev (the memcached part; before the build) -----
 # ---- redis-server + redis-cli + memcached (the redis part) --------------------
-if has_part memcached || has_part redis; then
+if has_part memcached || has_part redis || has_part scale; then
     mc_need=()
     command -v memcached >/dev/null 2>&1 || mc_need+=(memcached)
-    if has_part memcached; then
+    if has_part memcached || has_part scale; then
         [ -e /usr/include/libmemcached/memcached.h ] || mc_need+=(libmemcached-dev)
     fi
     if has_part redis; then
@@ -108,6 +117,7 @@ bins=()
 has_part loader && bins+=(out/loader_bench out/memory_bench out/tasks_bench)
 has_part memcached && bins+=(out/memcached_bench out/mc_cost_bench)
 has_part redis && bins+=(out/redis_bench)
+has_part scale && bins+=(out/loader_bench out/memcached_bench)
 has_part changes && bins+=(out/changes_bench)
 if [ "${1:-}" != --no-build ]; then
     make -s -C "$here" "${bins[@]}"
@@ -117,9 +127,9 @@ for b in "${bins[@]}"; do
 done
 status=0
 
-# ==== part 1: loader + promise overhead, memory =================================
-if has_part loader; then
-    # ---- node + graphql's dataloader (required) ---------------------------------
+# ---- node + graphql's dataloader (required by the loader and scale parts) -----
+DL=$DL_DIR/node_modules/dataloader
+need_dataloader() {
     if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
         as_root && command -v apt-get >/dev/null 2>&1 || fail "node/npm missing and cannot apt-get install them (not root)"
         note "installing nodejs and npm (Debian packages)"
@@ -127,7 +137,6 @@ if has_part loader; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null \
             || fail "apt-get install nodejs npm failed"
     fi
-    DL=$DL_DIR/node_modules/dataloader
     if ! node -e "require('$DL')" >/dev/null 2>&1; then
         note "installing graphql's dataloader with npm into $DL_DIR"
         mkdir -p "$DL_DIR"
@@ -135,6 +144,11 @@ if has_part loader; then
             || fail "npm install dataloader failed: the dataloader column cannot be measured"
         node -e "require('$DL')" >/dev/null 2>&1 || fail "dataloader installed in $DL_DIR but node cannot load it"
     fi
+}
+
+# ==== part 1: loader + promise overhead, memory =================================
+if has_part loader; then
+    need_dataloader
 
     # ---- Python's aiodataloader (optional) ---------------------------------------
     PY=""
@@ -301,6 +315,48 @@ if has_part loader; then
     echo "   + Promise.all / asyncio.gather + await); (d) times only the second pass over resolved keys."
     echo "   $CG_NOTE"
     [ -n "$PY" ] || echo "   * aiodataloader: n/a (not installable here: $PY_REASON)"
+    # ---- issue #16 item 1: the loader's goals, each met or not with its cause ------
+    goal() { # value op target -> met / NOT met
+        awk -v x="$1" -v op="$2" -v t="$3" 'BEGIN { if (x == "nan" || x == "" || x == "n/a") print "n/a";
+            else if ((op == "le" && x + 0 <= t) || (op == "ge" && x + 0 >= t)) print "met"; else print "NOT met" }'
+    }
+    echo
+    echo "   goals (issue #16 item 1): requests (a)-(c) <= 30 ns/load and <= 100 instructions/load, memo hits (d)"
+    echo "   <= 10 ns and <= 40 instructions; >= 20x graphql's dataloader in every scenario of this run"
+    grow() { printf '   %-36s | %-22s | %-24s | %-18s\n' "$@"; }
+    grow "scenario" "ns/load" "instructions/load" "x dataloader"
+    ns_miss=0; in_miss=0; dl_miss=0
+    for s in $SCENARIOS; do
+        if [ "$s" = memo ]; then tn=10; ti=40; else tn=30; ti=100; fi
+        f=$(med_all flash "$s"); nr=$(paired_ratio node "$s")
+        vn=$(goal "$f" le "$tn"); vi=$(goal "${IPL[$s]}" le "$ti"); vd=$(goal "$nr" ge 20)
+        [ "$vn" = met ] || ns_miss=1
+        [ "$vi" = met ] || in_miss=1
+        [ "$vd" = met ] || dl_miss=1
+        grow "$(label "$s")" "$(fmt "$f" 1) <= $tn: $vn" "${IPL[$s]} <= $ti: $vi" "$(fmt "$nr" 1)x: $vd"
+    done
+    if [ $in_miss = 1 ] && [ -f "$out/callgrind.distinct.out" ]; then
+        echo "   cause (instructions), distinct, per load, by function (callgrind, self cost):"
+        callgrind_annotate "$out/callgrind.distinct.out" 2>/dev/null | awk '
+            /^ *[0-9,]+ +\([ 0-9.]+%\) +[^ ]+\.(c|h|S):[A-Za-z_][A-Za-z0-9_.]*( \[.*\])?$/ {
+                gsub(/,/, "", $1); f = ($NF ~ /^\[/) ? $(NF - 1) : $NF; sub(/.*:/, "", f); sub(/\..*/, "", f)
+                c[f] += $1 / 100000; if (!(f in o)) { o[f] = ++k; n[k] = f } }
+            END { for (i = 1; i <= k; i++) if (c[n[i]] >= 3) printf "%s%s %.0f", (j++ ? ", " : "     "), n[i], c[n[i]]
+                  if (j) print "" }'
+        echo "     flash_load is the load itself (checks, hash, probe, the entry and its key, the batch and memo slots);"
+        echo "     batch_fn the benchmark's batch function with flash_batch_key + flash_batch_resolve inlined (checks,"
+        echo "     settle, the gather's value recorded); flash__gather_new the gather's callback on each promise;"
+        echo "     memcpy the batch's key array doubling. Next step: a load that joins its gather at load time"
+        echo "     (flash_load_many: no second pass over the promises), and fewer checks per load and per resolve."
+    fi
+    if [ $ns_miss = 1 ]; then
+        echo "   cause (ns): the 100k-load requests are memory-bound, not instruction-bound: BENCH_PARTS=scale shows"
+        echo "     the same instructions/load at 10k and 100k loads per tick and the time per load rising with the"
+        echo "     working set (entries + memo table beyond the 1 MiB L2, simulated cache misses per load); the"
+        echo "     memo row is a random probe into a 4 MiB table per hit. On a shared 2-core VM the ns also move"
+        echo "     by +-30% or more with the other jobs: the instruction counts are the stable figure."
+    fi
+    [ $dl_miss = 0 ] || echo "   cause (x dataloader): follows from the ns above; dataloader is memory-bound too (see scale)."
     # ---- tasks ------------------------------------------------------------------------
     verdict() { # value op target
         awk -v x="$1" -v op="$2" -v t="$3" 'BEGIN { if (x == "nan" || x == "") print "n/a";
@@ -659,6 +715,142 @@ if has_part redis; then
     echo "== per-node counts (checked on every request of every run, timed or not; run 1's first shown)"
     grep '^verify ' "$out/rd.1" | sed 's/^verify /   /; s/; /;\n      /g'
     echo "   verified: all $RUNS runs ($nver verify lines each, and every timed rep checked the same way)"
+fi
+
+# ==== part 5: cost per key as the batch grows (issue #16 item 6) ================
+# The loader sweep: bench/loader_bench --scale and dataloader_bench.js --scale,
+# BENCH_SCALE_RUNS interleaved runs of BENCH_SCALE_REPS samples each (a sample
+# repeats one request of n distinct loads until it made 1M loads), the check
+# lines compared; callgrind per size for instructions and simulated misses of
+# a 1 MiB cache (this VM's L2 per core) per load. Then the memcached sweep:
+# bench/memcached_bench PORT --scale on a memcached started here.
+if has_part scale; then
+    need_dataloader
+    SC_SIZES="10 100 1000 10000 100000 1000000"
+    rm -f "$out"/scale.* "$out"/nscale.* "$out"/err.scale.* "$out"/err.nscale.*
+    run_fscale() { "$out/loader_bench" --scale "$SCALE_REPS" >"$out/scale.$1" 2>"$out/err.scale.$1" || { cat "$out/err.scale.$1" >&2; fail "loader_bench --scale failed"; }; }
+    run_nscale() { DATALOADER_PATH=$DL node --max-old-space-size=4096 "$here/dataloader_bench.js" --scale "$SCALE_REPS" >"$out/nscale.$1" 2>"$out/err.nscale.$1" || { cat "$out/err.nscale.$1" >&2; fail "dataloader_bench.js --scale failed"; }; }
+    note "scale: $SCALE_RUNS interleaved runs of the loader sweep (flash and dataloader, $SCALE_REPS samples per size each)"
+    for r in $(seq 1 "$SCALE_RUNS"); do
+        if [ $((r % 2)) = 1 ]; then run_fscale "$r"; run_nscale "$r"; else run_nscale "$r"; run_fscale "$r"; fi
+        diff <(grep '^check ' "$out/scale.$r") <(grep '^check ' "$out/nscale.$r") >&2 \
+            || fail "scale: flash and dataloader did different work (check lines differ in run $r)"
+        [ "$(grep -c '^check ' "$out/scale.$r")" = 6 ] || fail "scale: loader_bench printed $(grep -c '^check ' "$out/scale.$r") checks in run $r (want 6)"
+    done
+    sc_med() { awk -v s="scale/$2" '$1 == s { print $2 }' "$out/$1".[0-9]* | median; }
+    sc_ratio() { # n: median over runs of (dataloader median / flash median) in the same run
+        local r f p
+        for r in $(seq 1 "$SCALE_RUNS"); do
+            f=$(awk -v s="scale/$1" '$1 == s { print $2 }' "$out/scale.$r" | median)
+            p=$(awk -v s="scale/$1" '$1 == s { print $2 }' "$out/nscale.$r" | median)
+            awk -v p="$p" -v f="$f" 'BEGIN { if (f > 0) printf "%.4f\n", p / f }'
+        done | median
+    }
+    declare -A SC_IR SC_L2
+    if command -v valgrind >/dev/null 2>&1; then
+        for n in $SC_SIZES; do
+            cg=$out/callgrind.scale.$n.out
+            valgrind --tool=callgrind --cache-sim=yes --D1=65536,8,64 --LL=1048576,8,64 --callgrind-out-file="$cg" \
+                --toggle-collect='cg_measure*' "$out/loader_bench" --callgrind "scale/$n" >"$out/callgrind.scale.$n.log" 2>&1 \
+                || { cat "$out/callgrind.scale.$n.log" >&2; fail "callgrind run of scale/$n failed"; }
+            # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+            read -r ir dlmr dlmw < <(awk '/^(summary|totals):/ { print $2, $9, $10; exit }' "$cg")
+            [ -n "$ir" ] && [ "$ir" -gt 0 ] || fail "no instruction count in $cg"
+            SC_IR[$n]=$(awk -v x="$ir" -v n="$n" 'BEGIN { printf "%.0f", x / n }')
+            SC_L2[$n]=$(awk -v a="$dlmr" -v b="$dlmw" -v n="$n" 'BEGIN { printf "%.2f", (a + b) / n }')
+        done
+    else
+        for n in $SC_SIZES; do SC_IR[$n]="n/a"; SC_L2[$n]="n/a"; done
+    fi
+    lab() { case $1 in 10) echo 10 ;; 100) echo 100 ;; 1000) echo 1k ;; 10000) echo 10k ;; 100000) echo 100k ;; 1000000) echo 1M ;; *) echo "$1" ;; esac; }
+    srow() { printf '%-40s |%8s |%8s |%8s |%8s |%8s |%8s\n' "$@"; }
+    echo
+    echo "== scale: the loader, ns per load as the batch grows (one request of n distinct loads, like (a))"
+    echo "   $(grep -m1 '^# flash' "$out/scale.1" | sed 's/^# //')"
+    echo "   peer: $(grep -m1 '^# dataloader' "$out/nscale.1" | sed 's/^# //')"
+    echo "   $SCALE_RUNS interleaved runs x $SCALE_REPS samples per size; ns = median of all samples; x = median over runs of the"
+    echo "   ratio in the same run; instructions and L2 misses (a simulated 1 MiB cache, reads + writes) per load: callgrind"
+    echo
+    hdr=("loads per request"); for n in $SC_SIZES; do hdr+=("$(lab "$n")"); done
+    srow "${hdr[@]}"
+    srow "----------------------------------------" "--------" "--------" "--------" "--------" "--------" "--------"
+    c=("flash ns/load"); for n in $SC_SIZES; do c+=("$(fmt "$(sc_med scale "$n")" 1)"); done; srow "${c[@]}"
+    c=("flash instructions/load"); for n in $SC_SIZES; do c+=("${SC_IR[$n]}"); done; srow "${c[@]}"
+    c=("flash L2 misses/load (simulated)"); for n in $SC_SIZES; do c+=("${SC_L2[$n]}"); done; srow "${c[@]}"
+    c=("dataloader ns/load"); for n in $SC_SIZES; do c+=("$(fmt "$(sc_med nscale "$n")" 0)"); done; srow "${c[@]}"
+    c=("dataloader / flash"); for n in $SC_SIZES; do c+=("$(fmt "$(sc_ratio "$n")" 1)x"); done; srow "${c[@]}"
+    echo
+    # Flat or falling: no size costs more than 1.25x the cheapest smaller size.
+    flat_upto=""; rise_at=""; best=""
+    for n in $SC_SIZES; do
+        v=$(sc_med scale "$n")
+        if [ -z "$best" ] || awk -v v="$v" -v b="$best" 'BEGIN { exit !(v < b) }'; then best=$v; fi
+        if [ -z "$rise_at" ] && awk -v v="$v" -v b="$best" 'BEGIN { exit !(v <= 1.25 * b) }'; then flat_upto=$n; elif [ -z "$rise_at" ]; then rise_at=$n; fi
+    done
+    if [ -z "$rise_at" ]; then
+        echo "   target \"cost per load flat or falling as the batch grows\" (within 25%): met from 10 to 1M loads"
+    else
+        echo "   target \"cost per load flat or falling as the batch grows\" (within 25%): met up to $(lab "$flat_upto") loads, NOT met from $(lab "$rise_at")"
+        echo "   cause: instructions per load stay flat (${SC_IR[10000]} at 10k, ${SC_IR[100000]} at 100k, ${SC_IR[1000000]} at 1M) while the"
+        echo "   misses of a 1 MiB cache per load grow (${SC_L2[10000]} -> ${SC_L2[100000]} -> ${SC_L2[1000000]}): past ~10k loads the"
+        echo "   request's entries (64-72 bytes each) and memo table (16-byte slots, <= 50% full) leave the L2, past ~100k"
+        echo "   the L3 too; every load probes the table at a random slot, and the gather and the batch function each"
+        echo "   pass over the entries again. dataloader's cost per load grows the same way (row above)."
+    fi
+
+    # ---- the memcached sweep ----------------------------------------------------
+    sc_mc_pid=""; SC_MC_PORT=""
+    stop_sc_mc() { [ -z "$sc_mc_pid" ] || { kill "$sc_mc_pid" 2>/dev/null; wait "$sc_mc_pid" 2>/dev/null; sc_mc_pid=""; } || true; }
+    trap stop_sc_mc EXIT
+    trap 'exit 130' INT TERM HUP
+    port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+    sc_user=(); as_root && sc_user=(-u nobody)
+    for _ in 1 2 3 4 5 6 7 8; do
+        port=$((20000 + RANDOM % 30000))
+        ! port_open "$port" || continue
+        memcached -l 127.0.0.1 -U 0 -m 256 -p "$port" ${sc_user[@]+"${sc_user[@]}"} >"$out/memcached.scale.log" 2>&1 &
+        sc_mc_pid=$!
+        for _i in $(seq 1 200); do
+            if port_open "$port"; then SC_MC_PORT=$port; break; fi
+            kill -0 "$sc_mc_pid" 2>/dev/null || break
+            sleep 0.02
+        done
+        [ -z "$SC_MC_PORT" ] || break
+        stop_sc_mc
+    done
+    [ -n "$SC_MC_PORT" ] || { cat "$out/memcached.scale.log" >&2; fail "scale: could not start memcached on a free loopback port"; }
+    note "scale: memcached_bench $SC_MC_PORT --scale 5 (about 90 s)"
+    "$out/memcached_bench" "$SC_MC_PORT" --scale 5 >"$out/mcscale" 2>"$out/err.mcscale" \
+        || { cat "$out/err.mcscale" >&2; fail "memcached_bench --scale failed"; }
+    stop_sc_mc
+    MS_SIZES="1 10 100 1000 10000 100000"
+    ms_med() { awk -v s="$1/$2" '$1 == "scale" && $2 == s { print $3 }' "$out/mcscale" | median; }
+    mlab() { case $1 in flash) echo "flash: gather of N get_by_id, one op" ;; flash_mb) echo "flash, default max_batch (1k keys/op)" ;;
+        raw) echo "flash backend alone: one GET op" ;; libmc) echo "libmemcached mget + fetch" ;; esac; }
+    echo
+    echo "== scale: the full path over memcached, ns per key for N keys per tick (bench/memcached_bench --scale 5:"
+    echo "   each sample N keys repeated up to 20,000 keys, medians of 5 interleaved samples; client and server share the cores)"
+    echo
+    srow "keys per tick" 1 10 100 1k 10k 100k
+    srow "----------------------------------------" "--------" "--------" "--------" "--------" "--------" "--------"
+    for row in flash flash_mb raw libmc; do
+        c=("$(mlab "$row")"); for n in $MS_SIZES; do c+=("$(fmt "$(ms_med "$row" "$n")" 0)"); done; srow "${c[@]}"
+    done
+    echo
+    for row in flash flash_mb libmc; do
+        v1k=$(ms_med "$row" 1000); v100k=$(ms_med "$row" 100000); vmin=$v1k
+        for n in 100 1000; do v=$(ms_med "$row" "$n"); awk -v v="$v" -v m="$vmin" 'BEGIN { exit !(v < m) }' && vmin=$v; done
+        verdict=$(awk -v a="$vmin" -v b="$v100k" 'BEGIN { if (a == "nan" || b == "nan") print "n/a"; else if (b <= 1.25 * a) print "met"; else printf "NOT met (%.1fx from the best of 100..1k to 100k)", b / a }')
+        echo "   $(mlab "$row"): flat or falling from 1k to 100k keys per tick (within 25%): $verdict"
+    done
+    echo "   causes, measured: (1) every row that sends one command for all N keys, libmemcached included, rises most:"
+    echo "   one multi-key line of N keys and a reply of N values (~6 MB at 100k) through the socket buffers, on a server"
+    echo "   sharing the 2 cores; flash's default max_batch (1,000-key ops, pipelined) avoids that part. (2) What is left"
+    echo "   in that row is the client's memory, not its instructions (the memcached part's callgrind column: the same"
+    echo "   instructions/key at 1k and 10k keys): the request's memo entries, decoded rows and value bytes outgrow the L2 and"
+    echo "   the L3 as N grows, the effect the loader sweep above isolates (the loader alone: $(fmt "$(sc_med scale 1000)" 1) ns/load at"
+    echo "   1k, $(fmt "$(sc_med scale 100000)" 1) at 100k in this run). Next step: a request that big is better served as several"
+    echo "   requests (a context reset between them keeps the working set in cache)."
 fi
 
 # ==== part 4 (not default): the PostgreSQL change stream into memcached ==========

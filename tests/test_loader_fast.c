@@ -1,0 +1,263 @@
+/* The loader's fast paths (issue #16): the plain load inlined into
+   flash_load (keys of 1..16 bytes hashed with one folded multiply, copied
+   and compared without libc, longer keys compared on the general path),
+   the memo entry written in place, a gather's value recorded at settle
+   time without its callback, and settled promises recorded by the gather
+   itself. Every key length and every differing byte position must keep
+   keys apart; memo hits must give the same promise. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+#include "flash.h"
+
+TestSuite(loader_fast, .init = flash_test_watchdog);
+
+static size_t calls, keys_seen;
+
+/* Resolves each key with its own copy of the key (a NUL-terminated string). */
+static void echo_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
+    (void)ctx;
+    (void)ud;
+    calls++;
+    for (size_t i = 0; i < flash_batch_size(b); i++) {
+        keys_seen++;
+        cr_assert_eq(flash_batch_resolve(b, i, (void *)flash_batch_key(b, i, NULL)), FLASH_OK);
+    }
+}
+
+/* "bad..." keys reject, the others resolve with their key. */
+static void mixed_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
+    (void)ctx;
+    (void)ud;
+    calls++;
+    for (size_t i = 0; i < flash_batch_size(b); i++) {
+        size_t len;
+        const char *k = (const char *)flash_batch_key(b, i, &len);
+        if (len >= 3 && memcmp(k, "bad", 3) == 0) flash_batch_reject(b, i, FLASH_ENOTFOUND, "bad key");
+        else flash_batch_resolve(b, i, (void *)k);
+    }
+}
+
+static const flash_loader_desc ECHO = {.name = "echo", .batch = echo_batch};
+static const flash_loader_desc MIXED = {.name = "mixed", .batch = mixed_batch};
+
+enum { MAXLEN = 40 };
+
+/* For every length 1..MAXLEN: a base key of that length and one key per
+   byte position differing from it only there (binary bytes, NUL included). */
+static size_t make_keys(char keys[][MAXLEN], size_t *lens) {
+    size_t n = 0;
+    for (size_t len = 1; len <= MAXLEN; len++) {
+        for (size_t pos = 0; pos <= len; pos++) {
+            for (size_t j = 0; j < len; j++) keys[n][j] = (char)('a' + (j * 7 + len) % 26);
+            if (pos < len) keys[n][pos] = (char)(keys[n][pos] ^ (pos % 2 ? 0x01 : 0x80));
+            lens[n++] = len;
+        }
+    }
+    return n;
+}
+
+static size_t nkeys(void) { return (size_t)MAXLEN * (MAXLEN + 3) / 2; }
+
+FLASH_TEST(loader_fast, every_length_and_byte_position_is_a_distinct_key) {
+    size_t total = nkeys();
+    char (*keys)[MAXLEN] = calloc(total, MAXLEN);
+    size_t *lens = calloc(total, sizeof *lens);
+    flash_promise **ps = calloc(total, sizeof *ps);
+    size_t n = make_keys(keys, lens);
+    cr_assert_eq(n, total);
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader *l = flash_loader_create(ctx, &ECHO);
+    calls = keys_seen = 0;
+    for (size_t i = 0; i < n; i++) ps[i] = flash_load(l, keys[i], lens[i]);
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < i; j++) cr_assert_neq(ps[i], ps[j], "keys %zu and %zu share a promise", i, j);
+    /* Every key again: memo hits, the same promises, nothing new. */
+    for (size_t i = 0; i < n; i++) cr_assert_eq(flash_load(l, keys[i], lens[i]), ps[i], "key %zu: no memo hit", i);
+    void *v = NULL;
+    cr_assert_eq(flash_wait(ctx, flash_gather(ctx, n, ps), &v), FLASH_OK);
+    cr_assert_eq(calls, 1);
+    cr_assert_eq(keys_seen, n);
+    for (size_t i = 0; i < n; i++) {
+        cr_assert_eq(memcmp(((void **)v)[i], keys[i], lens[i]), 0, "key %zu resolved with another key", i);
+        cr_assert_eq(((char *)((void **)v)[i])[lens[i]], 0, "key %zu: copy not NUL-terminated", i);
+    }
+    /* Hits on settled entries, through the gather's settled path. */
+    for (size_t i = 0; i < n; i++) cr_assert_eq(flash_load(l, keys[i], lens[i]), ps[i]);
+    flash_stats st = flash_ctx_stats(ctx);
+    cr_assert_eq(st.loads, 3 * n);
+    cr_assert_eq(st.memo_hits, 2 * n);
+    flash_ctx_destroy(ctx);
+    free(keys);
+    free(lens);
+    free(ps);
+}
+
+FLASH_TEST(loader_fast, memo_survives_growth_and_clear) {
+    enum { N = 20000 };
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader *l = flash_loader_create(ctx, &ECHO);
+    static flash_promise *ps[N];
+    static char buf[N][24];
+    calls = keys_seen = 0;
+    for (int i = 0; i < N; i++) {
+        /* Lengths 1..23 by turns: short, middle and long keys in one table. */
+        int len = snprintf(buf[i], sizeof buf[i], "%0*d", 1 + i % 23, i);
+        ps[i] = flash_load(l, buf[i], (size_t)len);
+        if (i % 3 == 0) cr_assert_eq(flash_load(l, buf[i / 2], strlen(buf[i / 2])), ps[i / 2]);
+    }
+    for (int i = 0; i < N; i++) cr_assert_eq(flash_load_str(l, buf[i]), ps[i], "key %d lost while the table grew", i);
+    cr_assert_eq(flash_wait(ctx, flash_gather(ctx, N, ps), NULL), FLASH_OK);
+    cr_assert_eq(keys_seen, (size_t)N);
+    cr_assert_eq(flash_clear(l, buf[7], strlen(buf[7])), FLASH_OK);
+    flash_promise *again = flash_load_str(l, buf[7]);
+    cr_assert_neq(again, ps[7]);
+    cr_assert_eq(flash_promise_state(again), FLASH_PENDING);
+    cr_assert_eq(flash_load_str(l, buf[8]), ps[8]);
+    flash_clear_all(l);
+    cr_assert_neq(flash_load_str(l, buf[8]), ps[8]);
+    cr_assert_eq(flash_wait(ctx, again, NULL), FLASH_OK);
+    flash_ctx_destroy(ctx);
+}
+
+FLASH_TEST(loader_fast, gather_records_values_and_rejections_at_settle_time) {
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader *l = flash_loader_create(ctx, &MIXED);
+    const char *ks[] = {"a1", "bad1", "a2", "a3", "bad2", "a4"};
+    flash_promise *ps[6], *dup[12];
+    for (int i = 0; i < 6; i++) ps[i] = flash_load_str(l, ks[i]);
+    /* Each promise twice in a second gather: a second callback per promise. */
+    for (int i = 0; i < 12; i++) dup[i] = ps[i % 6];
+    flash_promise *g = flash_gather(ctx, 6, ps);
+    flash_promise *gs = flash_gather_settled(ctx, 12, dup);
+    flash_promise *only_ok[] = {ps[0], ps[2], ps[3], ps[5]};
+    flash_promise *gok = flash_gather(ctx, 4, only_ok);
+    cr_assert_eq(flash_wait(ctx, g, NULL), FLASH_ENOTFOUND);
+    cr_assert_str_eq(flash_promise_message(g), "bad key");
+    void *v = NULL;
+    cr_assert_eq(flash_wait(ctx, gs, &v), FLASH_OK);
+    flash_settled *s = (flash_settled *)v;
+    for (int i = 0; i < 12; i++) {
+        if (strncmp(ks[i % 6], "bad", 3) == 0) {
+            cr_assert_eq(s[i].state, FLASH_REJECTED);
+            cr_assert_eq(s[i].error, FLASH_ENOTFOUND);
+        } else {
+            cr_assert_eq(s[i].state, FLASH_FULFILLED);
+            cr_assert_str_eq((const char *)s[i].value, ks[i % 6]);
+        }
+    }
+    cr_assert_eq(flash_wait(ctx, gok, &v), FLASH_OK);
+    cr_assert_str_eq(((const char **)v)[0], "a1");
+    cr_assert_str_eq(((const char **)v)[3], "a4");
+    /* A gather over settled entries (memo hits) answers without a tick. */
+    flash_promise *hits[] = {flash_load_str(l, "a2"), flash_load_str(l, "a3")};
+    flash_promise *gh = flash_gather(ctx, 2, hits);
+    cr_assert_eq(flash_promise_state(gh), FLASH_FULFILLED);
+    cr_assert_str_eq(((const char **)flash_promise_value(gh))[1], "a3");
+    /* The rejected keys were forgotten: loading them again is a new batch. */
+    calls = 0;
+    flash_promise *b1 = flash_load_str(l, "bad1");
+    cr_assert_neq(b1, ps[1]);
+    cr_assert_eq(flash_wait(ctx, b1, NULL), FLASH_ENOTFOUND);
+    cr_assert_eq(calls, 1);
+    flash_ctx_destroy(ctx);
+}
+
+static size_t fold_key(const void *key, size_t len, void *out, size_t cap, void *ud) {
+    (void)ud;
+    /* Case-insensitive memo key, longer than the key by a prefix. */
+    size_t n = len + 4;
+    if (n <= cap) {
+        memcpy(out, "key:", 4);
+        for (size_t i = 0; i < len; i++) {
+            char c = ((const char *)key)[i];
+            ((char *)out)[4 + i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+        }
+    }
+    return n;
+}
+
+FLASH_TEST(loader_fast, key_fn_max_memo_and_no_memo_take_the_general_path) {
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader_desc kd = {.name = "fold", .batch = echo_batch, .key_fn = fold_key};
+    flash_loader *l = flash_loader_create(ctx, &kd);
+    flash_promise *a = flash_load_str(l, "Hello-World-Long-Key-Over-16");
+    cr_assert_eq(flash_load_str(l, "hello-world-long-key-over-16"), a);
+    cr_assert_eq(flash_load_str(l, "HI"), flash_load_str(l, "hi"));
+    cr_assert_eq(flash_wait(ctx, a, NULL), FLASH_OK);
+    cr_assert_str_eq((const char *)flash_promise_value(a), "Hello-World-Long-Key-Over-16");
+
+    flash_loader_desc md = {.name = "bounded", .batch = echo_batch, .max_memo = 2};
+    flash_loader *m = flash_loader_create(ctx, &md);
+    flash_promise *x = flash_load_str(m, "x"), *y = flash_load_str(m, "y");
+    cr_assert_eq(flash_load_str(m, "x"), x);
+    flash_promise *z = flash_load_str(m, "z"); /* evicts x */
+    cr_assert_eq(flash_load_str(m, "y"), y);
+    cr_assert_eq(flash_load_str(m, "z"), z);
+    flash_promise *x2 = flash_load_str(m, "x");
+    cr_assert_neq(x2, x);
+    cr_assert_eq(flash_wait(ctx, x2, NULL), FLASH_OK); /* dispatches m's batches */
+
+    flash_loader_desc nd = {.name = "nomemo", .batch = echo_batch, .no_memo = true};
+    flash_loader *n = flash_loader_create(ctx, &nd);
+    calls = keys_seen = 0;
+    flash_promise *p1 = flash_load_str(n, "same-key-longer-than-16-bytes");
+    cr_assert_eq(flash_load_str(n, "same-key-longer-than-16-bytes"), p1, "unique within one batch");
+    cr_assert_eq(flash_wait(ctx, p1, NULL), FLASH_OK);
+    cr_assert_eq(keys_seen, 1);
+    cr_assert_neq(flash_load_str(n, "same-key-longer-than-16-bytes"), p1, "no memo across batches");
+    cr_assert_eq(flash_promise_state(x), FLASH_FULFILLED);
+    flash_ctx_destroy(ctx);
+}
+
+FLASH_TEST(loader_fast, empty_and_null_keys_are_refused) {
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader *l = flash_loader_create(ctx, &ECHO);
+    cr_assert_null(flash_load(NULL, "k", 1));
+    cr_assert_eq(flash_promise_error(flash_load(l, NULL, 3)), FLASH_EINVAL);
+    cr_assert_eq(flash_promise_error(flash_load(l, "k", 0)), FLASH_EINVAL);
+    cr_assert_eq(flash_promise_error(flash_load_str(l, "")), FLASH_EINVAL);
+    cr_assert_eq(flash_promise_error(flash_load_str(l, NULL)), FLASH_EINVAL);
+    flash_ctx_destroy(ctx);
+}
+
+static void *payload_seen[8];
+static size_t payload_n;
+static void payload_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
+    (void)ctx;
+    (void)ud;
+    payload_n = flash_batch_size(b);
+    for (size_t i = 0; i < flash_batch_size(b) && i < 8; i++) payload_seen[i] = flash_batch_payload(b, i);
+    for (size_t i = 0; i < flash_batch_size(b); i++) flash_batch_resolve(b, i, flash_batch_payload(b, i));
+}
+
+FLASH_TEST(loader_fast, payloads_follow_keys_of_every_shape) {
+    /* The payload lives after the key (and the memo key of a key_fn), only
+       when there is one: plain short and long keys, and key_fn keys. */
+    static int v[6];
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader_desc pd = {.name = "payload", .batch = payload_batch};
+    flash_loader_desc kd = {.name = "payload_fold", .batch = payload_batch, .key_fn = fold_key};
+    flash_loader *l = flash_loader_create(ctx, &pd), *k = flash_loader_create(ctx, &kd);
+    flash_promise *a = flash_load_with(l, "a", 1, &v[0]);
+    flash_promise *b = flash_load(l, "b", 1); /* no payload: NULL */
+    flash_promise *c = flash_load_with(l, "a-key-longer-than-sixteen", 25, &v[1]);
+    flash_promise *d = flash_load_with(l, "1234567", 7, &v[2]);
+    cr_assert_eq(flash_load_with(l, "a", 1, &v[3]), a, "first load's payload wins");
+    cr_assert_eq(flash_wait(ctx, flash_gather(ctx, 4, (flash_promise *[]){a, b, c, d}), NULL), FLASH_OK);
+    cr_assert_eq(payload_n, 4);
+    cr_assert_eq(flash_promise_value(a), &v[0]);
+    cr_assert_null(flash_promise_value(b));
+    cr_assert_eq(flash_promise_value(c), &v[1]);
+    cr_assert_eq(flash_promise_value(d), &v[2]);
+    flash_promise *e = flash_load_with(k, "Mixed-Case-Key", 14, &v[4]);
+    flash_promise *f = flash_load_with(k, "x", 1, &v[5]);
+    cr_assert_eq(flash_load_with(k, "mixed-case-key", 14, &v[3]), e);
+    cr_assert_eq(flash_wait(ctx, e, NULL), FLASH_OK);
+    cr_assert_eq(flash_promise_value(e), &v[4]);
+    cr_assert_eq(flash_promise_value(f), &v[5]);
+    flash_ctx_destroy(ctx);
+}
