@@ -4012,7 +4012,9 @@ static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, 
     uint32_t h32, gen;
     if (FLASH__UNLIKELY(!l)) return NULL;
     l->ctx->stats.loads++;
-    if (FLASH__UNLIKELY(!key || len - 1 >= UINT32_MAX || l->desc.key_fn || !l->cap))
+    /* Keys over 16 bytes and loads with a payload (the model engine's: full
+       cache keys) take the general path at once rather than probe twice. */
+    if (FLASH__UNLIKELY(!key || len - 1 >= UINT32_MAX || l->desc.key_fn || !l->cap || len > 16 || payload))
         return flash__load_slow(l, key, len, payload);
     h = flash__memo_hash(l, key, len);
     mask = l->cap - 1;
