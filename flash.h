@@ -567,9 +567,29 @@ typedef enum flash_cache_opcode {
     FLASH_CACHE_CAS,     /* store only when cas still matches: FLASH_ENOTSTORED
                             when it changed, FLASH_ENOTFOUND when absent */
     FLASH_CACHE_DELETE,  /* FLASH_ENOTFOUND when absent */
-    FLASH_CACHE_INCR     /* number += delta; absent: create with `initial`
+    FLASH_CACHE_INCR,    /* number += delta; absent: create with `initial`
                             when `create`, else FLASH_ENOTFOUND */
+    FLASH_CACHE_MARK_STALE /* FLASH_CACHE_CAP_LEASES only: keep the value but
+                            mark it stale for ttl_s more seconds (0: keep its
+                            expiry) and change its cas; the next lease GET wins
+                            its refresh. FLASH_ENOTFOUND when absent */
 } flash_cache_opcode;
+
+/* Leases (FLASH_CACHE_CAP_LEASES, memcached's meta-protocol semantics): a GET
+   item with lease_s > 0 that finds its key absent creates an empty stub that
+   lives lease_s seconds and wins the lease (the caller reads the source and
+   fills by CAS against the stub's cas: a write that invalidated the key in
+   between changes the cas and the late fill fails). A lease GET that finds
+   a stub someone else won, or a stale value someone else is refreshing,
+   loses. A stale value (MARK_STALE) is handed to its first lease reader as
+   won, to the others as lost, with its value either way. A plain GET
+   (lease_s 0) reads a stub as a 0-byte value and a stale value as a value,
+   without marking anything: values meant for lease reads are never empty. */
+typedef enum flash_cache_lease {
+    FLASH_LEASE_NONE = 0, /* a plain hit or miss: no lease involved */
+    FLASH_LEASE_WON,      /* you refresh it: fill by CAS with the item's cas */
+    FLASH_LEASE_LOST      /* someone else is filling it: wait, or serve stale */
+} flash_cache_lease;
 
 typedef struct flash_cache_item {
     const char *key;
@@ -585,6 +605,14 @@ typedef struct flash_cache_item {
     int status;         /* out: FLASH_OK, FLASH_ENOTFOUND, FLASH_ENOTSTORED,
                            FLASH_EINVAL (bad key), FLASH_ETOOLARGE, or the
                            error of the server that holds the key */
+    /* Leases (backends with FLASH_CACHE_CAP_LEASES; see flash_cache_lease): */
+    uint32_t lease_s;   /* GET in: 0 a plain read; else a lease read whose
+                           stub (on a miss) lives this many seconds, which
+                           bounds how long a crashed winner holds the key */
+    uint8_t lease;      /* GET out: a flash_cache_lease. A lease read of an
+                           absent key or of a stub is FLASH_ENOTFOUND with
+                           WON (cas: the stub's) or LOST */
+    bool stale;         /* GET out: the value was marked stale (lease reads) */
 } flash_cache_item;
 
 typedef struct flash_cache_op flash_cache_op;
@@ -618,7 +646,13 @@ struct flash_cache_vtable {
     /* Largest value the backend stores, in bytes. */
     size_t (*max_value)(void *self);
     void (*destroy)(void *self);
+    unsigned caps;      /* FLASH_CACHE_CAP_*: what the backend offers beyond
+                           the six basic opcodes; 0 for a minimal backend */
 };
+
+/* caps: lease reads (item.lease_s, lease, stale) and FLASH_CACHE_MARK_STALE.
+   Without it, MARK_STALE fails with FLASH_EINVAL and lease_s is ignored. */
+#define FLASH_CACHE_CAP_LEASES 1u
 
 FLASH_API void flash_cache_destroy(flash_cache cache);
 

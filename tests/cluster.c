@@ -351,7 +351,7 @@ static void pfx_destroy(void *self) {
     free(p);
 }
 
-static const flash_cache_vtable pfx_vt = {"prefixed", pfx_submit, pfx_cancel, pfx_max_value, pfx_destroy};
+static const flash_cache_vtable pfx_vt = {"prefixed", pfx_submit, pfx_cancel, pfx_max_value, pfx_destroy, 0};
 
 flash_cache flash_test_prefixed(flash_cache inner) {
     static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";

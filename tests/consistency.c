@@ -68,7 +68,7 @@ static size_t gate_max_value(void *self) {
 
 static void gate_destroy_v(void *self) { (void)self; }
 
-static const flash_cache_vtable gate_vt = {"gate", gate_submit, gate_cancel, gate_max_value, gate_destroy_v};
+static const flash_cache_vtable gate_vt = {"gate", gate_submit, gate_cancel, gate_max_value, gate_destroy_v, 0};
 
 gate *gate_create(flash_cache inner, flash_loop loop) {
     gate *g = calloc(1, sizeof *g);

@@ -347,7 +347,7 @@ static size_t f_max_value(void *self) {
 
 static void f_destroy(void *self) { faulty_destroy((faulty *)self); }
 
-static const flash_cache_vtable faulty_vt = {"faulty", f_submit, f_cancel, f_max_value, f_destroy};
+static const flash_cache_vtable faulty_vt = {"faulty", f_submit, f_cancel, f_max_value, f_destroy, 0};
 
 void faulty_configure(faulty *f, const faulty_desc *desc) {
     if (desc) f->d = *desc;

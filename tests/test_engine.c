@@ -328,7 +328,7 @@ static size_t failing_max(void *self) {
     return 1 << 20;
 }
 static void failing_destroy(void *self) { (void)self; }
-static const flash_cache_vtable failing_vt = {"failing", failing_submit, failing_cancel, failing_max, failing_destroy};
+static const flash_cache_vtable failing_vt = {"failing", failing_submit, failing_cancel, failing_max, failing_destroy, 0};
 
 FLASH_TEST(engine, a_failing_cache_falls_back_to_the_source) {
     fixture_teardown();

@@ -395,7 +395,7 @@ static size_t fail_max(void *self) {
     return 1 << 20;
 }
 static void fail_destroy(void *self) { (void)self; }
-static const flash_cache_vtable fail_vt = {"failing", fail_submit, fail_cancel, fail_max, fail_destroy};
+static const flash_cache_vtable fail_vt = {"failing", fail_submit, fail_cancel, fail_max, fail_destroy, 0};
 
 FLASH_TEST(invalidate, bad_input_and_a_failing_backend_are_reported) {
     User row = {1, "a", "b", 1, 1.0, true, {NULL, 0}};

@@ -1031,7 +1031,7 @@ static void flash__rc_destroy(void *self) {
 }
 
 static const flash_cache_vtable flash__rc_vt = {
-    "redis-cluster", flash__rc_submit, flash__rc_cancel, flash__rc_max_value, flash__rc_destroy,
+    "redis-cluster", flash__rc_submit, flash__rc_cancel, flash__rc_max_value, flash__rc_destroy, 0,
 };
 
 static char *flash__rc_strdup(flash__rc *rc, const char *s) {
@@ -1428,7 +1428,7 @@ static void flash__rs_destroy(void *self) {
 }
 
 static const flash_cache_vtable flash__rs_vt = {
-    "redis-sentinel", flash__rs_submit, flash__rs_cancel, flash__rs_max_value, flash__rs_destroy,
+    "redis-sentinel", flash__rs_submit, flash__rs_cancel, flash__rs_max_value, flash__rs_destroy, 0,
 };
 
 FLASH_API flash_cache flash_redis_sentinel_create(const flash_redis_sentinel_desc *desc, int *error) {
