@@ -727,12 +727,14 @@ RD_TEST(scripts_flushed_fail_one_key_then_reload) {
 
 enum { FAKE_GOOD, FAKE_GARBAGE, FAKE_WRONG_COUNT, FAKE_UNSOLICITED };
 
-/* The digests of the backend's two scripts (what SCRIPT LOAD answers). */
-static const char cas_sha[] = "076958ea4df2b47e0a58b4da0ac07d13e9f07684";
+/* The digests of the backend's four scripts (what SCRIPT LOAD answers). */
+static const char cas_sha[] = "81960881acb9f20da2ffbcdb461192d9ffb9380a";
 static const char incr_sha[] = "a65ad6a7c27ab94615bf32aef62973994f68b99d";
+static const char lease_sha[] = "cb1bd5bbd973c8cc900b3279cd45e017f214550c";
+static const char stale_sha[] = "606da338cc5b0c9efc5667efefe9bb9b09c403fb";
 
 /* Serve one connection: every read holds one MGET, the first one after the
-   two SCRIPT LOADs of the connection's hello. */
+   four SCRIPT LOADs of the connection's hello. */
 static void fake_serve(int fd, int mode) {
     char buf[1 << 14], out[1 << 14];
     for (;;) {
@@ -749,7 +751,8 @@ static void fake_serve(int fd, int mode) {
             return;
         }
         if (strstr(buf, "$6\r\nSCRIPT\r\n"))
-            olen += (size_t)sprintf(out, "$40\r\n%s\r\n$40\r\n%s\r\n", cas_sha, incr_sha);
+            olen += (size_t)sprintf(out, "$40\r\n%s\r\n$40\r\n%s\r\n$40\r\n%s\r\n$40\r\n%s\r\n", cas_sha, incr_sha,
+                                    lease_sha, stale_sha);
         olen += (size_t)sprintf(out + olen, "*%d\r\n", keys + (mode == FAKE_WRONG_COUNT));
         for (int i = 0; i < keys + (mode == FAKE_WRONG_COUNT); i++) olen += (size_t)sprintf(out + olen, "$-1\r\n");
         flash_test_write_all(fd, out, olen);

@@ -33,6 +33,13 @@
      created key holds `initial`). Quiet ops (op->quiet, not GET) add `q`:
      the server only answers failures. TTLs over 30 days are sent as absolute
      Unix times, so ttl_s always means seconds from now.
+     LEASES (FLASH_CACHE_CAP_LEASES): GET items with lease_s > 0 go after the
+     server's `gets` as pipelined `mg <key> v c f N<lease_s> O<n>`, closed by
+     `mn`; the W/Z/X returned flags become item.lease and item.stale, and a
+     0-byte value (the stub `N` creates) is FLASH_ENOTFOUND. MARK_STALE is
+     `md <key> I T<ttl>`. A store (the winner's `ms ... C<cas>`) replaces a
+     stub or a stale value with a fresh one; a write in between changed the
+     cas, so a late fill gets FLASH_ENOTSTORED.
 
    SERVERS AND KEYS
      Keys go to servers by ketama consistent hashing, placing every key on the
@@ -164,6 +171,8 @@ typedef struct flash_memcached_reply {
                                consumed; value_len bytes and "\r\n" follow, to discard */
     const char *message;    /* error lines: the text after the code */
     size_t message_len;
+    bool win, stale, lost;  /* meta returned flags W (you won the recache), X
+                               (stale), Z (someone else won it) */
 } flash_memcached_reply;
 /* Parse one reply at the start of buf. Returns the bytes it takes (> 0),
    0 when buf holds only part of it, or FLASH_EPROTO for garbage: an unknown
@@ -366,8 +375,16 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
             r->has_cas = true;
             r->cas = v;
             break;
+        case 'W':
+        case 'X':
+        case 'Z':
+            if (p != s + 1) return FLASH_EPROTO; /* no token follows them */
+            if (*s == 'W') r->win = true;
+            else if (*s == 'X') r->stale = true;
+            else r->lost = true;
+            break;
         default:
-            /* other returned flags (k, t, s, W, X, Z, ...): printable tokens */
+            /* other returned flags (k, t, s, ...): printable tokens */
             if ((unsigned char)*s <= ' ' || (unsigned char)*s >= 127) return FLASH_EPROTO;
             break;
         }
@@ -397,6 +414,9 @@ typedef struct flash__mc_req {
     uint32_t *idx;              /* item indices, in command order */
     uint32_t count, pos;        /* commands; the next one not yet answered */
     uint32_t base;              /* opaque of the first command */
+    uint32_t nplain;            /* GET: the first nplain keys go in one `gets`,
+                                   the others (lease reads) as `mg ... N` */
+    bool gets_done;             /* GET: the `gets` part is answered (its END) */
 } flash__mc_req;
 
 typedef struct flash__mc_block {
@@ -615,27 +635,68 @@ static int flash__mc_take_value(flash__mc *mc, flash__mc_opstate *os, flash_cach
     return FLASH_OK;
 }
 
+/* The reply to one lease read, `mg <key> v c f N<ttl> O<n>`: VA with W (won:
+   a stub we created, or a stale value to refresh), Z (someone else holds the
+   lease), X (stale); EN only if the server could not create the stub. */
+static int flash__mc_apply_lease(flash__mc_server *s, flash__mc_req *req, const flash_memcached_reply *r) {
+    flash__mc_opstate *os = req->os;
+    flash_cache_item *it;
+    uint32_t j;
+    if (r->kind == FLASH_MEMCACHED_MN) {
+        if (req->pos != req->count) return FLASH_EPROTO;
+        flash__mc_req_done(s, req);
+        return FLASH_OK;
+    }
+    if (r->kind == FLASH_MEMCACHED_CLIENT_ERROR || r->kind == FLASH_MEMCACHED_SERVER_ERROR) {
+        if (req->pos >= req->count) return FLASH_EPROTO;
+        flash__mc_set_status(req, req->pos++, flash__mc_error_code(r));
+        return FLASH_OK;
+    }
+    if ((r->kind != FLASH_MEMCACHED_VA && r->kind != FLASH_MEMCACHED_EN) || !r->has_opaque) return FLASH_EPROTO;
+    j = r->opaque - req->base;
+    if (j != req->pos || j >= req->count) return FLASH_EPROTO;
+    req->pos++;
+    it = os->op ? &os->op->items[req->idx[j]] : NULL;
+    if (r->kind == FLASH_MEMCACHED_EN) {
+        if (it) it->status = FLASH_ENOTFOUND;
+        return FLASH_OK;
+    }
+    if (!r->has_cas) return FLASH_EPROTO;
+    if (!it) return FLASH_OK;
+    it->status = flash__mc_take_value(s->mc, os, it, r);
+    it->lease = (uint8_t)(r->win ? FLASH_LEASE_WON : r->lost ? FLASH_LEASE_LOST : FLASH_LEASE_NONE);
+    it->stale = r->stale;
+    if (!it->status && !it->value_len) { /* a stub: no value yet */
+        it->status = FLASH_ENOTFOUND;
+        it->value = NULL;
+    }
+    return FLASH_OK;
+}
+
 /* A GET request is one `gets k1 k2 ...`: a VALUE for each key found, in the
    request's order, then END; the keys without one are misses. (A cancelled
-   op's keys are gone: its VALUEs are only read past.) */
+   op's keys are gone: its VALUEs are only read past.) Lease reads follow it
+   as pipelined `mg`s closed by `mn`. */
 static int flash__mc_apply_get(flash__mc_server *s, flash__mc_req *req, const flash_memcached_reply *r) {
     flash__mc_opstate *os = req->os;
     flash_cache_item *it;
     uint32_t k;
+    if (req->gets_done) return flash__mc_apply_lease(s, req, r);
     if (r->kind == FLASH_MEMCACHED_END) {
-        while (req->pos < req->count) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
-        flash__mc_req_done(s, req);
+        while (req->pos < req->nplain) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
+        req->gets_done = true;
+        if (req->nplain == req->count) flash__mc_req_done(s, req);
         return FLASH_OK;
     }
     if (r->kind != FLASH_MEMCACHED_VALUE || !r->has_cas) return FLASH_EPROTO;
     if (!os->op) return FLASH_OK;
-    for (k = req->pos; k < req->count; k++) {
+    for (k = req->pos; k < req->nplain; k++) {
         const flash_cache_item *want = &os->op->items[req->idx[k]];
         if (want->key_len == r->key_len && memcmp(want->key, r->key, r->key_len) == 0) break;
     }
     /* A key nobody asked for, or out of order: garbage, and the keys not yet
        answered fail with it (they are not known to be misses). */
-    if (k == req->count) return FLASH_EPROTO;
+    if (k == req->nplain) return FLASH_EPROTO;
     while (req->pos < k) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
     it = &os->op->items[req->idx[req->pos++]];
     it->status = flash__mc_take_value(s->mc, os, it, r);
@@ -754,15 +815,28 @@ static bool flash__mc_encode(flash__pipe *p, flash__mc_req *req, const flash_cac
     bool quiet = req->os->quiet;
     if (op->code == FLASH_CACHE_GET) { /* one multi-key `gets`: cheaper for memcached than an mg per key */
         size_t need = 8;
-        for (k = 0; k < req->count; k++) need += op->items[req->idx[k]].key_len + 1;
+        for (k = 0; k < req->count; k++) need += op->items[req->idx[k]].key_len + 64;
         if (!flash__pipe_reserve(p, need)) return false;
-        flash__pipe_put(p, "gets", 4);
-        for (k = 0; k < req->count; k++) {
-            const flash_cache_item *it = &op->items[req->idx[k]];
-            flash__pipe_put(p, " ", 1);
-            flash__pipe_put(p, it->key, it->key_len);
+        if (req->nplain) {
+            flash__pipe_put(p, "gets", 4);
+            for (k = 0; k < req->nplain; k++) {
+                const flash_cache_item *it = &op->items[req->idx[k]];
+                flash__pipe_put(p, " ", 1);
+                flash__pipe_put(p, it->key, it->key_len);
+            }
+            flash__pipe_put(p, "\r\n", 2);
         }
-        flash__pipe_put(p, "\r\n", 2);
+        if (req->nplain == req->count) return true;
+        for (k = req->nplain; k < req->count; k++) { /* lease reads: mg <key> v c f N<ttl> O<n> */
+            const flash_cache_item *it = &op->items[req->idx[k]];
+            flash__pipe_put(p, "mg ", 3);
+            flash__pipe_put(p, it->key, it->key_len);
+            flash__pipe_put(p, " v c f", 6);
+            flash__mc_put_num(p, 'N', flash__mc_ttl(it->lease_s));
+            flash__mc_put_num(p, 'O', (uint32_t)(req->base + k));
+            flash__pipe_put(p, "\r\n", 2);
+        }
+        flash__pipe_put(p, "mn\r\n", 4);
         return true;
     }
     for (k = 0; k < req->count; k++) {
@@ -791,6 +865,13 @@ static bool flash__mc_encode(flash__pipe *p, flash__mc_req *req, const flash_cac
         case FLASH_CACHE_DELETE:
             flash__pipe_put(p, "md ", 3);
             flash__pipe_put(p, it->key, it->key_len);
+            flash__mc_put_num(p, 'O', opaque);
+            break;
+        case FLASH_CACHE_MARK_STALE: /* md <key> I T<ttl>: keep it, stale, new cas */
+            flash__pipe_put(p, "md ", 3);
+            flash__pipe_put(p, it->key, it->key_len);
+            flash__pipe_put(p, " I", 2);
+            if (it->ttl_s) flash__mc_put_num(p, 'T', flash__mc_ttl(it->ttl_s));
             flash__mc_put_num(p, 'O', opaque);
             break;
         case FLASH_CACHE_INCR:
@@ -830,7 +911,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     op->status = FLASH_OK;
     op->round_trips = 0;
     op->priv[0] = op->priv[1] = NULL;
-    valid_code = op->code >= FLASH_CACHE_GET && op->code <= FLASH_CACHE_INCR;
+    valid_code = op->code >= FLASH_CACHE_GET && op->code <= FLASH_CACHE_MARK_STALE;
     store = op->code == FLASH_CACHE_SET || op->code == FLASH_CACHE_ADD || op->code == FLASH_CACHE_CAS;
     bytes = sizeof *os + mc->nservers * sizeof(flash__mc_req) + (2 * n + mc->nservers) * sizeof(uint32_t);
     os = NULL;
@@ -868,6 +949,8 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
             it->value_len = 0;
             it->flags = 0;
             it->cas = 0;
+            it->lease = FLASH_LEASE_NONE;
+            it->stale = false;
         }
         if (!st && store && it->value_len > mc->max_value) st = FLASH_ETOOLARGE;
         if (!st && store && it->value_len && !it->value) st = FLASH_EINVAL;
@@ -894,9 +977,17 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
             start += counts[i];
             counts[i] = nreqs++; /* now: the request of server i */
         }
+        /* GET: plain reads first (one `gets`), then lease reads (an mg each) */
         for (i = 0; i < n; i++) {
             flash__mc_req *req;
-            if (srv_of[i] == UINT32_MAX) continue;
+            if (srv_of[i] == UINT32_MAX || (op->code == FLASH_CACHE_GET && op->items[i].lease_s)) continue;
+            req = &os->reqs[counts[srv_of[i]]];
+            req->idx[req->count++] = (uint32_t)i;
+        }
+        for (i = 0; i < nreqs; i++) os->reqs[i].nplain = os->reqs[i].count;
+        for (i = 0; op->code == FLASH_CACHE_GET && i < n; i++) {
+            flash__mc_req *req;
+            if (srv_of[i] == UINT32_MAX || !op->items[i].lease_s) continue;
             req = &os->reqs[counts[srv_of[i]]];
             req->idx[req->count++] = (uint32_t)i;
         }
@@ -909,6 +1000,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         req->base = s->next_opaque;
         s->next_opaque += req->count;
         req->pos = 0;
+        req->gets_done = op->code == FLASH_CACHE_GET && req->nplain == 0;
         flash__pipe_check_idle(&s->pipe);
         unsent = s->pipe.wlen - s->pipe.woff;
         if (!flash__mc_encode(&s->pipe, req, op)) { /* out of memory: this server's keys fail */
@@ -985,7 +1077,7 @@ static void flash__mc_destroy(void *self) {
 }
 
 static const flash_cache_vtable flash__mc_vt = {
-    "memcached", flash__mc_submit, flash__mc_cancel, flash__mc_max_value, flash__mc_destroy,
+    "memcached", flash__mc_submit, flash__mc_cancel, flash__mc_max_value, flash__mc_destroy, FLASH_CACHE_CAP_LEASES,
 };
 
 FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, int *error) {

@@ -2,7 +2,12 @@
 
    The embedded default: a memcached-semantics store inside the process (get
    with CAS tokens, set/add/cas/delete, incr with create, TTLs, a byte budget
-   with least-recently-used eviction, 250-byte keys, a value size limit).
+   with least-recently-used eviction, 250-byte keys, a value size limit), and
+   memcached's meta-protocol leases (FLASH_CACHE_CAP_LEASES): a lease GET of
+   an absent key creates an empty stub and wins it (mg N), MARK_STALE keeps a
+   value but marks it stale with a new cas (md I T), the first lease reader of
+   a stale value wins its refresh and the others lose, and a store replaces
+   stub or stale value with a fresh one (a CAS fill by the winner).
    Operations complete on the next tick of the submitter's loop, in the order
    they were submitted, so code sees the same ordering as over a network.
    Safe to share between threads (one mutex); each context brings its loop.
@@ -35,6 +40,7 @@ typedef struct flash_memory_desc {
 typedef struct flash_memory_stats {
     size_t items, bytes;
     uint64_t ops, gets, hits, evictions;
+    uint64_t leases;   /* lease reads that won (a stub created, or a stale value's refresh) */
 } flash_memory_stats;
 
 /* {NULL, NULL} when out of memory. */
@@ -62,6 +68,8 @@ typedef struct flash__mitem {
     uint64_t hash, cas;
     int64_t expires_ms;                /* 0: never */
     uint32_t flags;
+    bool stale;                        /* MARK_STALE: refresh it (lease reads) */
+    bool token_sent;                   /* a lease on it was won (stub or stale) */
     size_t klen, vlen;
     char *value;                       /* after the key, in the same block */
     char key[1];
@@ -173,6 +181,7 @@ static int flash__mem_store(flash__mstore *s, flash__mitem **slot, const char *k
     it->hash = h;
     it->cas = ++s->next_cas;
     it->expires_ms = expires_ms;
+    it->stale = it->token_sent = false;
     it->hnext = *slot;
     *slot = it;
     flash__mem_lru_front(s, it);
@@ -223,8 +232,18 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
     switch (op->code) {
     case FLASH_CACHE_GET:
         s->stats.gets++;
+        it->lease = FLASH_LEASE_NONE;
+        it->stale = false;
         if (!*slot) {
             it->status = FLASH_ENOTFOUND;
+            /* a lease read of an absent key: an empty stub, won (memcached's mg N) */
+            if (it->lease_s && flash__mem_store(s, slot, it->key, it->key_len, NULL, 0, 0,
+                                                flash__mem_expiry(it->lease_s, now)) == FLASH_OK) {
+                (*slot)->token_sent = true;
+                it->lease = FLASH_LEASE_WON;
+                it->cas = (*slot)->cas;
+                s->stats.leases++;
+            }
             return;
         }
         s->stats.hits++;
@@ -236,6 +255,19 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
         it->flags = (*slot)->flags;
         it->cas = (*slot)->cas;
         *cursor += (*slot)->vlen;
+        if (it->lease_s) {
+            /* memcached's mg: a stale value, or a stub, is won by the first
+               reader after it was marked (created), lost by the others */
+            it->stale = (*slot)->stale;
+            if ((*slot)->token_sent) {
+                it->lease = FLASH_LEASE_LOST;
+            } else if ((*slot)->stale) {
+                (*slot)->token_sent = true;
+                it->lease = FLASH_LEASE_WON;
+                s->stats.leases++;
+            }
+            if (!(*slot)->vlen) it->status = FLASH_ENOTFOUND; /* a stub: nothing to read */
+        }
         return;
     case FLASH_CACHE_SET:
     case FLASH_CACHE_ADD:
@@ -264,6 +296,16 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
     case FLASH_CACHE_DELETE:
         if (!*slot) it->status = FLASH_ENOTFOUND;
         else flash__mem_remove(s, slot);
+        return;
+    case FLASH_CACHE_MARK_STALE: /* memcached's md I T: keep, mark, new cas */
+        if (!*slot) {
+            it->status = FLASH_ENOTFOUND;
+            return;
+        }
+        (*slot)->stale = true;
+        (*slot)->token_sent = false; /* the next lease reader refreshes it */
+        (*slot)->cas = ++s->next_cas;
+        if (it->ttl_s) (*slot)->expires_ms = flash__mem_expiry(it->ttl_s, now);
         return;
     case FLASH_CACHE_INCR: {
         char num[24];
@@ -368,7 +410,7 @@ static void flash__mem_destroy(void *self) {
 }
 
 static const flash_cache_vtable flash__mem_vt = {
-    "memory", flash__mem_submit, flash__mem_cancel, flash__mem_max_value, flash__mem_destroy,
+    "memory", flash__mem_submit, flash__mem_cancel, flash__mem_max_value, flash__mem_destroy, FLASH_CACHE_CAP_LEASES,
 };
 
 FLASH_API flash_cache flash_memory_create(const flash_memory_desc *desc) {

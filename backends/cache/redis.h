@@ -28,9 +28,21 @@
      keeps the number as ASCII decimal after the header (so GET returns it
      as decimal text), with 64-bit wrap-around, and keeps the key's flags and
      TTL; a created key holds `initial`. ttl_s is seconds from now, 0 none.
-     op->quiet is ignored: every command is answered. Every connection
+     op->quiet is ignored: every command is answered.
+     LEASES (FLASH_CACHE_CAP_LEASES, memcached's mg N / md I semantics): the
+     top two bits of the stored cas word are the key's lease state (stale,
+     won), masked off every cas a reader sees (tokens are 62-bit). GET items
+     with lease_s > 0 leave the MGET for an `EVALSHA` of a lease script each,
+     after it in the same request: absent -> store an empty stub (a header
+     with the won bit, EX lease_s) and win; won bit set -> lose; stale and
+     not won -> set the won bit (SETRANGE, the TTL stays) and win. The reply
+     is one state byte then the stored header and value. MARK_STALE is a
+     script that rewrites the cas word (a new token, stale bit) and the TTL.
+     Any store writes a fresh header: a CAS fill clears the state, and a
+     write in between changed the token, so a late fill fails. Cluster nodes
+     (redis_cluster.h) take neither. Every connection
      starts with AUTH and SELECT (when desc asks for them) and SCRIPT LOAD of
-     both scripts, in the same write as the first request (no extra round
+     the four scripts, in the same write as the first request (no extra round
      trip); a NOSCRIPT reply (someone ran SCRIPT FLUSH) fails that key with
      FLASH_EBACKEND and the connection is reopened when next idle.
 
@@ -265,14 +277,43 @@ FLASH_API size_t flash_redis_key_slot(const char *key, size_t len) {
    text travels once per connection, not once per key. Each *_sha is the
    SHA1 of its script's text: edit both together (the load checks it). */
 
+/* The two top bits of a stored cas word (byte 8's 0x80 and 0x40) are the
+   lease state: stale (MARK_STALE) and won (a lease reader holds it). Tokens
+   are 62-bit; the state bits are masked off every cas a reader sees. */
+
 /* KEYS[1]; ARGV: expected cas (8 bytes), new header+value, ttl ("0": none).
-   0 absent, 2 changed, 1 stored. */
+   0 absent, 2 changed, 1 stored (a fresh value: no state bits). */
 static const char flash__redis_cas_lua[] =
     "local v=redis.call('GET',KEYS[1]) if not v then return 0 end "
-    "if v:sub(1,8)~=ARGV[1] then return 2 end "
+    "if #v<8 or v:sub(1,7)~=ARGV[1]:sub(1,7) or v:byte(8)%64~=ARGV[1]:byte(8) then return 2 end "
     "if ARGV[3]=='0' then redis.call('SET',KEYS[1],ARGV[2]) "
     "else redis.call('SET',KEYS[1],ARGV[2],'EX',ARGV[3]) end return 1";
-static const char flash__redis_cas_sha[] = "076958ea4df2b47e0a58b4da0ac07d13e9f07684";
+static const char flash__redis_cas_sha[] = "81960881acb9f20da2ffbcdb461192d9ffb9380a";
+
+/* A lease read (memcached's mg N). KEYS[1]; ARGV: stub ttl, a stub (a
+   12-byte header, won bit set). Returns one byte, W (won) Z (lost) or 0
+   (no lease), then the stored header and value: absent -> the stub, won;
+   won bit set -> lost; stale and not won -> set the won bit, won. */
+static const char flash__redis_lease_lua[] =
+    "local k=KEYS[1] local v=redis.call('GET',k) "
+    "if not v then redis.call('SET',k,ARGV[2],'EX',ARGV[1]) return 'W'..ARGV[2] end "
+    "if #v<12 then return '0'..v end local b=v:byte(8) "
+    "if b%128>=64 then return 'Z'..v end "
+    "if b>=128 then redis.call('SETRANGE',k,7,string.char(b+64)) "
+    "return 'W'..v:sub(1,7)..string.char(b+64)..v:sub(9) end return '0'..v";
+static const char flash__redis_lease_sha[] = "cb1bd5bbd973c8cc900b3279cd45e017f214550c";
+
+/* MARK_STALE (memcached's md I T). KEYS[1]; ARGV: new cas (8 bytes, stale
+   bit set, won bit clear), ttl ("0": keep). 0 absent, 2 not flash's, 1 done. */
+static const char flash__redis_stale_lua[] =
+    "local k=KEYS[1] local v=redis.call('GET',k) if not v then return 0 end "
+    "if #v<12 then return 2 end redis.call('SETRANGE',k,0,ARGV[1]) "
+    "if ARGV[2]~='0' then redis.call('EXPIRE',k,ARGV[2]) end return 1";
+static const char flash__redis_stale_sha[] = "606da338cc5b0c9efc5667efefe9bb9b09c403fb";
+
+#define FLASH__REDIS_CAS_MASK ((UINT64_C(1) << 62) - 1)
+#define FLASH__REDIS_STALE_BIT (UINT64_C(1) << 63)
+#define FLASH__REDIS_WON_BIT (UINT64_C(1) << 62)
 
 /* KEYS[1]; ARGV: delta, new cas (8 bytes), create ("1"/"0"), initial, ttl.
    -1 absent, -2 not a number, else the new number as a string (Lua numbers
@@ -297,6 +338,10 @@ static const char flash__redis_incr_lua[] =
     "if t>0 then redis.call('SET',k,x,'PX',t) else redis.call('SET',k,x) end return n";
 static const char flash__redis_incr_sha[] = "a65ad6a7c27ab94615bf32aef62973994f68b99d";
 
+/* In the order the hello loads them. */
+static const char *const flash__redis_shas[4] = {flash__redis_cas_sha, flash__redis_incr_sha, flash__redis_lease_sha,
+                                                 flash__redis_stale_sha};
+
 /* ---- state ----------------------------------------------------------------- */
 
 typedef struct flash__redis flash__redis;
@@ -314,6 +359,7 @@ typedef struct flash__redis_req {
     flash_cache_opcode code;
     uint32_t *idx;                        /* item indices, in command order */
     uint32_t count, pos;                  /* keys sent; the next one not answered */
+    uint32_t nplain;                      /* GET: keys in the MGET; the rest are lease reads */
     bool in_array;                        /* GET: MGET's array header is in */
     flash__redis_val *vals;
     /* Cluster nodes only (redis_cluster.h): */
@@ -457,10 +503,11 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
     flash_cache_item *it;
     int st = FLASH_EPROTO;
     if (rd->hello_left) { /* AUTH / SELECT: +OK; SCRIPT LOAD: the digest we use */
-        uint32_t left = rd->hello_left--; /* the SCRIPT LOADs come last: cas at 2, incr at 1 */
-        const char *sha = left == 2 ? flash__redis_cas_sha : flash__redis_incr_sha;
+        /* the SCRIPT LOADs come last: cas, incr, then (not on cluster nodes) lease, stale */
+        uint32_t left = rd->hello_left--, nscripts = rd->cluster ? 2 : 4;
+        const char *sha = left > nscripts ? NULL : flash__redis_shas[nscripts - left];
         if (r->kind == FLASH_REDIS_ERROR) return FLASH_EBACKEND; /* a wrong password, ... */
-        if (left > 2 || rd->no_scripts) return r->kind == FLASH_REDIS_SIMPLE ? FLASH_OK : FLASH_EPROTO;
+        if (!sha || rd->no_scripts) return r->kind == FLASH_REDIS_SIMPLE ? FLASH_OK : FLASH_EPROTO;
         return r->kind == FLASH_REDIS_BULK && r->len == 40 && memcmp(r->str, sha, 40) == 0 ? FLASH_OK : FLASH_EPROTO;
     }
     if (!req) return FLASH_EPROTO; /* nothing was asked */
@@ -470,8 +517,49 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
         req->ask_pending = false;
         return FLASH_OK;
     }
-    if (req->code == FLASH_CACHE_GET && !req->in_array) {
-        uint32_t size = req->groups ? req->groups[req->gpos] : req->count;
+    if (req->code == FLASH_CACHE_GET && req->pos >= req->nplain) { /* a lease read's reply */
+        if (req->pos >= req->count) return FLASH_EPROTO;
+        it = req->op ? &req->op->items[req->idx[req->pos]] : NULL;
+        if (r->kind == FLASH_REDIS_ERROR) {
+            st = FLASH_EBACKEND;
+            if (r->len >= 8 && memcmp(r->str, "NOSCRIPT", 8) == 0) rd->scripts_lost = true;
+        } else if (r->kind != FLASH_REDIS_BULK) {
+            return FLASH_EPROTO;
+        } else if (r->skip) {
+            st = FLASH_ETOOLARGE;
+        } else if (r->len < FLASH__REDIS_HDR + 1) {
+            st = FLASH_EPROTO; /* not written by flash */
+        } else if (r->len - FLASH__REDIS_HDR - 1 > rd->max_value) {
+            st = FLASH_ETOOLARGE;
+        } else if (!it) {
+            st = FLASH_OK;
+        } else {
+            size_t n = r->len - FLASH__REDIS_HDR - 1;
+            uint64_t word = flash__redis_le(r->str + 1, 8);
+            st = FLASH_ENOTFOUND; /* a stub: no value yet */
+            it->cas = word & FLASH__REDIS_CAS_MASK;
+            it->flags = (uint32_t)flash__redis_le(r->str + 9, 4);
+            it->stale = (word & FLASH__REDIS_STALE_BIT) != 0;
+            it->lease = (uint8_t)(r->str[0] == 'W' ? FLASH_LEASE_WON : r->str[0] == 'Z' ? FLASH_LEASE_LOST
+                                                                                       : FLASH_LEASE_NONE);
+            if (n) {
+                flash__redis_val *v = (flash__redis_val *)flash__redis_alloc(rd, sizeof *v + n + 1);
+                st = v ? FLASH_OK : FLASH_ENOMEM;
+                if (v) {
+                    char *p = (char *)(v + 1);
+                    v->next = req->vals;
+                    req->vals = v;
+                    memcpy(p, r->str + 1 + FLASH__REDIS_HDR, n);
+                    p[n] = 0;
+                    it->value = p;
+                    it->value_len = n;
+                }
+            }
+        }
+        if (it) it->status = st;
+        req->pos++;
+    } else if (req->code == FLASH_CACHE_GET && !req->in_array) {
+        uint32_t size = req->groups ? req->groups[req->gpos] : req->nplain;
         if (r->kind == FLASH_REDIS_ERROR) { /* MGET refused: each of its keys */
             const char *text = NULL;
             if (rd->cluster && req->op) text = flash__redis_errtext(rd, req, r);
@@ -514,6 +602,7 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
                 else if (r->kind != FLASH_REDIS_BULK) return FLASH_EPROTO;
                 else if (r->skip) st = FLASH_ETOOLARGE;
                 else if (r->len < FLASH__REDIS_HDR) st = FLASH_EPROTO; /* not written by flash */
+                else if (r->len - FLASH__REDIS_HDR > rd->max_value) st = FLASH_ETOOLARGE;
                 else if (!it) st = FLASH_OK;
                 else {
                     size_t n = r->len - FLASH__REDIS_HDR;
@@ -527,7 +616,7 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
                         p[n] = 0;
                         it->value = p;
                         it->value_len = n;
-                        it->cas = flash__redis_le(r->str, 8);
+                        it->cas = flash__redis_le(r->str, 8) & FLASH__REDIS_CAS_MASK;
                         it->flags = (uint32_t)flash__redis_le(r->str + 8, 4);
                     }
                 }
@@ -545,6 +634,10 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
                 break;
             case FLASH_CACHE_DELETE:
                 if (r->kind == FLASH_REDIS_INTEGER) st = r->integer > 0 ? FLASH_OK : FLASH_ENOTFOUND;
+                break;
+            case FLASH_CACHE_MARK_STALE:
+                if (r->kind == FLASH_REDIS_INTEGER && r->integer >= 0 && r->integer <= 2)
+                    st = r->integer == 1 ? FLASH_OK : r->integer == 0 ? FLASH_ENOTFOUND : FLASH_EINVAL;
                 break;
             case FLASH_CACHE_INCR:
                 if (r->kind == FLASH_REDIS_INTEGER && (r->integer == -1 || r->integer == -2)) {
@@ -595,7 +688,8 @@ static bool flash__redis_process(flash__pipe *p) {
         int rc;
         if (!flash__pipe_skip(p, &off)) return false;
         if (p->skip || off == p->rlen) break;
-        n = flash_redis_parse(p->rbuf + off, p->rlen - off, rd->max_value + FLASH__REDIS_HDR, &r);
+        /* + 1: a lease read's reply starts with its state byte */
+        n = flash_redis_parse(p->rbuf + off, p->rlen - off, rd->max_value + FLASH__REDIS_HDR + 1, &r);
         if (n == 0) break;
         rc = n < 0 ? FLASH_EPROTO : flash__redis_apply(rd, &r);
         if (rc) {
@@ -670,9 +764,9 @@ static void flash__redis_put_dec(flash__redis *rd, uint64_t v) {
 
 /* [cas u64 LE][flags u32 LE] with a fresh cas token. */
 static void flash__redis_header(flash__redis *rd, uint32_t flags, char out[FLASH__REDIS_HDR]) {
-    uint64_t cas = rd->next_cas++;
+    uint64_t cas = rd->next_cas++ & FLASH__REDIS_CAS_MASK; /* the top bits: lease state */
     int i;
-    if (!cas) cas = rd->next_cas++; /* 0 means "no token" */
+    if (!cas) cas = rd->next_cas++ & FLASH__REDIS_CAS_MASK; /* 0 means "no token" */
     for (i = 0; i < 8; i++) out[i] = (char)(cas >> (8 * i));
     for (i = 0; i < 4; i++) out[8 + i] = (char)(flags >> (8 * i));
 }
@@ -687,7 +781,7 @@ static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const f
         return true;
     }
     if (op->code == FLASH_CACHE_GET) {
-        uint32_t ngroups = req->groups ? 0 : 1, size;
+        uint32_t ngroups = req->groups ? 0 : req->nplain ? 1 : 0, size;
         size_t need = 32;
         for (k = 0; k < req->count; k++) need += op->items[req->idx[k]].key_len + 32;
         if (req->groups)
@@ -697,14 +791,28 @@ static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const f
         if (!flash__pipe_reserve(&rd->pipe, need)) return false;
         for (g = 0, k = 0; g < ngroups; g++) { /* one MGET per slot on a cluster node */
             uint32_t end;
-            size = req->groups ? req->groups[g] : req->count;
+            size = req->groups ? req->groups[g] : req->nplain;
             if (req->asking) flash__pipe_put(&rd->pipe, asking, sizeof asking - 1);
             flash__redis_put_len(rd, '*', (uint64_t)size + 1);
             flash__redis_put_str(rd, "MGET");
             for (end = k + size; k < end; k++)
                 flash__redis_put_bulk(rd, NULL, op->items[req->idx[k]].key, op->items[req->idx[k]].key_len);
         }
-        rd->stats.commands += ngroups;
+        rd->stats.commands += ngroups + (req->count - req->nplain);
+        for (k = req->nplain; k < req->count; k++) { /* lease reads: EVALSHA lease 1 key ttl stub */
+            const flash_cache_item *it = &op->items[req->idx[k]];
+            char stub[FLASH__REDIS_HDR];
+            if (!flash__pipe_reserve(&rd->pipe, it->key_len + 192)) return false;
+            flash__redis_header(rd, 0, stub);
+            stub[7] = (char)(stub[7] | 0x40); /* won: the reader that creates it */
+            flash__redis_put_len(rd, '*', 6);
+            flash__redis_put_str(rd, "EVALSHA");
+            flash__redis_put_str(rd, flash__redis_lease_sha);
+            flash__redis_put_str(rd, "1");
+            flash__redis_put_bulk(rd, NULL, it->key, it->key_len);
+            flash__redis_put_dec(rd, it->lease_s);
+            flash__redis_put_bulk(rd, NULL, stub, FLASH__REDIS_HDR);
+        }
         return true;
     }
     for (k = 0; k < req->count; k++) {
@@ -746,6 +854,17 @@ static bool flash__redis_encode(flash__redis *rd, flash__redis_req *req, const f
             flash__redis_put_str(rd, "DEL");
             flash__redis_put_bulk(rd, NULL, it->key, it->key_len);
             break;
+        case FLASH_CACHE_MARK_STALE:
+            flash__redis_put_len(rd, '*', 6);
+            flash__redis_put_str(rd, "EVALSHA");
+            flash__redis_put_str(rd, flash__redis_stale_sha);
+            flash__redis_put_str(rd, "1");
+            flash__redis_put_bulk(rd, NULL, it->key, it->key_len);
+            flash__redis_header(rd, 0, hdr);
+            hdr[7] = (char)(hdr[7] | 0x80); /* stale, not won */
+            flash__redis_put_bulk(rd, NULL, hdr, 8);
+            flash__redis_put_dec(rd, it->ttl_s);
+            break;
         default: /* INCR */
             flash__redis_put_len(rd, '*', 9);
             flash__redis_put_str(rd, "EVALSHA");
@@ -781,10 +900,11 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
     op->status = FLASH_OK;
     op->round_trips = 0;
     op->priv[0] = op->priv[1] = NULL;
-    valid_code = op->code >= FLASH_CACHE_GET && op->code <= FLASH_CACHE_INCR;
+    /* a cluster node: no MARK_STALE nor lease reads (its slot routing does not carry them) */
+    valid_code = op->code >= FLASH_CACHE_GET && op->code <= (rd->cluster ? FLASH_CACHE_INCR : FLASH_CACHE_MARK_STALE);
     store = op->code == FLASH_CACHE_SET || op->code == FLASH_CACHE_ADD || op->code == FLASH_CACHE_CAS;
     if (!rd->finished.stopped && (!n || op->items) && n < UINT32_MAX && n < (SIZE_MAX - sizeof *req) / sizeof(uint32_t))
-        req = (flash__redis_req *)flash__redis_alloc(rd, sizeof *req + n * sizeof(uint32_t) * (rd->cluster ? 2 : 1));
+        req = (flash__redis_req *)flash__redis_alloc(rd, sizeof *req + n * sizeof(uint32_t) * 2);
     if (!req) {
         int code = rd->finished.stopped ? FLASH_ECANCELED : (n && !op->items) ? FLASH_EINVAL : FLASH_ENOMEM;
         op->status = code;
@@ -816,6 +936,8 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
             it->value_len = 0;
             it->flags = 0;
             it->cas = 0;
+            it->lease = FLASH_LEASE_NONE;
+            it->stale = false;
         }
         if (!st && store && it->value_len > rd->max_value) st = FLASH_ETOOLARGE;
         if (!st && store && it->value_len && !it->value) st = FLASH_EINVAL;
@@ -825,6 +947,17 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
         }
         it->status = st;
         if (!st) req->idx[req->count++] = (uint32_t)i;
+    }
+    req->nplain = req->count;
+    if (op->code == FLASH_CACHE_GET && !raw && !rd->cluster) { /* plain reads (the MGET) first, then lease reads */
+        uint32_t *lease = req->idx + n, nl = 0, k, np = 0;
+        for (k = 0; k < req->count; k++) {
+            uint32_t j = req->idx[k];
+            if (op->items[j].lease_s) lease[nl++] = j;
+            else req->idx[np++] = j;
+        }
+        memcpy(req->idx + np, lease, nl * sizeof *lease);
+        req->nplain = np;
     }
     if (!req->count) { /* nothing to send */
         flash__redis_complete(rd, req);
@@ -902,12 +1035,14 @@ static void flash__redis_destroy(void *self) {
 
 static const flash_cache_vtable flash__redis_vt = {
     "redis", flash__redis_submit, flash__redis_cancel, flash__redis_max_value, flash__redis_destroy,
+    FLASH_CACHE_CAP_LEASES,
 };
 
 /* AUTH [user] password, SELECT db, SCRIPT LOAD x2: built once, sent first
    on every connection (in the same write as the first request). */
 static int flash__redis_build_hello(flash__redis *rd, const flash_redis_desc *d) {
-    size_t need = 256 + sizeof flash__redis_cas_lua + sizeof flash__redis_incr_lua +
+    size_t need = 512 + sizeof flash__redis_cas_lua + sizeof flash__redis_incr_lua + sizeof flash__redis_lease_lua +
+                  sizeof flash__redis_stale_lua +
                   (d->username ? strlen(d->username) : 0) + (d->password ? strlen(d->password) : 0);
     char *saved = rd->pipe.wbuf;
     size_t wl = rd->pipe.wlen, wc = rd->pipe.wcap;
@@ -932,15 +1067,18 @@ static int flash__redis_build_hello(flash__redis *rd, const flash_redis_desc *d)
         rd->hello_replies++;
     }
     if (rd->no_scripts) goto done;
-    flash__redis_put_len(rd, '*', 3); /* the last two replies: cas, then incr */
-    flash__redis_put_str(rd, "SCRIPT");
-    flash__redis_put_str(rd, "LOAD");
-    flash__redis_put_str(rd, flash__redis_cas_lua);
-    flash__redis_put_len(rd, '*', 3);
-    flash__redis_put_str(rd, "SCRIPT");
-    flash__redis_put_str(rd, "LOAD");
-    flash__redis_put_str(rd, flash__redis_incr_lua);
-    rd->hello_replies += 2;
+    { /* the last replies: cas, incr, lease, stale (cluster nodes: the first two) */
+        const char *const lua[4] = {flash__redis_cas_lua, flash__redis_incr_lua, flash__redis_lease_lua,
+                                    flash__redis_stale_lua};
+        int i, nscripts = rd->cluster ? 2 : 4;
+        for (i = 0; i < nscripts; i++) {
+            flash__redis_put_len(rd, '*', 3);
+            flash__redis_put_str(rd, "SCRIPT");
+            flash__redis_put_str(rd, "LOAD");
+            flash__redis_put_str(rd, lua[i]);
+        }
+        rd->hello_replies += (uint32_t)nscripts;
+    }
 done:
     rd->hello = rd->pipe.wbuf;
     rd->hello_len = rd->pipe.wlen;
