@@ -369,3 +369,140 @@ LS_TEST(unknown_opcode_refused) {
     cr_assert_eq(it.status, FLASH_EINVAL);
     lenv_stop(&e);
 }
+
+/* ---- the gutter pool (memcached) ------------------------------------------------ */
+
+/* Three servers and a gutter server; one server is killed. The op that finds
+   it dead fails its keys; then its keys' reads and fills go to the gutter
+   (TTLs capped), invalidations and INCR fail fast and never reach it, the
+   other servers' keys are untouched, and reads of the gutter's values hit. */
+LS_TEST(gutter_takes_a_dead_servers_reads_and_fills) {
+    static flash_test_server s[4]; /* s[3]: the gutter */
+    for (int i = 0; i < 4; i++) cr_assert(flash_test_memcached_start(&s[i], NULL));
+    flash_poll *p = flash_poll_create();
+    flash_memcached_server servers[3], gutter[1];
+    for (int i = 0; i < 3; i++) servers[i] = (flash_memcached_server){"127.0.0.1", s[i].port, 1};
+    gutter[0] = (flash_memcached_server){"127.0.0.1", s[3].port, 1};
+    flash_memcached_desc d;
+    memset(&d, 0, sizeof d);
+    d.loop = flash_poll_loop(p);
+    d.servers = servers;
+    d.server_count = 3;
+    d.gutter = gutter;
+    d.gutter_count = 1;
+    d.gutter_ttl_s = 7;
+    d.retry_interval_ms = 60000;
+    int err = 1;
+    flash_cache c = flash_memcached_create(&d, &err);
+    cr_assert_eq(err, 0);
+    /* a key on server 0 (the one to die) and one on another server */
+    char dead_key[32] = "", live_key[32] = "";
+    for (int i = 0; i < 1000 && (!dead_key[0] || !live_key[0]); i++) {
+        char k[32];
+        snprintf(k, sizeof k, "g:%d", i);
+        int srv = flash_memcached_server_for_key(c, k, strlen(k));
+        if (srv == 0 && !dead_key[0]) strcpy(dead_key, k);
+        if (srv != 0 && !live_key[0]) strcpy(live_key, k);
+    }
+    flash_cache_item it[2];
+    flash_cache_op op;
+    int done;
+    kv(&it[0], dead_key, "before");
+    kv(&it[1], live_key, "live");
+    op_init(&op, FLASH_CACHE_SET, it, 2, &done);
+    run(p, c, &op);
+    cr_assert(it[0].status == FLASH_OK && it[1].status == FLASH_OK);
+
+    flash_test_server_stop(&s[0]);
+    key(&it[0], dead_key); /* finds it dead: fails, marks it down */
+    key(&it[1], live_key);
+    op_init(&op, FLASH_CACHE_GET, it, 2, &done);
+    run(p, c, &op);
+    cr_assert(it[0].status == FLASH_EBACKEND || it[0].status == FLASH_ETIMEDOUT, "status %d", it[0].status);
+    assert_value(&it[1], "live");
+    flash_memcached_stats st;
+    cr_assert_eq(flash_memcached_server_stats(c, 0, &st), 0);
+    cr_assert(st.down);
+
+    key(&it[0], dead_key); /* now the gutter: a miss, then an add with no expiry */
+    op_init(&op, FLASH_CACHE_GET, it, 1, &done);
+    run(p, c, &op);
+    cr_assert_eq(it[0].status, FLASH_ENOTFOUND);
+    kv(&it[0], dead_key, "filled");
+    op_init(&op, FLASH_CACHE_ADD, it, 1, &done);
+    run(p, c, &op);
+    cr_assert_eq(it[0].status, FLASH_OK);
+    key(&it[0], dead_key);
+    op_init(&op, FLASH_CACHE_GET, it, 1, &done);
+    run(p, c, &op);
+    assert_value(&it[0], "filled");
+    char cmd[96], buf[512];
+    snprintf(cmd, sizeof cmd, "mg %s t v\r\n", dead_key); /* on the gutter, with the capped TTL */
+    cr_assert_gt(flash_test_memcached_command(&s[3], cmd, buf, sizeof buf), 0);
+    int ttl = -2;
+    char *t = strstr(buf, " t");
+    cr_assert_not_null(t, "gutter reply: %s", buf);
+    ttl = atoi(t + 2);
+    cr_assert(ttl > 0 && ttl <= 7, "gutter ttl %d", ttl);
+    /* a lease read of another of its keys there too: a stub with the capped TTL */
+    char lease_key[32];
+    for (int i = 0;; i++) {
+        snprintf(lease_key, sizeof lease_key, "gl:%d", i);
+        if (flash_memcached_server_for_key(c, lease_key, strlen(lease_key)) == 0) break;
+    }
+    key(&it[0], lease_key);
+    it[0].lease_s = 100;
+    op_init(&op, FLASH_CACHE_GET, it, 1, &done);
+    run(p, c, &op);
+    cr_assert_eq(it[0].status, FLASH_ENOTFOUND);
+    cr_assert_eq(it[0].lease, FLASH_LEASE_WON);
+    snprintf(cmd, sizeof cmd, "mg %s t\r\n", lease_key);
+    cr_assert_gt(flash_test_memcached_command(&s[3], cmd, buf, sizeof buf), 0);
+    t = strstr(buf, " t");
+    cr_assert(t && atoi(t + 2) > 0 && atoi(t + 2) <= 7, "gutter stub: %s", buf);
+    snprintf(cmd, sizeof cmd, "mg %s t v\r\n", dead_key);
+    /* invalidations and INCR do not go to the gutter */
+    key(&it[0], dead_key);
+    op_init(&op, FLASH_CACHE_DELETE, it, 1, &done);
+    run(p, c, &op);
+    cr_assert_eq(it[0].status, FLASH_EBACKEND);
+    key(&it[0], dead_key);
+    it[0].ttl_s = 5;
+    op_init(&op, FLASH_CACHE_MARK_STALE, it, 1, &done);
+    run(p, c, &op);
+    cr_assert_eq(it[0].status, FLASH_EBACKEND);
+    key(&it[0], dead_key);
+    it[0].number = 1;
+    op_init(&op, FLASH_CACHE_INCR, it, 1, &done);
+    run(p, c, &op);
+    cr_assert_eq(it[0].status, FLASH_EBACKEND);
+    cr_assert_gt(flash_test_memcached_command(&s[3], cmd, buf, sizeof buf), 0);
+    cr_assert_not_null(strstr(buf, "filled"), "the delete reached the gutter: %s", buf);
+    cr_assert_eq(flash_memcached_server_stats(c, 0, &st), 0);
+    cr_assert_eq(st.gutter_keys, 4, "gutter keys %llu", (unsigned long long)st.gutter_keys);
+    cr_assert_eq(st.fast_fails, 3);
+    cr_assert_eq(flash_memcached_server_stats(c, 3, &st), 0); /* the gutter server's own counters */
+    cr_assert_geq(st.requests, 3);
+    cr_assert_eq(flash_memcached_server_stats(c, 4, &st), FLASH_EINVAL);
+    flash_cache_destroy(c);
+    flash_poll_destroy(p);
+    for (int i = 1; i < 4; i++) flash_test_server_stop(&s[i]);
+}
+
+LS_TEST(gutter_desc_is_checked) {
+    flash_poll *p = flash_poll_create();
+    flash_memcached_server servers[1] = {{"127.0.0.1", 1, 1}}, bad[1] = {{"", 2, 1}};
+    flash_memcached_desc d;
+    memset(&d, 0, sizeof d);
+    d.loop = flash_poll_loop(p);
+    d.servers = servers;
+    d.server_count = 1;
+    d.gutter_count = 1; /* no list */
+    int err = 0;
+    flash_cache c = flash_memcached_create(&d, &err);
+    cr_assert(!c.self && err == FLASH_EINVAL);
+    d.gutter = bad; /* an empty host */
+    c = flash_memcached_create(&d, &err);
+    cr_assert(!c.self && err == FLASH_EINVAL);
+    flash_poll_destroy(p);
+}

@@ -49,6 +49,14 @@
      list in the same order. flash_memcached_server_for_key() tells which.
      Host names are resolved once, at create (which may block for DNS; give
      IP literals to avoid it).
+     GUTTER POOL (desc.gutter): while a server is marked down, its keys' GETs
+     (plain and lease) and stores go to the gutter server of the key instead
+     (ketama over the gutter list), with TTLs capped at gutter_ttl_s (no
+     expiry becomes the cap); DELETE, MARK_STALE and INCR are never sent
+     there and fail fast as before. The keys of the request that found the
+     server dead fail with it (FLASH_EBACKEND or FLASH_ETIMEDOUT); so do the
+     keys of the one op that retries it every retry_interval_ms. A down
+     gutter server fails its keys fast too.
 
    STATUSES (per item; op->status is 0 unless the whole op failed)
      FLASH_OK, FLASH_ENOTFOUND (miss; CAS/DELETE/INCR on an absent key),
@@ -116,6 +124,17 @@ typedef struct flash_memcached_desc {
     uint32_t retry_interval_ms;            /* default: 2000, a down server's rest */
     size_t max_value;                      /* default: 1 MiB, largest value stored or read */
     flash_allocator allocator;             /* default: malloc / free */
+    /* Gutter pool (Facebook's memcache paper): a small second pool that takes
+       the keys of a server while it is marked down, so that its keys do not
+       all fall through to the database. Reads and fills go to the gutter
+       server of the key (ketama over the gutter list) with their TTLs capped
+       at gutter_ttl_s; invalidations (DELETE, MARK_STALE) and INCR are not
+       sent to it: they fail fast with FLASH_EBACKEND as without a gutter,
+       and the short TTL bounds how long the gutter serves a value a write
+       changed. */
+    const flash_memcached_server *gutter;  /* default: none (copied) */
+    size_t gutter_count;
+    uint32_t gutter_ttl_s;                 /* default: 10 */
 } flash_memcached_desc;
 
 /* Per-server counters (cumulative), for tests and monitoring. */
@@ -130,6 +149,7 @@ typedef struct flash_memcached_stats {
     uint64_t fast_fails;   /* keys failed without I/O while the server was down */
     bool connected;        /* a connection is open now */
     bool down;             /* marked down now */
+    uint64_t gutter_keys;  /* keys of this server sent to the gutter pool while it was down */
 } flash_memcached_stats;
 
 /* A memcached backend, or {NULL, NULL} with *error (when error is not NULL)
@@ -139,7 +159,9 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
 /* The index (in desc->servers) of the server that holds key, or FLASH_EINVAL
    when cache is not a memcached backend. */
 FLASH_API int flash_memcached_server_for_key(flash_cache cache, const char *key, size_t len);
-/* Counters of one server. FLASH_EINVAL for a bad cache or index. */
+/* Counters of one server: 0 .. server_count-1 the servers, then
+   server_count .. server_count+gutter_count-1 the gutter servers.
+   FLASH_EINVAL for a bad cache or index. */
 FLASH_API int flash_memcached_server_stats(flash_cache cache, size_t server, flash_memcached_stats *out);
 
 /* The reply parser, a pure function over a buffer (exposed for fuzzing). */
@@ -416,6 +438,7 @@ typedef struct flash__mc_req {
     uint32_t base;              /* opaque of the first command */
     uint32_t nplain;            /* GET: the first nplain keys go in one `gets`,
                                    the others (lease reads) as `mg ... N` */
+    uint32_t ttl_cap;           /* a gutter server's request: TTLs at most this; 0 none */
     bool gets_done;             /* GET: the `gets` part is answered (its END) */
 } flash__mc_req;
 
@@ -454,9 +477,13 @@ struct flash__mc {
     uint32_t connect_timeout_ms, timeout_ms, retry_interval_ms;
     size_t max_value;
     flash__mc_server *servers;
-    size_t nservers;
+    size_t nservers;                /* the servers, then the gutter servers */
+    size_t nprimary;                /* the servers: points index them */
     flash__mc_point *points;
     size_t npoints;
+    flash__mc_point *gpoints;       /* the gutter pool's continuum (server indices >= nprimary) */
+    size_t ngpoints;
+    uint32_t gutter_ttl_s;
     flash__mc_opstate *live;
     flash__pipe_finq finished;      /* done() calls, from the loop */
 };
@@ -477,30 +504,32 @@ static int flash__mc_point_cmp(const void *a, const void *b) {
 /* libmemcached's weighted ketama: per server floor(w/total * 160/4 * n) * 4
    points computed in float, from MD5("host-i") (or "host:port-i"), four
    little-endian words per digest; sorted by (value, server). */
-static int flash__mc_build_continuum(flash__mc *mc) {
+static int flash__mc_build_continuum(flash__mc *mc, size_t first, size_t count, flash__mc_point **out,
+                                     size_t *nout) {
     uint64_t total = 0;
     size_t i, n = 0;
-    uint32_t *per = (uint32_t *)flash__mc_alloc(mc, mc->nservers * sizeof *per);
+    flash__mc_point *points;
+    uint32_t *per = (uint32_t *)flash__mc_alloc(mc, count * sizeof *per);
     if (!per) return FLASH_ENOMEM;
-    for (i = 0; i < mc->nservers; i++) total += mc->servers[i].weight;
-    for (i = 0; i < mc->nservers; i++) {
+    for (i = 0; i < count; i++) total += mc->servers[first + i].weight;
+    for (i = 0; i < count; i++) {
         /* volatile: keep each float step rounded as libmemcached's is (no FMA) */
-        volatile float pct = (float)mc->servers[i].weight / (float)total;
+        volatile float pct = (float)mc->servers[first + i].weight / (float)total;
         volatile float x = pct * 160;
         x = x / 4;
-        x = x * (float)mc->nservers;
+        x = x * (float)count;
         x = x + 0.0000000001F;
         per[i] = (uint32_t)x * 4; /* x > 0: truncation is floor */
         n += per[i];
     }
-    mc->points = (flash__mc_point *)flash__mc_alloc(mc, (n ? n : 1) * sizeof *mc->points);
-    if (!mc->points) {
+    *out = points = (flash__mc_point *)flash__mc_alloc(mc, (n ? n : 1) * sizeof *points);
+    if (!points) {
         flash__mc_free(mc, per);
         return FLASH_ENOMEM;
     }
-    mc->npoints = 0;
-    for (i = 0; i < mc->nservers; i++) {
-        const flash__mc_server *s = &mc->servers[i];
+    *nout = 0;
+    for (i = 0; i < count; i++) {
+        const flash__mc_server *s = &mc->servers[first + i];
         uint32_t h, k;
         for (h = 0; h < per[i] / 4; h++) {
             char name[320];
@@ -511,31 +540,42 @@ static int flash__mc_build_continuum(flash__mc *mc) {
             if (len < 0 || (size_t)len >= sizeof name) len = (int)sizeof name - 1;
             flash__mc_md5(name, (size_t)len, d);
             for (k = 0; k < 4; k++) {
-                flash__mc_point *pt = &mc->points[mc->npoints++];
+                flash__mc_point *pt = &points[(*nout)++];
                 pt->value = (uint32_t)d[k * 4] | (uint32_t)d[k * 4 + 1] << 8 | (uint32_t)d[k * 4 + 2] << 16 |
                             (uint32_t)d[k * 4 + 3] << 24;
-                pt->index = (uint32_t)i;
+                pt->index = (uint32_t)(first + i);
             }
         }
     }
     flash__mc_free(mc, per);
-    qsort(mc->points, mc->npoints, sizeof *mc->points, flash__mc_point_cmp);
+    qsort(points, *nout, sizeof *points, flash__mc_point_cmp);
     return FLASH_OK;
 }
 
-static uint32_t flash__mc_server_of(const flash__mc *mc, const char *key, size_t len) {
+static uint32_t flash__mc_point_of(const flash__mc_point *points, size_t npoints, size_t count, uint32_t first,
+                                   const char *key, size_t len) {
     unsigned char d[16];
     uint32_t h;
-    size_t lo = 0, hi = mc->npoints;
-    if (mc->nservers == 1 || !mc->npoints) return 0;
+    size_t lo = 0, hi = npoints;
+    if (count == 1 || !npoints) return first;
     flash__mc_md5(key, len, d);
     h = (uint32_t)d[0] | (uint32_t)d[1] << 8 | (uint32_t)d[2] << 16 | (uint32_t)d[3] << 24;
     while (lo < hi) { /* first point >= h, wrapping to the first */
         size_t mid = lo + (hi - lo) / 2;
-        if (mc->points[mid].value < h) lo = mid + 1;
+        if (points[mid].value < h) lo = mid + 1;
         else hi = mid;
     }
-    return mc->points[lo == mc->npoints ? 0 : lo].index;
+    return points[lo == npoints ? 0 : lo].index;
+}
+
+static uint32_t flash__mc_server_of(const flash__mc *mc, const char *key, size_t len) {
+    return flash__mc_point_of(mc->points, mc->npoints, mc->nprimary, 0, key, len);
+}
+
+/* The gutter server that takes key while its server is down. */
+static uint32_t flash__mc_gutter_of(const flash__mc *mc, const char *key, size_t len) {
+    return flash__mc_point_of(mc->gpoints, mc->ngpoints, mc->nservers - mc->nprimary, (uint32_t)mc->nprimary, key,
+                              len);
 }
 
 /* ---- op completion ---------------------------------------------------------- */
@@ -809,6 +849,12 @@ static uint64_t flash__mc_ttl(uint32_t ttl_s) {
     return ttl_s;
 }
 
+/* ttl_s under a gutter server's cap (0, no expiry, becomes the cap). */
+static uint32_t flash__mc_capped(const flash__mc_req *req, uint32_t ttl_s) {
+    if (req->ttl_cap && (!ttl_s || ttl_s > req->ttl_cap)) return req->ttl_cap;
+    return ttl_s;
+}
+
 /* Append one request (its commands and "mn"); false when out of memory. */
 static bool flash__mc_encode(flash__pipe *p, flash__mc_req *req, const flash_cache_op *op) {
     uint32_t k;
@@ -832,7 +878,7 @@ static bool flash__mc_encode(flash__pipe *p, flash__mc_req *req, const flash_cac
             flash__pipe_put(p, "mg ", 3);
             flash__pipe_put(p, it->key, it->key_len);
             flash__pipe_put(p, " v c f", 6);
-            flash__mc_put_num(p, 'N', flash__mc_ttl(it->lease_s));
+            flash__mc_put_num(p, 'N', flash__mc_ttl(flash__mc_capped(req, it->lease_s)));
             flash__mc_put_num(p, 'O', (uint32_t)(req->base + k));
             flash__pipe_put(p, "\r\n", 2);
         }
@@ -854,7 +900,8 @@ static bool flash__mc_encode(flash__pipe *p, flash__mc_req *req, const flash_cac
             flash__pipe_put(p, it->key, it->key_len);
             flash__mc_put_num(p, 0, it->value_len);
             if (it->flags) flash__mc_put_num(p, 'F', it->flags);
-            if (it->ttl_s) flash__mc_put_num(p, 'T', flash__mc_ttl(it->ttl_s));
+            if (flash__mc_capped(req, it->ttl_s))
+                flash__mc_put_num(p, 'T', flash__mc_ttl(flash__mc_capped(req, it->ttl_s)));
             if (op->code == FLASH_CACHE_ADD) flash__pipe_put(p, " ME", 3);
             if (op->code == FLASH_CACHE_CAS) flash__mc_put_num(p, 'C', it->cas);
             flash__mc_put_num(p, 'O', opaque);
@@ -959,9 +1006,17 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         if (st) continue;
         srv = flash__mc_server_of(mc, it->key, it->key_len);
         if (flash__pipe_down(&mc->servers[srv].pipe, now)) {
-            it->status = FLASH_EBACKEND;
-            mc->servers[srv].stats.fast_fails++;
-            continue;
+            /* the gutter pool takes reads and fills, never invalidations */
+            uint32_t g = mc->nservers > mc->nprimary && op->code >= FLASH_CACHE_GET && op->code <= FLASH_CACHE_CAS
+                             ? flash__mc_gutter_of(mc, it->key, it->key_len)
+                             : UINT32_MAX;
+            if (g == UINT32_MAX || flash__pipe_down(&mc->servers[g].pipe, now)) {
+                it->status = FLASH_EBACKEND;
+                mc->servers[srv].stats.fast_fails++;
+                continue;
+            }
+            mc->servers[srv].stats.gutter_keys++;
+            srv = g;
         }
         srv_of[i] = srv;
         counts[srv]++;
@@ -1001,6 +1056,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         s->next_opaque += req->count;
         req->pos = 0;
         req->gets_done = op->code == FLASH_CACHE_GET && req->nplain == 0;
+        req->ttl_cap = srv_of[req->idx[0]] >= mc->nprimary ? mc->gutter_ttl_s : 0;
         flash__pipe_check_idle(&s->pipe);
         unsent = s->pipe.wlen - s->pipe.woff;
         if (!flash__mc_encode(&s->pipe, req, op)) { /* out of memory: this server's keys fail */
@@ -1073,6 +1129,7 @@ static void flash__mc_destroy(void *self) {
     }
     flash__mc_free(mc, mc->servers);
     flash__mc_free(mc, mc->points);
+    flash__mc_free(mc, mc->gpoints);
     mc->alloc.free(mc, mc->alloc.user_data);
 }
 
@@ -1092,8 +1149,14 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
         if (error) *error = FLASH_EINVAL;
         return none;
     }
-    for (i = 0; i < desc->server_count; i++) {
-        if (!desc->servers[i].host || !desc->servers[i].host[0] || strlen(desc->servers[i].host) > 255) {
+    if ((desc->gutter_count && !desc->gutter) || desc->gutter_count > UINT32_MAX / 4 - desc->server_count) {
+        if (error) *error = FLASH_EINVAL;
+        return none;
+    }
+    for (i = 0; i < desc->server_count + desc->gutter_count; i++) {
+        const flash_memcached_server *d = i < desc->server_count ? &desc->servers[i]
+                                                                  : &desc->gutter[i - desc->server_count];
+        if (!d->host || !d->host[0] || strlen(d->host) > 255) {
             if (error) *error = FLASH_EINVAL;
             return none;
         }
@@ -1111,13 +1174,16 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
     mc->timeout_ms = desc->timeout_ms ? desc->timeout_ms : 1000;
     mc->retry_interval_ms = desc->retry_interval_ms ? desc->retry_interval_ms : 2000;
     mc->max_value = desc->max_value ? desc->max_value : (size_t)1 << 20;
-    mc->servers = (flash__mc_server *)flash__mc_alloc(mc, desc->server_count * sizeof *mc->servers);
+    mc->gutter_ttl_s = desc->gutter_ttl_s ? desc->gutter_ttl_s : 10;
+    mc->nprimary = desc->server_count;
+    mc->nservers = desc->server_count + desc->gutter_count;
+    mc->servers = (flash__mc_server *)flash__mc_alloc(mc, mc->nservers * sizeof *mc->servers);
     if (!mc->servers) {
+        mc->nservers = 0;
         rc = FLASH_ENOMEM;
         goto fail;
     }
-    memset(mc->servers, 0, desc->server_count * sizeof *mc->servers);
-    mc->nservers = desc->server_count;
+    memset(mc->servers, 0, mc->nservers * sizeof *mc->servers);
     for (i = 0; i < mc->nservers; i++) {
         flash__pipe *p = &mc->servers[i].pipe;
         flash__pipe_setup(p, &flash__mc_hooks, &mc->servers[i], desc->loop, mc->alloc);
@@ -1127,7 +1193,7 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
     }
     for (i = 0; i < mc->nservers; i++) {
         flash__mc_server *s = &mc->servers[i];
-        const flash_memcached_server *d = &desc->servers[i];
+        const flash_memcached_server *d = i < mc->nprimary ? &desc->servers[i] : &desc->gutter[i - mc->nprimary];
         size_t hl = strlen(d->host);
         s->mc = mc;
         s->port = d->port ? d->port : 11211;
@@ -1141,7 +1207,9 @@ FLASH_API flash_cache flash_memcached_create(const flash_memcached_desc *desc, i
         rc = flash__pipe_resolve(&s->pipe, d->host, s->port);
         if (rc) goto fail;
     }
-    rc = flash__mc_build_continuum(mc);
+    rc = flash__mc_build_continuum(mc, 0, mc->nprimary, &mc->points, &mc->npoints);
+    if (!rc && mc->nservers > mc->nprimary)
+        rc = flash__mc_build_continuum(mc, mc->nprimary, mc->nservers - mc->nprimary, &mc->gpoints, &mc->ngpoints);
     if (rc) goto fail;
     out.vt = &flash__mc_vt;
     out.self = mc;
