@@ -179,6 +179,14 @@ typedef struct flash_desc {
     void *user_data;              /* flash_ctx_user_data() */
     flash_allocator allocator;
     flash_logger logger;
+    /* Leases (a backend with FLASH_CACHE_CAP_LEASES; see "Hot keys" in the
+       README): */
+    uint32_t lease_s;             /* default: 0, no leases; the stub lifetime
+                                     of classes whose opts.lease_s is 0 */
+    uint32_t lease_wait_ms;       /* default: 500, how long a reader that lost
+                                     a lease waits for the winner's fill
+                                     (re-reading with backoff) before it reads
+                                     the source itself */
 } flash_desc;
 
 /* Counters kept per context (cumulative; flash_ctx_stats_clear zeroes). */
@@ -202,6 +210,9 @@ typedef struct flash_stats {
     uint64_t tasks;            /* tasks spawned */
     uint64_t task_switches;    /* switches into a task (spawn, resume) */
     uint64_t task_stacks;      /* task stacks mapped (pooled: flat in steady state) */
+    uint64_t lease_wins;       /* misses whose lease this context won: it read the source */
+    uint64_t lease_waits;      /* re-reads of keys whose lease another reader held */
+    uint64_t lease_timeouts;   /* keys that waited lease_wait_ms, then read the source */
 } flash_stats;
 
 /* ==== 2. context and arena ================================================ */
@@ -793,6 +804,12 @@ typedef struct flash_cache_opts {
     uint32_t limit;          /* list and ids classes: at most this many rows
                                 per key (the first in order_by's order, by
                                 default the primary key's); 0: all */
+    uint32_t lease_s;        /* leases on misses (a backend with
+                                FLASH_CACHE_CAP_LEASES): one reader of a
+                                missing key fills it, the others wait for its
+                                fill; the lease outlives a crashed winner by
+                                at most this many seconds. default: the
+                                model's, else flash_desc.lease_s (0: none) */
 } flash_cache_opts;
 
 typedef struct flash_model flash_model;
@@ -1969,6 +1986,7 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
     if (!d.lag_window_ms) d.lag_window_ms = 300;
     if (!d.stale_marker_ttl_s) d.stale_marker_ttl_s = 5;
     if (!d.refresh_lock_s) d.refresh_lock_s = 30;
+    if (!d.lease_wait_ms) d.lease_wait_ms = 500;
     if (!d.clock_ms) d.clock_ms = flash__realtime_ms;
 #if defined(FLASH__ASAN) || defined(FLASH__TSAN)
     if (!d.task_stack) d.task_stack = (uint32_t)256 << 10; /* instrumented frames are larger */
@@ -4406,6 +4424,7 @@ static void flash__opts_defaults(flash_cache_opts *o, const flash_cache_opts *in
         if (!o->timeout_s) o->timeout_s = inherit->timeout_s;
         if (!o->invalidation) o->invalidation = inherit->invalidation;
         if (!o->allowtime_s) o->allowtime_s = inherit->allowtime_s;
+        if (!o->lease_s) o->lease_s = inherit->lease_s;
     }
     if (!o->version) o->version = 1;
     if (!o->timeout_s) o->timeout_s = FLASH_DEFAULT_TIMEOUT_S;
@@ -5773,6 +5792,13 @@ struct flash__eb {
     flash_fetch *fetches;    /* list */
     size_t fetches_pending;
     bool canceled;
+    /* Leases: keys whose lease another reader holds wait for its fill. */
+    uint8_t *wait;           /* per key: waiting (re-read after the backoff) */
+    uint8_t *lockreq;        /* per key: in the refresh-lock op (served stale) */
+    size_t nwait;
+    void *timer;             /* the backoff timer, or NULL */
+    uint32_t backoff_ms, waited_ms;
+    bool rereading;          /* after_cache: only the waiting keys */
 };
 
 static int64_t flash__now(flash_ctx *ctx) { return ctx->desc.clock_ms(ctx->desc.clock_user_data); }
@@ -6108,7 +6134,8 @@ static void flash__eb_settle_none(flash__eb *eb, size_t i) {
 }
 
 static void flash__eb_maybe_end(flash__eb *eb) {
-    if (eb->fetches_pending == 0 && !eb->get && !eb->lock && !eb->canceled) flash_batch_end(eb->batch);
+    if (eb->fetches_pending == 0 && !eb->get && !eb->lock && !eb->timer && !eb->nwait && !eb->canceled)
+        flash_batch_end(eb->batch);
 }
 
 /* ---- fetches ---- */
@@ -6736,7 +6763,7 @@ static void flash__engine_lock_done(flash_cache_op *op) {
         bool any = false;
         /* Items are in key order of the keys that asked for a lock. */
         for (i = 0; i < eb->n && k < op->count; i++) {
-            if (!eb->served[i] || eb->fill[i] != FLASH__FILL_CAS) continue;
+            if (!eb->lockreq[i]) continue;
             if (op->items[k].status == FLASH_OK && refresh) {
                 refresh[i] = true; /* this reader refreshes */
                 any = true;
@@ -6747,6 +6774,117 @@ static void flash__engine_lock_done(flash_cache_op *op) {
         flash__eb_maybe_end(eb);
     }
     flash__eop_unlink(o); /* last: it held the request's memory */
+}
+
+/* The stub lifetime of q's lease reads, or 0: no lease (the backend has
+   none, the class none, or an only_cache query, which never fills). */
+static uint32_t flash__lease_of(flash_ctx *ctx, const flash__query *q) {
+    const flash_cache *c = &ctx->desc.cache;
+    if (!c->vt || !(c->vt->caps & FLASH_CACHE_CAP_LEASES) || (q->flags & FLASH_Q_ONLY_CACHE)) return 0;
+    return q->cls->opts.lease_s ? q->cls->opts.lease_s : ctx->desc.lease_s;
+}
+
+static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op_status);
+
+/* The re-read of the keys that wait for another reader's fill. */
+static void flash__engine_reget_done(flash_cache_op *op) {
+    flash__eop *o = (flash__eop *)op->data;
+    flash__eb *eb = o->eb;
+    flash_ctx *ctx = o->ctx;
+    size_t i, k = 0;
+    flash_cache_item *full = (flash_cache_item *)flash_calloc(ctx, eb->n + eb->nver, sizeof *full);
+    ctx->stats.cache_round_trips += op->round_trips;
+    eb->get = NULL;
+    if (!full) {
+        for (i = 0; i < eb->n; i++) {
+            if (!eb->wait[i]) continue;
+            eb->wait[i] = 0;
+            flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+        }
+        eb->nwait = 0;
+        flash__eb_maybe_end(eb);
+        return;
+    }
+    for (i = 0; i < eb->n; i++)
+        if (eb->wait[i]) full[i] = op->items[k++];
+    for (i = 0; i < eb->nver; i++) full[eb->n + i] = op->items[k++];
+    eb->rereading = true;
+    flash__eb_after_cache(eb, full, op->status);
+}
+
+static int flash__version_key(flash_ctx *ctx, const flash_class *c, char **key, size_t *len);
+
+/* The backoff is over: read the waiting keys again (and the versions). */
+static void flash__eb_lease_timer(void *arg) {
+    flash__eb *eb = (flash__eb *)arg;
+    flash_ctx *ctx = eb->ctx;
+    size_t i, k = 0, n = eb->nwait + eb->nver;
+    flash__eop *o;
+    flash_cache_item *items;
+    eb->timer = NULL;
+    if (eb->canceled || eb->gen != ctx->gen) return;
+    o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
+    items = (flash_cache_item *)flash_calloc(ctx, n, sizeof *items);
+    for (i = 0; o && items && i < eb->n; i++) {
+        if (!eb->wait[i]) continue;
+        items[k].key = eb->qs[i]->key;
+        items[k].key_len = eb->qs[i]->key_len;
+        items[k].lease_s = flash__lease_of(ctx, eb->qs[i]);
+        k++;
+    }
+    for (i = 0; o && items && i < eb->nver; i++, k++)
+        if (flash__version_key(ctx, eb->vcls[i], (char **)&items[k].key, &items[k].key_len)) break;
+    if (!o || !items || k != n) {
+        for (i = 0; i < eb->n; i++) {
+            if (!eb->wait[i]) continue;
+            eb->wait[i] = 0;
+            flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+        }
+        eb->nwait = 0;
+        flash__eb_maybe_end(eb);
+        return;
+    }
+    o->ctx = ctx;
+    o->gen = ctx->gen;
+    o->eb = eb;
+    o->op.code = FLASH_CACHE_GET;
+    o->op.items = items;
+    o->op.count = n;
+    o->op.done = flash__engine_reget_done;
+    o->op.data = o;
+    eb->get = o;
+    ctx->stats.lease_waits += eb->nwait;
+    ctx->stats.cache_keys += eb->nwait;
+    ctx->desc.cache.vt->submit(ctx->desc.cache.self, ctx->loop, &o->op);
+}
+
+/* Keys whose lease another reader holds: wait (backoff 2, 4, ... 64 ms, in
+   all at most lease_wait_ms), then read again. Past the deadline, or on a
+   loop without timers, they go to the source now, and fill by CAS against
+   the stub they saw (a write in between, or the winner's fill, changed it:
+   then the fill fails, as it must). */
+static void flash__eb_wait(flash__eb *eb, bool *to_source, bool *any) {
+    flash_ctx *ctx = eb->ctx;
+    uint32_t left = ctx->desc.lease_wait_ms > eb->waited_ms ? ctx->desc.lease_wait_ms - eb->waited_ms : 0, delay;
+    size_t i;
+    eb->backoff_ms = eb->backoff_ms ? (eb->backoff_ms >= 32 ? 64 : eb->backoff_ms * 2) : 2;
+    delay = eb->backoff_ms < left ? eb->backoff_ms : left;
+    if (delay && ctx->loop.vt && ctx->loop.vt->timer)
+        eb->timer = ctx->loop.vt->timer(ctx->loop.native, delay, flash__eb_lease_timer, eb);
+    if (eb->timer) {
+        eb->waited_ms += delay;
+        return;
+    }
+    for (i = 0; i < eb->n; i++) {
+        if (eb->wait[i] != 1) continue;
+        eb->wait[i] = 0;
+        ctx->stats.lease_timeouts++;
+        ctx->stats.cache_misses++;
+        eb->fill[i] = FLASH__FILL_CAS; /* eb->cas: the stub's */
+        to_source[i] = true;
+        *any = true;
+    }
+    eb->nwait = 0;
 }
 
 /* Classify every key of the batch after the cache answered (or without a
@@ -6775,17 +6913,48 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
     for (i = 0; i < eb->n; i++) {
         flash__query *q = eb->qs[i];
         int verr = 0;
-        uint64_t version = flash__eb_version(eb, q->cls, &verr);
-        int st = items ? (op_status ? op_status : items[i].status) : FLASH_ENOTFOUND;
+        uint64_t version;
+        int st;
+        bool vunknown;
+        if (eb->rereading) { /* only the keys that waited */
+            if (eb->wait[i] != 1) continue;
+            eb->wait[i] = 2;
+            eb->nwait--;
+        }
+        version = flash__eb_version(eb, q->cls, &verr);
+        st = items ? (op_status ? op_status : items[i].status) : FLASH_ENOTFOUND;
         /* A version key that could not be read: a DYNAMIC class cannot tell
            whether the value is current (a cache error for its keys); the
            others take their values as they are (a by-hand bump is not seen
            while its key is unreachable) and fill under version 0, which a
            later read of a bumped version refreshes. */
-        bool vunknown = verr && q->cls->opts.invalidation != FLASH_INVALIDATE_DYNAMIC;
+        vunknown = verr && q->cls->opts.invalidation != FLASH_INVALIDATE_DYNAMIC;
         if (!st && verr && !vunknown) st = verr;
         eb->ver[i] = version;
         eb->fill[i] = items ? FLASH__FILL_ADD : FLASH__FILL_NONE;
+        if (items && st == FLASH_OK && items[i].value_len == 0) {
+            /* Another reader's lease stub, read without a lease (only_cache):
+               a miss that leaves the stub to its winner. */
+            st = FLASH_ENOTFOUND;
+            eb->fill[i] = FLASH__FILL_NONE;
+        }
+        if (items && st == FLASH_ENOTFOUND && items[i].lease == FLASH_LEASE_WON) {
+            /* This reader won the key's lease: read the source and fill by
+               CAS against the stub (a write in between changes it). */
+            ctx->stats.lease_wins++;
+            ctx->stats.cache_misses++;
+            eb->fill[i] = FLASH__FILL_CAS;
+            eb->cas[i] = items[i].cas;
+            to_source[i] = true;
+            any = true;
+            continue;
+        }
+        if (items && st == FLASH_ENOTFOUND && items[i].lease == FLASH_LEASE_LOST) {
+            eb->cas[i] = items[i].cas; /* the stub: what a fill after the wait may replace */
+            eb->wait[i] = 1;
+            eb->nwait++;
+            continue;
+        }
         if (items && st == FLASH_OK) {
             void *result;
             bool none;
@@ -6824,9 +6993,12 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
                 /* One reader, whoever takes the lock, refreshes it; a stale
                    mark inside the lag window is not refreshed yet (a
                    replica may not have the write). */
-                if ((!stale || age >= lag) && !(q->flags & FLASH_Q_ONLY_CACHE)) {
+                /* (a key re-read after a lease wait takes no lock here:
+                   the batch has one lock op at most) */
+                if ((!stale || age >= lag) && !(q->flags & FLASH_Q_ONLY_CACHE) && !eb->rereading) {
                     eb->fill[i] = FLASH__FILL_CAS;
                     eb->cas[i] = items[i].cas;
+                    eb->lockreq[i] = 1;
                     nlock++;
                 }
                 continue;
@@ -6879,8 +7051,8 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
         flash_cache_item *li = (flash_cache_item *)flash_calloc(ctx, nlock, sizeof *li);
         size_t k = 0;
         if (o && li) {
-            for (i = 0; i < eb->n; i++) {
-                if (!eb->served[i] || eb->fill[i] != FLASH__FILL_CAS) continue;
+            for (i = 0; i < eb->n && k < nlock; i++) {
+                if (!eb->lockreq[i]) continue;
                 if (flash__lock_key(ctx, eb->qs[i]->key, eb->qs[i]->key_len, (char **)&li[k].key, &li[k].key_len))
                     break;
                 li[k].value = "1";
@@ -6904,6 +7076,12 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
             ctx->desc.cache.vt->submit(ctx->desc.cache.self, ctx->loop, &o->op);
         }
     }
+    if (eb->rereading) {
+        for (i = 0; i < eb->n; i++)
+            if (eb->wait[i] == 2) eb->wait[i] = 0;
+        eb->rereading = false;
+    }
+    if (eb->nwait && !eb->canceled) flash__eb_wait(eb, to_source, &any);
     if (any) flash__eb_fetch(eb, to_source);
     flash__eb_maybe_end(eb);
 }
@@ -6950,7 +7128,9 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
     eb->ver = (uint64_t *)flash_calloc(ctx, n, sizeof *eb->ver);
     eb->served = (bool *)flash_calloc(ctx, n, sizeof *eb->served);
     eb->vcls = (flash_class **)flash__alloc(ctx, n * sizeof *eb->vcls);
-    if (!eb->qs || !eb->fill || !eb->cas || !eb->ver || !eb->served || !eb->vcls) {
+    eb->wait = (uint8_t *)flash_calloc(ctx, n, 1);
+    eb->lockreq = (uint8_t *)flash_calloc(ctx, n, 1);
+    if (!eb->qs || !eb->fill || !eb->cas || !eb->ver || !eb->served || !eb->vcls || !eb->wait || !eb->lockreq) {
         flash_batch_fail(b, FLASH_ENOMEM, NULL);
         return;
     }
@@ -6985,6 +7165,7 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
         for (i = 0; i < n; i++) {
             items[i].key = eb->qs[i]->key;
             items[i].key_len = eb->qs[i]->key_len;
+            items[i].lease_s = flash__lease_of(ctx, eb->qs[i]);
         }
         for (k = 0; k < eb->nver; k++) {
             if (flash__version_key(ctx, eb->vcls[k], (char **)&items[n + k].key, &items[n + k].key_len)) {
@@ -7012,6 +7193,10 @@ static void flash__engine_cancel(flash_ctx *ctx, flash_batch *b, void *ud) {
     (void)ud;
     if (!eb) return;
     eb->canceled = true;
+    if (eb->timer) {
+        if (ctx->loop.vt && ctx->loop.vt->cancel) ctx->loop.vt->cancel(ctx->loop.native, eb->timer);
+        eb->timer = NULL;
+    }
     if (eb->get) {
         if (ctx->desc.cache.vt) ctx->desc.cache.vt->cancel(ctx->desc.cache.self, &eb->get->op);
         eb->get = NULL;

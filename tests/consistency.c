@@ -69,6 +69,9 @@ static size_t gate_max_value(void *self) {
 static void gate_destroy_v(void *self) { (void)self; }
 
 static const flash_cache_vtable gate_vt = {"gate", gate_submit, gate_cancel, gate_max_value, gate_destroy_v, 0};
+/* The same, offering what the inner backend offers: leases. */
+static const flash_cache_vtable gate_leases_vt = {"gate", gate_submit, gate_cancel, gate_max_value, gate_destroy_v,
+                                                  FLASH_CACHE_CAP_LEASES};
 
 gate *gate_create(flash_cache inner, flash_loop loop) {
     gate *g = calloc(1, sizeof *g);
@@ -78,6 +81,10 @@ gate *gate_create(flash_cache inner, flash_loop loop) {
 }
 void gate_destroy(gate *g) { free(g); }
 flash_cache gate_cache(gate *g) {
+    flash_cache c = {(g->inner.vt->caps & FLASH_CACHE_CAP_LEASES) ? &gate_leases_vt : &gate_vt, g};
+    return c;
+}
+flash_cache gate_cache_plain(gate *g) {
     flash_cache c = {&gate_vt, g};
     return c;
 }

@@ -16,7 +16,10 @@ typedef struct gate gate;
 /* Wraps inner (not owned). Shut: every operation waits to be released. */
 gate *gate_create(flash_cache inner, flash_loop loop);
 void gate_destroy(gate *g);
+/* The gate as a backend: with the inner backend's capabilities (leases),
+   or (plain) with none, as a third-party backend would be. */
 flash_cache gate_cache(gate *g);
+flash_cache gate_cache_plain(gate *g);
 void gate_shut(gate *g, bool shut);
 size_t gate_waiting(const gate *g);
 /* Apply the oldest waiting operation and run the loop until it completed
