@@ -21,6 +21,9 @@ void gate_destroy(gate *g);
 flash_cache gate_cache(gate *g);
 flash_cache gate_cache_plain(gate *g);
 void gate_shut(gate *g, bool shut);
+/* A broken backend on purpose: every CAS store becomes a SET (a fill
+   without compare-and-swap). The harness must find it inconsistent. */
+void gate_blind_cas(gate *g, bool on);
 size_t gate_waiting(const gate *g);
 /* Apply the oldest waiting operation and run the loop until it completed
    (and what its completion started has settled). false when none waits. */

@@ -32,6 +32,10 @@ FLASH_MODEL_OPT(DynSoftAccount, ACCOUNT_FIELDS, .invalidation = FLASH_INVALIDATE
 FLASH_GET_KEYS(DynSoftAccount, (id))
 FLASH_MODEL(BumpAccount, ACCOUNT_FIELDS) /* UNSET; its writer flushes it by hand */
 FLASH_GET_KEYS(BumpAccount, (id))
+/* Leases on misses (issue 17): the reader that misses wins a stub and
+   fills by CAS against it. */
+FLASH_MODEL_OPT(LeaseAccount, ACCOUNT_FIELDS, .lease_s = 5)
+FLASH_GET_KEYS(LeaseAccount, (id))
 
 static int64_t fake_now = 1700000000000;
 static int64_t fake_clock(void *ud) {
@@ -47,9 +51,13 @@ static int64_t fake_clock(void *ud) {
      MODE_DYN_SOFT  DYNAMIC with allowtime: an older version's value written
                     less than allowtime ago is served while one refreshes
      MODE_BUMP      an UNSET class whose writer flushes by hand
-                    (flash_bump_version) instead of invalidating rows */
-typedef enum mode { MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_STALE, MODE_RESET, MODE_DYN_SOFT, MODE_BUMP, MODE_OFF } mode;
-static const char *const mode_names[] = {"unset", "dynamic", "allowtime", "stale", "reset", "dynamic+allowtime", "bump", "off"};
+                    (flash_bump_version) instead of invalidating rows
+     MODE_LEASE     UNSET with leases on misses (issue 17): a cold reader
+                    wins a stub and fills by CAS against it */
+typedef enum mode { MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_STALE, MODE_RESET, MODE_DYN_SOFT, MODE_BUMP, MODE_OFF,
+                    MODE_LEASE } mode;
+static const char *const mode_names[] = {"unset", "dynamic", "allowtime", "stale", "reset", "dynamic+allowtime", "bump", "off",
+                                         "lease"};
 /* Every mode that must stay consistent. */
 static const mode good_modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_STALE, MODE_RESET, MODE_DYN_SOFT, MODE_BUMP};
 #define NGOOD ((int)(sizeof good_modes / sizeof good_modes[0]))
@@ -57,17 +65,20 @@ static const mode good_modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE
 static const flash_model *model_of(mode m) {
     static const flash_model *const ms[] = {&Account_model,      &DynAccount_model,     &SoftAccount_model,
                                             &StaleAccount_model, &ResetAccount_model,   &DynSoftAccount_model,
-                                            &BumpAccount_model,  &OffAccount_model};
+                                            &BumpAccount_model,  &OffAccount_model,     &LeaseAccount_model};
     return ms[m];
 }
 static const flash_class *class_of(mode m) {
     static const flash_class *const cs[] = {&Account__get_by_id,      &DynAccount__get_by_id,   &SoftAccount__get_by_id,
                                             &StaleAccount__get_by_id, &ResetAccount__get_by_id, &DynSoftAccount__get_by_id,
-                                            &BumpAccount__get_by_id,  &OffAccount__get_by_id};
+                                            &BumpAccount__get_by_id,  &OffAccount__get_by_id,   &LeaseAccount__get_by_id};
     return cs[m];
 }
 /* Served stale values, by design, until this much later. */
 static int64_t stale_bound_ms(mode m) { return m == MODE_ALLOWTIME || m == MODE_DYN_SOFT ? 11000 : 0; }
+
+/* Broken on purpose: the backend stores every CAS fill blindly. */
+static bool blind_cas;
 
 /* Who invalidates the write.
      WR_DIRECT   the writer itself, flash_invalidate_async after its commit.
@@ -123,6 +134,7 @@ static void world_init(world *w, store_fn make_store) {
     w->store = make_store(w->loop);
     cr_assert(w->store.vt, "no cache backend");
     w->g = gate_create(w->store, flash_poll_loop(w->loop));
+    gate_blind_cas(w->g, blind_cas);
     w->gs = gated_source_create(w->db, flash_poll_loop(w->loop));
     w->reader = world_ctx(w, gate_cache(w->g), gated_source_get(w->gs));
     w->writer = world_ctx(w, gate_cache(w->g), flash_table_source(w->db));
@@ -302,6 +314,17 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
     cr_assert_eq(flash_promise_error(r), 0, "the reader failed: %s", flash_promise_message(r));
     const char *got = ((Account *)flash_promise_value(r))->name;
     cr_assert(strcmp(got, "old") == 0 || strcmp(got, "new") == 0);
+    if (s->m == MODE_LEASE && s->from == START_COLD && (w.store.vt->caps & FLASH_CACHE_CAP_LEASES)) {
+        /* a cold key the reader asks for before the writer's marker: a
+           lease the reader wins (after the marker: a plain marker miss) */
+        int miss_at = 0, inv_at = 0;
+        for (int i = 0; i < 5; i++) {
+            if (s->steps[i] == R_MISS) miss_at = i;
+            if (s->steps[i] == W_INVALIDATE) inv_at = i;
+        }
+        cr_assert_eq(flash_ctx_stats(w.reader).lease_wins, miss_at < inv_at ? 1u : 0u,
+                     "a cold start is a lease the reader wins");
+    }
 
     /* The invariant: after the writer's invalidation no reader sees the old
        row from the cache. Stale values of allowtime are served by design
@@ -497,4 +520,42 @@ FLASH_TEST(consistency, broken_variants_are_caught) {
     mode unset[] = {MODE_UNSET};
     bad = run_writer(WR_DELETE, unset, 1, memory_store, 6000, "memory backend", true, &runs);
     cr_assert_gt(bad, 0, "a delete instead of a marker must let an old fill land");
+}
+
+/* ---- leases (issue 17) ---- */
+
+/* The lease class: cold starts take a stub (the reader wins it) and fill by
+   CAS against it; every writer placement must still end consistent. */
+FLASH_TEST(consistency, leases_every_schedule_on_the_memory_backend_ends_consistent) {
+    mode modes[] = {MODE_LEASE};
+    cr_assert_eq(run_all(modes, 1, memory_store, 10000, "memory backend, leases"), 3 * 2 * 10);
+    cr_assert_eq(run_stream(modes, 1, memory_store, 10500, "memory backend, leases"), 3 * 2 * 10);
+}
+
+FLASH_TEST(consistency, leases_the_same_schedules_on_real_memcached) {
+    cr_assert(flash_test_memcached_start(&mc, "-m 16"));
+    mode modes[] = {MODE_LEASE};
+    cr_assert_eq(run_all(modes, 1, memcached_store, 1100000, "memcached, leases"), 3 * 2 * 10);
+    cr_assert_eq(run_stream(modes, 1, memcached_store, 1200000, "memcached, leases"), 3 * 2 * 10);
+    flash_test_server_stop(&mc);
+}
+
+FLASH_TEST(consistency, leases_the_same_schedules_on_real_redis) {
+    cr_assert(flash_test_redis_start(&rs));
+    mode modes[] = {MODE_LEASE};
+    cr_assert_eq(run_all(modes, 1, redis_store, 1300000, "redis, leases"), 3 * 2 * 10);
+    cr_assert_eq(run_stream(modes, 1, redis_store, 1400000, "redis, leases"), 3 * 2 * 10);
+    flash_test_server_stop(&rs);
+}
+
+/* A fill that does not compare-and-swap (the backend turns CAS into SET):
+   the lease winner's late fill overwrites the writer's marker; caught. */
+FLASH_TEST(consistency, leases_with_a_blind_fill_are_caught) {
+    mode modes[] = {MODE_LEASE};
+    int runs = 0;
+    blind_cas = true;
+    int bad = run_writer(WR_DIRECT, modes, 1, memory_store, 11000, "memory backend, leases, blind fill", true, &runs);
+    blind_cas = false;
+    cr_assert_gt(bad, 0, "a fill without CAS must leave stale values");
+    cr_log_info("blind fill: %d of %d schedules inconsistent", bad, runs);
 }
