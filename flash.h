@@ -624,6 +624,9 @@ typedef struct flash_cache_item {
                            absent key or of a stub is FLASH_ENOTFOUND with
                            WON (cas: the stub's) or LOST */
     bool stale;         /* GET out: the value was marked stale (lease reads) */
+    int64_t ttl_left_ms; /* GET out (lease reads that found the key): its
+                           remaining lifetime in ms, -1 none, 0 unknown
+                           (memcached: whole seconds) */
 } flash_cache_item;
 
 typedef struct flash_cache_op flash_cache_op;

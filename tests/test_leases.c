@@ -144,6 +144,8 @@ static void miss_one_winner(int kind) {
     cr_assert_eq(a.lease, FLASH_LEASE_WON);
     cr_assert_neq(a.cas, 0);
     cr_assert(!a.stale);
+    cr_assert(a.ttl_left_ms > 8000 && a.ttl_left_ms <= 10000, "%s: stub ttl %lld ms", e.c.vt->name,
+              (long long)a.ttl_left_ms);
     for (int i = 0; i < 3; i++) { /* every other reader loses while the stub lives */
         cr_assert_eq(lease_get(&e, "hot", 10, &b), FLASH_ENOTFOUND);
         cr_assert_eq(b.lease, FLASH_LEASE_LOST, "%s: reader %d: lease %d", e.c.vt->name, i, b.lease);
@@ -160,6 +162,7 @@ static void miss_one_winner(int kind) {
     assert_value(&b, "v1");
     cr_assert_eq(b.lease, FLASH_LEASE_NONE);
     cr_assert(!b.stale);
+    cr_assert_eq(b.ttl_left_ms, -1, "%s: a fill without ttl: %lld", e.c.vt->name, (long long)b.ttl_left_ms);
     lenv_stop(&e);
 }
 
@@ -211,7 +214,7 @@ static void stale_one_refresher(int kind) {
     key(&pl, "s");
     cr_assert_eq(one(&e, FLASH_CACHE_GET, &pl), FLASH_OK);
     uint64_t before = pl.cas;
-    cr_assert_eq(mark_stale(&e, "s", 10), FLASH_OK);
+    cr_assert_eq(mark_stale(&e, "s", 4), FLASH_OK);
     key(&pl, "s"); /* a plain read: the value, a new cas, no lease taken */
     cr_assert_eq(one(&e, FLASH_CACHE_GET, &pl), FLASH_OK);
     assert_value(&pl, "v1");
@@ -222,6 +225,8 @@ static void stale_one_refresher(int kind) {
     cr_assert(a.stale);
     cr_assert_eq(a.lease, FLASH_LEASE_WON);
     cr_assert_eq(a.cas, pl.cas);
+    cr_assert(a.ttl_left_ms > 2000 && a.ttl_left_ms <= 4000, "%s: the mark's ttl %lld ms", e.c.vt->name,
+              (long long)a.ttl_left_ms);
     for (int i = 0; i < 3; i++) {
         cr_assert_eq(lease_get(&e, "s", 10, &b), FLASH_OK);
         assert_value(&b, "v1");
@@ -346,9 +351,13 @@ ALL(mixed_op)
 /* The memcached wire: W/X/Z parsed as returned flags, nothing else. */
 LS_TEST(memcached_parser_reads_lease_flags) {
     flash_memcached_reply r;
-    const char *s = "VA 2 c7 f0 W X\r\nab\r\n";
+    const char *s = "VA 2 c7 f0 t-1 W X\r\nab\r\n";
     cr_assert_eq(flash_memcached_parse(s, strlen(s), 100, &r), (ptrdiff_t)strlen(s));
     cr_assert(r.win && r.stale && !r.lost && r.cas == 7);
+    cr_assert(r.has_ttl && r.ttl == -1);
+    s = "VA 0 c8 t42 Z\r\n\r\n";
+    cr_assert_eq(flash_memcached_parse(s, strlen(s), 100, &r), (ptrdiff_t)strlen(s));
+    cr_assert(r.has_ttl && r.ttl == 42 && r.lost);
     s = "VA 0 c8 f0 Z\r\n\r\n";
     cr_assert_eq(flash_memcached_parse(s, strlen(s), 100, &r), (ptrdiff_t)strlen(s));
     cr_assert(!r.win && !r.stale && r.lost);

@@ -730,7 +730,7 @@ enum { FAKE_GOOD, FAKE_GARBAGE, FAKE_WRONG_COUNT, FAKE_UNSOLICITED };
 /* The digests of the backend's four scripts (what SCRIPT LOAD answers). */
 static const char cas_sha[] = "81960881acb9f20da2ffbcdb461192d9ffb9380a";
 static const char incr_sha[] = "a65ad6a7c27ab94615bf32aef62973994f68b99d";
-static const char lease_sha[] = "cb1bd5bbd973c8cc900b3279cd45e017f214550c";
+static const char lease_sha[] = "f240189c10c3478708fa894cd4055724b604abb3";
 static const char stale_sha[] = "606da338cc5b0c9efc5667efefe9bb9b09c403fb";
 
 /* Serve one connection: every read holds one MGET, the first one after the

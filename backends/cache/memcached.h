@@ -34,7 +34,7 @@
      the server only answers failures. TTLs over 30 days are sent as absolute
      Unix times, so ttl_s always means seconds from now.
      LEASES (FLASH_CACHE_CAP_LEASES): GET items with lease_s > 0 go after the
-     server's `gets` as pipelined `mg <key> v c f N<lease_s> O<n>`, closed by
+     server's `gets` as pipelined `mg <key> v c f N<lease_s> t O<n>`, closed by
      `mn`; the W/Z/X returned flags become item.lease and item.stale, and a
      0-byte value (the stub `N` creates) is FLASH_ENOTFOUND. MARK_STALE is
      `md <key> I T<ttl>`. A store (the winner's `ms ... C<cas>`) replaces a
@@ -195,6 +195,8 @@ typedef struct flash_memcached_reply {
     size_t message_len;
     bool win, stale, lost;  /* meta returned flags W (you won the recache), X
                                (stale), Z (someone else won it) */
+    bool has_ttl;
+    int64_t ttl;            /* t<n>: remaining seconds, -1 none */
 } flash_memcached_reply;
 /* Parse one reply at the start of buf. Returns the bytes it takes (> 0),
    0 when buf holds only part of it, or FLASH_EPROTO for garbage: an unknown
@@ -396,6 +398,15 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
             if (!flash__mc_num(s + 1, p, UINT64_MAX, &v)) return FLASH_EPROTO;
             r->has_cas = true;
             r->cas = v;
+            break;
+        case 't':
+            if (p - s == 3 && s[1] == '-' && s[2] == '1') {
+                r->ttl = -1;
+            } else {
+                if (!flash__mc_num(s + 1, p, INT32_MAX, &v)) return FLASH_EPROTO;
+                r->ttl = (int64_t)v;
+            }
+            r->has_ttl = true;
             break;
         case 'W':
         case 'X':
@@ -675,7 +686,7 @@ static int flash__mc_take_value(flash__mc *mc, flash__mc_opstate *os, flash_cach
     return FLASH_OK;
 }
 
-/* The reply to one lease read, `mg <key> v c f N<ttl> O<n>`: VA with W (won:
+/* The reply to one lease read, `mg <key> v c f N<ttl> t O<n>`: VA with W (won:
    a stub we created, or a stale value to refresh), Z (someone else holds the
    lease), X (stale); EN only if the server could not create the stub. */
 static int flash__mc_apply_lease(flash__mc_server *s, flash__mc_req *req, const flash_memcached_reply *r) {
@@ -706,6 +717,7 @@ static int flash__mc_apply_lease(flash__mc_server *s, flash__mc_req *req, const 
     it->status = flash__mc_take_value(s->mc, os, it, r);
     it->lease = (uint8_t)(r->win ? FLASH_LEASE_WON : r->lost ? FLASH_LEASE_LOST : FLASH_LEASE_NONE);
     it->stale = r->stale;
+    it->ttl_left_ms = !r->has_ttl ? 0 : r->ttl < 0 ? -1 : r->ttl * 1000;
     if (!it->status && !it->value_len) { /* a stub: no value yet */
         it->status = FLASH_ENOTFOUND;
         it->value = NULL;
@@ -873,12 +885,14 @@ static bool flash__mc_encode(flash__pipe *p, flash__mc_req *req, const flash_cac
             flash__pipe_put(p, "\r\n", 2);
         }
         if (req->nplain == req->count) return true;
-        for (k = req->nplain; k < req->count; k++) { /* lease reads: mg <key> v c f N<ttl> O<n> */
+        for (k = req->nplain; k < req->count; k++) { /* lease reads: mg <key> v c f N<ttl> t O<n> */
             const flash_cache_item *it = &op->items[req->idx[k]];
             flash__pipe_put(p, "mg ", 3);
             flash__pipe_put(p, it->key, it->key_len);
             flash__pipe_put(p, " v c f", 6);
+            /* N before t: memcached answers flags in order, and N sets the new stub's TTL */
             flash__mc_put_num(p, 'N', flash__mc_ttl(flash__mc_capped(req, it->lease_s)));
+            flash__pipe_put(p, " t", 2);
             flash__mc_put_num(p, 'O', (uint32_t)(req->base + k));
             flash__pipe_put(p, "\r\n", 2);
         }
@@ -998,6 +1012,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
             it->cas = 0;
             it->lease = FLASH_LEASE_NONE;
             it->stale = false;
+            it->ttl_left_ms = 0;
         }
         if (!st && store && it->value_len > mc->max_value) st = FLASH_ETOOLARGE;
         if (!st && store && it->value_len && !it->value) st = FLASH_EINVAL;

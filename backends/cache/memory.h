@@ -234,6 +234,7 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
         s->stats.gets++;
         it->lease = FLASH_LEASE_NONE;
         it->stale = false;
+        it->ttl_left_ms = 0;
         if (!*slot) {
             it->status = FLASH_ENOTFOUND;
             /* a lease read of an absent key: an empty stub, won (memcached's mg N) */
@@ -242,6 +243,7 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
                 (*slot)->token_sent = true;
                 it->lease = FLASH_LEASE_WON;
                 it->cas = (*slot)->cas;
+                it->ttl_left_ms = (int64_t)it->lease_s * 1000;
                 s->stats.leases++;
             }
             return;
@@ -259,6 +261,7 @@ static void flash__mem_apply(flash__mstore *s, flash_cache_op *op, flash_cache_i
             /* memcached's mg: a stale value, or a stub, is won by the first
                reader after it was marked (created), lost by the others */
             it->stale = (*slot)->stale;
+            it->ttl_left_ms = (*slot)->expires_ms ? (*slot)->expires_ms - now : -1;
             if ((*slot)->token_sent) {
                 it->lease = FLASH_LEASE_LOST;
             } else if ((*slot)->stale) {

@@ -36,7 +36,7 @@
      after it in the same request: absent -> store an empty stub (a header
      with the won bit, EX lease_s) and win; won bit set -> lose; stale and
      not won -> set the won bit (SETRANGE, the TTL stays) and win. The reply
-     is one state byte then the stored header and value. MARK_STALE is a
+     is one state byte, the PTTL and ':', then the stored header and value. MARK_STALE is a
      script that rewrites the cas word (a new token, stale bit) and the TTL.
      Any store writes a fresh header: a CAS fill clears the state, and a
      write in between changed the token, so a late fill fails. Cluster nodes
@@ -292,16 +292,18 @@ static const char flash__redis_cas_sha[] = "81960881acb9f20da2ffbcdb461192d9ffb9
 
 /* A lease read (memcached's mg N). KEYS[1]; ARGV: stub ttl, a stub (a
    12-byte header, won bit set). Returns one byte, W (won) Z (lost) or 0
-   (no lease), then the stored header and value: absent -> the stub, won;
-   won bit set -> lost; stale and not won -> set the won bit, won. */
+   (no lease), the key's PTTL in decimal and ':', then the stored header
+   and value: absent -> the stub, won; won bit set -> lost; stale and not
+   won -> set the won bit, won. */
 static const char flash__redis_lease_lua[] =
     "local k=KEYS[1] local v=redis.call('GET',k) "
-    "if not v then redis.call('SET',k,ARGV[2],'EX',ARGV[1]) return 'W'..ARGV[2] end "
-    "if #v<12 then return '0'..v end local b=v:byte(8) "
-    "if b%128>=64 then return 'Z'..v end "
+    "local function r(c,x) return c..redis.call('PTTL',k)..':'..x end "
+    "if not v then redis.call('SET',k,ARGV[2],'EX',ARGV[1]) return r('W',ARGV[2]) end "
+    "if #v<12 then return r('0',v) end local b=v:byte(8) "
+    "if b%128>=64 then return r('Z',v) end "
     "if b>=128 then redis.call('SETRANGE',k,7,string.char(b+64)) "
-    "return 'W'..v:sub(1,7)..string.char(b+64)..v:sub(9) end return '0'..v";
-static const char flash__redis_lease_sha[] = "cb1bd5bbd973c8cc900b3279cd45e017f214550c";
+    "return r('W',v:sub(1,7)..string.char(b+64)..v:sub(9)) end return r('0',v)";
+static const char flash__redis_lease_sha[] = "f240189c10c3478708fa894cd4055724b604abb3";
 
 /* MARK_STALE (memcached's md I T). KEYS[1]; ARGV: new cas (8 bytes, stale
    bit set, won bit clear), ttl ("0": keep). 0 absent, 2 not flash's, 1 done. */
@@ -497,6 +499,23 @@ static int flash__redis_apply_raw(flash__redis *rd, flash__redis_req *req, const
     return FLASH_OK;
 }
 
+/* A lease reply's prefix: the state byte, the PTTL in decimal, ':'. Its
+   length, or 0 when it does not parse. */
+static size_t flash__redis_lease_prefix(const char *p, size_t len, int64_t *pttl) {
+    size_t i = 1;
+    int64_t v = 0;
+    bool neg = false;
+    if (len < 3 || (p[0] != 'W' && p[0] != 'Z' && p[0] != '0')) return 0;
+    if (p[i] == '-') {
+        neg = true;
+        i++;
+    }
+    for (; i < len && i < 24 && p[i] >= '0' && p[i] <= '9'; i++) v = v * 10 + (p[i] - '0');
+    if (i >= len || p[i] != ':' || p[i - 1] == '-' || i == 1) return 0;
+    *pttl = neg ? -v : v;
+    return i + 1;
+}
+
 /* Apply one reply element to the head request; FLASH_EPROTO when it does not fit. */
 static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
     flash__redis_req *req = (flash__redis_req *)rd->pipe.head;
@@ -518,6 +537,8 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
         return FLASH_OK;
     }
     if (req->code == FLASH_CACHE_GET && req->pos >= req->nplain) { /* a lease read's reply */
+        size_t pre;
+        int64_t pttl = 0;
         if (req->pos >= req->count) return FLASH_EPROTO;
         it = req->op ? &req->op->items[req->idx[req->pos]] : NULL;
         if (r->kind == FLASH_REDIS_ERROR) {
@@ -527,21 +548,24 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
             return FLASH_EPROTO;
         } else if (r->skip) {
             st = FLASH_ETOOLARGE;
-        } else if (r->len < FLASH__REDIS_HDR + 1) {
+        } else if ((pre = flash__redis_lease_prefix(r->str, r->len, &pttl)) == 0 ||
+                   r->len < pre + FLASH__REDIS_HDR) {
             st = FLASH_EPROTO; /* not written by flash */
-        } else if (r->len - FLASH__REDIS_HDR - 1 > rd->max_value) {
+        } else if (r->len - pre - FLASH__REDIS_HDR > rd->max_value) {
             st = FLASH_ETOOLARGE;
         } else if (!it) {
             st = FLASH_OK;
         } else {
-            size_t n = r->len - FLASH__REDIS_HDR - 1;
-            uint64_t word = flash__redis_le(r->str + 1, 8);
+            size_t n = r->len - pre - FLASH__REDIS_HDR;
+            const char *h = r->str + pre;
+            uint64_t word = flash__redis_le(h, 8);
             st = FLASH_ENOTFOUND; /* a stub: no value yet */
             it->cas = word & FLASH__REDIS_CAS_MASK;
-            it->flags = (uint32_t)flash__redis_le(r->str + 9, 4);
+            it->flags = (uint32_t)flash__redis_le(h + 8, 4);
             it->stale = (word & FLASH__REDIS_STALE_BIT) != 0;
             it->lease = (uint8_t)(r->str[0] == 'W' ? FLASH_LEASE_WON : r->str[0] == 'Z' ? FLASH_LEASE_LOST
                                                                                        : FLASH_LEASE_NONE);
+            it->ttl_left_ms = pttl < 0 ? -1 : pttl;
             if (n) {
                 flash__redis_val *v = (flash__redis_val *)flash__redis_alloc(rd, sizeof *v + n + 1);
                 st = v ? FLASH_OK : FLASH_ENOMEM;
@@ -549,7 +573,7 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
                     char *p = (char *)(v + 1);
                     v->next = req->vals;
                     req->vals = v;
-                    memcpy(p, r->str + 1 + FLASH__REDIS_HDR, n);
+                    memcpy(p, h + FLASH__REDIS_HDR, n);
                     p[n] = 0;
                     it->value = p;
                     it->value_len = n;
@@ -688,8 +712,8 @@ static bool flash__redis_process(flash__pipe *p) {
         int rc;
         if (!flash__pipe_skip(p, &off)) return false;
         if (p->skip || off == p->rlen) break;
-        /* + 1: a lease read's reply starts with its state byte */
-        n = flash_redis_parse(p->rbuf + off, p->rlen - off, rd->max_value + FLASH__REDIS_HDR + 1, &r);
+        /* + 32: a lease read's reply starts with its state byte and PTTL */
+        n = flash_redis_parse(p->rbuf + off, p->rlen - off, rd->max_value + FLASH__REDIS_HDR + 32, &r);
         if (n == 0) break;
         rc = n < 0 ? FLASH_EPROTO : flash__redis_apply(rd, &r);
         if (rc) {
@@ -938,6 +962,7 @@ static void flash__redis_submit(void *self, flash_loop loop, flash_cache_op *op)
             it->cas = 0;
             it->lease = FLASH_LEASE_NONE;
             it->stale = false;
+            it->ttl_left_ms = 0;
         }
         if (!st && store && it->value_len > rd->max_value) st = FLASH_ETOOLARGE;
         if (!st && store && it->value_len && !it->value) st = FLASH_EINVAL;
