@@ -213,6 +213,8 @@ typedef struct flash_stats {
     uint64_t lease_wins;       /* misses whose lease this context won: it read the source */
     uint64_t lease_waits;      /* re-reads of keys whose lease another reader held */
     uint64_t lease_timeouts;   /* keys that waited lease_wait_ms, then read the source */
+    uint64_t stale_hits;       /* values served stale from the server's mark (allowtime with leases) */
+    uint64_t stale_refreshes;  /* stale keys this context won and refreshed from the source */
 } flash_stats;
 
 /* ==== 2. context and arena ================================================ */
@@ -6603,7 +6605,9 @@ FLASH_API int flash_fetch_done(flash_fetch *f, int status, const char *message) 
         if (eb->served[i]) {
             /* Answered stale already: this was the refresh. Its lock goes
                (after the fill is sent), so the next stale mark is refreshed
-               at once rather than when the lock expires. */
+               at once rather than when the lock expires. (A refresh won by
+               a lease took no lock: nothing to release.) */
+            if (!eb->lockreq[i]) continue;
             if (!unlock) unlock = (flash_cache_item *)flash_calloc(ctx, f->count, sizeof *unlock);
             if (unlock && flash__lock_key(ctx, q->key, q->key_len, (char **)&unlock[nunlock].key,
                                           &unlock[nunlock].key_len) == FLASH_OK)
@@ -6781,10 +6785,72 @@ static void flash__engine_lock_done(flash_cache_op *op) {
 
 /* The stub lifetime of q's lease reads, or 0: no lease (the backend has
    none, the class none, or an only_cache query, which never fills). */
-static uint32_t flash__lease_of(flash_ctx *ctx, const flash__query *q) {
+static uint32_t flash__class_lease(flash_ctx *ctx, const flash_class *cls) {
     const flash_cache *c = &ctx->desc.cache;
-    if (!c->vt || !(c->vt->caps & FLASH_CACHE_CAP_LEASES) || (q->flags & FLASH_Q_ONLY_CACHE)) return 0;
-    return q->cls->opts.lease_s ? q->cls->opts.lease_s : ctx->desc.lease_s;
+    if (!c->vt || !(c->vt->caps & FLASH_CACHE_CAP_LEASES)) return 0;
+    return cls->opts.lease_s ? cls->opts.lease_s : ctx->desc.lease_s;
+}
+static uint32_t flash__lease_of(flash_ctx *ctx, const flash__query *q) {
+    return (q->flags & FLASH_Q_ONLY_CACHE) ? 0 : flash__class_lease(ctx, q->cls);
+}
+
+/* A key a write marked stale on the server (allowtime with leases: see
+   flash__targets_key), read with a lease. Whoever won it refreshes it from
+   the source and fills by CAS against the mark (a newer write changes it),
+   but not inside the lag window after the mark (its age is allowtime minus
+   the mark's remaining lifetime): there it hands the lease back (MARK_STALE
+   again, keeping the expiry) for a later reader. The others serve the
+   stale value, or wait when there is none (a stub marked stale). Returns
+   true when the key needs no more classification. */
+static bool flash__eb_stale(flash__eb *eb, size_t i, flash_cache_item *it, uint64_t version, bool *to_source,
+                            bool *any, flash_cache_item *back, size_t *nback) {
+    flash_ctx *ctx = eb->ctx;
+    flash__query *q = eb->qs[i];
+    int64_t allow = (int64_t)q->cls->opts.allowtime_s * 1000, age;
+    bool won = it->lease == FLASH_LEASE_WON, serve = false, none = false;
+    void *result = NULL;
+    if (it->ttl_left_ms > 0) age = allow > it->ttl_left_ms ? allow - it->ttl_left_ms : 0;
+    else age = allow; /* no expiry or unknown: an old mark */
+    if (it->status == FLASH_OK && allow > 0) {
+        flash__hdr h;
+        int r = flash__decode_value(ctx, q, it->value, it->value_len, &result, &none, &h);
+        serve = r == 1 && h.version == version;
+    }
+    if (serve) {
+        ctx->stats.cache_hits++;
+        ctx->stats.stale_hits++;
+        if (none) flash__eb_settle_none(eb, i);
+        else flash_batch_resolve(eb->batch, i, result);
+        eb->served[i] = true;
+        eb->fill[i] = FLASH__FILL_NONE;
+        if (!won) return true;
+    } else if (!won) { /* nothing to serve: wait for the one refreshing it */
+        eb->cas[i] = it->cas;
+        eb->wait[i] = 1;
+        eb->nwait++;
+        return true;
+    } else {
+        ctx->stats.cache_misses++;
+        eb->fill[i] = FLASH__FILL_NONE;
+    }
+    if (age >= (int64_t)ctx->desc.lag_window_ms) { /* refresh: fill by CAS against the mark */
+        ctx->stats.stale_refreshes++;
+        eb->fill[i] = FLASH__FILL_CAS;
+        eb->cas[i] = it->cas;
+        to_source[i] = true;
+        *any = true;
+        return true;
+    }
+    /* inside the lag window: no fill; the lease goes back */
+    back[*nback].key = q->key;
+    back[*nback].key_len = q->key_len;
+    (*nback)++;
+    ctx->stats.fills_skipped++;
+    if (!serve) { /* read the source for this request only */
+        to_source[i] = true;
+        *any = true;
+    }
+    return true;
 }
 
 static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op_status);
@@ -6898,7 +6964,9 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
     int64_t now = flash__now(ctx), lag = (int64_t)ctx->desc.lag_window_ms;
     bool *to_source = (bool *)flash_calloc(ctx, eb->n, sizeof *to_source);
     bool any = false;
-    if (!to_source) {
+    size_t nback = 0; /* stale leases handed back (inside the lag window) */
+    flash_cache_item *back = items ? (flash_cache_item *)flash_calloc(ctx, eb->n, sizeof *back) : NULL;
+    if (!to_source || (items && !back)) {
         for (i = 0; i < eb->n; i++) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
         return;
     }
@@ -6941,6 +7009,10 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
             st = FLASH_ENOTFOUND;
             eb->fill[i] = FLASH__FILL_NONE;
         }
+        if (items && items[i].stale && items[i].lease != FLASH_LEASE_NONE && !op_status &&
+            (st == FLASH_OK || st == FLASH_ENOTFOUND) &&
+            flash__eb_stale(eb, i, &items[i], version, to_source, &any, back, &nback))
+            continue;
         if (items && st == FLASH_ENOTFOUND && items[i].lease == FLASH_LEASE_WON) {
             /* This reader won the key's lease: read the source and fill by
                CAS against the stub (a write in between changes it). */
@@ -7084,6 +7156,7 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
             if (eb->wait[i] == 2) eb->wait[i] = 0;
         eb->rereading = false;
     }
+    if (nback) flash__write(ctx, FLASH_CACHE_MARK_STALE, back, nback); /* ttl 0: keep the expiry */
     if (eb->nwait && !eb->canceled) flash__eb_wait(eb, to_source, &any);
     if (any) flash__eb_fetch(eb, to_source);
     flash__eb_maybe_end(eb);
@@ -7580,6 +7653,8 @@ typedef struct flash__tseen {
 
 typedef struct flash__targets {
     flash_ctx *ctx;
+    flash_cache_item *mark;  /* allowtime with leases: MARK_STALE (one op) */
+    size_t nmark, cap_mark;
     flash_cache_item *hard, *soft, *bump;
     const flash_class **soft_cls;
     size_t nhard, nsoft, nbump, cap_hard, cap_soft, cap_bump;
@@ -7616,7 +7691,7 @@ static flash__tseen *flash__targets_slot(flash__tseen *tab, size_t cap, uint32_t
     }
 }
 
-/* True when key is already in list (0 hard, 1 soft, 2 bump); otherwise it
+/* True when key is already in list (0 hard, 1 soft, 2 bump, 3 mark); otherwise it
    is recorded (key must live as long as t: it is the item's). */
 static bool flash__targets_has(flash__targets *t, uint32_t list, const char *key, size_t len) {
     uint64_t h = flash__hash(key, len) ^ list;
@@ -7660,7 +7735,14 @@ static void flash__targets_key(flash__targets *t, const flash_class *c, const fl
         return;
     }
     flash__memo_drop(ctx, full ? full : key, full ? full_len : len);
-    if (!reset && (c->opts.allowtime_s > 0 || c->opts.invalidation == FLASH_INVALIDATE_STALE)) {
+    if (!reset && c->opts.allowtime_s > 0 && flash__class_lease(ctx, c)) {
+        /* stale-while-revalidate on the server: the value stays, stale for
+           allowtime; one lease reader refreshes it (flash__eb_stale) */
+        if (flash__targets_has(t, 3, key, len)) return;
+        if (!flash__targets_room(t, &t->mark, t->nmark, &t->cap_mark)) return;
+        it = &t->mark[t->nmark++];
+        it->ttl_s = c->opts.allowtime_s;
+    } else if (!reset && (c->opts.allowtime_s > 0 || c->opts.invalidation == FLASH_INVALIDATE_STALE)) {
         size_t old_cap = t->cap_soft;
         if (flash__targets_has(t, 1, key, len)) return;
         if (!flash__targets_room(t, &t->soft, t->nsoft, &t->cap_soft)) return;
@@ -7807,12 +7889,14 @@ static flash_promise *flash__invalidate_run(flash_ctx *ctx, flash__targets *t) {
         flash__fail(ctx, &v->out, t->error, t->message ? t->message : "invalidation: cannot build the keys");
         return &v->out;
     }
-    ctx->stats.invalidations += t->nhard + t->nsoft + t->nbump;
+    ctx->stats.invalidations += t->nhard + t->nsoft + t->nbump + t->nmark;
     v->soft_cls = t->soft_cls;
     if (ctx->desc.cache.vt) { /* without a backend there is nothing to refresh */
         v->reset = t->reset;
         v->nreset = t->nreset;
     }
+    /* absent keys (FLASH_ENOTFOUND) get a marker, as a lost stale-marking does */
+    flash__inv_write(v, FLASH_CACHE_MARK_STALE, t->mark, t->nmark, flash__inv_cas_done);
     flash__inv_write(v, FLASH_CACHE_SET, t->hard, t->nhard, flash__inv_done);
     flash__inv_write(v, FLASH_CACHE_INCR, t->bump, t->nbump, flash__inv_done);
     flash__inv_write(v, FLASH_CACHE_GET, t->soft, t->nsoft, flash__inv_soft_done);

@@ -36,6 +36,11 @@ FLASH_GET_KEYS(BumpAccount, (id))
    fills by CAS against it. */
 FLASH_MODEL_OPT(LeaseAccount, ACCOUNT_FIELDS, .lease_s = 5)
 FLASH_GET_KEYS(LeaseAccount, (id))
+/* Stale-while-revalidate on the server (allowtime with leases): a write
+   marks the value stale (MARK_STALE) for allowtime; one lease reader
+   refreshes it by CAS, the others are served the stale value. */
+FLASH_MODEL_OPT(SwrAccount, ACCOUNT_FIELDS, .allowtime_s = 10, .lease_s = 5)
+FLASH_GET_KEYS(SwrAccount, (id))
 
 static int64_t fake_now = 1700000000000;
 static int64_t fake_clock(void *ud) {
@@ -53,11 +58,13 @@ static int64_t fake_clock(void *ud) {
      MODE_BUMP      an UNSET class whose writer flushes by hand
                     (flash_bump_version) instead of invalidating rows
      MODE_LEASE     UNSET with leases on misses (issue 17): a cold reader
-                    wins a stub and fills by CAS against it */
+                    wins a stub and fills by CAS against it
+     MODE_SWR       allowtime with leases (issue 17): stale-while-revalidate
+                    on the server (MARK_STALE; one lease reader refreshes) */
 typedef enum mode { MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_STALE, MODE_RESET, MODE_DYN_SOFT, MODE_BUMP, MODE_OFF,
-                    MODE_LEASE } mode;
+                    MODE_LEASE, MODE_SWR } mode;
 static const char *const mode_names[] = {"unset", "dynamic", "allowtime", "stale", "reset", "dynamic+allowtime", "bump", "off",
-                                         "lease"};
+                                         "lease", "stale-while-revalidate"};
 /* Every mode that must stay consistent. */
 static const mode good_modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE_STALE, MODE_RESET, MODE_DYN_SOFT, MODE_BUMP};
 #define NGOOD ((int)(sizeof good_modes / sizeof good_modes[0]))
@@ -65,17 +72,21 @@ static const mode good_modes[] = {MODE_UNSET, MODE_DYNAMIC, MODE_ALLOWTIME, MODE
 static const flash_model *model_of(mode m) {
     static const flash_model *const ms[] = {&Account_model,      &DynAccount_model,     &SoftAccount_model,
                                             &StaleAccount_model, &ResetAccount_model,   &DynSoftAccount_model,
-                                            &BumpAccount_model,  &OffAccount_model,     &LeaseAccount_model};
+                                            &BumpAccount_model,  &OffAccount_model,     &LeaseAccount_model,
+                                            &SwrAccount_model};
     return ms[m];
 }
 static const flash_class *class_of(mode m) {
     static const flash_class *const cs[] = {&Account__get_by_id,      &DynAccount__get_by_id,   &SoftAccount__get_by_id,
                                             &StaleAccount__get_by_id, &ResetAccount__get_by_id, &DynSoftAccount__get_by_id,
-                                            &BumpAccount__get_by_id,  &OffAccount__get_by_id,   &LeaseAccount__get_by_id};
+                                            &BumpAccount__get_by_id,  &OffAccount__get_by_id,   &LeaseAccount__get_by_id,
+                                            &SwrAccount__get_by_id};
     return cs[m];
 }
 /* Served stale values, by design, until this much later. */
-static int64_t stale_bound_ms(mode m) { return m == MODE_ALLOWTIME || m == MODE_DYN_SOFT ? 11000 : 0; }
+static int64_t stale_bound_ms(mode m) {
+    return m == MODE_ALLOWTIME || m == MODE_DYN_SOFT || m == MODE_SWR ? 11000 : 0;
+}
 
 /* Broken on purpose: the backend stores every CAS fill blindly. */
 static bool blind_cas;
@@ -314,16 +325,24 @@ static bool run_scenario(const scenario *s, store_fn make_store, int64_t id, cha
     cr_assert_eq(flash_promise_error(r), 0, "the reader failed: %s", flash_promise_message(r));
     const char *got = ((Account *)flash_promise_value(r))->name;
     cr_assert(strcmp(got, "old") == 0 || strcmp(got, "new") == 0);
+    int miss_at = 0, inv_at = 0;
+    for (int i = 0; i < 5; i++) {
+        if (s->steps[i] == R_MISS) miss_at = i;
+        if (s->steps[i] == W_INVALIDATE) inv_at = i;
+    }
     if (s->m == MODE_LEASE && s->from == START_COLD && (w.store.vt->caps & FLASH_CACHE_CAP_LEASES)) {
         /* a cold key the reader asks for before the writer's marker: a
            lease the reader wins (after the marker: a plain marker miss) */
-        int miss_at = 0, inv_at = 0;
-        for (int i = 0; i < 5; i++) {
-            if (s->steps[i] == R_MISS) miss_at = i;
-            if (s->steps[i] == W_INVALIDATE) inv_at = i;
-        }
         cr_assert_eq(flash_ctx_stats(w.reader).lease_wins, miss_at < inv_at ? 1u : 0u,
                      "a cold start is a lease the reader wins");
+    }
+    if (s->m == MODE_SWR && s->from == START_MARKED && miss_at < inv_at && (w.store.vt->caps & FLASH_CACHE_CAP_LEASES)) {
+        /* the earlier write's stale mark, past its lag window: the reader
+           is served the stale value and wins its refresh */
+        flash_stats st = flash_ctx_stats(w.reader);
+        cr_assert_eq(st.stale_hits, 1);
+        cr_assert_eq(st.stale_refreshes, 1);
+        cr_assert_str_eq(got, "old");
     }
 
     /* The invariant: after the writer's invalidation no reader sees the old
@@ -558,4 +577,24 @@ FLASH_TEST(consistency, leases_with_a_blind_fill_are_caught) {
     blind_cas = false;
     cr_assert_gt(bad, 0, "a fill without CAS must leave stale values");
     cr_log_info("blind fill: %d of %d schedules inconsistent", bad, runs);
+}
+
+/* Stale-while-revalidate on the server, on the memory backend, whose TTLs
+   run on the scenario's fake clock as the contexts' lag windows do (on
+   memcached and Redis the stale mark lives on the server's own clock: see
+   tests/test_hotkeys.c for them). */
+FLASH_TEST(consistency, stale_while_revalidate_every_schedule_on_the_memory_backend_ends_consistent) {
+    mode modes[] = {MODE_SWR};
+    cr_assert_eq(run_all(modes, 1, memory_store, 12000, "memory backend, stale-while-revalidate"), 3 * 2 * 10);
+    cr_assert_eq(run_stream(modes, 1, memory_store, 12500, "memory backend, stale-while-revalidate"), 3 * 2 * 10);
+}
+
+FLASH_TEST(consistency, stale_while_revalidate_with_a_blind_fill_is_caught) {
+    mode modes[] = {MODE_SWR};
+    int runs = 0;
+    blind_cas = true;
+    int bad = run_writer(WR_DIRECT, modes, 1, memory_store, 13000, "memory backend, stale-while-revalidate, blind fill",
+                         true, &runs);
+    blind_cas = false;
+    cr_assert_gt(bad, 0, "a refresh without CAS must leave stale values");
 }

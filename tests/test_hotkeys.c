@@ -25,6 +25,10 @@ FLASH_GET_KEYS(Hot, (id))
 FLASH_MODEL_OPT(HotLeased, HOT_FIELDS, .lease_s = 5)
 FLASH_GET_KEYS(HotLeased, (id))
 
+/* allowtime with leases: stale-while-revalidate on the server */
+FLASH_MODEL_OPT(HotSwr, HOT_FIELDS, .allowtime_s = 3, .lease_s = 5)
+FLASH_GET_KEYS(HotSwr, (id))
+
 #define HK_TEST(name)                                                        \
     static void hk_body_##name(void);                                        \
     FLASH_TEST(hotkeys, name) {                                              \
@@ -299,3 +303,136 @@ HK_TEST(only_cache_takes_no_lease_and_a_backend_without_leases_is_plain) {
     gate_destroy(g);
     henv_stop(&e);
 }
+
+/* ---- stale-while-revalidate on the server (allowtime with leases) ---- */
+
+static int read_many(henv *e, int n, int64_t id, const char *want, flash_stats *sum) {
+    flash_ctx *ctx[16];
+    flash_promise *ps[16];
+    flash_value k = flash_v_i64(id);
+    cr_assert_leq(n, 16);
+    for (int i = 0; i < n; i++) ctx[i] = hctx(e, 0, 0, flash_table_source(e->db));
+    for (int i = 0; i < n; i++) ps[i] = flash_query_async(ctx[i], &HotSwr__get_by_id, &k, 1, 0);
+    run_until_settled(e, ps, n);
+    memset(sum, 0, sizeof *sum);
+    for (int i = 0; i < n; i++) {
+        cr_assert_str_eq(name_of(ps[i]), want, "reader %d", i);
+        flash_stats st = flash_ctx_stats(ctx[i]);
+        sum->stale_hits += st.stale_hits;
+        sum->stale_refreshes += st.stale_refreshes;
+        sum->cache_hits += st.cache_hits;
+        sum->writes += st.writes;
+        flash_ctx_destroy(ctx[i]);
+    }
+    return n;
+}
+
+/* A hot key invalidated under reads: one op marks it stale; inside the lag
+   window every reader is served the stale value and nobody reads the
+   source; after it, of 16 readers in one tick one refreshes (one source
+   read) and all are served; then the new row is a plain hit. */
+static void stale_one_refresh(int kind) {
+    henv e;
+    henv_start(&e, kind);
+    Hot v1 = {20, "v1"}, v2 = {20, "v2"};
+    flash_stats sum;
+    cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v1), 0);
+    read_many(&e, 1, 20, "v1", &sum); /* cached */
+    cr_assert_eq(flash_table_keys_fetched(e.db), 1);
+    flash_ctx *w = hctx(&e, 0, 0, flash_table_source(e.db));
+    cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v2), 0);
+    flash_stats before = flash_ctx_stats(w);
+    cr_assert_eq(flash_invalidate(w, &HotSwr_model, &v1, &v2), 0);
+    flash_stats after = flash_ctx_stats(w);
+    cr_assert_eq(after.writes - before.writes, 1, "one cache operation per invalidation");
+    read_many(&e, 8, 20, "v1", &sum); /* inside the lag window */
+    cr_assert_eq(sum.stale_hits, 8);
+    cr_assert_eq(sum.stale_refreshes, 0);
+    cr_assert_eq(flash_table_keys_fetched(e.db), 1, "no source read inside the lag window");
+    flash_test_sleep_ms(1300); /* past the lag window (memcached counts whole seconds) */
+    read_many(&e, 16, 20, "v1", &sum);
+    cr_assert_eq(sum.stale_hits, 16);
+    cr_assert_eq(sum.stale_refreshes, 1, "one reader refreshes");
+    cr_assert_eq(flash_table_keys_fetched(e.db), 2, "one source read for the invalidation");
+    read_many(&e, 4, 20, "v2", &sum);
+    cr_assert_eq(sum.cache_hits, 4);
+    cr_assert_eq(sum.stale_hits, 0);
+    cr_assert_eq(flash_table_keys_fetched(e.db), 2);
+    flash_ctx_destroy(w);
+    henv_stop(&e);
+}
+
+HK_TEST(stale_one_refresh_memory) { stale_one_refresh(MEMORY); }
+HK_TEST(stale_one_refresh_memcached) { stale_one_refresh(MEMCACHED); }
+HK_TEST(stale_one_refresh_redis) { stale_one_refresh(REDIS); }
+
+/* The refresher reads the old row, a second write marks the key again
+   before its fill: the fill fails (CAS), the stale value stays stale, and
+   the next refresh brings the newest row. A refresher that never fills
+   (its context is gone): the stale value is served at most allowtime,
+   then the key is a miss. */
+static void stale_refresh_races(int kind) {
+    henv e;
+    henv_start(&e, kind);
+    Hot v1 = {21, "v1"}, v2 = {21, "v2"}, v3 = {21, "v3"};
+    flash_stats sum;
+    cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v1), 0);
+    read_many(&e, 1, 21, "v1", &sum);
+    flash_ctx *w = hctx(&e, 0, 0, flash_table_source(e.db));
+    cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v2), 0);
+    cr_assert_eq(flash_invalidate(w, &HotSwr_model, &v1, &v2), 0);
+    flash_test_sleep_ms(1300);
+    /* the refresher: its source answers when released, its fill waits at a gate */
+    gated_source *gs = gated_source_create(e.db, flash_poll_loop(e.p));
+    gate *g = gate_create(e.c, flash_poll_loop(e.p));
+    flash_desc d;
+    memset(&d, 0, sizeof d);
+    d.cache = gate_cache(g);
+    flash_ctx *a = flash_ctx_create(&d);
+    cr_assert_eq(flash_poll_attach(a, e.p), 0);
+    flash_ctx_set_source(a, NULL, gated_source_get(gs));
+    flash_value k = flash_v_i64(21);
+    flash_promise *pa = flash_query_async(a, &HotSwr__get_by_id, &k, 1, 0);
+    run_until_settled(&e, &pa, 1);
+    cr_assert_str_eq(name_of(pa), "v1", "served stale");
+    cr_assert_eq(flash_ctx_stats(a).stale_refreshes, 1);
+    gate_shut(g, true);
+    cr_assert(gated_source_release(gs)); /* reads v2 */
+    cr_assert_eq(gate_waiting(g), 1);
+    cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v3), 0);
+    cr_assert_eq(flash_invalidate(w, &HotSwr_model, &v2, &v3), 0); /* marks it again */
+    gate_shut(g, false);
+    while (gate_waiting(g)) gate_release(g); /* the refresh: refused */
+    read_many(&e, 4, 21, "v1", &sum); /* still the stale value: the refresh did not land */
+    cr_assert_eq(sum.stale_hits, 4);
+    flash_test_sleep_ms(1300);
+    read_many(&e, 4, 21, "v1", &sum); /* one of them refreshes now */
+    cr_assert_eq(sum.stale_refreshes, 1);
+    read_many(&e, 4, 21, "v3", &sum);
+    cr_assert_eq(sum.cache_hits, 4);
+    /* a refresher that never fills: stale for at most allowtime (3 s) */
+    Hot v4 = {21, "v4"};
+    cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v4), 0);
+    cr_assert_eq(flash_invalidate(w, &HotSwr_model, &v3, &v4), 0);
+    int64_t marked = flash_test_now_ms();
+    flash_test_sleep_ms(1300);
+    flash_ctx_reset(a);
+    pa = flash_query_async(a, &HotSwr__get_by_id, &k, 1, 0);
+    run_until_settled(&e, &pa, 1);
+    cr_assert_str_eq(name_of(pa), "v3");
+    cr_assert_eq(gated_source_waiting(gs), 1, "the refresher reads the source");
+    flash_ctx_destroy(a); /* and is gone */
+    read_many(&e, 2, 21, "v3", &sum); /* stale, nobody refreshes */
+    cr_assert_eq(sum.stale_refreshes, 0);
+    flash_test_sleep_ms((int)(3000 + 1100 - (flash_test_now_ms() - marked)));
+    read_many(&e, 2, 21, "v4", &sum); /* the stale value expired with its mark */
+    cr_assert_eq(sum.stale_hits, 0);
+    flash_ctx_destroy(w);
+    gate_destroy(g);
+    gated_source_destroy(gs);
+    henv_stop(&e);
+}
+
+HK_TEST(stale_refresh_races_memory) { stale_refresh_races(MEMORY); }
+HK_TEST(stale_refresh_races_memcached) { stale_refresh_races(MEMCACHED); }
+HK_TEST(stale_refresh_races_redis) { stale_refresh_races(REDIS); }
