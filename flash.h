@@ -6214,6 +6214,7 @@ static void flash__fetch_finish(flash_fetch *f) {
     else if (ctx->fetches == f) ctx->fetches = f->next_live;
     if (f->next_live) f->next_live->prev_live = f->prev_live;
     f->prev_live = f->next_live = NULL;
+    if (f->gen == ctx->gen) ctx->inflight--;
     flash__unhold(ctx, f->gen);
 }
 
@@ -6678,6 +6679,9 @@ static void flash__eb_fetch(flash__eb *eb, const bool *to_source) {
     }
     for (j = 0; j < nf; j++) {
         fs[j]->gen = flash__hold(ctx);
+        /* in flight until it answers: a refresh of keys already answered
+           stale keeps the context busy too (flash_run, flash_ctx_busy) */
+        ctx->inflight++;
         if (tail) tail->next_in_eb = fs[j];
         else eb->fetches = fs[j];
         tail = fs[j];
