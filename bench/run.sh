@@ -27,6 +27,14 @@
 #              stream into memcached: a wal_level=logical cluster (initdb, a
 #              few seconds) and a memcached started here; row changes/s, the
 #              ratio to decoding alone, lag p50/p99 (bench/changes_bench.c)
+#   hotkeys    (only when named: BENCH_PARTS=hotkeys) hot keys over real
+#              memcached processes started by the program: 4 processes x 16
+#              requests cold-reading one key (source reads, without and with
+#              leases), a hot key invalidated under reads (source reads and
+#              cache ops per invalidation, age of stale reads: markers,
+#              leases, allowtime, allowtime + leases), one of 3 servers killed
+#              under load (source reads/s without and with a gutter pool)
+#              (bench/hotkey_bench.c)
 #
 # Prints one table per part; exits non-zero when a required peer could not be
 # run, the peers did different work, a count did not verify, or memory grew.
@@ -70,7 +78,7 @@ mkdir -p "$out"
 [ "$RUNS" -ge 5 ] || note "BENCH_RUNS=$RUNS: fewer than 5 runs, medians are weak"
 [ "$MC_REPS" -ge 1 ] 2>/dev/null || fail "BENCH_MC_REPS must be a number"
 for p in $PARTS; do
-    case $p in loader | memcached | redis | scale | changes) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached, redis, scale, changes)" ;; esac
+    case $p in loader | memcached | redis | scale | changes | hotkeys) ;; *) fail "BENCH_PARTS: unknown part '$p' (loader, memcached, redis, scale, changes, hotkeys)" ;; esac
 done
 
 as_root() { [ "$(id -u)" = 0 ]; }
@@ -86,7 +94,7 @@ fmt() { awk -v x="$1" -v d="${2:-1}" 'BEGIN { if (x == "nan" || x == "") print "
 
 # ---- memcached + libmemcached-dev (the memcached part; before the build) -----
 # ---- redis-server + redis-cli + memcached (the redis part) --------------------
-if has_part memcached || has_part redis || has_part scale; then
+if has_part memcached || has_part redis || has_part scale || has_part hotkeys; then
     mc_need=()
     command -v memcached >/dev/null 2>&1 || mc_need+=(memcached)
     if has_part memcached || has_part scale; then
@@ -119,6 +127,7 @@ has_part memcached && bins+=(out/memcached_bench out/mc_cost_bench)
 has_part redis && bins+=(out/redis_bench)
 has_part scale && bins+=(out/loader_bench out/memcached_bench)
 has_part changes && bins+=(out/changes_bench)
+has_part hotkeys && bins+=(out/hotkey_bench)
 if [ "${1:-}" != --no-build ]; then
     make -s -C "$here" "${bins[@]}"
 fi
@@ -906,6 +915,34 @@ if has_part changes; then
     printf '   %-62s %12s\n' "  p99 ms" "$(fmt "$p99" 0)"
     verdict=$(awk -v x="$bulk" 'BEGIN { if (x == "nan" || x == "") print "n/a"; else if (x >= 50000) print "met"; else print "NOT met" }')
     echo "   target >= 50,000 row changes/s (bulk): $verdict"
+fi
+
+# ==== hotkeys (on demand): leases, stale serving, the gutter pool ===============
+if has_part hotkeys; then
+    HRUNS=$((RUNS < 3 ? RUNS : 3))
+    note "$HRUNS runs of hotkey_bench (it starts its own memcached servers)"
+    rm -f "$out"/hotkeys.*
+    for r in $(seq 1 "$HRUNS"); do
+        "$out/hotkey_bench" "$(command -v memcached)" 20 >"$out/hotkeys.$r" 2>"$out/err.hotkeys.$r" \
+            || { cat "$out/err.hotkeys.$r" >&2; fail "hotkey_bench failed in run $r"; }
+    done
+    hval() { awk -v p="$1" -v v="$2" -v f="$3" '$1 == p && $2 == v { for (i = 3; i <= NF; i++) { split($i, kv, "="); if (kv[1] == f) print kv[2] } }' "$out"/hotkeys.[0-9]* | median; }
+    echo
+    echo "== hot keys over memcached (bench/hotkey_bench.c; medians of $HRUNS runs; 4 reader processes x 16 requests; a source read takes 5 ms)"
+    printf '   %-66s %10s %10s\n' "one cold key, 64 requests at once: source reads" "plain" "leases"
+    printf '   %-66s %10s %10s\n' "  median of 20 rounds" "$(fmt "$(hval herd plain source_reads_median)" 0)" "$(fmt "$(hval herd leases source_reads_median)" 0)"
+    printf '   %-66s %10s %10s\n' "  worst round" "$(fmt "$(hval herd plain source_reads_max)" 0)" "$(fmt "$(hval herd leases source_reads_max)" 0)"
+    echo "   a hot key invalidated every 600 ms under ~40k reads/s (8 invalidations):"
+    printf '   %-22s %14s %12s %14s %12s %12s\n' "" "source reads" "writer ops" "reader writes" "stale age" "stale age"
+    printf '   %-22s %14s %12s %14s %12s %12s\n' "" "/ invalidation" "/ inval." "/ inval." "p99 ms <=" "max ms"
+    for v in markers leases allowtime allowtime+leases; do
+        printf '   %-22s %14s %12s %14s %12s %12s\n' "$v" "$(fmt "$(hval inval "$v" source_reads_per_inval)" 2)" \
+            "$(fmt "$(hval inval "$v" writer_ops_per_inval)" 2)" "$(fmt "$(hval inval "$v" reader_writes_per_inval)" 1)" \
+            "$(fmt "$(hval inval "$v" 'stale_age_p99_ms<')" 0)" "$(fmt "$(hval inval "$v" stale_age_max_ms)" 0)"
+    done
+    printf '   %-66s %10s %10s\n' "one of 3 servers killed under load: source reads/s in the 3 s after" "no gutter" "gutter"
+    printf '   %-66s %10s %10s\n' "" "$(fmt "$(hval gutter no-gutter source_reads_per_s_after_kill)" 0)" "$(fmt "$(hval gutter gutter source_reads_per_s_after_kill)" 0)"
+    printf '   %-66s %10s %10s\n' "  reads/s meanwhile" "$(fmt "$(hval gutter no-gutter reads_per_s)" 0)" "$(fmt "$(hval gutter gutter reads_per_s)" 0)"
 fi
 
 exit $status
