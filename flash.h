@@ -627,8 +627,9 @@ typedef struct flash_cache_item {
                            WON (cas: the stub's) or LOST */
     bool stale;         /* GET out: the value was marked stale (lease reads) */
     int64_t ttl_left_ms; /* GET out (lease reads that found the key): its
-                           remaining lifetime in ms, -1 none, 0 unknown
-                           (memcached: whole seconds) */
+                           remaining lifetime in ms, -1 none, 0 unknown;
+                           never less than the true one (memcached: whole
+                           seconds, rounded up by one) */
 } flash_cache_item;
 
 typedef struct flash_cache_op flash_cache_op;

@@ -26,7 +26,7 @@ FLASH_MODEL_OPT(HotLeased, HOT_FIELDS, .lease_s = 5)
 FLASH_GET_KEYS(HotLeased, (id))
 
 /* allowtime with leases: stale-while-revalidate on the server */
-FLASH_MODEL_OPT(HotSwr, HOT_FIELDS, .allowtime_s = 3, .lease_s = 5)
+FLASH_MODEL_OPT(HotSwr, HOT_FIELDS, .allowtime_s = 5, .lease_s = 5)
 FLASH_GET_KEYS(HotSwr, (id))
 
 #define HK_TEST(name)                                                        \
@@ -349,7 +349,7 @@ static void stale_one_refresh(int kind) {
     cr_assert_eq(sum.stale_hits, 8);
     cr_assert_eq(sum.stale_refreshes, 0);
     cr_assert_eq(flash_table_keys_fetched(e.db), 1, "no source read inside the lag window");
-    flash_test_sleep_ms(1300); /* past the lag window (memcached counts whole seconds) */
+    flash_test_sleep_ms(2300); /* past the lag window (memcached: whole seconds, rounded against us) */
     read_many(&e, 16, 20, "v1", &sum);
     cr_assert_eq(sum.stale_hits, 16);
     cr_assert_eq(sum.stale_refreshes, 1, "one reader refreshes");
@@ -381,7 +381,7 @@ static void stale_refresh_races(int kind) {
     flash_ctx *w = hctx(&e, 0, 0, flash_table_source(e.db));
     cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v2), 0);
     cr_assert_eq(flash_invalidate(w, &HotSwr_model, &v1, &v2), 0);
-    flash_test_sleep_ms(1300);
+    flash_test_sleep_ms(2300);
     /* the refresher: its source answers when released, its fill waits at a gate */
     gated_source *gs = gated_source_create(e.db, flash_poll_loop(e.p));
     gate *g = gate_create(e.c, flash_poll_loop(e.p));
@@ -405,17 +405,17 @@ static void stale_refresh_races(int kind) {
     while (gate_waiting(g)) gate_release(g); /* the refresh: refused */
     read_many(&e, 4, 21, "v1", &sum); /* still the stale value: the refresh did not land */
     cr_assert_eq(sum.stale_hits, 4);
-    flash_test_sleep_ms(1300);
+    flash_test_sleep_ms(2300);
     read_many(&e, 4, 21, "v1", &sum); /* one of them refreshes now */
     cr_assert_eq(sum.stale_refreshes, 1);
     read_many(&e, 4, 21, "v3", &sum);
     cr_assert_eq(sum.cache_hits, 4);
-    /* a refresher that never fills: stale for at most allowtime (3 s) */
+    /* a refresher that never fills: stale for at most allowtime (5 s) */
     Hot v4 = {21, "v4"};
     cr_assert_eq(flash_table_put(e.db, &HotSwr_model, &v4), 0);
     cr_assert_eq(flash_invalidate(w, &HotSwr_model, &v3, &v4), 0);
     int64_t marked = flash_test_now_ms();
-    flash_test_sleep_ms(1300);
+    flash_test_sleep_ms(2300);
     flash_ctx_reset(a);
     pa = flash_query_async(a, &HotSwr__get_by_id, &k, 1, 0);
     run_until_settled(&e, &pa, 1);
@@ -424,7 +424,7 @@ static void stale_refresh_races(int kind) {
     flash_ctx_destroy(a); /* and is gone */
     read_many(&e, 2, 21, "v3", &sum); /* stale, nobody refreshes */
     cr_assert_eq(sum.stale_refreshes, 0);
-    flash_test_sleep_ms((int)(3000 + 1100 - (flash_test_now_ms() - marked)));
+    flash_test_sleep_ms((int)(5000 + 1100 - (flash_test_now_ms() - marked)));
     read_many(&e, 2, 21, "v4", &sum); /* the stale value expired with its mark */
     cr_assert_eq(sum.stale_hits, 0);
     flash_ctx_destroy(w);

@@ -36,7 +36,9 @@
      LEASES (FLASH_CACHE_CAP_LEASES): GET items with lease_s > 0 go after the
      server's `gets` as pipelined `mg <key> v c f N<lease_s> t O<n>`, closed by
      `mn`; the W/Z/X returned flags become item.lease and item.stale, and a
-     0-byte value (the stub `N` creates) is FLASH_ENOTFOUND. MARK_STALE is
+     0-byte value (the stub `N` creates) is FLASH_ENOTFOUND; item.ttl_left_ms
+     is the `t` flag plus one second (whole seconds, rounded so that an age
+     computed from it is never overstated). MARK_STALE is
      `md <key> I T<ttl>`. A store (the winner's `ms ... C<cas>`) replaces a
      stub or a stale value with a fresh one; a write in between changed the
      cas, so a late fill gets FLASH_ENOTSTORED.
@@ -717,7 +719,11 @@ static int flash__mc_apply_lease(flash__mc_server *s, flash__mc_req *req, const 
     it->status = flash__mc_take_value(s->mc, os, it, r);
     it->lease = (uint8_t)(r->win ? FLASH_LEASE_WON : r->lost ? FLASH_LEASE_LOST : FLASH_LEASE_NONE);
     it->stale = r->stale;
-    it->ttl_left_ms = !r->has_ttl ? 0 : r->ttl < 0 ? -1 : r->ttl * 1000;
+    /* memcached counts whole seconds on a clock that ticks once a second:
+       the true remaining lifetime is at most t s, and the time since the
+       TTL was set at least (TTL - t - 1) s; report t + 1 s, so that
+       "TTL minus ttl_left" never overstates an age (the lag window). */
+    it->ttl_left_ms = !r->has_ttl ? 0 : r->ttl < 0 ? -1 : (r->ttl + 1) * 1000;
     if (!it->status && !it->value_len) { /* a stub: no value yet */
         it->status = FLASH_ENOTFOUND;
         it->value = NULL;
