@@ -10,7 +10,9 @@
                (lease_s = 5). Target with leases: 1.
      inval     the readers read one hot key in waves (CONC requests per
                wave, a wave per ms per process) while the parent updates
-               its row and invalidates it every INVAL_MS; per invalidation:
+               its row and invalidates it every INVAL_MS (2 s: memcached
+               tells a stale mark's age in whole seconds, and a refresh
+               waits until it is surely past the lag window); per invalidation:
                source reads, the writer's cache operations, the readers'
                cache writes (fills, refresh locks, handed-back leases), and
                the age of stale reads (now minus the time of the write that
@@ -48,8 +50,8 @@
 #define PROCS 4
 #define CONC 16
 #define SRC_MS 5
-#define INVAL_MS 600
-#define NINVAL 8
+#define INVAL_MS 2000
+#define NINVAL 5
 #define KEYS 3000
 
 /* One model per variant, so that an invalidation touches one class. */
