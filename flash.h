@@ -6808,7 +6808,7 @@ static uint32_t flash__lease_of(flash_ctx *ctx, const flash__query *q) {
    stale value, or wait when there is none (a stub marked stale). Returns
    true when the key needs no more classification. */
 static bool flash__eb_stale(flash__eb *eb, size_t i, flash_cache_item *it, uint64_t version, bool *to_source,
-                            bool *any, flash_cache_item *back, size_t *nback) {
+                            bool *any, flash_cache_item **back, size_t *nback) {
     flash_ctx *ctx = eb->ctx;
     flash__query *q = eb->qs[i];
     int64_t allow = (int64_t)q->cls->opts.allowtime_s * 1000, age;
@@ -6847,9 +6847,14 @@ static bool flash__eb_stale(flash__eb *eb, size_t i, flash_cache_item *it, uint6
         return true;
     }
     /* inside the lag window: no fill; the lease goes back */
-    back[*nback].key = q->key;
-    back[*nback].key_len = q->key_len;
-    (*nback)++;
+    /* (allocated on first use: a get-many of n keys should not clear n
+       items for the rare hand-back; without memory the lease just expires) */
+    if (!*back) *back = (flash_cache_item *)flash_calloc(ctx, eb->n, sizeof **back);
+    if (*back) {
+        (*back)[*nback].key = q->key;
+        (*back)[*nback].key_len = q->key_len;
+        (*nback)++;
+    }
     ctx->stats.fills_skipped++;
     if (!serve) { /* read the source for this request only */
         to_source[i] = true;
@@ -6970,8 +6975,8 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
     bool *to_source = (bool *)flash_calloc(ctx, eb->n, sizeof *to_source);
     bool any = false;
     size_t nback = 0; /* stale leases handed back (inside the lag window) */
-    flash_cache_item *back = items ? (flash_cache_item *)flash_calloc(ctx, eb->n, sizeof *back) : NULL;
-    if (!to_source || (items && !back)) {
+    flash_cache_item *back = NULL;
+    if (!to_source) {
         for (i = 0; i < eb->n; i++) flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
         return;
     }
@@ -7016,7 +7021,7 @@ static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op
         }
         if (items && items[i].stale && items[i].lease != FLASH_LEASE_NONE && !op_status &&
             (st == FLASH_OK || st == FLASH_ENOTFOUND) &&
-            flash__eb_stale(eb, i, &items[i], version, to_source, &any, back, &nback))
+            flash__eb_stale(eb, i, &items[i], version, to_source, &any, &back, &nback))
             continue;
         if (items && st == FLASH_ENOTFOUND && items[i].lease == FLASH_LEASE_WON) {
             /* This reader won the key's lease: read the source and fill by
