@@ -491,3 +491,31 @@ FLASH_TEST(modes, save_on_a_reset_class_writes_through) {
     flash_ctx_destroy(c);
     world_stop();
 }
+
+/* A reset while a RESET write's refresh is in flight: the refresh is
+   cancelled with its request, nothing is touched after (ASan), and the
+   marker stays for the next reader. */
+FLASH_TEST(modes, a_reset_during_a_write_through_refresh) {
+    char buf[64];
+    world_start(ST_MEMORY);
+    ResetMember m = {4, "four", 2};
+    flash_table_put(w.db, &ResetMember_model, &m);
+    flash_ctx *c = request();
+    get(c, ResetMember_get_by_id_async(c, 4));
+    settle(c);
+    m.name = "FOUR";
+    flash_table_put(w.db, &ResetMember_model, &m);
+    flash_promise *p = flash_invalidate_async(c, &ResetMember_model, NULL, &m);
+    /* Run until the markers landed and the refresh asked the source. */
+    uint64_t f0 = flash_table_fetches(w.db);
+    for (int i = 0; i < 100 && flash_table_fetches(w.db) == f0; i++) flash_poll_run_once(w.loop, false);
+    cr_assert_gt(flash_table_fetches(w.db), f0, "the refresh reached the source");
+    cr_assert_eq(flash_promise_state(p), FLASH_PENDING);
+    flash_ctx_reset(c);
+    for (int i = 0; i < 100; i++) flash_poll_run_once(w.loop, false);
+    cr_assert_str_eq(cached_name(&ResetMember__get_by_id, 4, buf, sizeof buf), "");
+    now_ms += 1000;
+    cr_assert_str_eq(((ResetMember *)get(c, ResetMember_get_by_id_async(c, 4)))->name, "FOUR");
+    flash_ctx_destroy(c);
+    world_stop();
+}
