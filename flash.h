@@ -6865,6 +6865,18 @@ static bool flash__eb_stale(flash__eb *eb, size_t i, flash_cache_item *it, uint6
 
 static void flash__eb_after_cache(flash__eb *eb, flash_cache_item *items, int op_status);
 
+/* Out of memory for a re-read: the keys that wait fail with FLASH_ENOMEM. */
+static void flash__eb_fail_waiting(flash__eb *eb) {
+    size_t i;
+    for (i = 0; i < eb->n; i++) {
+        if (!eb->wait[i]) continue;
+        eb->wait[i] = 0;
+        flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
+    }
+    eb->nwait = 0;
+    flash__eb_maybe_end(eb);
+}
+
 /* The re-read of the keys that wait for another reader's fill. */
 static void flash__engine_reget_done(flash_cache_op *op) {
     flash__eop *o = (flash__eop *)op->data;
@@ -6875,13 +6887,7 @@ static void flash__engine_reget_done(flash_cache_op *op) {
     ctx->stats.cache_round_trips += op->round_trips;
     eb->get = NULL;
     if (!full) {
-        for (i = 0; i < eb->n; i++) {
-            if (!eb->wait[i]) continue;
-            eb->wait[i] = 0;
-            flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
-        }
-        eb->nwait = 0;
-        flash__eb_maybe_end(eb);
+        flash__eb_fail_waiting(eb);
         return;
     }
     for (i = 0; i < eb->n; i++)
@@ -6914,13 +6920,7 @@ static void flash__eb_lease_timer(void *arg) {
     for (i = 0; o && items && i < eb->nver; i++, k++)
         if (flash__version_key(ctx, eb->vcls[i], (char **)&items[k].key, &items[k].key_len)) break;
     if (!o || !items || k != n) {
-        for (i = 0; i < eb->n; i++) {
-            if (!eb->wait[i]) continue;
-            eb->wait[i] = 0;
-            flash_batch_reject(eb->batch, i, FLASH_ENOMEM, NULL);
-        }
-        eb->nwait = 0;
-        flash__eb_maybe_end(eb);
+        flash__eb_fail_waiting(eb);
         return;
     }
     o->ctx = ctx;

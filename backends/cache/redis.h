@@ -447,18 +447,24 @@ static uint64_t flash__redis_le(const char *p, int n) {
     return v;
 }
 
-/* A copy of an error reply's text, kept with the request's values; NULL
-   when out of memory (the key then fails with FLASH_EBACKEND). */
-static const char *flash__redis_errtext(flash__redis *rd, flash__redis_req *req, const flash_redis_reply *r) {
-    flash__redis_val *v = (flash__redis_val *)flash__redis_alloc(rd, sizeof *v + r->len + 1);
+/* A NUL-terminated copy of n bytes, kept with the request's values (freed
+   with them); NULL when out of memory. */
+static char *flash__redis_keep(flash__redis *rd, flash__redis_req *req, const char *src, size_t n) {
+    flash__redis_val *v = (flash__redis_val *)flash__redis_alloc(rd, sizeof *v + n + 1);
     char *p;
     if (!v) return NULL;
     p = (char *)(v + 1);
-    memcpy(p, r->str, r->len);
-    p[r->len] = 0;
+    if (n) memcpy(p, src, n);
+    p[n] = 0;
     v->next = req->vals;
     req->vals = v;
     return p;
+}
+
+/* A copy of an error reply's text; NULL when out of memory (the key then
+   fails with FLASH_EBACKEND). */
+static const char *flash__redis_errtext(flash__redis *rd, flash__redis_req *req, const flash_redis_reply *r) {
+    return flash__redis_keep(rd, req, r->str, r->len);
 }
 
 /* A raw command's reply, element by element, appended as flat records
@@ -567,14 +573,9 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
                                                                                        : FLASH_LEASE_NONE);
             it->ttl_left_ms = pttl < 0 ? -1 : pttl;
             if (n) {
-                flash__redis_val *v = (flash__redis_val *)flash__redis_alloc(rd, sizeof *v + n + 1);
-                st = v ? FLASH_OK : FLASH_ENOMEM;
-                if (v) {
-                    char *p = (char *)(v + 1);
-                    v->next = req->vals;
-                    req->vals = v;
-                    memcpy(p, h + FLASH__REDIS_HDR, n);
-                    p[n] = 0;
+                char *p = flash__redis_keep(rd, req, h + FLASH__REDIS_HDR, n);
+                st = p ? FLASH_OK : FLASH_ENOMEM;
+                if (p) {
                     it->value = p;
                     it->value_len = n;
                 }
@@ -630,14 +631,9 @@ static int flash__redis_apply(flash__redis *rd, const flash_redis_reply *r) {
                 else if (!it) st = FLASH_OK;
                 else {
                     size_t n = r->len - FLASH__REDIS_HDR;
-                    flash__redis_val *v = (flash__redis_val *)flash__redis_alloc(rd, sizeof *v + n + 1);
-                    st = v ? FLASH_OK : FLASH_ENOMEM;
-                    if (v) {
-                        char *p = (char *)(v + 1);
-                        v->next = req->vals;
-                        req->vals = v;
-                        if (n) memcpy(p, r->str + FLASH__REDIS_HDR, n);
-                        p[n] = 0;
+                    char *p = flash__redis_keep(rd, req, r->str + FLASH__REDIS_HDR, n);
+                    st = p ? FLASH_OK : FLASH_ENOMEM;
+                    if (p) {
                         it->value = p;
                         it->value_len = n;
                         it->cas = flash__redis_le(r->str, 8) & FLASH__REDIS_CAS_MASK;
