@@ -416,17 +416,23 @@ FLASH_API bool flash_defer_queued(const flash_defer *d);
    while it runs wait for the next run), plus pooled nodes for defer(). An
    adapter's post/unpost/defer/cancel are push/remove/defer/cancel; it runs
    the queue once per iteration after I/O and keeps its loop from blocking
-   while the queue is not empty. Neither is thread-safe: one per loop. */
+   while the queue is not empty (flash_loop_kit below does all of that but
+   the loop's own part). Neither is thread-safe: one per loop. */
 typedef struct flash_handle_pool {
     flash_allocator alloc;
-    size_t size;
+    size_t size;       /* a handle's, plus the pool's link in front of it */
     void *spare;       /* free list */
+    void *first;       /* the live handles, newest first */
     size_t nspare, live;
+    bool untracked;    /* private: no live list (the queue's own nodes) */
 } flash_handle_pool;
 FLASH_API void flash_handle_pool_init(flash_handle_pool *p, size_t size, const flash_allocator *alloc);
 FLASH_API void *flash_handle_pool_get(flash_handle_pool *p);  /* zeroed; NULL: out of memory */
 FLASH_API void flash_handle_pool_put(flash_handle_pool *p, void *h);
 FLASH_API void flash_handle_pool_clear(flash_handle_pool *p); /* free the spare ones */
+/* The live handles (got and not put), for teardown: h = NULL gives the
+   newest; NULL after the last. Save the next one before putting h back. */
+FLASH_API void *flash_handle_pool_next_live(const flash_handle_pool *p, const void *h);
 
 typedef struct flash_defer_queue {
     flash_defer *first, *last;
@@ -449,6 +455,36 @@ FLASH_API size_t flash_defer_queue_run(flash_defer_queue *q);
 FLASH_API bool flash_defer_queue_empty(const flash_defer_queue *q);
 /* Drop every queued node unrun and free the pool (adapter teardown). */
 FLASH_API void flash_defer_queue_clear(flash_defer_queue *q);
+
+/* flash_loop_kit: the queue and a pool for the adapter's timers and watches,
+   with the vtable's post, unpost and defer made: put the kit first in the
+   adapter's struct (its native pointer is then the kit's) and use
+   flash_loop_kit_post/_unpost/_defer as those slots. The adapter supplies
+   the loop's part: pending(kit, any) is called when the queue turns
+   non-empty (any: keep the loop from blocking and call flash_loop_kit_run
+   after this iteration's I/O) and when it turns empty (any false); inside
+   flash_loop_kit_run it is called once, at the end. NULL: the adapter
+   looks at the queue itself before it blocks (flash_poll does). */
+typedef struct flash_loop_kit {
+    flash_defer_queue defers;
+    flash_handle_pool handles;
+    void (*pending)(struct flash_loop_kit *kit, bool any);
+    bool any, running;
+} flash_loop_kit;
+FLASH_API void flash_loop_kit_init(flash_loop_kit *k, size_t handle_size, const flash_allocator *alloc,
+                                   void (*pending)(flash_loop_kit *kit, bool any));
+FLASH_API void flash_loop_kit_post(void *kit, flash_defer *d);
+FLASH_API void flash_loop_kit_unpost(void *kit, flash_defer *d);
+FLASH_API void *flash_loop_kit_defer(void *kit, flash_loop_fn fn, void *arg);
+/* The defer half of a vtable's cancel: true when handle was a defer's
+   (cancelled now, if it had not run); false: one of the adapter's handles. */
+FLASH_API bool flash_loop_kit_cancel(flash_loop_kit *k, void *handle);
+/* Run the defers queued before this call (those they queue wait for the
+   next run); returns how many ran. */
+FLASH_API size_t flash_loop_kit_run(flash_loop_kit *k);
+/* Teardown: drop queued defers unrun, call drop on each live handle (which
+   may put it back; NULL: put back at once), free the pools' spare memory. */
+FLASH_API void flash_loop_kit_close(flash_loop_kit *k, void (*drop)(void *handle));
 
 /* Attach a loop (adapters wrap this as flash_<loop>_attach(ctx, native)).
    FLASH_ESTATE if the context already has one. Without an attached loop a
@@ -1936,20 +1972,17 @@ static void flash__arena_release(flash_ctx *ctx) {
 }
 
 /* The internal defer-only loop used until an adapter is attached: the
-   adapter kit's queue and pool, nothing else. */
+   adapter kit, nothing else (the smallest adapter there is). */
 typedef struct flash__qloop {
-    flash_defer_queue q;
+    flash_loop_kit kit; /* first: the vtable's native pointer */
 } flash__qloop;
 
-static void *flash__q_defer(void *native, flash_loop_fn fn, void *arg) {
-    return flash_defer_queue_defer(&((flash__qloop *)native)->q, fn, arg);
-}
 static void *flash__q_timer(void *native, uint32_t ms, flash_loop_fn fn, void *arg) {
     (void)native; (void)ms; (void)fn; (void)arg;
     return NULL;
 }
 static void flash__q_cancel(void *native, void *handle) {
-    (void)flash_defer_queue_cancel(&((flash__qloop *)native)->q, handle);
+    (void)flash_loop_kit_cancel(&((flash__qloop *)native)->kit, handle);
 }
 static void *flash__q_io_start(void *native, int fd, int ev, flash_io_fn fn, void *arg) {
     (void)native; (void)fd; (void)ev; (void)fn; (void)arg;
@@ -1963,15 +1996,13 @@ static void flash__q_io_stop(void *native, void *h) { (void)native; (void)h; }
 static int flash__q_run_once(void *native, bool may_block) {
     flash__qloop *q = (flash__qloop *)native;
     (void)may_block;
-    if (flash_defer_queue_empty(&q->q)) return 0;
-    flash_defer_queue_run(&q->q); /* work deferred from here runs next round */
-    return !flash_defer_queue_empty(&q->q);
+    if (flash_defer_queue_empty(&q->kit.defers)) return 0;
+    flash_loop_kit_run(&q->kit); /* work deferred from here runs next round */
+    return !flash_defer_queue_empty(&q->kit.defers);
 }
-static void flash__q_post(void *native, flash_defer *d) { flash_defer_queue_push(&((flash__qloop *)native)->q, d); }
-static void flash__q_unpost(void *native, flash_defer *d) { flash_defer_queue_remove(&((flash__qloop *)native)->q, d); }
 static const flash_loop_vtable flash__qloop_vt = {
-    "queue", flash__q_defer, flash__q_timer, flash__q_cancel, flash__q_io_start,
-    flash__q_io_set, flash__q_io_stop, flash__q_run_once, flash__q_post, flash__q_unpost,
+    "queue", flash_loop_kit_defer, flash__q_timer, flash__q_cancel, flash__q_io_start,
+    flash__q_io_set, flash__q_io_stop, flash__q_run_once, flash_loop_kit_post, flash_loop_kit_unpost,
 };
 
 FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
@@ -2019,7 +2050,7 @@ FLASH_API flash_ctx *flash_ctx_create(const flash_desc *desc) {
         d.allocator.free(ctx, d.allocator.user_data);
         return NULL;
     }
-    flash_defer_queue_init(&ctx->qloop->q, &ctx->desc.allocator);
+    flash_loop_kit_init(&ctx->qloop->kit, 0, &ctx->desc.allocator, NULL);
     ctx->loop.vt = &flash__qloop_vt;
     ctx->loop.native = ctx->qloop;
     ctx->own_queue_loop = true;
@@ -2043,7 +2074,7 @@ FLASH_API void flash_ctx_destroy(flash_ctx *ctx) {
     flash__cancel_drain(ctx);
     flash__release_later(ctx);
     /* Nothing of ours may run after this: drop what is queued unrun. */
-    flash_defer_queue_clear(&ctx->qloop->q);
+    flash_loop_kit_close(&ctx->qloop->kit, NULL);
     flash__free_blocks(ctx, ctx->blocks);
     flash__free_blocks(ctx, ctx->spare);
     while ((z = ctx->zombies) != NULL) {
@@ -3139,12 +3170,25 @@ static void flash__tasks_trim(flash_ctx *ctx) { (void)ctx; }
 
 /* -- the adapter kit -- */
 
-typedef struct flash__pool_node { struct flash__pool_node *next; } flash__pool_node;
+/* Each handle has the pool's link in front of it: the live list (for
+   teardown) and, once put back, the free list. The union keeps the handle
+   after it aligned as malloc's memory is. */
+typedef union flash__pool_link {
+    struct {
+        union flash__pool_link *prev, *next;
+    } l;
+    long double ld;
+    long long ll;
+    void *p;
+} flash__pool_link;
+
+#define FLASH__POOL_HANDLE(k) ((void *)((k) + 1))
+#define FLASH__POOL_LINK(h) ((flash__pool_link *)(h) - 1)
 
 FLASH_API void flash_handle_pool_init(flash_handle_pool *p, size_t size, const flash_allocator *alloc) {
     if (!p) return;
     memset(p, 0, sizeof *p);
-    p->size = size < sizeof(flash__pool_node) ? sizeof(flash__pool_node) : size;
+    p->size = sizeof(flash__pool_link) + (size ? size : 1);
     if (alloc && alloc->alloc && alloc->free) {
         p->alloc = *alloc;
     } else {
@@ -3154,36 +3198,51 @@ FLASH_API void flash_handle_pool_init(flash_handle_pool *p, size_t size, const f
 }
 
 FLASH_API void *flash_handle_pool_get(flash_handle_pool *p) {
-    void *h;
+    flash__pool_link *k;
     if (!p || !p->size) return NULL;
     if (p->spare) {
-        flash__pool_node *n = (flash__pool_node *)p->spare;
-        p->spare = n->next;
+        k = (flash__pool_link *)p->spare;
+        p->spare = k->l.next;
         p->nspare--;
-        h = n;
-    } else if ((h = p->alloc.alloc(p->size, p->alloc.user_data)) == NULL) {
+    } else if ((k = (flash__pool_link *)p->alloc.alloc(p->size, p->alloc.user_data)) == NULL) {
         return NULL;
     }
-    memset(h, 0, p->size);
+    memset(k, 0, p->size);
+    if (!p->untracked) {
+        if ((k->l.next = (flash__pool_link *)p->first) != NULL) k->l.next->l.prev = k;
+        p->first = k;
+    }
     p->live++;
-    return h;
+    return FLASH__POOL_HANDLE(k);
 }
 
 FLASH_API void flash_handle_pool_put(flash_handle_pool *p, void *h) {
-    flash__pool_node *n = (flash__pool_node *)h;
+    flash__pool_link *k;
     if (!p || !h) return;
-    n->next = (flash__pool_node *)p->spare;
-    p->spare = n;
+    k = FLASH__POOL_LINK(h);
+    if (!p->untracked) {
+        *(k->l.prev ? &k->l.prev->l.next : (flash__pool_link **)&p->first) = k->l.next;
+        if (k->l.next) k->l.next->l.prev = k->l.prev;
+    }
+    k->l.next = (flash__pool_link *)p->spare;
+    p->spare = k;
     p->nspare++;
     p->live--;
+}
+
+FLASH_API void *flash_handle_pool_next_live(const flash_handle_pool *p, const void *h) {
+    const flash__pool_link *k;
+    if (!p) return NULL;
+    k = h ? FLASH__POOL_LINK(h)->l.next : (const flash__pool_link *)p->first;
+    return k ? FLASH__POOL_HANDLE(k) : NULL;
 }
 
 FLASH_API void flash_handle_pool_clear(flash_handle_pool *p) {
     if (!p) return;
     while (p->spare) {
-        flash__pool_node *n = (flash__pool_node *)p->spare;
-        p->spare = n->next;
-        p->alloc.free(n, p->alloc.user_data);
+        flash__pool_link *k = (flash__pool_link *)p->spare;
+        p->spare = k->l.next;
+        p->alloc.free(k, p->alloc.user_data);
     }
     p->nspare = 0;
 }
@@ -3200,6 +3259,7 @@ FLASH_API void flash_defer_queue_init(flash_defer_queue *q, const flash_allocato
     q->first = q->last = NULL;
     q->pass = 0;
     flash_handle_pool_init(&q->nodes, sizeof(flash__dnode), alloc);
+    q->nodes.untracked = true; /* the queue knows its nodes */
 }
 
 FLASH_API bool flash_defer_queue_push(flash_defer_queue *q, flash_defer *d) {
@@ -3271,6 +3331,75 @@ FLASH_API void flash_defer_queue_clear(flash_defer_queue *q) {
         if (d->handle == (void *)&q->nodes) flash_handle_pool_put(&q->nodes, d);
     }
     flash_handle_pool_clear(&q->nodes);
+}
+
+/* -- the kit: queue + pool + the vtable's defer half -- */
+
+/* Tell the adapter when the queue turned empty or non-empty; once at the
+   end of a run rather than for each node it takes. */
+static void flash__kit_sync(flash_loop_kit *k) {
+    bool any = k->defers.first != NULL;
+    if (any != k->any && !k->running) {
+        k->any = any;
+        if (k->pending) k->pending(k, any);
+    }
+}
+
+FLASH_API void flash_loop_kit_init(flash_loop_kit *k, size_t handle_size, const flash_allocator *alloc,
+                                   void (*pending)(flash_loop_kit *kit, bool any)) {
+    if (!k) return;
+    memset(k, 0, sizeof *k);
+    flash_defer_queue_init(&k->defers, alloc);
+    flash_handle_pool_init(&k->handles, handle_size, alloc);
+    k->pending = pending;
+}
+
+FLASH_API void flash_loop_kit_post(void *kit, flash_defer *d) {
+    flash_loop_kit *k = (flash_loop_kit *)kit;
+    flash_defer_queue_push(&k->defers, d);
+    flash__kit_sync(k);
+}
+
+FLASH_API void flash_loop_kit_unpost(void *kit, flash_defer *d) {
+    flash_loop_kit *k = (flash_loop_kit *)kit;
+    flash_defer_queue_remove(&k->defers, d);
+    flash__kit_sync(k);
+}
+
+FLASH_API void *flash_loop_kit_defer(void *kit, flash_loop_fn fn, void *arg) {
+    flash_loop_kit *k = (flash_loop_kit *)kit;
+    void *h = flash_defer_queue_defer(&k->defers, fn, arg);
+    flash__kit_sync(k);
+    return h;
+}
+
+FLASH_API bool flash_loop_kit_cancel(flash_loop_kit *k, void *handle) {
+    if (!flash_defer_queue_cancel(&k->defers, handle)) return false;
+    flash__kit_sync(k);
+    return true;
+}
+
+FLASH_API size_t flash_loop_kit_run(flash_loop_kit *k) {
+    size_t ran;
+    bool was_running = k->running;
+    k->running = true; /* a run inside a run (a nested flash_wait) reports at the outer end */
+    ran = flash_defer_queue_run(&k->defers);
+    k->running = was_running;
+    flash__kit_sync(k);
+    return ran;
+}
+
+FLASH_API void flash_loop_kit_close(flash_loop_kit *k, void (*drop)(void *handle)) {
+    void *h, *next;
+    if (!k) return;
+    flash_defer_queue_clear(&k->defers);
+    k->any = false;
+    for (h = flash_handle_pool_next_live(&k->handles, NULL); h; h = next) {
+        next = flash_handle_pool_next_live(&k->handles, h);
+        if (drop) drop(h);
+        else flash_handle_pool_put(&k->handles, h);
+    }
+    flash_handle_pool_clear(&k->handles);
 }
 
 /* -- posting through any loop -- */
@@ -3360,7 +3489,7 @@ FLASH_API void flash_drain(flash_ctx *ctx) {
 FLASH_API int flash_ctx_attach_loop(flash_ctx *ctx, flash_loop loop) {
     if (!ctx || !loop.vt || !loop.vt->defer || !loop.vt->cancel || !loop.vt->run_once) return FLASH_EINVAL;
     if (!ctx->own_queue_loop) return FLASH_ESTATE;
-    if (flash_defer_queued(&ctx->drain) || !flash_defer_queue_empty(&ctx->qloop->q))
+    if (flash_defer_queued(&ctx->drain) || !flash_defer_queue_empty(&ctx->qloop->kit.defers))
         return FLASH_ESTATE; /* attach before use */
     ctx->loop = loop;
     ctx->own_queue_loop = false;

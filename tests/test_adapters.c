@@ -311,3 +311,103 @@ FLASH_TEST(adapters, poll_attach_refusals_and_allocator) {
     flash_poll_destroy(p);
     cr_assert_eq(fa.live, 0);
 }
+
+/* ---- the kit alone, as a third-party adapter would use it ---------------- */
+
+typedef struct kit_adapter {
+    flash_loop_kit kit; /* first: the native pointer */
+    int on, off, in_run_calls;
+    bool running;
+} kit_adapter;
+
+static void kit_pending(flash_loop_kit *k, bool any) {
+    kit_adapter *a = (kit_adapter *)(void *)k;
+    if (a->running) a->in_run_calls++;
+    if (any) a->on++;
+    else a->off++;
+}
+
+static int kit_ran;
+static flash_defer kit_again;
+static void kit_count(void *arg) {
+    kit_adapter *a = (kit_adapter *)arg;
+    kit_ran++;
+    /* a node posted from a run waits for the next run, and the adapter hears
+       nothing until this run ends */
+    if (kit_ran == 1) flash_loop_kit_post(a, &kit_again);
+}
+
+Test(adapters, kit_reports_the_queue_turning_empty_or_not_once) {
+    kit_adapter a;
+    flash_defer d[3];
+    memset(&a, 0, sizeof a);
+    memset(d, 0, sizeof d);
+    memset(&kit_again, 0, sizeof kit_again);
+    flash_loop_kit_init(&a.kit, 32, NULL, kit_pending);
+    for (int i = 0; i < 3; i++) d[i].fn = kit_count, d[i].arg = &a;
+    kit_again.fn = kit_count, kit_again.arg = &a;
+    flash_loop_kit_post(&a, &d[0]);
+    flash_loop_kit_post(&a, &d[1]);
+    cr_assert_eq(a.on, 1, "empty -> queued once, not per post");
+    flash_loop_kit_unpost(&a, &d[0]);
+    cr_assert_eq(a.off, 0, "still one queued");
+    flash_loop_kit_unpost(&a, &d[1]);
+    cr_assert_eq(a.off, 1);
+    void *h = flash_loop_kit_defer(&a, kit_count, &a);
+    cr_assert_not_null(h);
+    cr_assert_eq(a.on, 2);
+    cr_assert(flash_loop_kit_cancel(&a.kit, h), "a defer's handle is the kit's");
+    cr_assert_eq(a.off, 2);
+    cr_assert(!flash_loop_kit_cancel(&a.kit, &d[2]), "not a defer node of the kit");
+
+    kit_ran = 0;
+    flash_loop_kit_post(&a, &d[2]);
+    a.running = true;
+    cr_assert_eq(flash_loop_kit_run(&a.kit), 1, "only what was queued before the run");
+    a.running = false;
+    cr_assert_eq(a.in_run_calls, 0, "nothing reported from inside the run");
+    cr_assert_eq(a.on, 3);
+    cr_assert_eq(a.off, 2, "the run ended with a node queued: still pending");
+    cr_assert_eq(flash_loop_kit_run(&a.kit), 1);
+    cr_assert_eq(kit_ran, 2);
+    cr_assert_eq(a.off, 3, "empty at the end of the run: reported once");
+    flash_loop_kit_close(&a.kit, NULL);
+}
+
+static int kit_dropped;
+static void kit_drop(void *h) {
+    kit_dropped++;
+    memset(h, 0xab, 64); /* the handle's bytes are the adapter's until put back */
+}
+
+Test(adapters, kit_pool_lists_live_handles_and_close_frees_everything) {
+    fail_alloc fa = {0};
+    flash_allocator al = {fa_alloc, fa_free, &fa};
+    flash_loop_kit k;
+    void *hs[5], *h;
+    size_t n = 0;
+    flash_loop_kit_init(&k, 64, &al, NULL);
+    for (int i = 0; i < 5; i++) {
+        cr_assert_not_null(hs[i] = flash_handle_pool_get(&k.handles));
+        cr_assert_eq(((uintptr_t)hs[i]) % sizeof(long double), 0, "aligned as malloc's memory");
+        for (int j = 0; j < 64; j++) cr_assert_eq(((unsigned char *)hs[i])[j], 0, "zeroed");
+    }
+    flash_handle_pool_put(&k.handles, hs[2]);
+    flash_handle_pool_put(&k.handles, hs[4]);
+    for (h = flash_handle_pool_next_live(&k.handles, NULL); h; h = flash_handle_pool_next_live(&k.handles, h)) {
+        cr_assert(h == hs[0] || h == hs[1] || h == hs[3], "only the live ones");
+        n++;
+    }
+    cr_assert_eq(n, 3);
+    cr_assert_eq(k.handles.live, 3);
+    cr_assert_eq(flash_handle_pool_get(&k.handles), hs[4], "the spare one is reused");
+    cr_assert_not_null(flash_loop_kit_defer(&k, kit_count, NULL));
+    kit_dropped = 0;
+    flash_loop_kit_close(&k, kit_drop);
+    cr_assert_eq(kit_dropped, 4, "drop sees every live handle once");
+    /* drop left them live (an adapter whose close completes later, as
+       libuv's): they are the adapter's to put back, then clear */
+    while ((h = flash_handle_pool_next_live(&k.handles, NULL)) != NULL) flash_handle_pool_put(&k.handles, h);
+    flash_handle_pool_clear(&k.handles);
+    cr_assert_eq(fa.live, 0, "every byte back to the allocator");
+}

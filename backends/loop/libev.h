@@ -7,10 +7,10 @@
        flash_libev_close(&ev);        // or ev_loop_destroy(loop), which closes it
 
    All the adapter's state is in the caller's flash_libev: no global list, no
-   lock. Defers are flash.h's flash_defer_queue run by one ev_check at
+   lock. Defers are flash.h's flash_loop_kit queue run by one ev_check at
    EV_MINPRI, after the iteration's I/O and timer callbacks; an ev_idle is on
    while it is not empty, so that the loop polls without blocking. Timers
-   (ev_timer) and watches (ev_io) come from a handle pool: a warm adapter
+   (ev_timer) and watches (ev_io) come from the kit's pool: a warm adapter
    allocates nothing. Include after flash.h (libevent.h: either order); the
    implementation comes with FLASH_IMPLEMENTATION.
 */
@@ -45,12 +45,10 @@ extern "C" {
 #endif
 
 typedef struct flash_libev {
+    flash_loop_kit kit;       /* private, and first: the vtable's native pointer */
     void *data;               /* the caller's */
     /* private: */
     struct ev_loop *loop;
-    flash_defer_queue defers;
-    flash_handle_pool handles;
-    struct flash__ev_h *hs;   /* live timers and watches */
     bool live;
     ev_check check;           /* EV_MINPRI, always on, unref'd: runs the defers */
     ev_idle idle;             /* on while defers are queued: do not block */
@@ -79,7 +77,6 @@ FLASH_API void flash_libev_close(flash_libev *a);
 
 typedef struct flash__ev_h {
     flash_defer d;                   /* first, d.handle NULL: not a defer node; d.fn, d.arg */
-    struct flash__ev_h *prev, *next; /* a->hs */
     flash_libev *a;
     int events;
     bool io, dead;                   /* dead: fired (timers) */
@@ -89,42 +86,20 @@ typedef struct flash__ev_h {
 
 static void flash__ev_idle_cb(struct ev_loop *loop, ev_idle *w, int revents) { (void)loop, (void)w, (void)revents; }
 
-static void flash__ev_sync(flash_libev *a) {
-    if (flash_defer_queue_empty(&a->defers)) ev_idle_stop(a->loop, &a->idle);
-    else ev_idle_start(a->loop, &a->idle);
+static void flash__ev_pending(flash_loop_kit *kit, bool any) {
+    flash_libev *a = (flash_libev *)(void *)kit;
+    if (any) ev_idle_start(a->loop, &a->idle);
+    else ev_idle_stop(a->loop, &a->idle);
 }
 
 static void flash__ev_check_cb(struct ev_loop *loop, ev_check *w, int revents) {
-    flash_libev *a = (flash_libev *)w->data;
     (void)loop, (void)revents;
-    if (flash_defer_queue_empty(&a->defers)) return;
-    flash_defer_queue_run(&a->defers); /* what they queue waits for the next pass */
-    flash__ev_sync(a);
-}
-
-static void flash__ev_post(void *native, flash_defer *d) {
-    flash_libev *a = (flash_libev *)native;
-    if (flash_defer_queue_push(&a->defers, d)) ev_idle_start(a->loop, &a->idle);
-}
-
-static void flash__ev_unpost(void *native, flash_defer *d) {
-    flash_defer_queue_remove(&((flash_libev *)native)->defers, d);
-    flash__ev_sync((flash_libev *)native);
-}
-
-static void *flash__ev_defer(void *native, flash_loop_fn fn, void *arg) {
-    flash_libev *a = (flash_libev *)native;
-    void *h = flash_defer_queue_defer(&a->defers, fn, arg);
-    if (h) ev_idle_start(a->loop, &a->idle); /* returns at once when on */
-    return h;
+    flash_loop_kit_run(&((flash_libev *)w->data)->kit);
 }
 
 static flash__ev_h *flash__ev_new(flash_libev *a) {
-    flash__ev_h *h = (flash__ev_h *)flash_handle_pool_get(&a->handles);
-    if (!h) return NULL;
-    h->a = a;
-    if ((h->next = a->hs) != NULL) h->next->prev = h;
-    a->hs = h;
+    flash__ev_h *h = (flash__ev_h *)flash_handle_pool_get(&a->kit.handles);
+    if (h) h->a = a;
     return h;
 }
 
@@ -134,10 +109,9 @@ static void flash__ev_free(flash__ev_h *h) {
     flash_libev *a = h->a;
     if (h->io) ev_io_stop(a->loop, &h->w.io);
     else ev_timer_stop(a->loop, &h->w.timer);
-    *(h->prev ? &h->prev->next : &a->hs) = h->next;
-    if (h->next) h->next->prev = h->prev;
-    flash_handle_pool_put(&a->handles, h);
+    flash_handle_pool_put(&a->kit.handles, h);
 }
+static void flash__ev_drop(void *h) { flash__ev_free((flash__ev_h *)h); }
 
 static void flash__ev_timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     flash__ev_h *h = (flash__ev_h *)w->data;
@@ -163,12 +137,7 @@ static void *flash__ev_timer(void *native, uint32_t ms, flash_loop_fn fn, void *
 static void flash__ev_cancel(void *native, void *handle) {
     flash_libev *a = (flash_libev *)native;
     flash__ev_h *h = (flash__ev_h *)handle;
-    if (!h) return;
-    if (flash_defer_queue_cancel(&a->defers, handle)) {
-        flash__ev_sync(a);
-    } else if (!h->dead) {
-        flash__ev_free(h);
-    }
+    if (h && !flash_loop_kit_cancel(&a->kit, handle) && !h->dead) flash__ev_free(h);
 }
 
 static void flash__ev_io_cb(struct ev_loop *loop, ev_io *w, int revents) {
@@ -210,8 +179,8 @@ static int flash__ev_run_once(void *native, bool may_block) {
 }
 
 static const flash_loop_vtable flash__ev_vt = {
-    "libev", flash__ev_defer, flash__ev_timer, flash__ev_cancel, flash__ev_io_start,
-    flash__ev_io_set, flash__ev_cancel, flash__ev_run_once, flash__ev_post, flash__ev_unpost,
+    "libev", flash_loop_kit_defer, flash__ev_timer, flash__ev_cancel, flash__ev_io_start,
+    flash__ev_io_set, flash__ev_cancel, flash__ev_run_once, flash_loop_kit_post, flash_loop_kit_unpost,
 };
 
 static void flash__ev_cleanup_cb(struct ev_loop *loop, ev_cleanup *w, int revents) {
@@ -227,8 +196,7 @@ FLASH_API int flash_libev_init(flash_libev *a, struct ev_loop *loop, const flash
     memset(a, 0, sizeof *a);
     a->data = data;
     a->loop = loop;
-    flash_defer_queue_init(&a->defers, alloc);
-    flash_handle_pool_init(&a->handles, sizeof(flash__ev_h), alloc);
+    flash_loop_kit_init(&a->kit, sizeof(flash__ev_h), alloc, flash__ev_pending);
     ev_check_init(&a->check, flash__ev_check_cb);
     ev_set_priority(&a->check, EV_MINPRI);
     ev_idle_init(&a->idle, flash__ev_idle_cb);
@@ -256,9 +224,7 @@ FLASH_API int flash_libev_attach(flash_ctx *ctx, flash_libev *a) {
 FLASH_API void flash_libev_close(flash_libev *a) {
     if (!a || !a->live) return;
     a->live = false;
-    flash_defer_queue_clear(&a->defers);
-    while (a->hs) flash__ev_free(a->hs);
-    flash_handle_pool_clear(&a->handles);
+    flash_loop_kit_close(&a->kit, flash__ev_drop);
     ev_ref(a->loop); /* the check was unref'd */
     ev_check_stop(a->loop, &a->check);
     ev_idle_stop(a->loop, &a->idle);

@@ -10,7 +10,7 @@
    All the adapter's state is in the caller's flash_libevent: no global list,
    no lock. Timers and watches are one struct event each (event_assign'd in
    handles from a pool: a warm adapter allocates nothing). Defers are
-   flash.h's flash_defer_queue run by one event made active: its first call
+   flash.h's flash_loop_kit queue run by one event made active: its first call
    only re-activates it, which puts it behind the pass's other callbacks (the
    iteration's I/O), and the second runs the queue, in the same
    event_base_loop call; defers queued by defers wait for the next iteration
@@ -28,14 +28,12 @@ extern "C" {
 #endif
 
 typedef struct flash_libevent {
+    flash_loop_kit kit;         /* private, and first: the vtable's native pointer */
     void *data;                 /* the caller's */
     /* private: */
     struct event_base *base;
-    flash_defer_queue defers;
-    flash_handle_pool handles;
-    struct flash__le_h *hs;     /* live timers and watches */
-    struct event *run;          /* runs the defers, on its second call */
-    bool live, bounced, in_run;
+    struct flash__le_h *run;    /* its event runs the defers, on its second call */
+    bool live, bounced;
 } flash_libevent;
 
 /* a zero-initialised or closed; FLASH_ESTATE while live, FLASH_EINVAL for
@@ -63,7 +61,6 @@ FLASH_API void flash_libevent_close(flash_libevent *a);
 
 typedef struct flash__le_h {
     flash_defer d;                   /* first, d.handle NULL: not a defer node; d.fn, d.arg */
-    struct flash__le_h *prev, *next; /* a->hs */
     flash_libevent *a;
     int events;
     bool io, dead;                   /* dead: fired (timers) */
@@ -72,11 +69,16 @@ typedef struct flash__le_h {
 
 #define FLASH__LE_EV(h) ((struct event *)(void *)((h) + 1))
 
-/* Nothing queued: nothing to run. */
-static void flash__le_sync(flash_libevent *a) {
-    if (!flash_defer_queue_empty(&a->defers) || a->in_run) return;
-    event_del(a->run);
-    a->bounced = false;
+/* Queued: run later in this pass, after its I/O callbacks (or in the next
+   one); nothing queued: nothing to run. */
+static void flash__le_pending(flash_loop_kit *kit, bool any) {
+    flash_libevent *a = (flash_libevent *)(void *)kit;
+    if (any) {
+        event_active(FLASH__LE_EV(a->run), EV_TIMEOUT, 1);
+    } else {
+        event_del(FLASH__LE_EV(a->run));
+        a->bounced = false;
+    }
 }
 
 /* Run the defers queued before this run; those they queue wait for the next. */
@@ -85,45 +87,17 @@ static void flash__le_run_cb(evutil_socket_t fd, short what, void *arg) {
     struct timeval zero = {0, 0};
     (void)fd, (void)what;
     if ((a->bounced = !a->bounced)) { /* first call: go behind the pass's I/O callbacks */
-        event_active(a->run, EV_TIMEOUT, 1);
+        event_active(FLASH__LE_EV(a->run), EV_TIMEOUT, 1);
         return;
     }
-    a->in_run = true;
-    flash_defer_queue_run(&a->defers);
-    a->in_run = false;
+    flash_loop_kit_run(&a->kit);
     /* a defer from a defer: after the next iteration's I/O */
-    if (!flash_defer_queue_empty(&a->defers)) event_add(a->run, &zero);
-}
-
-/* Later in this pass, or the next one (run_cb schedules its own leftovers). */
-static void flash__le_wake(flash_libevent *a) {
-    if (!a->in_run) event_active(a->run, EV_TIMEOUT, 1);
-}
-
-static void flash__le_post(void *native, flash_defer *d) {
-    flash_libevent *a = (flash_libevent *)native;
-    if (flash_defer_queue_push(&a->defers, d)) flash__le_wake(a);
-}
-
-static void flash__le_unpost(void *native, flash_defer *d) {
-    flash_defer_queue_remove(&((flash_libevent *)native)->defers, d);
-    flash__le_sync((flash_libevent *)native);
-}
-
-static void *flash__le_defer(void *native, flash_loop_fn fn, void *arg) {
-    flash_libevent *a = (flash_libevent *)native;
-    bool was_empty = flash_defer_queue_empty(&a->defers);
-    void *h = flash_defer_queue_defer(&a->defers, fn, arg);
-    if (h && was_empty) flash__le_wake(a);
-    return h;
+    if (!flash_defer_queue_empty(&a->kit.defers)) event_add(FLASH__LE_EV(a->run), &zero);
 }
 
 static flash__le_h *flash__le_new(flash_libevent *a) {
-    flash__le_h *h = (flash__le_h *)flash_handle_pool_get(&a->handles);
-    if (!h) return NULL;
-    h->a = a;
-    if ((h->next = a->hs) != NULL) h->next->prev = h;
-    a->hs = h;
+    flash__le_h *h = (flash__le_h *)flash_handle_pool_get(&a->kit.handles);
+    if (h) h->a = a;
     return h;
 }
 
@@ -131,10 +105,9 @@ static flash__le_h *flash__le_new(flash_libevent *a) {
 static void flash__le_free(flash__le_h *h) {
     flash_libevent *a = h->a;
     if (event_initialized(FLASH__LE_EV(h))) event_del(FLASH__LE_EV(h));
-    *(h->prev ? &h->prev->next : &a->hs) = h->next;
-    if (h->next) h->next->prev = h->prev;
-    flash_handle_pool_put(&a->handles, h);
+    flash_handle_pool_put(&a->kit.handles, h);
 }
+static void flash__le_drop(void *h) { flash__le_free((flash__le_h *)h); }
 
 static void flash__le_timer_cb(evutil_socket_t fd, short what, void *arg) {
     flash__le_h *h = (flash__le_h *)arg;
@@ -164,12 +137,7 @@ static void *flash__le_timer(void *native, uint32_t ms, flash_loop_fn fn, void *
 static void flash__le_cancel(void *native, void *handle) {
     flash_libevent *a = (flash_libevent *)native;
     flash__le_h *h = (flash__le_h *)handle;
-    if (!h) return;
-    if (flash_defer_queue_cancel(&a->defers, handle)) {
-        flash__le_sync(a);
-    } else if (!h->dead) {
-        flash__le_free(h);
-    }
+    if (h && !flash_loop_kit_cancel(&a->kit, handle) && !h->dead) flash__le_free(h);
 }
 
 static void flash__le_io_cb(evutil_socket_t fd, short what, void *arg) {
@@ -218,8 +186,8 @@ static int flash__le_run_once(void *native, bool may_block) {
 }
 
 static const flash_loop_vtable flash__le_vt = {
-    "libevent", flash__le_defer, flash__le_timer, flash__le_cancel, flash__le_io_start,
-    flash__le_io_set, flash__le_cancel, flash__le_run_once, flash__le_post, flash__le_unpost,
+    "libevent", flash_loop_kit_defer, flash__le_timer, flash__le_cancel, flash__le_io_start,
+    flash__le_io_set, flash__le_cancel, flash__le_run_once, flash_loop_kit_post, flash_loop_kit_unpost,
 };
 
 /* Debian's libev exports libevent's names (its emulation layer): linked first,
@@ -240,11 +208,10 @@ FLASH_API int flash_libevent_init(flash_libevent *a, struct event_base *base, co
     memset(a, 0, sizeof *a);
     a->data = data;
     a->base = base;
-    flash_defer_queue_init(&a->defers, alloc);
-    flash_handle_pool_init(&a->handles, sizeof(flash__le_h) + event_get_struct_event_size(), alloc);
-    /* The runner's event is a pool handle too (it is large enough). */
-    if ((a->run = (struct event *)flash_handle_pool_get(&a->handles)) == NULL) return FLASH_ENOMEM;
-    event_assign(a->run, base, -1, 0, flash__le_run_cb, a);
+    flash_loop_kit_init(&a->kit, sizeof(flash__le_h) + event_get_struct_event_size(), alloc, flash__le_pending);
+    if ((a->run = flash__le_new(a)) == NULL) return FLASH_ENOMEM; /* the runner is a handle too */
+    a->run->dead = true; /* not a timer: cancel leaves it */
+    event_assign(FLASH__LE_EV(a->run), base, -1, 0, flash__le_run_cb, a);
     a->live = true;
     return FLASH_OK;
 }
@@ -262,11 +229,7 @@ FLASH_API int flash_libevent_attach(flash_ctx *ctx, flash_libevent *a) {
 FLASH_API void flash_libevent_close(flash_libevent *a) {
     if (!a || !a->live) return;
     a->live = false;
-    flash_defer_queue_clear(&a->defers);
-    while (a->hs) flash__le_free(a->hs);
-    event_del(a->run);
-    flash_handle_pool_put(&a->handles, a->run);
-    flash_handle_pool_clear(&a->handles);
+    flash_loop_kit_close(&a->kit, flash__le_drop); /* the runner too */
 }
 
 #endif /* FLASH_LIBEVENT_IMPLEMENTED */

@@ -9,10 +9,10 @@
        uv_loop_close(loop);           // uv stays valid until here
 
    The adapter's state is all in the caller's flash_libuv (no global list or
-   lock). Defers: flash.h's flash_defer_queue, run by a uv_check after the
+   lock). Defers: flash.h's flash_loop_kit queue, run by a uv_check after the
    iteration's I/O, with a uv_idle on while it is not empty so that the loop
    polls without blocking. Timers (uv_timer_t, reused) and watches (uv_poll_t;
-   libuv makes the fd non-blocking) come from a handle pool: once warm, the
+   libuv makes the fd non-blocking) come from the kit's pool: once warm, the
    adapter allocates nothing. Include after flash.h (FLASH_IMPLEMENTATION).
 */
 #ifndef FLASH_LIBUV_H
@@ -27,12 +27,10 @@ extern "C" {
 #endif
 
 typedef struct flash_libuv {
+    flash_loop_kit kit;          /* private, and first: the vtable's native pointer */
     void *data;                  /* the caller's */
     /* private: */
     uv_loop_t *loop;
-    flash_defer_queue defers;
-    flash_handle_pool handles;
-    struct flash__uv_h *hs;      /* live and spare timers, live watches */
     struct flash__uv_h *spare;   /* stopped timers, ready for reuse */
     int state;                   /* 0: free, 1: live, 2: closing */
     size_t closing;              /* close callbacks still to come */
@@ -62,7 +60,7 @@ FLASH_API void flash_libuv_close(flash_libuv *a);
 #include <string.h>
 typedef struct flash__uv_h {
     flash_defer d;               /* first, d.handle NULL: not a defer node; d.fn, d.arg */
-    struct flash__uv_h *prev, *next, *spare; /* a->hs; a->spare */
+    struct flash__uv_h *spare;   /* a->spare */
     flash_libuv *a;
     int events;
     bool io, dead;               /* dead: cancelled, stopped or fired */
@@ -72,38 +70,20 @@ typedef struct flash__uv_h {
 
 static void flash__uv_nop(uv_idle_t *idle) { (void)idle; }
 
-static void flash__uv_check_cb(uv_check_t *check);
+static void flash__uv_check_cb(uv_check_t *check) {
+    flash_loop_kit_run(&((flash_libuv *)check->data)->kit); /* what they queue waits for the next pass */
+}
 
-/* Check and idle are on exactly while defers are queued (both calls return
-   at once when nothing changes). */
-static void flash__uv_sync(flash_libuv *a) {
-    if (flash_defer_queue_empty(&a->defers)) {
-        uv_check_stop(&a->check);
-        uv_idle_stop(&a->idle);
-    } else {
+/* Check and idle are on exactly while defers are queued. */
+static void flash__uv_pending(flash_loop_kit *kit, bool any) {
+    flash_libuv *a = (flash_libuv *)(void *)kit;
+    if (any) {
         uv_check_start(&a->check, flash__uv_check_cb);
         uv_idle_start(&a->idle, flash__uv_nop);
+    } else {
+        uv_check_stop(&a->check);
+        uv_idle_stop(&a->idle);
     }
-}
-
-static void flash__uv_check_cb(uv_check_t *check) {
-    flash_libuv *a = (flash_libuv *)check->data;
-    flash_defer_queue_run(&a->defers); /* what they queue waits for the next pass */
-    flash__uv_sync(a);
-}
-
-static void flash__uv_post(void *native, flash_defer *d) {
-    flash_defer_queue_push(&((flash_libuv *)native)->defers, d);
-    flash__uv_sync((flash_libuv *)native);
-}
-static void flash__uv_unpost(void *native, flash_defer *d) {
-    flash_defer_queue_remove(&((flash_libuv *)native)->defers, d);
-    flash__uv_sync((flash_libuv *)native);
-}
-static void *flash__uv_defer(void *native, flash_loop_fn fn, void *arg) {
-    void *h = flash_defer_queue_defer(&((flash_libuv *)native)->defers, fn, arg);
-    flash__uv_sync((flash_libuv *)native);
-    return h;
 }
 
 /* The last close callback after flash_libuv_close frees the pool. */
@@ -111,17 +91,12 @@ static void flash__uv_closed(uv_handle_t *handle) {
     flash_libuv *a = (flash_libuv *)handle->data;
     if (handle != (uv_handle_t *)&a->check && handle != (uv_handle_t *)&a->idle) {
         flash__uv_h *h = (flash__uv_h *)(void *)((char *)handle - offsetof(flash__uv_h, u));
-        flash_handle_pool_put(&a->handles, h);
+        flash_handle_pool_put(&a->kit.handles, h);
     }
     if (--a->closing == 0 && a->state == 2) {
-        flash_handle_pool_clear(&a->handles);
+        flash_handle_pool_clear(&a->kit.handles);
         a->state = 0;
     }
-}
-
-static void flash__uv_unlink(flash__uv_h *h) {
-    *(h->prev ? &h->prev->next : &h->a->hs) = h->next;
-    if (h->next) h->next->prev = h->prev;
 }
 
 static void flash__uv_close_handle(flash_libuv *a, uv_handle_t *handle) {
@@ -131,12 +106,15 @@ static void flash__uv_close_handle(flash_libuv *a, uv_handle_t *handle) {
 }
 
 static flash__uv_h *flash__uv_new(flash_libuv *a) {
-    flash__uv_h *h = (flash__uv_h *)flash_handle_pool_get(&a->handles);
-    if (!h) return NULL;
-    h->a = a;
-    if ((h->next = a->hs) != NULL) h->next->prev = h;
-    a->hs = h;
+    flash__uv_h *h = (flash__uv_h *)flash_handle_pool_get(&a->kit.handles);
+    if (h) h->a = a;
     return h;
+}
+
+/* Teardown: every handle not closing yet (spare timers included). */
+static void flash__uv_drop(void *handle) {
+    flash__uv_h *h = (flash__uv_h *)handle;
+    if (!uv_is_closing(&h->u.handle)) flash__uv_close_handle(h->a, &h->u.handle);
 }
 
 static void flash__uv_timer_cb(uv_timer_t *timer) {
@@ -169,13 +147,9 @@ static void *flash__uv_timer(void *native, uint32_t ms, flash_loop_fn fn, void *
 static void flash__uv_cancel(void *native, void *handle) {
     flash_libuv *a = (flash_libuv *)native;
     flash__uv_h *h = (flash__uv_h *)handle;
-    if (!h) return;
-    if (flash_defer_queue_cancel(&a->defers, handle)) {
-        flash__uv_sync(a);
-    } else if (!h->dead) {
+    if (h && !flash_loop_kit_cancel(&a->kit, handle) && !h->dead) {
         h->dead = true;
         if (h->io) {
-            flash__uv_unlink(h);
             flash__uv_close_handle(a, &h->u.handle);
         } else {
             uv_timer_stop(&h->u.timer);
@@ -213,8 +187,7 @@ static void *flash__uv_io_start(void *native, int fd, int events, flash_io_fn fn
     if (!h) return NULL;
     h->io = true, h->io_fn = fn, h->d.arg = arg;
     if (uv_poll_init(a->loop, &h->u.poll, fd) != 0) { /* not a libuv handle yet */
-        flash__uv_unlink(h);
-        flash_handle_pool_put(&a->handles, h);
+        flash_handle_pool_put(&a->kit.handles, h);
         return NULL;
     }
     h->u.poll.data = h;
@@ -228,13 +201,13 @@ static int flash__uv_run_once(void *native, bool may_block) {
     int alive = uv_run(a->loop, may_block ? UV_RUN_ONCE : UV_RUN_NOWAIT);
     /* UV_RUN_ONCE runs the timers due after the poll once more, past the check
        phase: whatever they deferred runs now, in a non-blocking iteration. */
-    if (!flash_defer_queue_empty(&a->defers)) alive = uv_run(a->loop, UV_RUN_NOWAIT);
+    if (!flash_defer_queue_empty(&a->kit.defers)) alive = uv_run(a->loop, UV_RUN_NOWAIT);
     return alive != 0;
 }
 
 static const flash_loop_vtable flash__uv_vt = {
-    "libuv", flash__uv_defer, flash__uv_timer, flash__uv_cancel, flash__uv_io_start,
-    flash__uv_io_set, flash__uv_cancel, flash__uv_run_once, flash__uv_post, flash__uv_unpost,
+    "libuv", flash_loop_kit_defer, flash__uv_timer, flash__uv_cancel, flash__uv_io_start,
+    flash__uv_io_set, flash__uv_cancel, flash__uv_run_once, flash_loop_kit_post, flash_loop_kit_unpost,
 };
 
 FLASH_API int flash_libuv_init(flash_libuv *a, uv_loop_t *loop, const flash_allocator *alloc) {
@@ -245,8 +218,7 @@ FLASH_API int flash_libuv_init(flash_libuv *a, uv_loop_t *loop, const flash_allo
     memset(a, 0, sizeof *a);
     a->data = data;
     a->loop = loop;
-    flash_defer_queue_init(&a->defers, alloc);
-    flash_handle_pool_init(&a->handles, sizeof(flash__uv_h), alloc);
+    flash_loop_kit_init(&a->kit, sizeof(flash__uv_h), alloc, flash__uv_pending);
     uv_check_init(loop, &a->check);
     uv_idle_init(loop, &a->idle);
     a->check.data = a->idle.data = a;
@@ -267,8 +239,7 @@ FLASH_API int flash_libuv_attach(flash_ctx *ctx, flash_libuv *a) {
 FLASH_API void flash_libuv_close(flash_libuv *a) {
     if (!a || a->state != 1) return;
     a->state = 2;
-    flash_defer_queue_clear(&a->defers);
-    for (flash__uv_h *h; (h = a->hs) != NULL; flash__uv_close_handle(a, &h->u.handle)) flash__uv_unlink(h);
+    flash_loop_kit_close(&a->kit, flash__uv_drop); /* the pool itself: after the close callbacks */
     a->spare = NULL;
     flash__uv_close_handle(a, (uv_handle_t *)&a->check);
     flash__uv_close_handle(a, (uv_handle_t *)&a->idle);

@@ -1,8 +1,8 @@
 /* backends/loop/poll.h — flash's built-in event loop on poll(2).
 
    The default loop for tests, examples and services that have no loop of
-   their own. Single-threaded. Defers are flash.h's flash_defer_queue (post
-   and unpost never allocate); timers and watches come from a handle pool,
+   their own. Single-threaded. Defers are flash.h's flash_loop_kit queue (post
+   and unpost never allocate); timers and watches come from its pool,
    so that a warm loop allocates nothing; callbacks may stop any handle.
 
        flash_poll *loop = flash_poll_create();   // or _with(&allocator)
@@ -50,7 +50,6 @@ FLASH_API int flash_poll_attach(flash_ctx *ctx, flash_poll *loop);
 
 typedef struct flash__poll_handle {
     flash_defer d; /* first, d.handle NULL: not one of the queue's defer nodes */
-    struct flash__poll_handle *next;
     bool dead;     /* stopped, cancelled or fired: back to the pool at the next sweep */
     int fd, events;
     flash_io_fn io; /* watches; timers use d.fn, d.arg */
@@ -61,10 +60,8 @@ typedef struct flash__poll_handle {
 } flash__poll_handle;
 
 struct flash_poll {
-    flash_defer_queue defers;
-    flash_handle_pool handles;
+    flash_loop_kit kit; /* first: the vtable's native pointer */
     flash_allocator alloc;
-    flash__poll_handle *ios, *timers;
     struct pollfd *pfds;
     flash__poll_handle **pfd_handles;
     size_t pfd_cap;
@@ -77,24 +74,14 @@ static int64_t flash__poll_now(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void flash__poll_post(void *native, flash_defer *d) { flash_defer_queue_push(&((flash_poll *)native)->defers, d); }
-static void flash__poll_unpost(void *native, flash_defer *d) {
-    flash_defer_queue_remove(&((flash_poll *)native)->defers, d);
-}
-static void *flash__poll_defer(void *native, flash_loop_fn fn, void *arg) {
-    return flash_defer_queue_defer(&((flash_poll *)native)->defers, fn, arg);
-}
-
 static void *flash__poll_timer(void *native, uint32_t ms, flash_loop_fn fn, void *arg) {
     flash_poll *l = (flash_poll *)native;
-    flash__poll_handle *h = fn ? (flash__poll_handle *)flash_handle_pool_get(&l->handles) : NULL;
+    flash__poll_handle *h = fn ? (flash__poll_handle *)flash_handle_pool_get(&l->kit.handles) : NULL;
     if (!h) return NULL;
     h->d.fn = fn, h->d.arg = arg;
     h->due_ms = flash__poll_now() + ms;
     h->seq = l->seq;
     h->id = l->next_id++;
-    h->next = l->timers;
-    l->timers = h;
     return h;
 }
 
@@ -102,17 +89,15 @@ static void *flash__poll_timer(void *native, uint32_t ms, flash_loop_fn fn, void
 static void flash__poll_cancel(void *native, void *handle) {
     flash_poll *l = (flash_poll *)native;
     if (!handle) return;
-    if (!flash_defer_queue_cancel(&l->defers, handle)) ((flash__poll_handle *)handle)->dead = true;
+    if (!flash_loop_kit_cancel(&l->kit, handle)) ((flash__poll_handle *)handle)->dead = true;
 }
 
 static void *flash__poll_io_start(void *native, int fd, int events, flash_io_fn fn, void *arg) {
     flash_poll *l = (flash_poll *)native;
-    flash__poll_handle *h = fd >= 0 && fn ? (flash__poll_handle *)flash_handle_pool_get(&l->handles) : NULL;
+    flash__poll_handle *h = fd >= 0 && fn ? (flash__poll_handle *)flash_handle_pool_get(&l->kit.handles) : NULL;
     if (!h) return NULL;
     h->io = fn, h->arg = arg, h->fd = fd;
     h->events = events & (FLASH_IO_READ | FLASH_IO_WRITE);
-    h->next = l->ios;
-    l->ios = h;
     return h;
 }
 
@@ -129,17 +114,18 @@ static void flash__poll_io_stop(void *native, void *handle) {
     if (handle) ((flash__poll_handle *)handle)->dead = true;
 }
 
-/* Pool the dead handles of a list; only between callbacks, so that no
-   callback of this iteration can see a handle reused. */
-static void flash__poll_sweep(flash_poll *l, flash__poll_handle **list) {
-    flash__poll_handle *h;
-    while ((h = *list) != NULL) {
-        if (!h->dead) {
-            list = &h->next;
-            continue;
-        }
-        *list = h->next;
-        flash_handle_pool_put(&l->handles, h);
+/* The handles are the pool's live list, newest first. */
+#define FLASH__POLL_EACH(l, h) \
+    for (h = (flash__poll_handle *)flash_handle_pool_next_live(&(l)->kit.handles, NULL); h; \
+         h = (flash__poll_handle *)flash_handle_pool_next_live(&(l)->kit.handles, h))
+
+/* Pool the dead handles; only between callbacks, so that no callback of
+   this iteration can see a handle reused. */
+static void flash__poll_sweep(flash_poll *l) {
+    flash__poll_handle *h = (flash__poll_handle *)flash_handle_pool_next_live(&l->kit.handles, NULL), *next;
+    for (; h; h = next) {
+        next = (flash__poll_handle *)flash_handle_pool_next_live(&l->kit.handles, h);
+        if (h->dead) flash_handle_pool_put(&l->kit.handles, h);
     }
 }
 
@@ -161,19 +147,20 @@ FLASH_API int flash_poll_run_once(flash_poll *l, bool may_block) {
     flash__poll_handle *h;
     size_t n = 0, i;
     int timeout = -1, rc;
-    int64_t now;
+    int64_t now, wait;
+    bool timers;
     if (!l) return FLASH_EINVAL;
-    flash__poll_sweep(l, &l->ios);
-    flash__poll_sweep(l, &l->timers);
+    flash__poll_sweep(l);
     now = flash__poll_now();
-    for (h = l->timers; h; h = h->next) {
-        int64_t wait = h->due_ms - now;
-        if (wait < 0) wait = 0;
+    FLASH__POLL_EACH(l, h) {
+        if (h->io) continue;
+        wait = h->due_ms < now ? 0 : h->due_ms - now;
         if (timeout < 0 || wait < timeout) timeout = (int)(wait > 86400000 ? 86400000 : wait);
     }
-    if (!flash_defer_queue_empty(&l->defers) || !may_block) timeout = 0;
-    for (h = l->ios; h; h = h->next) {
-        if (!h->events) continue;
+    timers = timeout >= 0;
+    if (!flash_defer_queue_empty(&l->kit.defers) || !may_block) timeout = 0;
+    FLASH__POLL_EACH(l, h) {
+        if (!h->io || !h->events) continue;
         if (n == l->pfd_cap && !flash__poll_grow(l)) return FLASH_ENOMEM;
         l->pfds[n].fd = h->fd;
         l->pfds[n].events = (short)(((h->events & FLASH_IO_READ) ? POLLIN : 0) |
@@ -181,7 +168,7 @@ FLASH_API int flash_poll_run_once(flash_poll *l, bool may_block) {
         l->pfds[n].revents = 0;
         l->pfd_handles[n++] = h;
     }
-    if (!n && !l->timers && flash_defer_queue_empty(&l->defers)) return 0;
+    if (!n && !timers && flash_defer_queue_empty(&l->kit.defers)) return 0;
     l->seq++;
     rc = poll(n ? l->pfds : NULL, (nfds_t)n, timeout);
     if (rc < 0 && errno != EINTR) return FLASH_EBACKEND;
@@ -198,20 +185,19 @@ FLASH_API int flash_poll_run_once(flash_poll *l, bool may_block) {
     now = flash__poll_now();
     for (;;) { /* due timers in due order (then creation order) */
         flash__poll_handle *next = NULL;
-        for (h = l->timers; h; h = h->next) {
-            if (h->dead || h->seq >= l->seq || h->due_ms > now) continue;
+        FLASH__POLL_EACH(l, h) {
+            if (h->io || h->dead || h->seq >= l->seq || h->due_ms > now) continue;
             if (!next || h->due_ms < next->due_ms || (h->due_ms == next->due_ms && h->id < next->id)) next = h;
         }
         if (!next) break;
         next->dead = true; /* fired: the handle is gone for the caller */
         next->d.fn(next->d.arg);
     }
-    flash_defer_queue_run(&l->defers); /* what they queue runs next iteration */
-    if (!flash_defer_queue_empty(&l->defers)) return 1;
-    for (h = l->ios; h; h = h->next)
-        if (!h->dead && h->events) return 1;
-    for (h = l->timers; h; h = h->next)
-        if (!h->dead) return 1;
+    flash_loop_kit_run(&l->kit); /* what they queue runs next iteration */
+    if (!flash_defer_queue_empty(&l->kit.defers)) return 1;
+    FLASH__POLL_EACH(l, h) {
+        if (!h->dead && (!h->io || h->events)) return 1;
+    }
     return 0;
 }
 
@@ -227,8 +213,8 @@ static int flash__poll_run_once_v(void *native, bool may_block) {
 }
 
 static const flash_loop_vtable flash__poll_vt = {
-    "poll", flash__poll_defer, flash__poll_timer, flash__poll_cancel, flash__poll_io_start,
-    flash__poll_io_set, flash__poll_io_stop, flash__poll_run_once_v, flash__poll_post, flash__poll_unpost,
+    "poll", flash_loop_kit_defer, flash__poll_timer, flash__poll_cancel, flash__poll_io_start,
+    flash__poll_io_set, flash__poll_io_stop, flash__poll_run_once_v, flash_loop_kit_post, flash_loop_kit_unpost,
 };
 
 FLASH_API flash_poll *flash_poll_create_with(const flash_allocator *alloc) {
@@ -240,8 +226,7 @@ FLASH_API flash_poll *flash_poll_create_with(const flash_allocator *alloc) {
     if ((l = (flash_poll *)a.alloc(sizeof *l, a.user_data)) == NULL) return NULL;
     memset(l, 0, sizeof *l);
     l->alloc = a;
-    flash_defer_queue_init(&l->defers, &a);
-    flash_handle_pool_init(&l->handles, sizeof(flash__poll_handle), &a);
+    flash_loop_kit_init(&l->kit, sizeof(flash__poll_handle), &a, NULL);
     return l;
 }
 
@@ -249,12 +234,7 @@ FLASH_API flash_poll *flash_poll_create(void) { return flash_poll_create_with(NU
 
 FLASH_API void flash_poll_destroy(flash_poll *l) {
     if (!l) return;
-    for (flash__poll_handle *h = l->ios; h; h = h->next) h->dead = true;
-    for (flash__poll_handle *h = l->timers; h; h = h->next) h->dead = true;
-    flash__poll_sweep(l, &l->ios);
-    flash__poll_sweep(l, &l->timers);
-    flash_handle_pool_clear(&l->handles);
-    flash_defer_queue_clear(&l->defers);
+    flash_loop_kit_close(&l->kit, NULL);
     if (l->pfds) l->alloc.free(l->pfds, l->alloc.user_data);
     l->alloc.free(l, l->alloc.user_data);
 }
