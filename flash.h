@@ -369,6 +369,14 @@ typedef struct flash_defer {
     uint64_t pass;
     void *handle;  /* loops without post: the defer/timer handle used */
     bool queued;
+    /* Public, set before posting. Posted from inside a queue run, a late
+       node runs in that run, after the nodes queued before the run, rather
+       than in the next one (after a poll that does not block): a transport's
+       flush posted by the dispatches of this iteration (flash's pipeline)
+       sends their bytes before the loop waits. Posted from a late node's own
+       fn, it waits for the next run as any node. Loops not built on the
+       kit may ignore it. */
+    bool late;
 } flash_defer;
 
 /* What flash needs from an event loop. Handles are made and freed by the
@@ -436,8 +444,10 @@ FLASH_API void *flash_handle_pool_next_live(const flash_handle_pool *p, const vo
 
 typedef struct flash_defer_queue {
     flash_defer *first, *last;
+    flash_defer *newer;      /* running: the first node queued for the next run */
     uint64_t pass;
     flash_handle_pool nodes; /* defer()'s nodes */
+    bool running, in_late;
 } flash_defer_queue;
 FLASH_API void flash_defer_queue_init(flash_defer_queue *q, const flash_allocator *alloc);
 /* post: returns true when the queue was empty (wake the loop). */
@@ -3256,27 +3266,38 @@ typedef struct flash__dnode {
 
 FLASH_API void flash_defer_queue_init(flash_defer_queue *q, const flash_allocator *alloc) {
     if (!q) return;
-    q->first = q->last = NULL;
-    q->pass = 0;
+    memset(q, 0, sizeof *q);
     flash_handle_pool_init(&q->nodes, sizeof(flash__dnode), alloc);
     q->nodes.untracked = true; /* the queue knows its nodes */
 }
 
+/* Nodes of this run come first, then (q->newer on) those of the next; a
+   late node posted from inside a run joins the end of this run's. */
 FLASH_API bool flash_defer_queue_push(flash_defer_queue *q, flash_defer *d) {
     bool was_empty;
+    flash_defer *at = NULL; /* insert before; NULL: append */
     if (!q || !d || d->queued) return false;
     was_empty = q->first == NULL;
-    d->next = NULL;
-    d->prev = q->last;
-    *(q->last ? &q->last->next : &q->first) = d;
-    q->last = d;
     d->pass = q->pass;
+    if (q->running) {
+        if (d->late && !q->in_late) {
+            d->pass = q->pass - 1; /* the run's own pass */
+            at = q->newer;
+        } else if (!q->newer) {
+            q->newer = d;
+        }
+    }
+    d->next = at;
+    d->prev = at ? at->prev : q->last;
+    *(d->prev ? &d->prev->next : &q->first) = d;
+    *(at ? &at->prev : &q->last) = d;
     d->queued = true;
     return was_empty;
 }
 
 FLASH_API void flash_defer_queue_remove(flash_defer_queue *q, flash_defer *d) {
     if (!q || !d || !d->queued) return;
+    if (q->newer == d) q->newer = d->next;
     *(d->prev ? &d->prev->next : &q->first) = d->next;
     *(d->next ? &d->next->prev : &q->last) = d->prev;
     d->next = d->prev = NULL;
@@ -3307,17 +3328,27 @@ FLASH_API size_t flash_defer_queue_run(flash_defer_queue *q) {
     uint64_t pass;
     size_t ran = 0;
     flash_defer *d;
+    bool running, in_late;
     if (!q) return 0;
+    /* A run inside a run (a nested flash_wait from a node's fn) takes what
+       is queued; what is left after it is all for the outer run's next. */
+    running = q->running, in_late = q->in_late;
     pass = q->pass++;
+    q->running = true;
+    q->newer = NULL;
     while ((d = q->first) != NULL && d->pass <= pass) {
         flash_loop_fn fn = d->fn;
         void *arg = d->arg;
+        bool late = d->late;
         flash_defer_queue_remove(q, d);
         /* Pooled nodes go back first: fn may defer again and reuse it. */
         if (d->handle == (void *)&q->nodes) flash_handle_pool_put(&q->nodes, d);
+        q->in_late = late;
         fn(arg);
         ran++;
     }
+    q->running = running, q->in_late = in_late;
+    q->newer = running ? q->first : NULL;
     return ran;
 }
 

@@ -411,3 +411,45 @@ Test(adapters, kit_pool_lists_live_handles_and_close_frees_everything) {
     flash_handle_pool_clear(&k.handles);
     cr_assert_eq(fa.live, 0, "every byte back to the allocator");
 }
+
+/* The queue alone: a late node posted in a run joins the end of the run's
+   own nodes, before those queued for the next run, wherever they are. */
+static char qlog[16];
+static size_t qn;
+static flash_defer_queue *qq;
+static flash_defer qnodes[6];
+static void qnote(void *arg) { qlog[qn++] = *(const char *)arg; }
+static void qpost_mixed(void *arg) {
+    qnote(arg);
+    flash_defer_queue_push(qq, &qnodes[3]); /* next run */
+    flash_defer_queue_push(qq, &qnodes[4]); /* late: this run, before "c"'s */
+    flash_defer_queue_remove(qq, &qnodes[3]); /* the next run's first node goes... */
+    flash_defer_queue_push(qq, &qnodes[3]);   /* ...and comes back */
+}
+
+Test(adapters, defer_queue_runs_late_nodes_at_the_end_of_the_run) {
+    flash_defer_queue q;
+    const char *names[6] = {"a", "b", "c", "n", "L", "x"};
+    qq = &q;
+    qn = 0;
+    memset(qlog, 0, sizeof qlog);
+    memset(qnodes, 0, sizeof qnodes);
+    flash_defer_queue_init(&q, NULL);
+    for (int i = 0; i < 6; i++) qnodes[i].fn = qnote, qnodes[i].arg = (void *)names[i];
+    qnodes[1].fn = qpost_mixed;
+    qnodes[4].late = true;
+    flash_defer_queue_push(&q, &qnodes[0]);
+    flash_defer_queue_push(&q, &qnodes[1]);
+    flash_defer_queue_push(&q, &qnodes[2]);
+    cr_assert_eq(flash_defer_queue_run(&q), 4);
+    cr_assert_str_eq(qlog, "abcL");
+    cr_assert_eq(flash_defer_queue_run(&q), 1);
+    cr_assert_str_eq(qlog, "abcLn");
+    cr_assert(flash_defer_queue_empty(&q));
+    /* outside a run, late changes nothing: FIFO */
+    flash_defer_queue_push(&q, &qnodes[4]);
+    flash_defer_queue_push(&q, &qnodes[5]);
+    cr_assert_eq(flash_defer_queue_run(&q), 2);
+    cr_assert_str_eq(qlog, "abcLnLx");
+    flash_defer_queue_clear(&q);
+}

@@ -533,6 +533,41 @@ LOOP_TEST(post_shares_the_defer_fifo_and_unpost_forgets) {
     finish(L, native);
 }
 
+/* A late node posted from inside a run runs in that run, after what was
+   queued before it and before what was queued during it (a transport's
+   flush after this pass's dispatches); one posted by a late node's own call
+   waits for the next run, as any node. */
+static flash_defer late_nodes[4];
+
+static void late_again(void *arg) {
+    (void)arg;
+    note('L');
+    cr_assert_eq(flash_loop_post(P.lp, &late_nodes[3], log_fn, (void *)"M"), 0);
+}
+
+static void post_late(void *arg) {
+    (void)arg;
+    note('b');
+    cr_assert_eq(flash_loop_post(P.lp, &late_nodes[1], log_fn, (void *)"n"), 0);
+    cr_assert_eq(flash_loop_post(P.lp, &late_nodes[2], late_again, NULL), 0);
+}
+
+LOOP_TEST(late_node_posted_in_a_run_runs_in_that_run) {
+    void *native = start(L);
+    memset(late_nodes, 0, sizeof late_nodes);
+    late_nodes[2].late = late_nodes[3].late = true;
+    defer("a");
+    cr_assert_eq(flash_loop_post(P.lp, &late_nodes[0], post_late, NULL), 0);
+    defer("c");
+    run(true);
+    cr_assert_eq(strncmp(P.log, "abcL", 4), 0, "%s: log \"%s\"", L->name, P.log);
+    cr_assert_eq(at('L'), at('b'), "%s: in the same run_once", L->name);
+    if (at('M') < 0) run(true);
+    cr_assert_str_eq(P.log, "abcLnM", "%s", L->name);
+    cr_assert_gt(settle(), 0, "%s: never idle", L->name);
+    finish(L, native);
+}
+
 /* Unposting the only queued node leaves nothing to wait for. */
 LOOP_TEST(unpost_of_the_last_node_leaves_the_loop_idle) {
     void *native = start(L);

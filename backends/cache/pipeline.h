@@ -153,6 +153,7 @@ static void flash__pipe_setup(flash__pipe *p, const flash__pipe_hooks *hooks, vo
     p->loop = loop;
     p->alloc = alloc;
     p->fd = -1;
+    p->flush.late = true; /* posted by this run's dispatches: sent in this run */
 }
 
 /* The server's address, resolved now (may block for DNS: give an IP
@@ -451,10 +452,10 @@ static void flash__pipe_on_flush(void *arg) {
 /* req's bytes are in the write buffer: queue it, connecting or posting the
    flush. The bytes leave at the end of the loop iteration (the posted node
    runs after the iteration's I/O; posted from inside the loop's queue run —
-   the engine's dispatch is one — it runs on the next pass, after a poll
-   that does not block), so that the requests of every context dispatching
-   in this iteration share one send and their replies one read. A loop that
-   cannot post (out of memory) gets the write now, as before. */
+   the engine's dispatch is one — it is a late node and runs at the end of
+   that run), so that the requests of every context dispatching in this
+   iteration share one send and their replies one read. A loop that cannot
+   post (out of memory) gets the write now, as before. */
 static void flash__pipe_send(flash__pipe *p, flash__pipe_req *req) {
     req->next = NULL;
     req->deadline = 0;
