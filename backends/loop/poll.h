@@ -44,7 +44,6 @@ FLASH_API int flash_poll_attach(flash_ctx *ctx, flash_poll *loop);
 #define FLASH_POLL_IMPLEMENTED
 #include <errno.h>
 #include <poll.h>
-#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -60,8 +59,7 @@ typedef struct flash__poll_handle {
 } flash__poll_handle;
 
 struct flash_poll {
-    flash_loop_kit kit; /* first: the vtable's native pointer */
-    flash_allocator alloc;
+    flash_loop_kit kit; /* first: the vtable's native pointer; its pool's allocator is the loop's */
     struct pollfd *pfds;
     flash__poll_handle **pfd_handles;
     size_t pfd_cap;
@@ -132,11 +130,12 @@ static void flash__poll_sweep(flash_poll *l) {
 /* pfds grows by doubling through the loop's allocator (it has no realloc). */
 static bool flash__poll_grow(flash_poll *l) {
     size_t cap = l->pfd_cap ? l->pfd_cap * 2 : 16;
-    void *p = l->alloc.alloc(cap * (sizeof *l->pfds + sizeof *l->pfd_handles), l->alloc.user_data);
+    flash_allocator *a = &l->kit.handles.alloc;
+    void *p = a->alloc(cap * (sizeof *l->pfds + sizeof *l->pfd_handles), a->user_data);
     if (!p) return false;
     if (l->pfd_cap) memcpy(p, l->pfds, l->pfd_cap * sizeof *l->pfds);
     if (l->pfd_cap) memcpy((char *)p + cap * sizeof *l->pfds, l->pfd_handles, l->pfd_cap * sizeof *l->pfd_handles);
-    if (l->pfds) l->alloc.free(l->pfds, l->alloc.user_data);
+    if (l->pfds) a->free(l->pfds, a->user_data);
     l->pfds = (struct pollfd *)p;
     l->pfd_handles = (flash__poll_handle **)(void *)((char *)p + cap * sizeof *l->pfds);
     l->pfd_cap = cap;
@@ -218,15 +217,12 @@ static const flash_loop_vtable flash__poll_vt = {
 };
 
 FLASH_API flash_poll *flash_poll_create_with(const flash_allocator *alloc) {
-    flash_allocator a = {NULL, NULL, NULL};
+    flash_loop_kit kit; /* empty yet, so it may be copied; NULL alloc: malloc */
     flash_poll *l;
-    flash_handle_pool probe; /* resolves NULL to malloc/free, as the kit does */
-    flash_handle_pool_init(&probe, 1, alloc);
-    a = probe.alloc;
-    if ((l = (flash_poll *)a.alloc(sizeof *l, a.user_data)) == NULL) return NULL;
+    flash_loop_kit_init(&kit, sizeof(flash__poll_handle), alloc, NULL);
+    if ((l = (flash_poll *)kit.handles.alloc.alloc(sizeof *l, kit.handles.alloc.user_data)) == NULL) return NULL;
     memset(l, 0, sizeof *l);
-    l->alloc = a;
-    flash_loop_kit_init(&l->kit, sizeof(flash__poll_handle), &a, NULL);
+    l->kit = kit;
     return l;
 }
 
@@ -234,15 +230,14 @@ FLASH_API flash_poll *flash_poll_create(void) { return flash_poll_create_with(NU
 
 FLASH_API void flash_poll_destroy(flash_poll *l) {
     if (!l) return;
+    flash_allocator a = l->kit.handles.alloc;
     flash_loop_kit_close(&l->kit, NULL);
-    if (l->pfds) l->alloc.free(l->pfds, l->alloc.user_data);
-    l->alloc.free(l, l->alloc.user_data);
+    if (l->pfds) a.free(l->pfds, a.user_data);
+    a.free(l, a.user_data);
 }
 
 FLASH_API flash_loop flash_poll_loop(flash_poll *l) {
-    flash_loop loop;
-    loop.vt = &flash__poll_vt;
-    loop.native = l;
+    flash_loop loop = {&flash__poll_vt, l};
     return loop;
 }
 
