@@ -3467,6 +3467,8 @@ struct flash_batch {
     flash_loader *loader;
     flash__entry **keys;        /* count of kcap used, in first-asked order */
     size_t count, kcap, unsettled;
+    size_t room;                /* flash_load's fast path appends while
+                                   count < room: kcap, or max_batch if less */
     uint64_t gen;
     void *data;
     bool dispatched, ended;
@@ -3492,13 +3494,18 @@ typedef struct flash__table {
 
 struct flash_loader {
     flash_ctx *ctx;
+    flash__slot *slots;        /* open addressing, linear probing */
+    size_t fmask;              /* cap - 1 when flash_load may probe on its
+                                  own (a table, no key_fn), else 0 */
+    size_t grow_at;            /* count at which the table grows (cap / 2),
+                                  0 with max_memo: such loads go the slow way */
+    uint32_t gen;              /* == table->gen */
+    uint64_t seed, seed2;      /* the context's memo seeds, copied */
+    size_t cap, count;
     const flash_loader_desc *desc_ptr;
     flash_loader_desc desc;
     flash_loader *next;
     flash__table *table;
-    flash__slot *slots;        /* open addressing, linear probing */
-    size_t cap, count;
-    uint32_t gen;              /* == table->gen */
     flash__entry **ring;       /* FIFO of memo entries when max_memo is set */
     size_t ring_head, ring_len;
     flash_batch *open;         /* batch accepting keys */
@@ -3583,7 +3590,7 @@ static inline uint64_t flash__memo_hash_seeded(const void *data, size_t n, uint6
     }
     return flash__mum(a ^ seed, b ^ (seed2 + n));
 }
-#define flash__memo_hash(l, k, n) flash__memo_hash_seeded((k), (n), (l)->ctx->memo_seed, (l)->ctx->memo_seed2)
+#define flash__memo_hash(l, k, n) flash__memo_hash_seeded((k), (n), (l)->seed, (l)->seed2)
 
 /* Equal keys of equal length 1 <= n <= 16, without a libc call
    (overlapping loads). */
@@ -3630,6 +3637,12 @@ static inline flash__slot *flash__memo_find(const flash_loader *l, const void *m
 static flash__table *flash__table_get(flash_ctx *ctx, size_t min_cap, bool largest);
 static void flash__table_put(flash_ctx *ctx, flash__table *t);
 
+/* The fields flash_load's fast path checks instead of the desc and cap. */
+static void flash__loader_limits(flash_loader *l) {
+    l->fmask = (l->cap && !l->desc.key_fn) ? l->cap - 1 : 0;
+    l->grow_at = l->desc.max_memo ? 0 : l->cap / 2;
+}
+
 static int flash__memo_grow(flash_loader *l) {
     flash__table *t = flash__table_get(l->ctx, l->cap ? l->cap * 2 : 64, l->cap == 0);
     flash__slot *slots;
@@ -3651,6 +3664,7 @@ static int flash__memo_grow(flash_loader *l) {
     l->slots = slots;
     l->cap = t->cap;
     l->gen = t->gen;
+    flash__loader_limits(l);
     return FLASH_OK;
 }
 
@@ -3767,6 +3781,7 @@ static void flash__loaders_release(flash_ctx *ctx) {
         l->slots = NULL;
         l->ring = NULL;
         l->cap = l->count = 0;
+        flash__loader_limits(l);
     }
     ctx->loaders = NULL;
 }
@@ -3797,6 +3812,8 @@ FLASH_API flash_loader *flash_loader_create(flash_ctx *ctx, const flash_loader_d
     l = (flash_loader *)flash_calloc(ctx, 1, sizeof *l);
     if (!l) return NULL;
     l->ctx = ctx;
+    l->seed = ctx->memo_seed;
+    l->seed2 = ctx->memo_seed2;
     l->desc_ptr = desc;
     l->desc = *desc;
     if (!l->desc.name) l->desc.name = "loader";
@@ -3824,6 +3841,11 @@ FLASH_API flash_ctx *flash_loader_ctx(const flash_loader *l) { return l ? l->ctx
    arena) as loads join: dispatch needs no pass over the keys. */
 enum { FLASH__BATCH_KEYS0 = 16 };
 
+static void flash__batch_room(flash_batch *b) {
+    uint32_t max = b->loader->desc.max_batch;
+    b->room = (max && max < b->kcap) ? max : b->kcap;
+}
+
 /* Room for one more key in b. */
 static FLASH__NOINLINE bool flash__batch_grow(flash_ctx *ctx, flash_batch *b) {
     flash__entry **keys;
@@ -3833,6 +3855,7 @@ static FLASH__NOINLINE bool flash__batch_grow(flash_ctx *ctx, flash_batch *b) {
     memcpy(keys, b->keys, b->count * sizeof *keys);
     b->keys = keys;
     b->kcap *= 2;
+    flash__batch_room(b);
     return true;
 }
 
@@ -3848,6 +3871,7 @@ static flash_batch *flash__batch_open(flash_loader *l) {
     b->keys = (flash__entry **)flash__alloc(ctx, b->kcap * sizeof *b->keys);
     if (!b->keys) return NULL;
     b->loader = l;
+    flash__batch_room(b);
     b->gen = ctx->gen;
     l->open = b;
     if (l->desc.schedule) {
@@ -4043,6 +4067,7 @@ static FLASH__NOINLINE flash_promise *flash__load_slow(flash_loader *l, const vo
     char buf[256];
     size_t mlen = 0;
     const void *mkey;
+    l->ctx->stats.loads++;
     if (!key || !len) return flash_rejected(l->ctx, FLASH_EINVAL, "load: empty key");
     if (len > UINT32_MAX) return flash_rejected(l->ctx, FLASH_ETOOLARGE, "load: key too long");
     if (!l->desc.key_fn) return flash__load(l, key, len, key, len, payload);
@@ -4052,14 +4077,97 @@ static FLASH__NOINLINE flash_promise *flash__load_slow(flash_loader *l, const vo
     return flash__load(l, key, len, mkey, mlen, payload);
 }
 
+/* Copy a key of 1 <= n <= 16 bytes without a libc call. */
+static inline void flash__copy_key_short(char *dst, const char *src, size_t n) {
+    if (n >= 8) {
+        uint64_t a, b;
+        memcpy(&a, src, 8);
+        memcpy(&b, src + n - 8, 8);
+        memcpy(dst, &a, 8);
+        memcpy(dst + n - 8, &b, 8);
+    } else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, src, 4);
+        memcpy(&b, src + n - 4, 4);
+        memcpy(dst, &a, 4);
+        memcpy(dst + n - 4, &b, 4);
+    } else {
+        dst[0] = src[0];
+        dst[n / 2] = src[n / 2];
+        dst[n - 1] = src[n - 1];
+    }
+}
+
+/* A miss of the plain load (flash__load_fast), slot the empty slot where
+   the probe ended: the entry is written here when nothing else is needed
+   (room in the memo table, the arena block and the open batch, no
+   max_memo), else the general path looks the key up again. Out of line,
+   like the probe's later steps, so that a memo hit saves no registers. */
+static FLASH__NOINLINE flash_promise *flash__load_miss(flash_loader *l, const void *key, size_t len,
+                                                       flash__slot *slot, uint32_t h32) {
+    flash_ctx *ctx = l->ctx;
+    flash__block *blk = ctx->blocks;
+    flash_batch *b = l->open;
+    flash__entry *e;
+    size_t size = FLASH__ROUND8(sizeof *e + len + 1);
+    if (FLASH__UNLIKELY(l->count >= l->grow_at || !blk || blk->cap - blk->used < size || !b ||
+                        b->count >= b->room))
+        return flash__load_slow(l, key, len, NULL);
+    ctx->stats.loads++;
+    e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
+    blk->used += size;
+    /* As flash__load_new. */
+    e->p.state = FLASH_PENDING;
+    e->p.has_more = 0;
+    e->p.is_entry = 1;
+    e->p.eflags = FLASH__E_IN_MEMO;
+    e->p.error = 0;
+    e->p.u.value = NULL;
+    e->p.first.fn.pub = NULL;
+    e->klen = (uint32_t)len;
+    e->mlen = (uint32_t)len;
+    flash__copy_key_short((char *)(e + 1), (const char *)key, len);
+    ((char *)(e + 1))[len] = 0;
+    b->keys[b->count++] = e;
+    slot->hash = h32;
+    slot->gen = l->gen;
+    slot->e = e;
+    l->count++;
+    return &e->p;
+}
+
+/* Slot s holds key (of 1..16 bytes, no key_fn: the memo key is the key). */
+static inline bool flash__slot_holds(const flash__slot *s, uint32_t h32, const void *key, size_t len) {
+    return s->hash == h32 && s->e->klen == len && flash__keyeq_short(flash__ekey(s->e), (const char *)key, len);
+}
+
+/* The plain load's probe after its first slot (a collision). */
+static FLASH__NOINLINE flash_promise *flash__load_probe(flash_loader *l, const void *key, size_t len, size_t i,
+                                                        uint32_t h32) {
+    flash__slot *slots = l->slots;
+    size_t mask = l->fmask;
+    uint32_t gen = l->gen;
+    for (;;) {
+        flash__slot *slot;
+        i = (i + 1) & mask;
+        slot = &slots[i];
+        if (slot->gen != gen) return flash__load_miss(l, key, len, slot, h32);
+        if (flash__slot_holds(slot, h32, key, len)) {
+            flash_ctx *ctx = l->ctx;
+            ctx->stats.loads++;
+            ctx->stats.memo_hits++;
+            return &slot->e->p;
+        }
+    }
+}
+
 /* The plain load (no key_fn: the memo key is the key), inlined into
-   flash_load and flash_load_with. A memo hit is a hash and one probe; a
-   miss writes the entry in place when nothing else is needed: room in the
-   memo table, in the arena block and in the open batch, a key of at most 16
-   bytes, no max_memo. Anything else (a key function, the first load of a
-   tick, a growing table, a new arena block) takes the general path, which
-   looks the key up again: this path calls nothing, so it saves no
-   registers. */
+   flash_load and flash_load_with: a key of 1..16 bytes, no payload, a
+   memo table. A memo hit in the first slot probed is a hash and one
+   compare and calls nothing, so it saves no registers; a collision goes
+   on in flash__load_probe, a miss in flash__load_miss. Anything else (a
+   key function, the first load, keys over 16 bytes, a payload) takes the
+   general path. */
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((always_inline))
 #endif
@@ -4067,64 +4175,22 @@ static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, 
     flash__slot *slot;
     uint64_t h;
     size_t mask, i;
-    uint32_t h32, gen;
     if (FLASH__UNLIKELY(!l)) return NULL;
-    l->ctx->stats.loads++;
-    /* Keys over 16 bytes and loads with a payload (the model engine's: full
-       cache keys) take the general path at once rather than probe twice. */
-    if (FLASH__UNLIKELY(!key || len - 1 >= UINT32_MAX || l->desc.key_fn || !l->cap || len > 16 || payload))
-        return flash__load_slow(l, key, len, payload);
+    /* len - 1 >= 16: empty keys and keys over 16 bytes; mask 0: no table
+       yet, or a key function. */
+    mask = l->fmask;
+    if (FLASH__UNLIKELY(!key || len - 1 >= 16 || !mask || payload)) return flash__load_slow(l, key, len, payload);
     h = flash__memo_hash(l, key, len);
-    mask = l->cap - 1;
     i = (size_t)h & mask;
-    h32 = (uint32_t)h;
-    gen = l->gen;
-    for (;;) {
-        slot = &l->slots[i];
-        if (slot->gen != gen) break;
-        /* Without a key_fn every memo key is the entry's own key. Keys
-           over 16 bytes compare on the general path (a libc call here
-           would make every hit save registers). */
-        if (slot->hash == h32 && slot->e->klen == len) {
-            if (FLASH__UNLIKELY(len > 16)) return flash__load_slow(l, key, len, payload);
-            if (flash__keyeq_short(flash__ekey(slot->e), (const char *)key, len)) {
-                l->ctx->stats.memo_hits++;
-                return &slot->e->p;
-            }
-        }
-        i = (i + 1) & mask;
-    }
-    {
+    slot = &l->slots[i];
+    if (slot->gen != l->gen) return flash__load_miss(l, key, len, slot, (uint32_t)h);
+    if (FLASH__LIKELY(flash__slot_holds(slot, (uint32_t)h, key, len))) {
         flash_ctx *ctx = l->ctx;
-        flash__block *blk = ctx->blocks;
-        flash_batch *b = l->open;
-        flash__entry *e;
-        size_t size = FLASH__ROUND8(sizeof *e + len + 1);
-        if (FLASH__UNLIKELY(len > 16 || payload || (l->count + 1) * 2 > l->cap || !blk ||
-                            blk->cap - blk->used < size || !b || b->count == b->kcap ||
-                            (l->desc.max_batch && b->count >= l->desc.max_batch) || l->desc.max_memo))
-            return flash__load_slow(l, key, len, payload);
-        e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
-        blk->used += size;
-        /* As flash__load_new. */
-        e->p.state = FLASH_PENDING;
-        e->p.has_more = 0;
-        e->p.is_entry = 1;
-        e->p.eflags = FLASH__E_IN_MEMO;
-        e->p.error = 0;
-        e->p.u.value = NULL;
-        e->p.first.fn.pub = NULL;
-        e->klen = (uint32_t)len;
-        e->mlen = (uint32_t)len;
-        flash__copy_key((char *)(e + 1), (const char *)key, len);
-        ((char *)(e + 1))[len] = 0;
-        b->keys[b->count++] = e;
-        slot->hash = h32;
-        slot->gen = gen;
-        slot->e = e;
-        l->count++;
-        return &e->p;
+        ctx->stats.loads++;
+        ctx->stats.memo_hits++;
+        return &slot->e->p;
     }
+    return flash__load_probe(l, key, len, i, (uint32_t)h);
 }
 
 FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {

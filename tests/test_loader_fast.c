@@ -261,3 +261,56 @@ FLASH_TEST(loader_fast, payloads_follow_keys_of_every_shape) {
     cr_assert_eq(flash_promise_value(f), &v[5]);
     flash_ctx_destroy(ctx);
 }
+
+/* Batch sizes seen by sizes_batch, in dispatch order. */
+static size_t sizes[512], nsizes;
+static void sizes_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
+    (void)ctx;
+    (void)ud;
+    if (nsizes < 512) sizes[nsizes++] = flash_batch_size(b);
+    for (size_t i = 0; i < flash_batch_size(b); i++)
+        cr_assert_eq(flash_batch_resolve(b, i, (void *)flash_batch_key(b, i, NULL)), FLASH_OK);
+}
+
+FLASH_TEST(loader_fast, max_batch_around_the_key_array_and_small_arena_blocks) {
+    /* The fast path appends while count < room (the key array's capacity,
+       or max_batch when less): every max_batch near the array's doublings
+       (16, 32, 64, ...), with the memo table growing (at 32, 64, 128 keys)
+       and the arena's blocks running out (1 KiB blocks) in the same tick. */
+    static const uint32_t maxes[] = {0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 299, 300, 1000};
+    enum { N = 300 };
+    static char buf[N][12];
+    static flash_promise *ps[N];
+    for (size_t m = 0; m < sizeof maxes / sizeof maxes[0]; m++) {
+        for (int small = 0; small < 2; small++) {
+            flash_desc d = {0};
+            if (small) d.arena_block = 1024;
+            flash_ctx *ctx = flash_ctx_create(&d);
+            flash_loader_desc ld = {.name = "sizes", .batch = sizes_batch, .max_batch = maxes[m]};
+            flash_loader *l = flash_loader_create(ctx, &ld);
+            nsizes = 0;
+            for (int i = 0; i < N; i++) {
+                snprintf(buf[i], sizeof buf[i], "k%d", i * 7919);
+                ps[i] = flash_load_str(l, buf[i]);
+                cr_assert_not_null(ps[i]);
+                /* a memo hit on an older key in between */
+                cr_assert_eq(flash_load_str(l, buf[i / 2]), ps[i / 2]);
+            }
+            void *v = NULL;
+            cr_assert_eq(flash_wait(ctx, flash_gather(ctx, N, ps), &v), FLASH_OK);
+            size_t per = maxes[m] ? maxes[m] : N, want = (N + per - 1) / per, total = 0;
+            cr_assert_eq(nsizes, want, "max_batch %u: %zu batches, not %zu", maxes[m], nsizes, want);
+            for (size_t k = 0; k < nsizes; k++) {
+                cr_assert_eq(sizes[k], k + 1 < nsizes ? per : N - per * (nsizes - 1), "max_batch %u: batch %zu",
+                             maxes[m], k);
+                total += sizes[k];
+            }
+            cr_assert_eq(total, (size_t)N);
+            for (int i = 0; i < N; i++) cr_assert_str_eq(((const char **)v)[i], buf[i]);
+            flash_stats st = flash_ctx_stats(ctx);
+            cr_assert_eq(st.loads, 2 * N);
+            cr_assert_eq(st.memo_hits, N);
+            flash_ctx_destroy(ctx);
+        }
+    }
+}
