@@ -2228,33 +2228,54 @@ static void flash__work_add(flash_ctx *ctx, flash_promise *p, const flash__cb *c
    were added (never run inside flash_resolve); its internal callbacks run
    now, after those are queued, so that a gather sees rejections in the
    order they happened and settles after the callbacks added before it. */
+/* A promise a gather holds more than once: position i takes p's value
+   when the gather completes (one callback per promise, not per position). */
+typedef struct flash__gdup {
+    struct flash__gdup *next;
+    flash_promise *p;
+    size_t i;
+} flash__gdup;
+
 typedef struct flash__gather {
     flash_promise out;
     size_t remaining;
     bool settled_form;
     void **values;           /* gather */
     flash_settled *settled;  /* gather_settled */
+    flash__gdup *dups;       /* gather: repeated pending promises */
 } flash__gather;
 
+/* A values gather's last promise fulfilled: fill the repeated positions,
+   then fulfil. */
+static void flash__gather_done(flash_ctx *ctx, flash__gather *g);
+
 static void flash__gather_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i);
+static void flash__gather_settled_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i);
+
+/* The settle of fulfilled p when it needs nothing run: nobody waits, or
+   its only waiter is a gather it is not the last promise of (the value is
+   recorded in place, what flash__gather_cb does, without the indirect
+   call; it settles nothing, so needs no work list). False: not done. */
+static inline bool flash__settle_quick(flash_promise *p, void *value) {
+    flash__cb *c = &p->first;
+    flash__gather *g;
+    if (p->has_more) return false;
+    if (!c->fn.pub) return true; /* nobody waits */
+    if (c->fn.priv != flash__gather_cb) return false;
+    g = (flash__gather *)c->arg;
+    if (g->remaining < 2) return false;
+    g->values[c->idx] = value;
+    g->remaining--;
+    c->fn.pub = NULL;
+    return true;
+}
 
 static FLASH__NOINLINE void flash__settle_more(flash_ctx *ctx, flash_promise *p);
 static inline void flash__settle(flash_ctx *ctx, flash_promise *p) {
     if (FLASH__LIKELY(!p->has_more)) {
         flash__cb *c = &p->first;
+        if (p->state == FLASH_FULFILLED && flash__settle_quick(p, p->u.value)) return;
         if (!c->fn.pub) return; /* nobody waits */
-        if (c->fn.priv == flash__gather_cb) {
-            /* A gather's only callback, and not its last promise: record
-               the value in place (what flash__gather_cb does) without the
-               indirect call; it settles nothing, so needs no work list. */
-            flash__gather *g = (flash__gather *)c->arg;
-            if (p->state == FLASH_FULFILLED && !g->settled_form && g->remaining > 1) {
-                g->values[c->idx] = p->u.value;
-                g->remaining--;
-                c->fn.pub = NULL;
-                return;
-            }
-        }
         if (!c->is_inline) { /* the common user case */
             flash__ready_push(ctx, p, NULL);
             if (!ctx->depth) flash__schedule_drain(ctx);
@@ -2536,31 +2557,88 @@ FLASH_API flash_promise *flash_catch(flash_ctx *ctx, flash_promise *p, flash_cat
     return flash__chain_new(ctx, p, NULL, fn, arg);
 }
 
+/* A gather's callback: flash__gather_cb for flash_gather (the form that
+   flash__settle records in place), flash__gather_settled_cb for
+   flash_gather_settled. */
+static void flash__gather_settled_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i) {
+    flash__gather *g = (flash__gather *)arg;
+    flash_settled *s = &g->settled[i];
+    s->state = (flash_state)p->state;
+    s->error = p->state == FLASH_REJECTED ? p->error : 0;
+    s->value = p->state == FLASH_FULFILLED ? p->u.value : NULL;
+    s->message = p->state == FLASH_REJECTED ? p->u.message : flash__empty;
+    if (--g->remaining == 0 && g->out.state == FLASH_PENDING) flash__fulfil(ctx, &g->out, g->settled);
+}
+
 static void flash__gather_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i) {
     flash__gather *g = (flash__gather *)arg;
-    if (FLASH__LIKELY(p->state == FLASH_FULFILLED && !g->settled_form)) {
-        g->values[i] = p->u.value;
-        if (FLASH__UNLIKELY(--g->remaining == 0) && g->out.state == FLASH_PENDING) flash__fulfil(ctx, &g->out, g->values);
+    if (g->settled_form) {
+        flash__gather_settled_cb(ctx, p, arg, i);
         return;
     }
-    if (g->settled_form) {
-        flash_settled *s = &g->settled[i];
-        s->state = (flash_state)p->state;
-        s->error = p->state == FLASH_REJECTED ? p->error : 0;
-        s->value = p->state == FLASH_FULFILLED ? p->u.value : NULL;
-        s->message = p->state == FLASH_REJECTED ? p->u.message : flash__empty;
-    } else if (p->state == FLASH_FULFILLED) {
+    if (FLASH__LIKELY(p->state == FLASH_FULFILLED)) {
         g->values[i] = p->u.value;
-    } else if (g->out.state == FLASH_PENDING) {
-        flash__fail(ctx, &g->out, p->error, p->u.message);
+        if (FLASH__UNLIKELY(--g->remaining == 0) && g->out.state == FLASH_PENDING) flash__gather_done(ctx, g);
+        return;
     }
-    if (--g->remaining == 0 && g->out.state == FLASH_PENDING)
-        flash__fulfil(ctx, &g->out, g->settled_form ? (void *)g->settled : (void *)g->values);
+    if (g->out.state == FLASH_PENDING) flash__fail(ctx, &g->out, p->error, p->u.message);
+    if (--g->remaining == 0 && g->out.state == FLASH_PENDING) flash__gather_done(ctx, g);
+}
+
+static void flash__gather_done(flash_ctx *ctx, flash__gather *g) {
+    flash__gdup *d;
+    for (d = g->dups; d; d = d->next) g->values[d->i] = d->p->u.value;
+    flash__fulfil(ctx, &g->out, g->values);
+}
+
+/* Position i of g waits for pending p too: g is p's only waiter already
+   (at an earlier position), so i is filled when g completes. False: out
+   of memory. */
+static FLASH__NOINLINE bool flash__gather_dup(flash_ctx *ctx, flash__gather *g, flash_promise *p, size_t i) {
+    flash__gdup *d = (flash__gdup *)flash__alloc(ctx, sizeof *d);
+    if (!d) return false;
+    d->p = p;
+    d->i = i;
+    d->next = g->dups;
+    g->dups = d;
+    g->remaining--; /* never 0 here: the +1 of flash__gather_new */
+    return true;
+}
+
+/* Position i of g waits for p: every case (flash__gather_new's loop takes
+   the usual ones itself). */
+static void flash__gather_join(flash_ctx *ctx, flash__gather *g, flash_promise *p, size_t i, flash__cbfn cb) {
+    if (!p) {
+        flash_promise stand_in;
+        flash__promise_init(&stand_in);
+        stand_in.state = FLASH_REJECTED;
+        stand_in.error = FLASH_EINVAL;
+        stand_in.u.message = flash_promise_message(NULL);
+        cb(ctx, &stand_in, g, i);
+    } else if (p->state != FLASH_PENDING) {
+        cb(ctx, p, g, i); /* settled already: record it now */
+    } else if (!p->first.fn.pub && !p->has_more) {
+        /* The gather is the promise's only waiter. */
+        p->first.fn.priv = cb;
+        p->first.is_priv = 1;
+        p->first.is_inline = 1;
+        p->first.arg = g;
+        p->first.idx = (uint32_t)i;
+    } else if (flash__add_cb(ctx, p, NULL, cb, g, (uint32_t)i, true) != FLASH_OK) {
+        flash_promise oom;
+        flash__promise_init(&oom);
+        oom.state = FLASH_REJECTED;
+        oom.error = FLASH_ENOMEM;
+        oom.u.message = flash_strerror(FLASH_ENOMEM);
+        cb(ctx, &oom, g, i);
+    }
 }
 
 static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise *const *ps, bool settled_form) {
     flash__gather *g;
-    size_t i;
+    size_t i, done = 0; /* memo hits recorded: taken off remaining at the end */
+    void **values;
+    flash__cbfn cb = settled_form ? flash__gather_settled_cb : flash__gather_cb;
     if (!ctx) return NULL;
     if (n && !ps) return flash_rejected(ctx, FLASH_EINVAL, "gather: NULL promise array");
     if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "gather: too many promises");
@@ -2571,42 +2649,51 @@ static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise 
     g->remaining = n + 1; /* +1 so nothing completes before every callback is in */
     g->values = NULL;
     g->settled = NULL;
+    g->dups = NULL;
     /* Not zeroed: every slot is written before the array is handed out. */
     if (settled_form) g->settled = (flash_settled *)flash__alloc(ctx, (n ? n : 1) * sizeof *g->settled);
     else g->values = (void **)flash__alloc(ctx, (n ? n : 1) * sizeof *g->values);
     if (!g->values && !g->settled) return NULL;
-    for (i = 0; i < n; i++) {
-        flash_promise *p = ps[i];
-        if (!p) {
-            flash_promise stand_in;
-            flash__promise_init(&stand_in);
-            stand_in.state = FLASH_REJECTED;
-            stand_in.error = FLASH_EINVAL;
-            stand_in.u.message = flash_promise_message(NULL);
-            flash__gather_cb(ctx, &stand_in, g, i);
-        } else if (p->state == FLASH_FULFILLED && !settled_form) {
-            g->values[i] = p->u.value; /* settled already (a memo hit): record it now */
-            g->remaining--;            /* never 0 here: the +1 above */
-        } else if (p->state != FLASH_PENDING) {
-            flash__gather_cb(ctx, p, g, i); /* settled already: record it now */
-        } else if (!p->first.fn.pub && !p->has_more) {
-            /* The usual case: the gather is the promise's only waiter. */
-            p->first.fn.priv = flash__gather_cb;
-            p->first.is_priv = 1;
-            p->first.is_inline = 1;
-            p->first.arg = g;
-            p->first.idx = (uint32_t)i;
-        } else if (flash__add_cb(ctx, p, NULL, flash__gather_cb, g, (uint32_t)i, true) != FLASH_OK) {
-            flash_promise oom;
-            flash__promise_init(&oom);
-            oom.state = FLASH_REJECTED;
-            oom.error = FLASH_ENOMEM;
-            oom.u.message = flash_strerror(FLASH_ENOMEM);
-            flash__gather_cb(ctx, &oom, g, i);
+    values = g->values;
+    if (settled_form) {
+        for (i = 0; i < n; i++) flash__gather_join(ctx, g, ps[i], i, cb);
+    } else {
+        /* state and has_more as one word: 0 when pending with at most the
+           inline callback, `fulfilled` when fulfilled with none queued. */
+        static const uint8_t ful_bytes[2] = {FLASH_FULFILLED, 0};
+        uint16_t fulfilled;
+        memcpy(&fulfilled, ful_bytes, sizeof fulfilled);
+        for (i = 0; i < n; i++) {
+            flash_promise *p = ps[i];
+            uint16_t busy;
+            if (FLASH__LIKELY(p != NULL)) {
+                memcpy(&busy, &p->state, sizeof busy);
+                if (FLASH__LIKELY(busy == 0)) {
+                    if (FLASH__LIKELY(!p->first.fn.pub)) {
+                        /* The usual case: the gather is the promise's only waiter. */
+                        p->first.fn.priv = cb;
+                        p->first.is_priv = 1;
+                        p->first.is_inline = 1;
+                        p->first.arg = g;
+                        p->first.idx = (uint32_t)i;
+                        continue;
+                    }
+                    /* The same promise again (a key loaded twice): no second callback. */
+                    if (p->first.fn.priv == cb && p->first.arg == g && flash__gather_dup(ctx, g, p, i)) continue;
+                } else if (busy == fulfilled) {
+                    values[i] = p->u.value; /* settled already (a memo hit): record it now */
+                    done++;
+                    continue;
+                }
+            }
+            flash__gather_join(ctx, g, p, i, cb);
         }
     }
-    if (--g->remaining == 0 && g->out.state == FLASH_PENDING)
-        flash__fulfil(ctx, &g->out, settled_form ? (void *)g->settled : (void *)g->values);
+    g->remaining -= done + 1; /* done < remaining: the +1 above */
+    if (g->remaining == 0 && g->out.state == FLASH_PENDING) {
+        if (settled_form) flash__fulfil(ctx, &g->out, g->settled);
+        else flash__gather_done(ctx, g);
+    }
     return &g->out;
 }
 
@@ -3465,6 +3552,7 @@ static inline void *flash__epayload(const flash__entry *e) {
 struct flash_batch {
     flash_batch *next_open;
     flash_loader *loader;
+    flash_ctx *ctx;
     flash__entry **keys;        /* count of kcap used, in first-asked order */
     size_t count, kcap, unsettled;
     size_t room;                /* flash_load's fast path appends while
@@ -3472,6 +3560,8 @@ struct flash_batch {
     uint64_t gen;
     void *data;
     bool dispatched, ended;
+    bool live;                  /* dispatched, not ended, of the current
+                                   request: flash_batch_resolve's one check */
     flash_batch *next_inflight, *prev_inflight;
 };
 
@@ -3793,11 +3883,16 @@ static void flash__loaders_cancel(flash_ctx *ctx) {
     flash_loader *l;
     for (l = ctx->loaders; l; l = l->next) {
         flash_batch *b = l->inflight;
-        if (!l->desc.cancel) continue;
+        if (!l->desc.cancel) {
+            /* Orphans from now on: their calls take the checked path. */
+            for (; b; b = b->next_inflight) b->live = false;
+            continue;
+        }
         l->inflight = NULL;
         while (b) {
             flash_batch *next = b->next_inflight;
             b->ended = true;
+            b->live = false;
             ctx->inflight--;
             flash__unhold(ctx, b->gen);
             l->desc.cancel(ctx, b, l->desc.user_data);
@@ -3871,6 +3966,7 @@ static flash_batch *flash__batch_open(flash_loader *l) {
     b->keys = (flash__entry **)flash__alloc(ctx, b->kcap * sizeof *b->keys);
     if (!b->keys) return NULL;
     b->loader = l;
+    b->ctx = ctx;
     flash__batch_room(b);
     b->gen = ctx->gen;
     l->open = b;
@@ -3896,6 +3992,7 @@ static void flash__batch_dispatch(flash_batch *b) {
     size_t i;
     if (l->open == b) l->open = NULL;
     b->dispatched = true;
+    b->live = true;
     /* Without memo the table only made keys unique within the batch. */
     if (l->desc.no_memo)
         for (i = 0; i < b->count; i++) flash__memo_forget(l, b->keys[i]);
@@ -4310,6 +4407,7 @@ static void flash__batch_finish(flash_batch *b) {
     flash_loader *l = b->loader;
     flash_ctx *ctx = l->ctx;
     b->ended = true;
+    b->live = false;
     if (b->gen != ctx->gen) {
         /* A reset request's batch: its memory (the batch included) goes at
            the next drain, so the batch function may still call
@@ -4355,15 +4453,32 @@ static void flash__batch_settled_one(flash_batch *b, flash__entry *e) {
     if (--b->unsettled == 0) flash__batch_finish(b);
 }
 
-FLASH_API int flash_batch_resolve(flash_batch *b, size_t i, void *value) {
+static FLASH__NOINLINE int flash__batch_resolve_slow(flash_batch *b, size_t i, void *value) {
     int rc = flash__batch_check(b, i);
     flash__entry *e;
     if (rc) return rc;
     e = b->keys[i];
     e->p.state = FLASH_FULFILLED;
     e->p.u.value = value;
-    flash__settle(b->loader->ctx, &e->p);
-    flash__batch_settled_one(b, e);
+    flash__settle(b->ctx, &e->p);
+    if (--b->unsettled == 0) flash__batch_finish(b);
+    return FLASH_OK;
+}
+
+/* The usual resolve calls nothing (so saves no registers): a live batch
+   (dispatched, not ended, not of a reset request) with more keys to
+   settle, a pending key that nobody waits for or whose only waiter is a
+   gather with more promises to wait for. The rest: out of line. */
+FLASH_API int flash_batch_resolve(flash_batch *b, size_t i, void *value) {
+    flash__entry *e;
+    if (FLASH__UNLIKELY(!b || !b->live || i >= b->count || b->unsettled < 2))
+        return flash__batch_resolve_slow(b, i, value);
+    e = b->keys[i];
+    if (FLASH__UNLIKELY(e->p.state != FLASH_PENDING || !flash__settle_quick(&e->p, value)))
+        return flash__batch_resolve_slow(b, i, value);
+    e->p.state = FLASH_FULFILLED;
+    e->p.u.value = value;
+    b->unsettled--;
     return FLASH_OK;
 }
 

@@ -314,3 +314,150 @@ FLASH_TEST(loader_fast, max_batch_around_the_key_array_and_small_arena_blocks) {
         }
     }
 }
+
+/* ---- a gather holding the same promise more than once (issue #16) -------- */
+
+static void count_cb(flash_ctx *ctx, flash_promise *p, void *arg) {
+    (void)ctx;
+    (void)p;
+    ++*(int *)arg;
+}
+
+static void *refuse_alloc(size_t n, void *ud) { return *(bool *)ud ? NULL : malloc(n); }
+static void refuse_free(void *p, void *ud) {
+    (void)ud;
+    free(p);
+}
+
+FLASH_TEST(loader_fast, a_gather_waits_once_per_promise_and_fills_every_position) {
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader *l = flash_loader_create(ctx, &MIXED);
+    flash_promise *a = flash_load_str(l, "a"), *b = flash_load_str(l, "b"), *c = flash_load_str(l, "c");
+    /* a thrice, b twice: one callback each; positions filled at completion. */
+    flash_promise *ps[] = {a, b, a, a, c, b};
+    flash_promise *g = flash_gather(ctx, 6, ps);
+    /* a promise whose only waiter is another gather: a second callback. */
+    flash_promise *g2 = flash_gather(ctx, 3, (flash_promise *[]){c, a, c});
+    /* the settled form keeps one callback per position. */
+    flash_promise *gs = flash_gather_settled(ctx, 3, (flash_promise *[]){b, b, a});
+    void *v = NULL;
+    cr_assert_eq(flash_wait(ctx, g, &v), FLASH_OK);
+    const char *want[] = {"a", "b", "a", "a", "c", "b"};
+    for (int i = 0; i < 6; i++) cr_assert_str_eq(((const char **)v)[i], want[i], "position %d", i);
+    cr_assert_eq(flash_wait(ctx, g2, &v), FLASH_OK);
+    cr_assert_str_eq(((const char **)v)[0], "c");
+    cr_assert_str_eq(((const char **)v)[1], "a");
+    cr_assert_str_eq(((const char **)v)[2], "c");
+    cr_assert_eq(flash_wait(ctx, gs, &v), FLASH_OK);
+    flash_settled *s = (flash_settled *)v;
+    cr_assert_str_eq((const char *)s[0].value, "b");
+    cr_assert_str_eq((const char *)s[1].value, "b");
+    cr_assert_str_eq((const char *)s[2].value, "a");
+
+    /* A repeated promise that rejects rejects the gather once. */
+    flash_promise *bad = flash_load_str(l, "bad-x"), *ok = flash_load_str(l, "ok-x");
+    flash_promise *gb = flash_gather(ctx, 4, (flash_promise *[]){bad, ok, bad, bad});
+    cr_assert_eq(flash_wait(ctx, gb, NULL), FLASH_ENOTFOUND);
+    cr_assert_str_eq(flash_promise_message(gb), "bad key");
+
+    /* A promise with a user callback first, then repeated: callbacks kept. */
+    int runs = 0;
+    flash_promise *u = flash_load_str(l, "u");
+    cr_assert_eq(flash_on_settle(ctx, u, count_cb, &runs), FLASH_OK);
+    flash_promise *gu = flash_gather(ctx, 3, (flash_promise *[]){u, u, u});
+    cr_assert_eq(flash_wait(ctx, gu, &v), FLASH_OK);
+    for (int i = 0; i < 3; i++) cr_assert_str_eq(((const char **)v)[i], "u");
+    cr_assert_eq(runs, 1);
+
+    /* Repeated, one of them already settled by then: a hit and a pending one. */
+    flash_promise *d = flash_load_str(l, "d");
+    flash_promise *gd = flash_gather(ctx, 4, (flash_promise *[]){d, a, d, a});
+    cr_assert_eq(flash_wait(ctx, gd, &v), FLASH_OK);
+    cr_assert_str_eq(((const char **)v)[2], "d");
+    cr_assert_str_eq(((const char **)v)[3], "a");
+    flash_ctx_destroy(ctx);
+}
+
+FLASH_TEST(loader_fast, a_repeated_promise_out_of_memory_rejects_the_gather_cleanly) {
+    /* Every arena fill level before the gather: somewhere its record of the
+       repeated position finds no memory; then the gather rejects with
+       FLASH_ENOMEM (or is NULL when its own struct found none), never hangs. */
+    size_t oom = 0, ok = 0;
+    for (size_t pad = 0; pad <= 2048; pad += 8) {
+        bool refuse = false;
+        flash_desc d = {.arena_block = 1024, .allocator = {refuse_alloc, refuse_free, &refuse}};
+        flash_ctx *ctx = flash_ctx_create(&d);
+        flash_promise *p = flash_promise_new(ctx);
+        cr_assert_not_null(p);
+        refuse = true;
+        (void)flash_alloc(ctx, pad);
+        flash_promise *g = flash_gather(ctx, 3, (flash_promise *[]){p, p, p});
+        refuse = false;
+        if (g && flash_promise_state(g) == FLASH_REJECTED) {
+            cr_assert_eq(flash_promise_error(g), FLASH_ENOMEM);
+            oom++;
+        } else if (g) {
+            void *v = NULL;
+            cr_assert_eq(flash_resolve(ctx, p, (void *)"x"), FLASH_OK);
+            cr_assert_eq(flash_wait(ctx, g, &v), FLASH_OK);
+            for (int i = 0; i < 3; i++) cr_assert_str_eq(((const char **)v)[i], "x");
+            ok++;
+        }
+        flash_ctx_destroy(ctx);
+    }
+    cr_assert_gt(oom, 0, "no fill level reached the repeated position's record");
+    cr_assert_gt(ok, 0);
+}
+
+/* ---- flash_batch_resolve's checks (issue #16: one `live` flag) ------------ */
+
+static flash_batch *held;
+static void hold_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
+    (void)ctx;
+    (void)ud;
+    held = b;
+}
+
+FLASH_TEST(loader_fast, resolve_checks_every_misuse_and_a_reset) {
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader_desc hd = {.name = "hold", .batch = hold_batch};
+    flash_loader *l = flash_loader_create(ctx, &hd);
+    flash_promise *x = flash_load_str(l, "x"), *y = flash_load_str(l, "y"), *z = flash_load_str(l, "z");
+    flash_promise *g = flash_gather(ctx, 3, (flash_promise *[]){x, y, z});
+    held = NULL;
+    cr_assert_eq(flash_loader_dispatch(l), FLASH_OK);
+    cr_assert_not_null(held);
+    cr_assert_eq(flash_batch_resolve(NULL, 0, NULL), FLASH_EINVAL);
+    cr_assert_eq(flash_batch_resolve(held, 3, NULL), FLASH_EBATCH);
+    cr_assert_eq(flash_batch_resolve(held, 0, (void *)"X"), FLASH_OK);
+    cr_assert_eq(flash_batch_resolve(held, 0, (void *)"X2"), FLASH_EBATCH, "settled twice");
+    cr_assert_eq(flash_batch_reject(held, 1, FLASH_ENOTFOUND, "gone"), FLASH_OK);
+    cr_assert_eq(flash_batch_resolve(held, 1, NULL), FLASH_EBATCH);
+    cr_assert_eq(flash_batch_resolve(held, 2, (void *)"Z"), FLASH_OK); /* the last key ends the batch */
+    cr_assert_eq(flash_batch_resolve(held, 2, NULL), FLASH_EBATCH, "an ended batch");
+    cr_assert_eq(flash_wait(ctx, g, NULL), FLASH_ENOTFOUND);
+    cr_assert_str_eq((const char *)flash_promise_value(x), "X");
+    cr_assert_str_eq((const char *)flash_promise_value(z), "Z");
+
+    /* A batch of a reset request (no cancel function): its calls answer
+       FLASH_ECANCELED, and the next request's batch resolves normally. */
+    (void)flash_load_str(l, "old1");
+    (void)flash_load_str(l, "old2");
+    held = NULL;
+    cr_assert_eq(flash_loader_dispatch(l), FLASH_OK);
+    flash_batch *old = held;
+    cr_assert_not_null(old);
+    flash_ctx_reset(ctx);
+    cr_assert_eq(flash_batch_resolve(old, 0, NULL), FLASH_ECANCELED);
+    l = flash_loader_create(ctx, &hd);
+    flash_promise *n1 = flash_load_str(l, "new1"), *n2 = flash_load_str(l, "new2");
+    held = NULL;
+    cr_assert_eq(flash_loader_dispatch(l), FLASH_OK);
+    cr_assert_eq(flash_batch_resolve(held, 1, (void *)"N2"), FLASH_OK);
+    cr_assert_eq(flash_batch_resolve(held, 0, (void *)"N1"), FLASH_OK);
+    cr_assert_str_eq((const char *)flash_promise_value(n1), "N1");
+    cr_assert_str_eq((const char *)flash_promise_value(n2), "N2");
+    cr_assert_eq(flash_batch_resolve(old, 1, NULL), FLASH_ECANCELED); /* the orphan ends */
+    cr_assert_eq(flash_batch_end(old), FLASH_ECANCELED);
+    flash_ctx_destroy(ctx);
+}
