@@ -1690,6 +1690,10 @@ struct flash_ctx {
     struct flash__khead *kheads; /* layer 7: escaped "prefix:Class:vN:" per class */
     size_t nkheads;
     void *spare_tables[48];  /* recycled memo tables, one per log2 size */
+    struct {                 /* layer 5: a loader desc's last batch size, */
+        const void *desc;    /* so that its next batch's key array is */
+        size_t keys;         /* allocated once instead of doubling */
+    } batch_hints[8];
     size_t spare_table_bytes;
     struct flash__qloop *qloop;
     /* layer 3b: tasks */
@@ -3941,6 +3945,8 @@ static void flash__batch_room(flash_batch *b) {
     b->room = (max && max < b->kcap) ? max : b->kcap;
 }
 
+static size_t flash__hint_slot(const void *desc) { return ((uintptr_t)desc >> 4) & 7; }
+
 /* Room for one more key in b. */
 static FLASH__NOINLINE bool flash__batch_grow(flash_ctx *ctx, flash_batch *b) {
     flash__entry **keys;
@@ -3963,6 +3969,15 @@ static flash_batch *flash__batch_open(flash_loader *l) {
     b = (flash_batch *)flash_calloc(ctx, 1, sizeof *b);
     if (!b) return NULL;
     b->kcap = FLASH__BATCH_KEYS0;
+    {
+        /* As many slots as the last batch of this desc had (a request like
+           the last one appends without copying), up to max_batch. */
+        size_t hint = ctx->batch_hints[flash__hint_slot(l->desc_ptr)].desc == l->desc_ptr
+                          ? ctx->batch_hints[flash__hint_slot(l->desc_ptr)].keys
+                          : 0;
+        if (l->desc.max_batch && hint > l->desc.max_batch) hint = l->desc.max_batch;
+        while (b->kcap < hint && b->kcap < ((size_t)1 << 26)) b->kcap *= 2;
+    }
     b->keys = (flash__entry **)flash__alloc(ctx, b->kcap * sizeof *b->keys);
     if (!b->keys) return NULL;
     b->loader = l;
@@ -4004,6 +4019,8 @@ static void flash__batch_dispatch(flash_batch *b) {
     flash__hold(ctx);
     ctx->stats.batches++;
     ctx->stats.batch_keys += b->count;
+    ctx->batch_hints[flash__hint_slot(l->desc_ptr)].desc = l->desc_ptr;
+    ctx->batch_hints[flash__hint_slot(l->desc_ptr)].keys = b->count;
     l->desc.batch(ctx, b, l->desc.user_data);
 }
 
@@ -4221,14 +4238,21 @@ static FLASH__NOINLINE flash_promise *flash__load_miss(flash_loader *l, const vo
     e->p.error = 0;
     e->p.u.value = NULL;
     e->p.first.fn.pub = NULL;
-    e->klen = (uint32_t)len;
-    e->mlen = (uint32_t)len;
+    {
+        /* klen and mlen (equal here) in one store. */
+        uint64_t lens = (uint64_t)len * (((uint64_t)1 << 32) | 1);
+        memcpy((char *)e + offsetof(flash__entry, klen), &lens, sizeof lens);
+    }
     flash__copy_key_short((char *)(e + 1), (const char *)key, len);
     ((char *)(e + 1))[len] = 0;
     b->keys[b->count++] = e;
-    slot->hash = h32;
-    slot->gen = l->gen;
-    slot->e = e;
+    {
+        flash__slot full;
+        full.hash = h32;
+        full.gen = l->gen;
+        full.e = e;
+        *slot = full;
+    }
     l->count++;
     return &e->p;
 }

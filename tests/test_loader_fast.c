@@ -461,3 +461,37 @@ FLASH_TEST(loader_fast, resolve_checks_every_misuse_and_a_reset) {
     cr_assert_eq(flash_batch_end(old), FLASH_ECANCELED);
     flash_ctx_destroy(ctx);
 }
+
+FLASH_TEST(loader_fast, key_arrays_sized_by_the_last_batch_of_the_desc) {
+    /* A batch's key array starts as large as the last batch of its desc
+       (capped by max_batch), and still grows past it: requests of varying
+       sizes on one context, with and without max_batch. */
+    static const size_t sizes_per_request[] = {300, 5, 1000, 1, 64, 65, 2000, 17};
+    static char buf[2000][12];
+    static flash_promise *ps[2000];
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    for (int capped = 0; capped < 2; capped++) {
+        flash_loader_desc ld = {.name = "sizes", .batch = sizes_batch, .max_batch = capped ? 100 : 0};
+        for (size_t r = 0; r < sizeof sizes_per_request / sizeof sizes_per_request[0]; r++) {
+            size_t n = sizes_per_request[r];
+            flash_ctx_reset(ctx);
+            flash_loader *l = flash_loader_create(ctx, &ld);
+            nsizes = 0;
+            for (size_t i = 0; i < n; i++) {
+                snprintf(buf[i], sizeof buf[i], "r%zu-%zu", r, i);
+                ps[i] = flash_load_str(l, buf[i]);
+            }
+            void *v = NULL;
+            cr_assert_eq(flash_wait(ctx, flash_gather(ctx, n, ps), &v), FLASH_OK);
+            size_t total = 0;
+            for (size_t k = 0; k < nsizes; k++) {
+                cr_assert_leq(sizes[k], capped ? (size_t)100 : n);
+                total += sizes[k];
+            }
+            cr_assert_eq(total, n);
+            cr_assert_eq(nsizes, capped ? (n + 99) / 100 : 1);
+            for (size_t i = 0; i < n; i++) cr_assert_str_eq(((const char **)v)[i], buf[i]);
+        }
+    }
+    flash_ctx_destroy(ctx);
+}
