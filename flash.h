@@ -2638,15 +2638,9 @@ static void flash__gather_join(flash_ctx *ctx, flash__gather *g, flash_promise *
     }
 }
 
-static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise *const *ps, bool settled_form) {
-    flash__gather *g;
-    size_t i, done = 0; /* memo hits recorded: taken off remaining at the end */
-    void **values;
-    flash__cbfn cb = settled_form ? flash__gather_settled_cb : flash__gather_cb;
-    if (!ctx) return NULL;
-    if (n && !ps) return flash_rejected(ctx, FLASH_EINVAL, "gather: NULL promise array");
-    if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "gather: too many promises");
-    g = (flash__gather *)flash__alloc(ctx, sizeof *g);
+/* A gather of n promises, none joined yet (remaining n + 1). */
+static flash__gather *flash__gather_alloc(flash_ctx *ctx, size_t n, bool settled_form) {
+    flash__gather *g = (flash__gather *)flash__alloc(ctx, sizeof *g);
     if (!g) return NULL;
     flash__promise_init(&g->out);
     g->settled_form = settled_form;
@@ -2657,47 +2651,71 @@ static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise 
     /* Not zeroed: every slot is written before the array is handed out. */
     if (settled_form) g->settled = (flash_settled *)flash__alloc(ctx, (n ? n : 1) * sizeof *g->settled);
     else g->values = (void **)flash__alloc(ctx, (n ? n : 1) * sizeof *g->values);
-    if (!g->values && !g->settled) return NULL;
-    values = g->values;
-    if (settled_form) {
-        for (i = 0; i < n; i++) flash__gather_join(ctx, g, ps[i], i, cb);
-    } else {
-        /* state and has_more as one word: 0 when pending with at most the
-           inline callback, `fulfilled` when fulfilled with none queued. */
-        static const uint8_t ful_bytes[2] = {FLASH_FULFILLED, 0};
-        uint16_t fulfilled;
-        memcpy(&fulfilled, ful_bytes, sizeof fulfilled);
-        for (i = 0; i < n; i++) {
-            flash_promise *p = ps[i];
-            uint16_t busy;
-            if (FLASH__LIKELY(p != NULL)) {
-                memcpy(&busy, &p->state, sizeof busy);
-                if (FLASH__LIKELY(busy == 0)) {
-                    if (FLASH__LIKELY(!p->first.fn.pub)) {
-                        /* The usual case: the gather is the promise's only waiter. */
-                        p->first.fn.priv = cb;
-                        p->first.is_priv = 1;
-                        p->first.is_inline = 1;
-                        p->first.arg = g;
-                        p->first.idx = (uint32_t)i;
-                        continue;
-                    }
-                    /* The same promise again (a key loaded twice): no second callback. */
-                    if (p->first.fn.priv == cb && p->first.arg == g && flash__gather_dup(ctx, g, p, i)) continue;
-                } else if (busy == fulfilled) {
-                    values[i] = p->u.value; /* settled already (a memo hit): record it now */
-                    done++;
-                    continue;
-                }
+    return g->values || g->settled ? g : NULL;
+}
+
+/* The values form's join of position i, the usual cases inline: a
+   pending promise nobody waits for, one this gather already waits for at
+   an earlier position, a fulfilled one (counted in *done, taken off
+   remaining by the caller). */
+static FLASH__ALWAYS_INLINE void flash__gather_join_values(flash_ctx *ctx, flash__gather *g, flash_promise *p,
+                                                           size_t i, uint16_t fulfilled, size_t *done) {
+    uint16_t busy; /* state and has_more as one word */
+    if (FLASH__LIKELY(p != NULL)) {
+        memcpy(&busy, &p->state, sizeof busy);
+        if (FLASH__LIKELY(busy == 0)) {
+            if (FLASH__LIKELY(!p->first.fn.pub)) {
+                /* The usual case: the gather is the promise's only waiter. */
+                p->first.fn.priv = flash__gather_cb;
+                p->first.is_priv = 1;
+                p->first.is_inline = 1;
+                p->first.arg = g;
+                p->first.idx = (uint32_t)i;
+                return;
             }
-            flash__gather_join(ctx, g, p, i, cb);
+            /* The same promise again (a key loaded twice): no second callback. */
+            if (p->first.fn.priv == flash__gather_cb && p->first.arg == g && flash__gather_dup(ctx, g, p, i)) return;
+        } else if (busy == fulfilled) {
+            g->values[i] = p->u.value; /* settled already (a memo hit): record it now */
+            ++*done;
+            return;
         }
     }
-    g->remaining -= done + 1; /* done < remaining: the +1 above */
+    flash__gather_join(ctx, g, p, i, flash__gather_cb);
+}
+
+/* The last step of a gather: every position joined. */
+static void flash__gather_close(flash_ctx *ctx, flash__gather *g, size_t done) {
+    g->remaining -= done + 1; /* done < remaining: the +1 of flash__gather_alloc */
     if (g->remaining == 0 && g->out.state == FLASH_PENDING) {
-        if (settled_form) flash__fulfil(ctx, &g->out, g->settled);
+        if (g->settled_form) flash__fulfil(ctx, &g->out, g->settled);
         else flash__gather_done(ctx, g);
     }
+}
+
+/* state and has_more of a fulfilled promise with no callback queued, as
+   flash__gather_join_values reads them. */
+static inline uint16_t flash__fulfilled_word(void) {
+    static const uint8_t bytes[2] = {FLASH_FULFILLED, 0};
+    uint16_t w;
+    memcpy(&w, bytes, sizeof w);
+    return w;
+}
+
+static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise *const *ps, bool settled_form) {
+    flash__gather *g;
+    size_t i, done = 0; /* memo hits recorded: taken off remaining at the end */
+    if (!ctx) return NULL;
+    if (n && !ps) return flash_rejected(ctx, FLASH_EINVAL, "gather: NULL promise array");
+    if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "gather: too many promises");
+    if (!(g = flash__gather_alloc(ctx, n, settled_form))) return NULL;
+    if (settled_form) {
+        for (i = 0; i < n; i++) flash__gather_join(ctx, g, ps[i], i, flash__gather_settled_cb);
+    } else {
+        uint16_t fulfilled = flash__fulfilled_word();
+        for (i = 0; i < n; i++) flash__gather_join_values(ctx, g, ps[i], i, fulfilled, &done);
+    }
+    flash__gather_close(ctx, g, done);
     return &g->out;
 }
 
@@ -4325,15 +4343,30 @@ FLASH_API flash_promise *flash_load_str(flash_loader *l, const char *key) {
     return flash__load_fast(l, key, key ? strlen(key) : 0, NULL);
 }
 
+/* flash_gather over n flash_loads, each load joining the gather as it is
+   made (no array of promises, no second pass over the entries). */
 FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *const *keys, const size_t *lens) {
-    flash_promise **ps;
-    size_t i;
+    flash_ctx *ctx;
+    flash__gather *g;
+    size_t i, done = 0;
+    uint64_t gen;
+    uint16_t fulfilled = flash__fulfilled_word();
     if (!l) return NULL;
-    if (n && (!keys || !lens)) return flash_rejected(l->ctx, FLASH_EINVAL, "load_many: NULL keys");
-    ps = (flash_promise **)flash_alloc(l->ctx, (n ? n : 1) * sizeof *ps);
-    if (!ps) return NULL;
-    for (i = 0; i < n; i++) ps[i] = flash_load(l, keys[i], lens[i]);
-    return flash_gather(l->ctx, n, ps);
+    ctx = l->ctx;
+    if (n && (!keys || !lens)) return flash_rejected(ctx, FLASH_EINVAL, "load_many: NULL keys");
+    if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "load_many: too many keys");
+    if (!(g = flash__gather_alloc(ctx, n, false))) return NULL;
+    gen = ctx->gen;
+    for (i = 0; i < n; i++) {
+        flash_promise *p = flash__load_fast(l, keys[i], lens[i], NULL);
+        /* A custom schedule may dispatch, and so reset, inside a load: the
+           gather and the loader belonged to the request that ended. */
+        if (FLASH__UNLIKELY(ctx->gen != gen))
+            return flash_rejected(ctx, FLASH_ECANCELED, "load_many: the context was reset during the loads");
+        flash__gather_join_values(ctx, g, p, i, fulfilled, &done);
+    }
+    flash__gather_close(ctx, g, done);
+    return &g->out;
 }
 
 /* A memo entry settled from the start: fulfilled with value, or rejected

@@ -495,3 +495,102 @@ FLASH_TEST(loader_fast, key_arrays_sized_by_the_last_batch_of_the_desc) {
     }
     flash_ctx_destroy(ctx);
 }
+
+/* ---- flash_load_many: each load joins its gather as it is made ------------ */
+
+FLASH_TEST(loader_fast, load_many_joins_hits_repeats_failures_and_bad_keys) {
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader *l = flash_loader_create(ctx, &MIXED);
+    /* a settled entry first: a memo hit inside load_many */
+    flash_promise *pre = flash_load_str(l, "pre");
+    cr_assert_eq(flash_wait(ctx, pre, NULL), FLASH_OK);
+    calls = 0;
+    const void *keys[] = {"x", "pre", "y", "x", "a-key-longer-than-16-bytes", "x", "y"};
+    size_t lens[] = {1, 3, 1, 1, 26, 1, 1};
+    void *v = NULL;
+    cr_assert_eq(flash_wait(ctx, flash_load_many(l, 7, keys, lens), &v), FLASH_OK);
+    for (int i = 0; i < 7; i++) cr_assert_eq(memcmp(((void **)v)[i], keys[i], lens[i]), 0, "position %d", i);
+    cr_assert_eq(calls, 1, "one batch");
+    /* a repeated key that fails rejects once; an empty key rejects too */
+    const void *bad[] = {"ok1", "bad-1", "bad-1", "ok2"};
+    size_t blens[] = {3, 5, 5, 3};
+    flash_promise *g = flash_load_many(l, 4, bad, blens);
+    cr_assert_eq(flash_wait(ctx, g, NULL), FLASH_ENOTFOUND);
+    const void *empty[] = {"ok3", ""};
+    size_t elens[] = {3, 0};
+    cr_assert_eq(flash_wait(ctx, flash_load_many(l, 2, empty, elens), NULL), FLASH_EINVAL);
+    /* the same call twice: the second is all memo hits, settled at once */
+    g = flash_load_many(l, 7, keys, lens);
+    cr_assert_eq(flash_promise_state(g), FLASH_FULFILLED);
+    cr_assert_eq(memcmp(((void **)flash_promise_value(g))[6], "y", 1), 0);
+    flash_ctx_destroy(ctx);
+}
+
+static flash_ctx *reset_ctx;
+static int reset_after;
+static void resetting_schedule(flash_ctx *ctx, flash_loader *l, void *ud) {
+    (void)l;
+    (void)ud;
+    if (--reset_after == 0) flash_ctx_reset(ctx);
+}
+
+FLASH_TEST(loader_fast, load_many_stops_when_a_load_resets_the_context) {
+    /* max_batch 2 opens a batch every second key; the schedule hook of the
+       third batch resets the context: the loads stop there and the answer
+       is FLASH_ECANCELED, on the new request's memory. */
+    flash_ctx *ctx = flash_ctx_create(NULL);
+    flash_loader_desc rd = {.name = "resetting", .batch = echo_batch, .max_batch = 2, .schedule = resetting_schedule};
+    flash_loader *l = flash_loader_create(ctx, &rd);
+    reset_ctx = ctx;
+    reset_after = 3;
+    const void *keys[] = {"a", "b", "c", "d", "e", "f", "g"};
+    size_t lens[] = {1, 1, 1, 1, 1, 1, 1};
+    flash_promise *g = flash_load_many(l, 7, keys, lens);
+    cr_assert_not_null(g);
+    cr_assert_eq(flash_promise_error(g), FLASH_ECANCELED);
+    cr_assert_eq(reset_after, 0);
+    /* the context serves the next request */
+    flash_loader *l2 = flash_loader_create(ctx, &ECHO);
+    void *v = NULL;
+    cr_assert_eq(flash_wait(ctx, flash_load_many(l2, 3, keys, lens), &v), FLASH_OK);
+    cr_assert_eq(memcmp(((void **)v)[2], "c", 1), 0);
+    flash_ctx_destroy(ctx);
+}
+
+FLASH_TEST(loader_fast, load_many_out_of_memory_answers_null_or_rejects) {
+    /* Every arena fill level: the gather finds no memory (NULL), or a load
+       does (its position rejects the gather), never a hang or a crash. */
+    size_t null_or_rejected = 0, ok = 0;
+    const void *keys[] = {"k1", "k2", "k3", "k1", "k4", "k5", "k6", "k7"};
+    size_t lens[] = {2, 2, 2, 2, 2, 2, 2, 2};
+    for (size_t pad = 0; pad <= 4096; pad += 8) {
+        bool refuse = false;
+        flash_desc d = {.arena_block = 4096, .allocator = {refuse_alloc, refuse_free, &refuse}};
+        flash_ctx *ctx = flash_ctx_create(&d);
+        flash_loader *l = flash_loader_create(ctx, &ECHO);
+        cr_assert_not_null(l);
+        /* the memo table and the loop's queue exist before memory runs out */
+        cr_assert_eq(flash_wait(ctx, flash_load_str(l, "warm"), NULL), FLASH_OK);
+        refuse = true;
+        for (size_t k = 0; k < pad / 8; k++) (void)flash_alloc(ctx, 8); /* small: the current block */
+        flash_promise *g = flash_load_many(l, 8, keys, lens);
+        refuse = false;
+        if (!g || flash_promise_state(g) == FLASH_REJECTED) {
+            null_or_rejected++;
+            if (g) (void)flash_wait(ctx, g, NULL);
+        } else {
+            void *v = NULL;
+            int rc = flash_wait(ctx, g, &v);
+            if (rc == FLASH_OK) {
+                for (int i = 0; i < 8; i++) cr_assert_eq(memcmp(((void **)v)[i], keys[i], 2), 0);
+                ok++;
+            } else {
+                cr_assert(rc == FLASH_ENOMEM || rc == FLASH_EINVAL, "rc %d", rc);
+                null_or_rejected++;
+            }
+        }
+        flash_ctx_destroy(ctx);
+    }
+    cr_assert_gt(null_or_rejected, 0);
+    cr_assert_gt(ok, 0);
+}
