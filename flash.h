@@ -4332,6 +4332,25 @@ static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, 
     return flash__load_probe(l, key, len, i, (uint32_t)h);
 }
 
+/* flash__load_fast of a key of 1..16 bytes whose memo hash h is known
+   (flash_load_many hashes a few keys ahead). */
+static FLASH__ALWAYS_INLINE flash_promise *flash__load_hashed(flash_loader *l, const void *key, size_t len,
+                                                              uint64_t h) {
+    flash__slot *slot;
+    size_t mask = l->fmask, i;
+    if (FLASH__UNLIKELY(!mask)) return flash__load_slow(l, key, len, NULL);
+    i = (size_t)h & mask;
+    slot = &l->slots[i];
+    if (slot->gen != l->gen) return flash__load_miss(l, key, len, slot, (uint32_t)h);
+    if (FLASH__LIKELY(flash__slot_holds(slot, (uint32_t)h, key, len))) {
+        flash_ctx *ctx = l->ctx;
+        ctx->stats.loads++;
+        ctx->stats.memo_hits++;
+        return &slot->e->p;
+    }
+    return flash__load_probe(l, key, len, i, (uint32_t)h);
+}
+
 FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {
     return flash__load_fast(l, key, len, payload);
 }
@@ -4344,24 +4363,55 @@ FLASH_API flash_promise *flash_load_str(flash_loader *l, const char *key) {
 }
 
 /* flash_gather over n flash_loads, each load joining the gather as it is
-   made (no array of promises, no second pass over the entries). */
+   made (no array of promises, no second pass over the entries). Keys are
+   hashed FLASH__LOAD_AHEAD loads ahead and their memo slots prefetched:
+   past the caches (100k keys) each load would wait for its slot. */
+enum { FLASH__LOAD_AHEAD = 8 };
+
+/* The memo hash of a key of a flash_load_many, or 0 when it is not a key
+   of 1..16 bytes (0 only means "hash it when loaded"); its slot asked for
+   the cache. */
+static FLASH__ALWAYS_INLINE uint64_t flash__load_ahead(const flash_loader *l, const void *key, size_t len) {
+    uint64_t h;
+    size_t mask = l->fmask;
+    if (!key || len - 1 >= 16) return 0;
+    h = flash__memo_hash(l, key, len);
+#if defined(__GNUC__) || defined(__clang__)
+    if (mask) __builtin_prefetch(&l->slots[(size_t)h & mask]);
+#else
+    (void)mask;
+#endif
+    return h;
+}
+
 FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *const *keys, const size_t *lens) {
     flash_ctx *ctx;
     flash__gather *g;
     size_t i, done = 0;
-    uint64_t gen;
+    uint64_t gen, ahead[FLASH__LOAD_AHEAD];
     uint16_t fulfilled = flash__fulfilled_word();
+    bool plain, may_reset;
     if (!l) return NULL;
     ctx = l->ctx;
     if (n && (!keys || !lens)) return flash_rejected(ctx, FLASH_EINVAL, "load_many: NULL keys");
     if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "load_many: too many keys");
     if (!(g = flash__gather_alloc(ctx, n, false))) return NULL;
     gen = ctx->gen;
+    plain = !l->desc.key_fn;
+    may_reset = l->desc.schedule != NULL;
+    for (i = 0; i < n && i < FLASH__LOAD_AHEAD; i++) ahead[i] = flash__load_ahead(l, keys[i], lens[i]);
     for (i = 0; i < n; i++) {
-        flash_promise *p = flash__load_fast(l, keys[i], lens[i], NULL);
-        /* A custom schedule may dispatch, and so reset, inside a load: the
-           gather and the loader belonged to the request that ended. */
-        if (FLASH__UNLIKELY(ctx->gen != gen))
+        flash_promise *p;
+        uint64_t h = ahead[i % FLASH__LOAD_AHEAD];
+        if (i + FLASH__LOAD_AHEAD < n)
+            ahead[i % FLASH__LOAD_AHEAD] = flash__load_ahead(l, keys[i + FLASH__LOAD_AHEAD], lens[i + FLASH__LOAD_AHEAD]);
+        /* h != 0: a key of 1..16 bytes, hashed already. */
+        if (FLASH__LIKELY(h && plain)) p = flash__load_hashed(l, keys[i], lens[i], h);
+        else p = flash__load_fast(l, keys[i], lens[i], NULL);
+        /* A custom schedule may dispatch, and so reset, inside a load (its
+           hook is the only code of the user's a load runs): the gather and
+           the loader belonged to the request that ended. */
+        if (FLASH__UNLIKELY(may_reset) && ctx->gen != gen)
             return flash_rejected(ctx, FLASH_ECANCELED, "load_many: the context was reset during the loads");
         flash__gather_join_values(ctx, g, p, i, fulfilled, &done);
     }

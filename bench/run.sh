@@ -365,18 +365,22 @@ if has_part loader; then
                 c[f] += $1 / 100000; if (!(f in o)) { o[f] = ++k; n[k] = f } }
             END { for (i = 1; i <= k; i++) if (c[n[i]] >= 3) printf "%s%s %.0f", (j++ ? ", " : "     "), n[i], c[n[i]]
                   if (j) print "" }'
-        echo "     flash_load is the load itself (checks, hash, probe, the entry and its key, the batch and memo slots);"
-        echo "     batch_fn the benchmark's batch function with flash_batch_key + flash_batch_resolve inlined (checks,"
-        echo "     settle, the gather's value recorded); flash__gather_new the gather's callback on each promise;"
-        echo "     memcpy the batch's key array doubling. Next step: a load that joins its gather at load time"
-        echo "     (flash_load_many: no second pass over the promises), and fewer checks per load and per resolve."
+        echo "     flash_load: checks, hash and the first memo slot probed (a hit ends there); flash__load_miss: the"
+        echo "     new entry and its key, the batch's key array, the memo slot; flash__load_probe: the later slots of"
+        echo "     a collision; flash_batch_resolve: each key's settle (checks, the gather's value recorded in place);"
+        echo "     batch_fn: the benchmark's loop with flash_batch_key inlined; flash__gather_new: the gather's pass"
+        echo "     over the promises (flash_load_many folds it into the loads: rows (a')-(d')). What is left is one"
+        echo "     general promise per load through three passes (load, batch function, gather), each near its floor;"
+        echo "     the next step is a smaller entry and memo slot (a hit compared by key words, no 16-byte slot)."
     fi
     if [ $ns_miss = 1 ]; then
         echo "   cause (ns): the 100k-load requests are memory-bound, not instruction-bound: BENCH_PARTS=scale shows"
         echo "     the same instructions/load at 10k and 100k loads per tick and the time per load rising with the"
         echo "     working set (entries + memo table beyond the 1 MiB L2, simulated cache misses per load); the"
-        echo "     memo row is a random probe into a 4 MiB table per hit. On a shared 2-core VM the ns also move"
-        echo "     by +-30% or more with the other jobs: the instruction counts are the stable figure."
+        echo "     memo row is a random probe into a 4 MiB table per hit. flash_load_many hashes 8 keys ahead and"
+        echo "     prefetches their slots (rows (a')-(d'): more instructions, fewer ns); flash_load cannot look ahead."
+        echo "     On a shared 2-core VM the ns also move by +-30% or more with the other jobs: the instruction"
+        echo "     counts are the stable figure."
     fi
     [ $dl_miss = 0 ] || echo "   cause (x dataloader): follows from the ns above; dataloader is memory-bound too (see scale)."
     # ---- tasks ------------------------------------------------------------------------

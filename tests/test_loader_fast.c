@@ -594,3 +594,38 @@ FLASH_TEST(loader_fast, load_many_out_of_memory_answers_null_or_rejects) {
     cr_assert_gt(null_or_rejected, 0);
     cr_assert_gt(ok, 0);
 }
+
+FLASH_TEST(loader_fast, load_many_hashes_ahead_every_key_shape) {
+    /* Keys hashed a few loads ahead: short and long keys, a first load with
+       no memo table yet, the table growing under the loads, fewer keys than
+       the look-ahead, and a key_fn loader (no look-ahead hash is usable). */
+    enum { N = 3000 };
+    static char buf[N][48];
+    static const void *ks[N];
+    static size_t ls[N];
+    for (int i = 0; i < N; i++) {
+        ls[i] = (size_t)snprintf(buf[i], sizeof buf[i], "%0*d", 1 + i % 40, i % 2000); /* repeats after 2000 */
+        ks[i] = buf[i];
+    }
+    flash_loader_desc kd = {.name = "fold", .batch = echo_batch, .key_fn = fold_key};
+    for (int k = 0; k < 2; k++) {
+        for (size_t n = 0; n <= N; n = n ? n * 3 : 1) {
+            flash_ctx *ctx = flash_ctx_create(NULL);
+            flash_loader *l = flash_loader_create(ctx, k ? &kd : &ECHO);
+            calls = keys_seen = 0;
+            void *v = NULL;
+            cr_assert_eq(flash_wait(ctx, flash_load_many(l, n, ks, ls), &v), FLASH_OK);
+            for (size_t i = 0; i < n; i++) {
+                cr_assert_eq(memcmp(((void **)v)[i], ks[i], ls[i]), 0, "n %zu: position %zu", n, i);
+                cr_assert_eq(flash_load(l, ks[i], ls[i]), flash_load(l, ks[i], ls[i]));
+            }
+            cr_assert_leq(calls, 1);
+            /* a second call: every key a memo hit */
+            flash_promise *g = flash_load_many(l, n, ks, ls);
+            cr_assert_eq(flash_promise_state(g), FLASH_FULFILLED);
+            flash_ctx_destroy(ctx);
+            if (n == N) break;
+            if (n * 3 > N) n = N / 3;
+        }
+    }
+}
