@@ -279,7 +279,7 @@ FLASH_TEST(loader_fast, max_batch_around_the_key_array_and_small_arena_blocks) {
        and the arena's blocks running out (1 KiB blocks) in the same tick. */
     static const uint32_t maxes[] = {0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 299, 300, 1000};
     enum { N = 300 };
-    static char buf[N][12];
+    static char buf[N][16];
     static flash_promise *ps[N];
     for (size_t m = 0; m < sizeof maxes / sizeof maxes[0]; m++) {
         for (int small = 0; small < 2; small++) {
@@ -467,7 +467,7 @@ FLASH_TEST(loader_fast, key_arrays_sized_by_the_last_batch_of_the_desc) {
        (capped by max_batch), and still grows past it: requests of varying
        sizes on one context, with and without max_batch. */
     static const size_t sizes_per_request[] = {300, 5, 1000, 1, 64, 65, 2000, 17};
-    static char buf[2000][12];
+    static char buf[2000][24];
     static flash_promise *ps[2000];
     flash_ctx *ctx = flash_ctx_create(NULL);
     for (int capped = 0; capped < 2; capped++) {
@@ -478,7 +478,7 @@ FLASH_TEST(loader_fast, key_arrays_sized_by_the_last_batch_of_the_desc) {
             flash_loader *l = flash_loader_create(ctx, &ld);
             nsizes = 0;
             for (size_t i = 0; i < n; i++) {
-                snprintf(buf[i], sizeof buf[i], "r%zu-%zu", r, i);
+                snprintf(buf[i], sizeof buf[i], "r%u-%u", (unsigned)r, (unsigned)i);
                 ps[i] = flash_load_str(l, buf[i]);
             }
             void *v = NULL;
