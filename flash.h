@@ -521,7 +521,11 @@ FLASH_API flash_ctx *flash_loader_ctx(const flash_loader *loader);
 FLASH_API flash_promise *flash_load(flash_loader *l, const void *key, size_t len);
 FLASH_API flash_promise *flash_load_str(flash_loader *l, const char *key);
 FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload);
-/* gather over n loads. */
+/* flash_gather over n loads (fulfils with a void *[n] of the values, or
+   rejects with the first rejection), with less work than n flash_loads and
+   a flash_gather: each load joins the gather as it is made, and the memo
+   slots of the next keys are fetched ahead. A custom schedule hook that
+   resets the context inside a load ends it with FLASH_ECANCELED. */
 FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *const *keys,
                                          const size_t *lens);
 FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *value);
@@ -2605,7 +2609,7 @@ static FLASH__NOINLINE bool flash__gather_dup(flash_ctx *ctx, flash__gather *g, 
     d->i = i;
     d->next = g->dups;
     g->dups = d;
-    g->remaining--; /* never 0 here: the +1 of flash__gather_new */
+    g->remaining--; /* never 0 here: the +1 of flash__gather_alloc */
     return true;
 }
 
