@@ -567,7 +567,11 @@ FLASH_API flash_ctx *flash_loader_ctx(const flash_loader *loader);
 FLASH_API flash_promise *flash_load(flash_loader *l, const void *key, size_t len);
 FLASH_API flash_promise *flash_load_str(flash_loader *l, const char *key);
 FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload);
-/* gather over n loads. */
+/* flash_gather over n loads (fulfils with a void *[n] of the values, or
+   rejects with the first rejection), with less work than n flash_loads and
+   a flash_gather: each load joins the gather as it is made, and the memo
+   slots of the next keys are fetched ahead. A custom schedule hook that
+   resets the context inside a load ends it with FLASH_ECANCELED. */
 FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *const *keys,
                                          const size_t *lens);
 FLASH_API int flash_prime(flash_loader *l, const void *key, size_t len, void *value);
@@ -1736,6 +1740,10 @@ struct flash_ctx {
     struct flash__khead *kheads; /* layer 7: escaped "prefix:Class:vN:" per class */
     size_t nkheads;
     void *spare_tables[48];  /* recycled memo tables, one per log2 size */
+    struct {                 /* layer 5: a loader desc's last batch size, */
+        const void *desc;    /* so that its next batch's key array is */
+        size_t keys;         /* allocated once instead of doubling */
+    } batch_hints[8];
     size_t spare_table_bytes;
     struct flash__qloop *qloop;
     /* layer 3b: tasks */
@@ -2269,33 +2277,54 @@ static void flash__work_add(flash_ctx *ctx, flash_promise *p, const flash__cb *c
    were added (never run inside flash_resolve); its internal callbacks run
    now, after those are queued, so that a gather sees rejections in the
    order they happened and settles after the callbacks added before it. */
+/* A promise a gather holds more than once: position i takes p's value
+   when the gather completes (one callback per promise, not per position). */
+typedef struct flash__gdup {
+    struct flash__gdup *next;
+    flash_promise *p;
+    size_t i;
+} flash__gdup;
+
 typedef struct flash__gather {
     flash_promise out;
     size_t remaining;
     bool settled_form;
     void **values;           /* gather */
     flash_settled *settled;  /* gather_settled */
+    flash__gdup *dups;       /* gather: repeated pending promises */
 } flash__gather;
 
+/* A values gather's last promise fulfilled: fill the repeated positions,
+   then fulfil. */
+static void flash__gather_done(flash_ctx *ctx, flash__gather *g);
+
 static void flash__gather_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i);
+static void flash__gather_settled_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i);
+
+/* The settle of fulfilled p when it needs nothing run: nobody waits, or
+   its only waiter is a gather it is not the last promise of (the value is
+   recorded in place, what flash__gather_cb does, without the indirect
+   call; it settles nothing, so needs no work list). False: not done. */
+static inline bool flash__settle_quick(flash_promise *p, void *value) {
+    flash__cb *c = &p->first;
+    flash__gather *g;
+    if (p->has_more) return false;
+    if (!c->fn.pub) return true; /* nobody waits */
+    if (c->fn.priv != flash__gather_cb) return false;
+    g = (flash__gather *)c->arg;
+    if (g->remaining < 2) return false;
+    g->values[c->idx] = value;
+    g->remaining--;
+    c->fn.pub = NULL;
+    return true;
+}
 
 static FLASH__NOINLINE void flash__settle_more(flash_ctx *ctx, flash_promise *p);
 static inline void flash__settle(flash_ctx *ctx, flash_promise *p) {
     if (FLASH__LIKELY(!p->has_more)) {
         flash__cb *c = &p->first;
+        if (p->state == FLASH_FULFILLED && flash__settle_quick(p, p->u.value)) return;
         if (!c->fn.pub) return; /* nobody waits */
-        if (c->fn.priv == flash__gather_cb) {
-            /* A gather's only callback, and not its last promise: record
-               the value in place (what flash__gather_cb does) without the
-               indirect call; it settles nothing, so needs no work list. */
-            flash__gather *g = (flash__gather *)c->arg;
-            if (p->state == FLASH_FULFILLED && !g->settled_form && g->remaining > 1) {
-                g->values[c->idx] = p->u.value;
-                g->remaining--;
-                c->fn.pub = NULL;
-                return;
-            }
-        }
         if (!c->is_inline) { /* the common user case */
             flash__ready_push(ctx, p, NULL);
             if (!ctx->depth) flash__schedule_drain(ctx);
@@ -2577,77 +2606,161 @@ FLASH_API flash_promise *flash_catch(flash_ctx *ctx, flash_promise *p, flash_cat
     return flash__chain_new(ctx, p, NULL, fn, arg);
 }
 
-static void flash__gather_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i) {
+/* A gather's callback: flash__gather_cb for flash_gather (the form that
+   flash__settle records in place), flash__gather_settled_cb for
+   flash_gather_settled. */
+static void flash__gather_settled_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i) {
     flash__gather *g = (flash__gather *)arg;
-    if (FLASH__LIKELY(p->state == FLASH_FULFILLED && !g->settled_form)) {
-        g->values[i] = p->u.value;
-        if (FLASH__UNLIKELY(--g->remaining == 0) && g->out.state == FLASH_PENDING) flash__fulfil(ctx, &g->out, g->values);
-        return;
-    }
-    if (g->settled_form) {
-        flash_settled *s = &g->settled[i];
-        s->state = (flash_state)p->state;
-        s->error = p->state == FLASH_REJECTED ? p->error : 0;
-        s->value = p->state == FLASH_FULFILLED ? p->u.value : NULL;
-        s->message = p->state == FLASH_REJECTED ? p->u.message : flash__empty;
-    } else if (p->state == FLASH_FULFILLED) {
-        g->values[i] = p->u.value;
-    } else if (g->out.state == FLASH_PENDING) {
-        flash__fail(ctx, &g->out, p->error, p->u.message);
-    }
-    if (--g->remaining == 0 && g->out.state == FLASH_PENDING)
-        flash__fulfil(ctx, &g->out, g->settled_form ? (void *)g->settled : (void *)g->values);
+    flash_settled *s = &g->settled[i];
+    s->state = (flash_state)p->state;
+    s->error = p->state == FLASH_REJECTED ? p->error : 0;
+    s->value = p->state == FLASH_FULFILLED ? p->u.value : NULL;
+    s->message = p->state == FLASH_REJECTED ? p->u.message : flash__empty;
+    if (--g->remaining == 0 && g->out.state == FLASH_PENDING) flash__fulfil(ctx, &g->out, g->settled);
 }
 
-static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise *const *ps, bool settled_form) {
-    flash__gather *g;
-    size_t i;
-    if (!ctx) return NULL;
-    if (n && !ps) return flash_rejected(ctx, FLASH_EINVAL, "gather: NULL promise array");
-    if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "gather: too many promises");
-    g = (flash__gather *)flash__alloc(ctx, sizeof *g);
+static void flash__gather_cb(flash_ctx *ctx, flash_promise *p, void *arg, uintptr_t i) {
+    flash__gather *g = (flash__gather *)arg;
+    if (g->settled_form) {
+        flash__gather_settled_cb(ctx, p, arg, i);
+        return;
+    }
+    if (FLASH__LIKELY(p->state == FLASH_FULFILLED)) {
+        g->values[i] = p->u.value;
+        if (FLASH__UNLIKELY(--g->remaining == 0) && g->out.state == FLASH_PENDING) flash__gather_done(ctx, g);
+        return;
+    }
+    if (g->out.state == FLASH_PENDING) flash__fail(ctx, &g->out, p->error, p->u.message);
+    if (--g->remaining == 0 && g->out.state == FLASH_PENDING) flash__gather_done(ctx, g);
+}
+
+static void flash__gather_done(flash_ctx *ctx, flash__gather *g) {
+    flash__gdup *d;
+    for (d = g->dups; d; d = d->next) g->values[d->i] = d->p->u.value;
+    flash__fulfil(ctx, &g->out, g->values);
+}
+
+/* Position i of g waits for pending p too: g is p's only waiter already
+   (at an earlier position), so i is filled when g completes. False: out
+   of memory. */
+static FLASH__NOINLINE bool flash__gather_dup(flash_ctx *ctx, flash__gather *g, flash_promise *p, size_t i) {
+    flash__gdup *d = (flash__gdup *)flash__alloc(ctx, sizeof *d);
+    if (!d) return false;
+    d->p = p;
+    d->i = i;
+    d->next = g->dups;
+    g->dups = d;
+    g->remaining--; /* never 0 here: the +1 of flash__gather_alloc */
+    return true;
+}
+
+/* Position i of g waits for p: every case (flash__gather_new's loop takes
+   the usual ones itself). */
+static void flash__gather_join(flash_ctx *ctx, flash__gather *g, flash_promise *p, size_t i, flash__cbfn cb) {
+    if (!p) {
+        flash_promise stand_in;
+        flash__promise_init(&stand_in);
+        stand_in.state = FLASH_REJECTED;
+        stand_in.error = FLASH_EINVAL;
+        stand_in.u.message = flash_promise_message(NULL);
+        cb(ctx, &stand_in, g, i);
+    } else if (p->state != FLASH_PENDING) {
+        cb(ctx, p, g, i); /* settled already: record it now */
+    } else if (!p->first.fn.pub && !p->has_more) {
+        /* The gather is the promise's only waiter. */
+        p->first.fn.priv = cb;
+        p->first.is_priv = 1;
+        p->first.is_inline = 1;
+        p->first.arg = g;
+        p->first.idx = (uint32_t)i;
+    } else if (flash__add_cb(ctx, p, NULL, cb, g, (uint32_t)i, true) != FLASH_OK) {
+        flash_promise oom;
+        flash__promise_init(&oom);
+        oom.state = FLASH_REJECTED;
+        oom.error = FLASH_ENOMEM;
+        oom.u.message = flash_strerror(FLASH_ENOMEM);
+        cb(ctx, &oom, g, i);
+    }
+}
+
+/* A gather of n promises, none joined yet (remaining n + 1). */
+static flash__gather *flash__gather_alloc(flash_ctx *ctx, size_t n, bool settled_form) {
+    flash__gather *g = (flash__gather *)flash__alloc(ctx, sizeof *g);
     if (!g) return NULL;
     flash__promise_init(&g->out);
     g->settled_form = settled_form;
     g->remaining = n + 1; /* +1 so nothing completes before every callback is in */
     g->values = NULL;
     g->settled = NULL;
+    g->dups = NULL;
     /* Not zeroed: every slot is written before the array is handed out. */
     if (settled_form) g->settled = (flash_settled *)flash__alloc(ctx, (n ? n : 1) * sizeof *g->settled);
     else g->values = (void **)flash__alloc(ctx, (n ? n : 1) * sizeof *g->values);
-    if (!g->values && !g->settled) return NULL;
-    for (i = 0; i < n; i++) {
-        flash_promise *p = ps[i];
-        if (!p) {
-            flash_promise stand_in;
-            flash__promise_init(&stand_in);
-            stand_in.state = FLASH_REJECTED;
-            stand_in.error = FLASH_EINVAL;
-            stand_in.u.message = flash_promise_message(NULL);
-            flash__gather_cb(ctx, &stand_in, g, i);
-        } else if (p->state == FLASH_FULFILLED && !settled_form) {
+    return g->values || g->settled ? g : NULL;
+}
+
+/* The values form's join of position i, the usual cases inline: a
+   pending promise nobody waits for, one this gather already waits for at
+   an earlier position, a fulfilled one (counted in *done, taken off
+   remaining by the caller). */
+static FLASH__ALWAYS_INLINE void flash__gather_join_values(flash_ctx *ctx, flash__gather *g, flash_promise *p,
+                                                           size_t i, uint16_t fulfilled, size_t *done) {
+    uint16_t busy; /* state and has_more as one word */
+    if (FLASH__LIKELY(p != NULL)) {
+        memcpy(&busy, &p->state, sizeof busy);
+        if (FLASH__LIKELY(busy == 0)) {
+            if (FLASH__LIKELY(!p->first.fn.pub)) {
+                /* The usual case: the gather is the promise's only waiter. */
+                p->first.fn.priv = flash__gather_cb;
+                p->first.is_priv = 1;
+                p->first.is_inline = 1;
+                p->first.arg = g;
+                p->first.idx = (uint32_t)i;
+                return;
+            }
+            /* The same promise again (a key loaded twice): no second callback. */
+            if (p->first.fn.priv == flash__gather_cb && p->first.arg == g && flash__gather_dup(ctx, g, p, i)) return;
+        } else if (busy == fulfilled) {
             g->values[i] = p->u.value; /* settled already (a memo hit): record it now */
-            g->remaining--;            /* never 0 here: the +1 above */
-        } else if (p->state != FLASH_PENDING) {
-            flash__gather_cb(ctx, p, g, i); /* settled already: record it now */
-        } else if (!p->first.fn.pub && !p->has_more) {
-            /* The usual case: the gather is the promise's only waiter. */
-            p->first.fn.priv = flash__gather_cb;
-            p->first.is_priv = 1;
-            p->first.is_inline = 1;
-            p->first.arg = g;
-            p->first.idx = (uint32_t)i;
-        } else if (flash__add_cb(ctx, p, NULL, flash__gather_cb, g, (uint32_t)i, true) != FLASH_OK) {
-            flash_promise oom;
-            flash__promise_init(&oom);
-            oom.state = FLASH_REJECTED;
-            oom.error = FLASH_ENOMEM;
-            oom.u.message = flash_strerror(FLASH_ENOMEM);
-            flash__gather_cb(ctx, &oom, g, i);
+            ++*done;
+            return;
         }
     }
-    if (--g->remaining == 0 && g->out.state == FLASH_PENDING)
-        flash__fulfil(ctx, &g->out, settled_form ? (void *)g->settled : (void *)g->values);
+    flash__gather_join(ctx, g, p, i, flash__gather_cb);
+}
+
+/* The last step of a gather: every position joined. */
+static void flash__gather_close(flash_ctx *ctx, flash__gather *g, size_t done) {
+    g->remaining -= done + 1; /* done < remaining: the +1 of flash__gather_alloc */
+    if (g->remaining == 0 && g->out.state == FLASH_PENDING) {
+        if (g->settled_form) flash__fulfil(ctx, &g->out, g->settled);
+        else flash__gather_done(ctx, g);
+    }
+}
+
+/* state and has_more of a fulfilled promise with no callback queued, as
+   flash__gather_join_values reads them. */
+static inline uint16_t flash__fulfilled_word(void) {
+    static const uint8_t bytes[2] = {FLASH_FULFILLED, 0};
+    uint16_t w;
+    memcpy(&w, bytes, sizeof w);
+    return w;
+}
+
+static flash_promise *flash__gather_new(flash_ctx *ctx, size_t n, flash_promise *const *ps, bool settled_form) {
+    flash__gather *g;
+    size_t i, done = 0; /* memo hits recorded: taken off remaining at the end */
+    if (!ctx) return NULL;
+    if (n && !ps) return flash_rejected(ctx, FLASH_EINVAL, "gather: NULL promise array");
+    if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "gather: too many promises");
+    if (!(g = flash__gather_alloc(ctx, n, settled_form))) return NULL;
+    if (settled_form) {
+        for (i = 0; i < n; i++) flash__gather_join(ctx, g, ps[i], i, flash__gather_settled_cb);
+    } else {
+        uint16_t fulfilled = flash__fulfilled_word();
+        for (i = 0; i < n; i++) flash__gather_join_values(ctx, g, ps[i], i, fulfilled, &done);
+    }
+    flash__gather_close(ctx, g, done);
     return &g->out;
 }
 
@@ -3625,11 +3738,16 @@ static inline void *flash__epayload(const flash__entry *e) {
 struct flash_batch {
     flash_batch *next_open;
     flash_loader *loader;
+    flash_ctx *ctx;
     flash__entry **keys;        /* count of kcap used, in first-asked order */
     size_t count, kcap, unsettled;
+    size_t room;                /* flash_load's fast path appends while
+                                   count < room: kcap, or max_batch if less */
     uint64_t gen;
     void *data;
     bool dispatched, ended;
+    bool live;                  /* dispatched, not ended, of the current
+                                   request: flash_batch_resolve's one check */
     flash_batch *next_inflight, *prev_inflight;
 };
 
@@ -3652,13 +3770,18 @@ typedef struct flash__table {
 
 struct flash_loader {
     flash_ctx *ctx;
+    flash__slot *slots;        /* open addressing, linear probing */
+    size_t fmask;              /* cap - 1 when flash_load may probe on its
+                                  own (a table, no key_fn), else 0 */
+    size_t grow_at;            /* count at which the table grows (cap / 2),
+                                  0 with max_memo: such loads go the slow way */
+    uint32_t gen;              /* == table->gen */
+    uint64_t seed, seed2;      /* the context's memo seeds, copied */
+    size_t cap, count;
     const flash_loader_desc *desc_ptr;
     flash_loader_desc desc;
     flash_loader *next;
     flash__table *table;
-    flash__slot *slots;        /* open addressing, linear probing */
-    size_t cap, count;
-    uint32_t gen;              /* == table->gen */
     flash__entry **ring;       /* FIFO of memo entries when max_memo is set */
     size_t ring_head, ring_len;
     flash_batch *open;         /* batch accepting keys */
@@ -3743,7 +3866,7 @@ static inline uint64_t flash__memo_hash_seeded(const void *data, size_t n, uint6
     }
     return flash__mum(a ^ seed, b ^ (seed2 + n));
 }
-#define flash__memo_hash(l, k, n) flash__memo_hash_seeded((k), (n), (l)->ctx->memo_seed, (l)->ctx->memo_seed2)
+#define flash__memo_hash(l, k, n) flash__memo_hash_seeded((k), (n), (l)->seed, (l)->seed2)
 
 /* Equal keys of equal length 1 <= n <= 16, without a libc call
    (overlapping loads). */
@@ -3790,6 +3913,12 @@ static inline flash__slot *flash__memo_find(const flash_loader *l, const void *m
 static flash__table *flash__table_get(flash_ctx *ctx, size_t min_cap, bool largest);
 static void flash__table_put(flash_ctx *ctx, flash__table *t);
 
+/* The fields flash_load's fast path checks instead of the desc and cap. */
+static void flash__loader_limits(flash_loader *l) {
+    l->fmask = (l->cap && !l->desc.key_fn) ? l->cap - 1 : 0;
+    l->grow_at = l->desc.max_memo ? 0 : l->cap / 2;
+}
+
 static int flash__memo_grow(flash_loader *l) {
     flash__table *t = flash__table_get(l->ctx, l->cap ? l->cap * 2 : 64, l->cap == 0);
     flash__slot *slots;
@@ -3811,6 +3940,7 @@ static int flash__memo_grow(flash_loader *l) {
     l->slots = slots;
     l->cap = t->cap;
     l->gen = t->gen;
+    flash__loader_limits(l);
     return FLASH_OK;
 }
 
@@ -3927,6 +4057,7 @@ static void flash__loaders_release(flash_ctx *ctx) {
         l->slots = NULL;
         l->ring = NULL;
         l->cap = l->count = 0;
+        flash__loader_limits(l);
     }
     ctx->loaders = NULL;
 }
@@ -3938,11 +4069,16 @@ static void flash__loaders_cancel(flash_ctx *ctx) {
     flash_loader *l;
     for (l = ctx->loaders; l; l = l->next) {
         flash_batch *b = l->inflight;
-        if (!l->desc.cancel) continue;
+        if (!l->desc.cancel) {
+            /* Orphans from now on: their calls take the checked path. */
+            for (; b; b = b->next_inflight) b->live = false;
+            continue;
+        }
         l->inflight = NULL;
         while (b) {
             flash_batch *next = b->next_inflight;
             b->ended = true;
+            b->live = false;
             ctx->inflight--;
             flash__unhold(ctx, b->gen);
             l->desc.cancel(ctx, b, l->desc.user_data);
@@ -3957,6 +4093,8 @@ FLASH_API flash_loader *flash_loader_create(flash_ctx *ctx, const flash_loader_d
     l = (flash_loader *)flash_calloc(ctx, 1, sizeof *l);
     if (!l) return NULL;
     l->ctx = ctx;
+    l->seed = ctx->memo_seed;
+    l->seed2 = ctx->memo_seed2;
     l->desc_ptr = desc;
     l->desc = *desc;
     if (!l->desc.name) l->desc.name = "loader";
@@ -3984,6 +4122,13 @@ FLASH_API flash_ctx *flash_loader_ctx(const flash_loader *l) { return l ? l->ctx
    arena) as loads join: dispatch needs no pass over the keys. */
 enum { FLASH__BATCH_KEYS0 = 16 };
 
+static void flash__batch_room(flash_batch *b) {
+    uint32_t max = b->loader->desc.max_batch;
+    b->room = (max && max < b->kcap) ? max : b->kcap;
+}
+
+static size_t flash__hint_slot(const void *desc) { return ((uintptr_t)desc >> 4) & 7; }
+
 /* Room for one more key in b. */
 static FLASH__NOINLINE bool flash__batch_grow(flash_ctx *ctx, flash_batch *b) {
     flash__entry **keys;
@@ -3993,6 +4138,7 @@ static FLASH__NOINLINE bool flash__batch_grow(flash_ctx *ctx, flash_batch *b) {
     memcpy(keys, b->keys, b->count * sizeof *keys);
     b->keys = keys;
     b->kcap *= 2;
+    flash__batch_room(b);
     return true;
 }
 
@@ -4005,9 +4151,20 @@ static flash_batch *flash__batch_open(flash_loader *l) {
     b = (flash_batch *)flash_calloc(ctx, 1, sizeof *b);
     if (!b) return NULL;
     b->kcap = FLASH__BATCH_KEYS0;
+    {
+        /* As many slots as the last batch of this desc had (a request like
+           the last one appends without copying), up to max_batch. */
+        size_t hint = ctx->batch_hints[flash__hint_slot(l->desc_ptr)].desc == l->desc_ptr
+                          ? ctx->batch_hints[flash__hint_slot(l->desc_ptr)].keys
+                          : 0;
+        if (l->desc.max_batch && hint > l->desc.max_batch) hint = l->desc.max_batch;
+        while (b->kcap < hint && b->kcap < ((size_t)1 << 26)) b->kcap *= 2;
+    }
     b->keys = (flash__entry **)flash__alloc(ctx, b->kcap * sizeof *b->keys);
     if (!b->keys) return NULL;
     b->loader = l;
+    b->ctx = ctx;
+    flash__batch_room(b);
     b->gen = ctx->gen;
     l->open = b;
     if (l->desc.schedule) {
@@ -4032,6 +4189,7 @@ static void flash__batch_dispatch(flash_batch *b) {
     size_t i;
     if (l->open == b) l->open = NULL;
     b->dispatched = true;
+    b->live = true;
     /* Without memo the table only made keys unique within the batch. */
     if (l->desc.no_memo)
         for (i = 0; i < b->count; i++) flash__memo_forget(l, b->keys[i]);
@@ -4043,6 +4201,8 @@ static void flash__batch_dispatch(flash_batch *b) {
     flash__hold(ctx);
     ctx->stats.batches++;
     ctx->stats.batch_keys += b->count;
+    ctx->batch_hints[flash__hint_slot(l->desc_ptr)].desc = l->desc_ptr;
+    ctx->batch_hints[flash__hint_slot(l->desc_ptr)].keys = b->count;
     l->desc.batch(ctx, b, l->desc.user_data);
 }
 
@@ -4203,6 +4363,7 @@ static FLASH__NOINLINE flash_promise *flash__load_slow(flash_loader *l, const vo
     char buf[256];
     size_t mlen = 0;
     const void *mkey;
+    l->ctx->stats.loads++;
     if (!key || !len) return flash_rejected(l->ctx, FLASH_EINVAL, "load: empty key");
     if (len > UINT32_MAX) return flash_rejected(l->ctx, FLASH_ETOOLARGE, "load: key too long");
     if (!l->desc.key_fn) return flash__load(l, key, len, key, len, payload);
@@ -4212,14 +4373,104 @@ static FLASH__NOINLINE flash_promise *flash__load_slow(flash_loader *l, const vo
     return flash__load(l, key, len, mkey, mlen, payload);
 }
 
+/* Copy a key of 1 <= n <= 16 bytes without a libc call. */
+static inline void flash__copy_key_short(char *dst, const char *src, size_t n) {
+    if (n >= 8) {
+        uint64_t a, b;
+        memcpy(&a, src, 8);
+        memcpy(&b, src + n - 8, 8);
+        memcpy(dst, &a, 8);
+        memcpy(dst + n - 8, &b, 8);
+    } else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, src, 4);
+        memcpy(&b, src + n - 4, 4);
+        memcpy(dst, &a, 4);
+        memcpy(dst + n - 4, &b, 4);
+    } else {
+        dst[0] = src[0];
+        dst[n / 2] = src[n / 2];
+        dst[n - 1] = src[n - 1];
+    }
+}
+
+/* A miss of the plain load (flash__load_fast), slot the empty slot where
+   the probe ended: the entry is written here when nothing else is needed
+   (room in the memo table, the arena block and the open batch, no
+   max_memo), else the general path looks the key up again. Out of line,
+   like the probe's later steps, so that a memo hit saves no registers. */
+static FLASH__NOINLINE flash_promise *flash__load_miss(flash_loader *l, const void *key, size_t len,
+                                                       flash__slot *slot, uint32_t h32) {
+    flash_ctx *ctx = l->ctx;
+    flash__block *blk = ctx->blocks;
+    flash_batch *b = l->open;
+    flash__entry *e;
+    size_t size = FLASH__ROUND8(sizeof *e + len + 1);
+    if (FLASH__UNLIKELY(l->count >= l->grow_at || !blk || blk->cap - blk->used < size || !b ||
+                        b->count >= b->room))
+        return flash__load_slow(l, key, len, NULL);
+    ctx->stats.loads++;
+    e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
+    blk->used += size;
+    /* As flash__load_new. */
+    e->p.state = FLASH_PENDING;
+    e->p.has_more = 0;
+    e->p.is_entry = 1;
+    e->p.eflags = FLASH__E_IN_MEMO;
+    e->p.error = 0;
+    e->p.u.value = NULL;
+    e->p.first.fn.pub = NULL;
+    {
+        /* klen and mlen (equal here) in one store. */
+        uint64_t lens = (uint64_t)len * (((uint64_t)1 << 32) | 1);
+        memcpy((char *)e + offsetof(flash__entry, klen), &lens, sizeof lens);
+    }
+    flash__copy_key_short((char *)(e + 1), (const char *)key, len);
+    ((char *)(e + 1))[len] = 0;
+    b->keys[b->count++] = e;
+    {
+        flash__slot full;
+        full.hash = h32;
+        full.gen = l->gen;
+        full.e = e;
+        *slot = full;
+    }
+    l->count++;
+    return &e->p;
+}
+
+/* Slot s holds key (of 1..16 bytes, no key_fn: the memo key is the key). */
+static inline bool flash__slot_holds(const flash__slot *s, uint32_t h32, const void *key, size_t len) {
+    return s->hash == h32 && s->e->klen == len && flash__keyeq_short(flash__ekey(s->e), (const char *)key, len);
+}
+
+/* The plain load's probe after its first slot (a collision). */
+static FLASH__NOINLINE flash_promise *flash__load_probe(flash_loader *l, const void *key, size_t len, size_t i,
+                                                        uint32_t h32) {
+    flash__slot *slots = l->slots;
+    size_t mask = l->fmask;
+    uint32_t gen = l->gen;
+    for (;;) {
+        flash__slot *slot;
+        i = (i + 1) & mask;
+        slot = &slots[i];
+        if (slot->gen != gen) return flash__load_miss(l, key, len, slot, h32);
+        if (flash__slot_holds(slot, h32, key, len)) {
+            flash_ctx *ctx = l->ctx;
+            ctx->stats.loads++;
+            ctx->stats.memo_hits++;
+            return &slot->e->p;
+        }
+    }
+}
+
 /* The plain load (no key_fn: the memo key is the key), inlined into
-   flash_load and flash_load_with. A memo hit is a hash and one probe; a
-   miss writes the entry in place when nothing else is needed: room in the
-   memo table, in the arena block and in the open batch, a key of at most 16
-   bytes, no max_memo. Anything else (a key function, the first load of a
-   tick, a growing table, a new arena block) takes the general path, which
-   looks the key up again: this path calls nothing, so it saves no
-   registers. */
+   flash_load and flash_load_with: a key of 1..16 bytes, no payload, a
+   memo table. A memo hit in the first slot probed is a hash and one
+   compare and calls nothing, so it saves no registers; a collision goes
+   on in flash__load_probe, a miss in flash__load_miss. Anything else (a
+   key function, the first load, keys over 16 bytes, a payload) takes the
+   general path. */
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((always_inline))
 #endif
@@ -4227,64 +4478,41 @@ static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, 
     flash__slot *slot;
     uint64_t h;
     size_t mask, i;
-    uint32_t h32, gen;
     if (FLASH__UNLIKELY(!l)) return NULL;
-    l->ctx->stats.loads++;
-    /* Keys over 16 bytes and loads with a payload (the model engine's: full
-       cache keys) take the general path at once rather than probe twice. */
-    if (FLASH__UNLIKELY(!key || len - 1 >= UINT32_MAX || l->desc.key_fn || !l->cap || len > 16 || payload))
-        return flash__load_slow(l, key, len, payload);
+    /* len - 1 >= 16: empty keys and keys over 16 bytes; mask 0: no table
+       yet, or a key function. */
+    mask = l->fmask;
+    if (FLASH__UNLIKELY(!key || len - 1 >= 16 || !mask || payload)) return flash__load_slow(l, key, len, payload);
     h = flash__memo_hash(l, key, len);
-    mask = l->cap - 1;
     i = (size_t)h & mask;
-    h32 = (uint32_t)h;
-    gen = l->gen;
-    for (;;) {
-        slot = &l->slots[i];
-        if (slot->gen != gen) break;
-        /* Without a key_fn every memo key is the entry's own key. Keys
-           over 16 bytes compare on the general path (a libc call here
-           would make every hit save registers). */
-        if (slot->hash == h32 && slot->e->klen == len) {
-            if (FLASH__UNLIKELY(len > 16)) return flash__load_slow(l, key, len, payload);
-            if (flash__keyeq_short(flash__ekey(slot->e), (const char *)key, len)) {
-                l->ctx->stats.memo_hits++;
-                return &slot->e->p;
-            }
-        }
-        i = (i + 1) & mask;
-    }
-    {
+    slot = &l->slots[i];
+    if (slot->gen != l->gen) return flash__load_miss(l, key, len, slot, (uint32_t)h);
+    if (FLASH__LIKELY(flash__slot_holds(slot, (uint32_t)h, key, len))) {
         flash_ctx *ctx = l->ctx;
-        flash__block *blk = ctx->blocks;
-        flash_batch *b = l->open;
-        flash__entry *e;
-        size_t size = FLASH__ROUND8(sizeof *e + len + 1);
-        if (FLASH__UNLIKELY(len > 16 || payload || (l->count + 1) * 2 > l->cap || !blk ||
-                            blk->cap - blk->used < size || !b || b->count == b->kcap ||
-                            (l->desc.max_batch && b->count >= l->desc.max_batch) || l->desc.max_memo))
-            return flash__load_slow(l, key, len, payload);
-        e = (flash__entry *)((char *)blk + FLASH__BLOCK_HDR + blk->used);
-        blk->used += size;
-        /* As flash__load_new. */
-        e->p.state = FLASH_PENDING;
-        e->p.has_more = 0;
-        e->p.is_entry = 1;
-        e->p.eflags = FLASH__E_IN_MEMO;
-        e->p.error = 0;
-        e->p.u.value = NULL;
-        e->p.first.fn.pub = NULL;
-        e->klen = (uint32_t)len;
-        e->mlen = (uint32_t)len;
-        flash__copy_key((char *)(e + 1), (const char *)key, len);
-        ((char *)(e + 1))[len] = 0;
-        b->keys[b->count++] = e;
-        slot->hash = h32;
-        slot->gen = gen;
-        slot->e = e;
-        l->count++;
-        return &e->p;
+        ctx->stats.loads++;
+        ctx->stats.memo_hits++;
+        return &slot->e->p;
     }
+    return flash__load_probe(l, key, len, i, (uint32_t)h);
+}
+
+/* flash__load_fast of a key of 1..16 bytes whose memo hash h is known
+   (flash_load_many hashes a few keys ahead). */
+static FLASH__ALWAYS_INLINE flash_promise *flash__load_hashed(flash_loader *l, const void *key, size_t len,
+                                                              uint64_t h) {
+    flash__slot *slot;
+    size_t mask = l->fmask, i;
+    if (FLASH__UNLIKELY(!mask)) return flash__load_slow(l, key, len, NULL);
+    i = (size_t)h & mask;
+    slot = &l->slots[i];
+    if (slot->gen != l->gen) return flash__load_miss(l, key, len, slot, (uint32_t)h);
+    if (FLASH__LIKELY(flash__slot_holds(slot, (uint32_t)h, key, len))) {
+        flash_ctx *ctx = l->ctx;
+        ctx->stats.loads++;
+        ctx->stats.memo_hits++;
+        return &slot->e->p;
+    }
+    return flash__load_probe(l, key, len, i, (uint32_t)h);
 }
 
 FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {
@@ -4298,15 +4526,61 @@ FLASH_API flash_promise *flash_load_str(flash_loader *l, const char *key) {
     return flash__load_fast(l, key, key ? strlen(key) : 0, NULL);
 }
 
+/* flash_gather over n flash_loads, each load joining the gather as it is
+   made (no array of promises, no second pass over the entries). Keys are
+   hashed FLASH__LOAD_AHEAD loads ahead and their memo slots prefetched:
+   past the caches (100k keys) each load would wait for its slot. */
+enum { FLASH__LOAD_AHEAD = 8 };
+
+/* The memo hash of a key of a flash_load_many, or 0 when it is not a key
+   of 1..16 bytes (0 only means "hash it when loaded"); its slot asked for
+   the cache. */
+static FLASH__ALWAYS_INLINE uint64_t flash__load_ahead(const flash_loader *l, const void *key, size_t len) {
+    uint64_t h;
+    size_t mask = l->fmask;
+    if (!key || len - 1 >= 16) return 0;
+    h = flash__memo_hash(l, key, len);
+#if defined(__GNUC__) || defined(__clang__)
+    if (mask) __builtin_prefetch(&l->slots[(size_t)h & mask]);
+#else
+    (void)mask;
+#endif
+    return h;
+}
+
 FLASH_API flash_promise *flash_load_many(flash_loader *l, size_t n, const void *const *keys, const size_t *lens) {
-    flash_promise **ps;
-    size_t i;
+    flash_ctx *ctx;
+    flash__gather *g;
+    size_t i, done = 0;
+    uint64_t gen, ahead[FLASH__LOAD_AHEAD];
+    uint16_t fulfilled = flash__fulfilled_word();
+    bool plain, may_reset;
     if (!l) return NULL;
-    if (n && (!keys || !lens)) return flash_rejected(l->ctx, FLASH_EINVAL, "load_many: NULL keys");
-    ps = (flash_promise **)flash_alloc(l->ctx, (n ? n : 1) * sizeof *ps);
-    if (!ps) return NULL;
-    for (i = 0; i < n; i++) ps[i] = flash_load(l, keys[i], lens[i]);
-    return flash_gather(l->ctx, n, ps);
+    ctx = l->ctx;
+    if (n && (!keys || !lens)) return flash_rejected(ctx, FLASH_EINVAL, "load_many: NULL keys");
+    if (n > UINT32_MAX) return flash_rejected(ctx, FLASH_EINVAL, "load_many: too many keys");
+    if (!(g = flash__gather_alloc(ctx, n, false))) return NULL;
+    gen = ctx->gen;
+    plain = !l->desc.key_fn;
+    may_reset = l->desc.schedule != NULL;
+    for (i = 0; i < n && i < FLASH__LOAD_AHEAD; i++) ahead[i] = flash__load_ahead(l, keys[i], lens[i]);
+    for (i = 0; i < n; i++) {
+        flash_promise *p;
+        uint64_t h = ahead[i % FLASH__LOAD_AHEAD];
+        if (i + FLASH__LOAD_AHEAD < n)
+            ahead[i % FLASH__LOAD_AHEAD] = flash__load_ahead(l, keys[i + FLASH__LOAD_AHEAD], lens[i + FLASH__LOAD_AHEAD]);
+        /* h != 0: a key of 1..16 bytes, hashed already. */
+        if (FLASH__LIKELY(h && plain)) p = flash__load_hashed(l, keys[i], lens[i], h);
+        else p = flash__load_fast(l, keys[i], lens[i], NULL);
+        /* A custom schedule may dispatch, and so reset, inside a load (its
+           hook is the only code of the user's a load runs): the gather and
+           the loader belonged to the request that ended. */
+        if (FLASH__UNLIKELY(may_reset) && ctx->gen != gen)
+            return flash_rejected(ctx, FLASH_ECANCELED, "load_many: the context was reset during the loads");
+        flash__gather_join_values(ctx, g, p, i, fulfilled, &done);
+    }
+    flash__gather_close(ctx, g, done);
+    return &g->out;
 }
 
 /* A memo entry settled from the start: fulfilled with value, or rejected
@@ -4404,6 +4678,7 @@ static void flash__batch_finish(flash_batch *b) {
     flash_loader *l = b->loader;
     flash_ctx *ctx = l->ctx;
     b->ended = true;
+    b->live = false;
     if (b->gen != ctx->gen) {
         /* A reset request's batch: its memory (the batch included) goes at
            the next drain, so the batch function may still call
@@ -4449,15 +4724,32 @@ static void flash__batch_settled_one(flash_batch *b, flash__entry *e) {
     if (--b->unsettled == 0) flash__batch_finish(b);
 }
 
-FLASH_API int flash_batch_resolve(flash_batch *b, size_t i, void *value) {
+static FLASH__NOINLINE int flash__batch_resolve_slow(flash_batch *b, size_t i, void *value) {
     int rc = flash__batch_check(b, i);
     flash__entry *e;
     if (rc) return rc;
     e = b->keys[i];
     e->p.state = FLASH_FULFILLED;
     e->p.u.value = value;
-    flash__settle(b->loader->ctx, &e->p);
-    flash__batch_settled_one(b, e);
+    flash__settle(b->ctx, &e->p);
+    if (--b->unsettled == 0) flash__batch_finish(b);
+    return FLASH_OK;
+}
+
+/* The usual resolve calls nothing (so saves no registers): a live batch
+   (dispatched, not ended, not of a reset request) with more keys to
+   settle, a pending key that nobody waits for or whose only waiter is a
+   gather with more promises to wait for. The rest: out of line. */
+FLASH_API int flash_batch_resolve(flash_batch *b, size_t i, void *value) {
+    flash__entry *e;
+    if (FLASH__UNLIKELY(!b || !b->live || i >= b->count || b->unsettled < 2))
+        return flash__batch_resolve_slow(b, i, value);
+    e = b->keys[i];
+    if (FLASH__UNLIKELY(e->p.state != FLASH_PENDING || !flash__settle_quick(&e->p, value)))
+        return flash__batch_resolve_slow(b, i, value);
+    e->p.state = FLASH_FULFILLED;
+    e->p.u.value = value;
+    b->unsettled--;
     return FLASH_OK;
 }
 

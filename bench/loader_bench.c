@@ -11,6 +11,12 @@
                again from the same loader, one gather, one wait (only the
                second pass is timed)
 
+     many/<scenario>   the same four with flash_load_many (the loads and
+               their gather in one call: each load joins the gather as it
+               is made) instead of n x flash_load + flash_gather; the same
+               loads, batches and results (its check lines match the
+               peers' once "many/" is taken off)
+
    Keys are the strings "k<i>"; the batch function resolves each key with
    the key itself (flash: the pointer to the loader's copy of the key; the
    peers: the key string). distinct, dup50 and ticks time a whole request:
@@ -20,7 +26,7 @@
    usage: loader_bench [reps]          prints "<scenario> <ns_per_load>" reps
                                        times per scenario after one warm-up,
                                        and one "check ..." line per scenario
-          loader_bench --callgrind S   one warm-up of scenario S, then one
+          loader_bench --callgrind S   one warm-up of scenario S (or many/S), then one
                                        run inside cg_measure() (for
                                        valgrind --toggle-collect='cg_measure*'; GCC may clone it)
           loader_bench --scale [reps]  the scale sweep: one request of n
@@ -58,6 +64,8 @@ enum { N = 100000, DUP_UNIQUE = 50000, TICKS = 1000, PER_TICK = 100 };
 static const char *keys[N];
 static size_t lens[N];
 static uint32_t dup_seq[N];
+static const char *dup_keys[N]; /* keys[dup_seq[i]], for flash_load_many */
+static size_t dup_lens[N];
 static flash_promise *ps[N];
 /* The gathers' value arrays (valid until the next reset): read after the
    clock stopped. */
@@ -114,6 +122,10 @@ static void make_keys(void) {
         dup_seq[i] = dup_seq[j];
         dup_seq[j] = t;
     }
+    for (i = 0; i < N; i++) {
+        dup_keys[i] = keys[dup_seq[i]];
+        dup_lens[i] = lens[dup_seq[i]];
+    }
 }
 
 static void wait_gather(size_t n, flash_promise **p, void ***values) {
@@ -169,6 +181,39 @@ static void run_memo(void) {
     wait_gather(N, ps, &result_vec);
 }
 
+/* ---- the same with flash_load_many: loads and gather in one call ---------- */
+
+static void wait_many(flash_loader *l, size_t n, const char *const *k, const size_t *len, void ***values) {
+    void *v = NULL;
+    int rc = flash_wait(ctx, flash_load_many(l, n, (const void *const *)k, len), &v);
+    if (rc) die("load_many", rc);
+    *values = (void **)v;
+}
+
+static void run_many_distinct(void) {
+    flash_loader *l;
+    flash_ctx_reset(ctx);
+    l = flash_loader_create(ctx, &ldesc);
+    wait_many(l, N, keys, lens, &result_vec);
+}
+
+static void run_many_dup50(void) {
+    flash_loader *l;
+    flash_ctx_reset(ctx);
+    l = flash_loader_create(ctx, &ldesc);
+    wait_many(l, N, dup_keys, dup_lens, &result_vec);
+}
+
+static void run_many_ticks(void) {
+    flash_loader *l;
+    size_t t;
+    flash_ctx_reset(ctx);
+    l = flash_loader_create(ctx, &ldesc);
+    for (t = 0; t < TICKS; t++) wait_many(l, PER_TICK, keys + t * PER_TICK, lens + t * PER_TICK, &tick_vecs[t]);
+}
+
+static void run_many_memo(void) { wait_many(memo_loader, N, keys, lens, &result_vec); }
+
 typedef struct scenario {
     const char *name;
     void (*setup)(void); /* untimed, before every run */
@@ -181,6 +226,10 @@ static const scenario scenarios[] = {
     {"dup50", NULL, run_dup50, dup_seq},
     {"ticks", NULL, run_ticks, NULL},
     {"memo", memo_setup, run_memo, NULL},
+    {"many/distinct", NULL, run_many_distinct, NULL},
+    {"many/dup50", NULL, run_many_dup50, dup_seq},
+    {"many/ticks", NULL, run_many_ticks, NULL},
+    {"many/memo", memo_setup, run_many_memo, NULL},
 };
 #define NSCEN (sizeof scenarios / sizeof scenarios[0])
 
@@ -191,7 +240,8 @@ static uint32_t check_results(const scenario *s) {
     size_t i;
     for (i = 0; i < N; i++) {
         size_t k = s->seq ? s->seq[i] : i;
-        const char *r = (const char *)(s->run == run_ticks ? tick_vecs[i / PER_TICK][i % PER_TICK] : result_vec[i]), *c;
+        bool ticks = s->run == run_ticks || s->run == run_many_ticks;
+        const char *r = (const char *)(ticks ? tick_vecs[i / PER_TICK][i % PER_TICK] : result_vec[i]), *c;
         if (!r || strcmp(r, keys[k]) != 0) {
             fprintf(stderr, "loader_bench: %s: result %zu is not key %s\n", s->name, i, keys[k]);
             exit(1);
@@ -308,7 +358,7 @@ int main(int argc, char **argv) {
     } else if (argc > 1) {
         reps = atoi(argv[1]);
         if (reps < 1) {
-            fprintf(stderr, "usage: loader_bench [reps] | --callgrind distinct|dup50|ticks|memo\n");
+            fprintf(stderr, "usage: loader_bench [reps] | --callgrind [many/]distinct|dup50|ticks|memo\n");
             return 2;
         }
     }
