@@ -4249,12 +4249,9 @@ FLASH_API int flash_loader_dispatch(flash_loader *l) {
     return FLASH_OK;
 }
 
-/* Copy a key of n >= 1 bytes; up to 16 without a libc call (overlapping
-   loads and stores). */
-static inline void flash__copy_key(char *dst, const char *src, size_t n) {
-    if (n > 16) {
-        memcpy(dst, src, n);
-    } else if (n >= 8) {
+/* Copy a key of 1 <= n <= 16 bytes without a libc call. */
+static inline void flash__copy_key_short(char *dst, const char *src, size_t n) {
+    if (n >= 8) {
         uint64_t a, b;
         memcpy(&a, src, 8);
         memcpy(&b, src + n - 8, 8);
@@ -4271,6 +4268,12 @@ static inline void flash__copy_key(char *dst, const char *src, size_t n) {
         dst[n / 2] = src[n / 2];
         dst[n - 1] = src[n - 1];
     }
+}
+
+/* Copy a key of n >= 1 bytes; up to 16 without a libc call. */
+static inline void flash__copy_key(char *dst, const char *src, size_t n) {
+    if (n > 16) memcpy(dst, src, n);
+    else flash__copy_key_short(dst, src, n);
 }
 
 /* A new memo entry for a key not in the memo: appended to the open batch
@@ -4371,27 +4374,6 @@ static FLASH__NOINLINE flash_promise *flash__load_slow(flash_loader *l, const vo
     if (!mkey) return NULL;
     if (!mlen) return flash_rejected(l->ctx, FLASH_EINVAL, "load: key function gave an empty key");
     return flash__load(l, key, len, mkey, mlen, payload);
-}
-
-/* Copy a key of 1 <= n <= 16 bytes without a libc call. */
-static inline void flash__copy_key_short(char *dst, const char *src, size_t n) {
-    if (n >= 8) {
-        uint64_t a, b;
-        memcpy(&a, src, 8);
-        memcpy(&b, src + n - 8, 8);
-        memcpy(dst, &a, 8);
-        memcpy(dst + n - 8, &b, 8);
-    } else if (n >= 4) {
-        uint32_t a, b;
-        memcpy(&a, src, 4);
-        memcpy(&b, src + n - 4, 4);
-        memcpy(dst, &a, 4);
-        memcpy(dst + n - 4, &b, 4);
-    } else {
-        dst[0] = src[0];
-        dst[n / 2] = src[n / 2];
-        dst[n - 1] = src[n - 1];
-    }
 }
 
 /* A miss of the plain load (flash__load_fast), slot the empty slot where
