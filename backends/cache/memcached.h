@@ -304,6 +304,35 @@ static bool flash__mc_num(const char *p, const char *end, uint64_t max, uint64_t
     return true;
 }
 
+/* A decimal token at p, up to a space or end, without a check per digit
+   (19 digits cannot wrap; longer ones take flash__mc_num): where it ends,
+   or NULL when it is empty, not digits up to there, or over max. */
+static inline const char *flash__mc_dec(const char *p, const char *end, uint64_t max, uint64_t *out) {
+    const char *s = p;
+    uint64_t v = 0;
+    unsigned d;
+    while (p < end && (d = (unsigned)(unsigned char)*p - '0') <= 9) {
+        v = v * 10 + d;
+        p++;
+    }
+    if (p == s || (p - s > 19 ? !flash__mc_num(s, p, max, &v) : v > max)) return NULL;
+    *out = v;
+    return p;
+}
+
+/* The data block of a VA / VALUE reply whose line takes header bytes. */
+static ptrdiff_t flash__mc_data(const char *buf, size_t len, size_t header, size_t max_value,
+                                 flash_memcached_reply *r) {
+    if (r->value_len > max_value) {
+        r->skip = true;
+        return (ptrdiff_t)header;
+    }
+    if (len - header < r->value_len + 2) return 0;
+    if (buf[header + r->value_len] != '\r' || buf[header + r->value_len + 1] != '\n') return FLASH_EPROTO;
+    r->value = buf + header;
+    return (ptrdiff_t)(header + r->value_len + 2);
+}
+
 FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t max_value,
                                           flash_memcached_reply *r) {
     const char *nl, *p, *end, *tok;
@@ -316,6 +345,34 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
     if (nl == buf || nl[-1] != '\r') return FLASH_EPROTO;
     end = nl - 1;
     header = (size_t)(nl - buf) + 1;
+    if (end - buf > 6 && memcmp(buf, "VALUE ", 6) == 0) {
+        /* A get's value, the reply of every key read: "VALUE <key> <flags>
+           <bytes>[ <cas>]", one pass over it (the same rules as the
+           general path below: tokens of one space each, a key of 1..250
+           bytes and no control byte, numbers in range). */
+        const char *k = buf + 6;
+        size_t klen = flash__pipe_key_span(k, (size_t)(end - k));
+        p = k + klen;
+        if (!klen || klen > 250 || p == end || *p != ' ') return FLASH_EPROTO;
+        p = flash__mc_dec(p + 1, end, UINT32_MAX, &v);
+        if (!p || p == end || *p != ' ') return FLASH_EPROTO;
+        r->flags = (uint32_t)v;
+        p = flash__mc_dec(p + 1, end, (uint64_t)1 << 40, &v);
+        if (!p) return FLASH_EPROTO;
+        r->value_len = (size_t)v;
+        if (p != end) {
+            if (*p != ' ') return FLASH_EPROTO;
+            p = flash__mc_dec(p + 1, end, UINT64_MAX, &v);
+            if (p != end) return FLASH_EPROTO; /* also NULL: a bad token */
+            r->has_cas = true;
+            r->cas = v;
+        }
+        r->kind = FLASH_MEMCACHED_VALUE;
+        r->key = k;
+        r->key_len = klen;
+        r->has_flags = true;
+        return flash__mc_data(buf, len, header, max_value, r);
+    }
     tok = (const char *)memchr(buf, ' ', (size_t)(end - buf));
     if (!tok) tok = end;
     clen = (size_t)(tok - buf);
@@ -426,14 +483,7 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
     }
     if (r->kind == FLASH_MEMCACHED_MN && tok != end) return FLASH_EPROTO;
     if (r->kind != FLASH_MEMCACHED_VA && r->kind != FLASH_MEMCACHED_VALUE) return (ptrdiff_t)header;
-    if (r->value_len > max_value) {
-        r->skip = true;
-        return (ptrdiff_t)header;
-    }
-    if (len - header < r->value_len + 2) return 0;
-    if (buf[header + r->value_len] != '\r' || buf[header + r->value_len + 1] != '\n') return FLASH_EPROTO;
-    r->value = buf + header;
-    return (ptrdiff_t)(header + r->value_len + 2);
+    return flash__mc_data(buf, len, header, max_value, r);
 }
 
 /* ---- state ----------------------------------------------------------------- */
