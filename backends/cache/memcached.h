@@ -798,15 +798,22 @@ static int flash__mc_apply_get(flash__mc_server *s, flash__mc_req *req, const fl
     }
     if (r->kind != FLASH_MEMCACHED_VALUE || !r->has_cas) return FLASH_EPROTO;
     if (!os->op) return FLASH_OK;
-    for (k = req->pos; k < req->nplain; k++) {
-        const flash_cache_item *want = &os->op->items[req->idx[k]];
-        if (want->key_len == r->key_len && memcmp(want->key, r->key, r->key_len) == 0) break;
+    k = req->pos;
+    it = k < req->nplain ? &os->op->items[req->idx[k]] : NULL;
+    if (!it || it->key_len != r->key_len || memcmp(it->key, r->key, r->key_len) != 0) {
+        /* Not the next key asked (the usual case: all hits): a miss or
+           more before it. */
+        for (k = req->pos + 1; k < req->nplain; k++) {
+            const flash_cache_item *want = &os->op->items[req->idx[k]];
+            if (want->key_len == r->key_len && memcmp(want->key, r->key, r->key_len) == 0) break;
+        }
+        /* A key nobody asked for, or out of order: garbage, and the keys not
+           yet answered fail with it (they are not known to be misses). */
+        if (k >= req->nplain) return FLASH_EPROTO;
+        while (req->pos < k) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
+        it = &os->op->items[req->idx[k]];
     }
-    /* A key nobody asked for, or out of order: garbage, and the keys not yet
-       answered fail with it (they are not known to be misses). */
-    if (k == req->nplain) return FLASH_EPROTO;
-    while (req->pos < k) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
-    it = &os->op->items[req->idx[req->pos++]];
+    req->pos++;
     it->status = flash__mc_take_value(s->mc, os, it, r);
     return FLASH_OK;
 }
@@ -1018,6 +1025,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     flash__mc *mc = (flash__mc *)self;
     flash__mc_opstate *os;
     uint32_t *srv_of, *counts, *idx, nreqs = 0;
+    size_t nlease = 0; /* GET: lease reads among the keys sent */
     size_t i, n, bytes;
     int64_t now = flash__pipe_now();
     size_t unsent;
@@ -1091,6 +1099,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         }
         srv_of[i] = srv;
         counts[srv]++;
+        nlease += op->code == FLASH_CACHE_GET && it->lease_s;
     }
     /* one request per touched server, items in their original order */
     {
@@ -1111,7 +1120,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
             req->idx[req->count++] = (uint32_t)i;
         }
         for (i = 0; i < nreqs; i++) os->reqs[i].nplain = os->reqs[i].count;
-        for (i = 0; op->code == FLASH_CACHE_GET && i < n; i++) {
+        for (i = 0; nlease && i < n; i++) {
             flash__mc_req *req;
             if (srv_of[i] == UINT32_MAX || !op->items[i].lease_s) continue;
             req = &os->reqs[counts[srv_of[i]]];

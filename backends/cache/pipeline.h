@@ -135,9 +135,15 @@ static inline size_t flash__pipe_key_span(const char *s, size_t n) {
             if (i + 8 > n) i = n - 8;
             memcpy(&x, s + i, 8);
             d = x ^ (ones * 0x7f);
-            /* a byte below 0x21, or a byte equal to 0x7f (exact tests: no
-               step without one is flagged) */
-            if (((x - ones * 0x21) & ~x & highs) | ((d - ones) & ~d & highs)) break;
+            /* a byte below 0x21, or a byte equal to 0x7f: exact tests (no
+               step without one is flagged, and the lowest flag is the first
+               such byte: a borrow only carries upwards) */
+            x = ((x - ones * 0x21) & ~x & highs) | ((d - ones) & ~d & highs);
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            if (x) return i + (size_t)__builtin_ctzll(x) / 8;
+#else
+            if (x) break;
+#endif
             if (i + 8 == n) return n;
         }
     }
