@@ -5524,22 +5524,35 @@ static uint64_t flash__rd_varint_slow(flash__rd *r) {
     uint64_t v = 0;
     unsigned shift = 0;
     if (r->end - r->p >= 10) {
-        /* Room for the longest varint: no bounds check per byte. */
+        /* Room for the longest varint: no bounds check per byte, and the
+           bytes unrolled (constant shifts; a time in ms takes six). */
         const unsigned char *p = r->p;
-        unsigned char c;
-        do {
-            c = *p++;
-            v |= (uint64_t)(c & 0x7f) << shift;
-            shift += 7;
-        } while ((c & 0x80) && shift < 63);
+        unsigned c = p[0];
+        size_t n = 1;
+        v = c & 0x7f;
+#define FLASH__VARINT_BYTE(i)                                                                                  \
+    if (c & 0x80) {                                                                                            \
+        c = p[i];                                                                                              \
+        v |= (uint64_t)(c & 0x7f) << (7 * (i));                                                                \
+        n = (i) + 1;                                                                                           \
+    }
+        FLASH__VARINT_BYTE(1)
+        FLASH__VARINT_BYTE(2)
+        FLASH__VARINT_BYTE(3)
+        FLASH__VARINT_BYTE(4)
+        FLASH__VARINT_BYTE(5)
+        FLASH__VARINT_BYTE(6)
+        FLASH__VARINT_BYTE(7)
+        FLASH__VARINT_BYTE(8)
+#undef FLASH__VARINT_BYTE
         if (c & 0x80) { /* the tenth byte: bit 63 only */
-            c = *p++;
+            c = p[9];
             if (c > 1) goto bad;
             v |= (uint64_t)c << 63;
-            shift += 7;
+            n = 10;
         }
-        if (shift > 7 && !c) goto bad; /* overlong */
-        r->p = p;
+        if (n > 1 && !c) goto bad; /* overlong */
+        r->p = p + n;
         return v;
     }
     while (r->p < r->end && shift < 64) {
@@ -5557,9 +5570,18 @@ bad:
     return 0;
 }
 
-/* Most varints of a value (small numbers, lengths, flags) are one byte. */
+/* Most varints of a value (small numbers, lengths, flags) are one byte,
+   many of the rest two (ids, counts below 8,192): both inline. */
 static inline uint64_t flash__rd_varint(flash__rd *r) {
-    if (r->p < r->end && *r->p < 0x80) return *r->p++;
+    const unsigned char *p = r->p;
+    if (p < r->end && *p < 0x80) {
+        r->p = p + 1;
+        return *p;
+    }
+    if (r->end - p >= 2 && p[1] - 1u < 0x7fu) { /* a last byte of 1..0x7f: not overlong */
+        r->p = p + 2;
+        return (uint64_t)(p[0] & 0x7f) | (uint64_t)p[1] << 7;
+    }
     return flash__rd_varint_slow(r);
 }
 
@@ -5614,7 +5636,42 @@ static void flash__encode_row(flash__buf *b, const flash_model *m, const void *r
     }
 }
 
-static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m, void *row) {
+/* n bytes of s to d and a NUL after them; false when s holds a NUL (a
+   C string cannot): eight bytes a step, overlapping at the end. */
+static inline bool flash__copy_str(char *d, const unsigned char *s, size_t n) {
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    uint64_t zero = 0, x;
+    size_t i;
+    if (n >= 8) {
+        for (i = 0; i + 8 < n; i += 8) {
+            memcpy(&x, s + i, 8);
+            memcpy(d + i, &x, 8);
+            zero |= (x - ones) & ~x & highs;
+        }
+        memcpy(&x, s + n - 8, 8);
+        memcpy(d + n - 8, &x, 8);
+        zero |= (x - ones) & ~x & highs;
+    } else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, s, 4);
+        memcpy(&b, s + n - 4, 4);
+        memcpy(d, &a, 4);
+        memcpy(d + n - 4, &b, 4);
+        zero = ((a - 0x01010101u) & ~a & 0x80808080u) | ((b - 0x01010101u) & ~b & 0x80808080u);
+    } else {
+        for (i = 0; i < n; i++) {
+            d[i] = (char)s[i];
+            zero |= s[i] == 0;
+        }
+    }
+    d[n] = 0;
+    return zero == 0;
+}
+
+/* Decode one row into row. Its strings go to *pool when pool is not NULL
+   (the caller made room for them: the bytes left in r are enough, as
+   every string there has a length byte at least), else to the arena. */
+static void flash__decode_row_in(flash__rd *r, flash_ctx *ctx, const flash_model *m, void *row, char **pool) {
     size_t i;
     char *out = (char *)row;
     memset(row, 0, m->size);
@@ -5688,15 +5745,18 @@ static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m
                 break;
             }
             data = flash__rd_bytes(r, (size_t)(n1 - 1));
-            copy = (char *)flash__alloc(ctx, (size_t)n1); /* the bytes and a NUL */
-            if (!copy) {
-                r->err = FLASH_ENOMEM;
-                break;
+            if (pool) { /* the bytes and a NUL */
+                copy = *pool;
+                *pool += n1;
+            } else {
+                copy = (char *)flash__alloc(ctx, (size_t)n1);
+                if (!copy) {
+                    r->err = FLASH_ENOMEM;
+                    break;
+                }
             }
-            memcpy(copy, data, (size_t)(n1 - 1));
-            copy[n1 - 1] = 0;
+            if (!flash__copy_str(copy, data, (size_t)(n1 - 1)) && f->type == FLASH_STR) r->err = FLASH_EPROTO;
             if (f->type == FLASH_STR) {
-                if (memchr(copy, 0, (size_t)(n1 - 1))) r->err = FLASH_EPROTO;
                 memcpy(dst, &copy, sizeof copy);
             } else {
                 flash_bytes b;
@@ -5709,6 +5769,10 @@ static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m
         default: r->err = FLASH_EPROTO; break; /* a field type this build does not know */
         }
     }
+}
+
+static void flash__decode_row(flash__rd *r, flash_ctx *ctx, const flash_model *m, void *row) {
+    flash__decode_row_in(r, ctx, m, row, NULL);
 }
 
 FLASH_API int flash_row_encode(flash_ctx *ctx, const flash_model *m, const void *row, void **out, size_t *len) {
@@ -5811,6 +5875,24 @@ FLASH_API const char *flash_type_name(flash_type t) {
 }
 
 /* Check the key values of a query against its class; message on error. */
+static int flash__check_values(flash_ctx *ctx, const flash_class *c, const flash_value *v, size_t n,
+                               const char **message);
+
+/* The same, inline for the usual keys: numbers and booleans of their
+   fields' own types (nothing else to check in them). */
+static inline int flash__check_values_fast(flash_ctx *ctx, const flash_class *c, const flash_value *v, size_t n,
+                                           const char **message) {
+    size_t i;
+    if (n == c->nfields && v) {
+        for (i = 0; i < n; i++) {
+            flash_type t = c->model->fields[c->fields[i]].type;
+            if (v[i].type != t || (t != FLASH_I64 && t != FLASH_I32 && t != FLASH_F64 && t != FLASH_BOOL)) break;
+        }
+        if (i == n) return FLASH_OK;
+    }
+    return flash__check_values(ctx, c, v, n, message);
+}
+
 static int flash__check_values(flash_ctx *ctx, const flash_class *c, const flash_value *v, size_t n,
                                const char **message) {
     size_t i;
@@ -5950,32 +6032,37 @@ static void flash__kheads_free(flash_ctx *ctx) {
     ctx->nkheads = 0;
 }
 
-/* Decimal digits of v: no escaping needed ('-' and digits are kept). */
-static void flash__buf_int(flash__buf *b, int64_t v) {
-    /* Two digits per division: key values are built for every query. */
+/* v in decimal at p, which has room for 20 bytes; the bytes written. The
+   digits are counted first and written in place, two per division: key
+   values are built for every query. */
+static inline size_t flash__put_int(char *p, int64_t v) {
     static const char pairs[] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
                                 "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
                                 "8081828384858687888990919293949596979899";
-    char tmp[24];
-    size_t n = sizeof tmp;
-    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    unsigned char *p;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v, t;
+    size_t n = 1, len;
+    for (t = u; t >= 10; t /= 10) n++;
+    if (v < 0) *p++ = '-';
+    len = n + (v < 0);
     while (u >= 100) {
         unsigned d = (unsigned)(u % 100) * 2;
         u /= 100;
-        tmp[--n] = pairs[d + 1];
-        tmp[--n] = pairs[d];
+        p[--n] = pairs[d + 1];
+        p[--n] = pairs[d];
     }
     if (u >= 10) {
-        tmp[--n] = pairs[u * 2 + 1];
-        tmp[--n] = pairs[u * 2];
+        p[1] = pairs[u * 2 + 1];
+        p[0] = pairs[u * 2];
     } else {
-        tmp[--n] = (char)('0' + (int)u);
+        p[0] = (char)('0' + (int)u);
     }
-    if (v < 0) tmp[--n] = '-';
-    if (!(p = flash__buf_room(b, sizeof tmp - n))) return;
-    memcpy(p, tmp + n, sizeof tmp - n);
-    b->len += sizeof tmp - n;
+    return len;
+}
+
+/* Decimal digits of v: no escaping needed ('-' and digits are kept). */
+static void flash__buf_int(flash__buf *b, int64_t v) {
+    unsigned char *p = flash__buf_room(b, 20);
+    if (p) b->len += flash__put_int((char *)p, v);
 }
 
 static void flash__key_value(flash__buf *b, const flash_value *v) {
@@ -6026,23 +6113,54 @@ static void flash__hex128(char out[33], const void *data, size_t n) {
     out[32] = 0;
 }
 
-/* Builds the cache key; full and full_len get the unhashed key when hashed. */
-static int flash__build_key(flash_ctx *ctx, const flash_class *c, const flash_value *v, size_t n, char **key,
-                            size_t *len, char **full, size_t *full_len) {
+/* Builds the cache key; full and full_len get the unhashed key when hashed.
+   lead (0 or 1) bytes are left free before the unhashed key, in the same
+   buffer: the query engine puts its memo key's mode byte there. */
+static int flash__build_key(flash_ctx *ctx, const flash_class *c, const flash_value *v, size_t n, size_t lead,
+                            char **key, size_t *len, char **full, size_t *full_len) {
     flash__buf b;
     size_t i, head;
+    /* The common key, integers after the class's cached head: one
+       allocation of its largest size, written in place. */
+    for (i = 0; i < ctx->nkheads && ctx->kheads[i].cls != c; i++) {
+    }
+    if (i < ctx->nkheads && n <= 8) {
+        const flash__khead *kh = &ctx->kheads[i];
+        for (i = 0; i < n && (v[i].type == FLASH_I64 || v[i].type == FLASH_I32) && !v[i].is_null; i++) {
+        }
+        if (i == n) {
+            char *p = (char *)flash__alloc(ctx, lead + kh->len + n * 21 + 1); /* ':' and 20 bytes a value */
+            size_t at = lead + kh->len;
+            if (!p) return FLASH_ENOMEM;
+            memcpy(p + lead, kh->head, kh->len);
+            for (i = 0; i < n; i++) {
+                if (i) p[at++] = ':';
+                at += flash__put_int(p + at, v[i].type == FLASH_I64 ? v[i].u.i64 : v[i].u.i32);
+            }
+            p[at] = 0;
+            if (at - lead <= FLASH__MAX_KEY) {
+                *key = p + lead;
+                *len = at - lead;
+                if (full) *full = NULL;
+                if (full_len) *full_len = 0;
+                return FLASH_OK;
+            }
+            /* too long: hashed, below */
+        }
+    }
     flash__buf_init(&b, ctx, 64);
+    b.len = lead; /* 64 >= lead: room, or b.err */
     flash__key_head(&b, ctx, c);
-    head = b.len;
+    head = b.len - lead;
     for (i = 0; i < n; i++) {
         if (i) flash__buf_put(&b, ":", 1);
         flash__key_value(&b, &v[i]);
     }
     flash__buf_put(&b, "", 1); /* NUL, not counted */
     if (b.err) return b.err;
-    b.len--;
+    b.len -= 1 + lead;
     if (b.len <= FLASH__MAX_KEY) {
-        *key = (char *)b.p;
+        *key = (char *)b.p + lead;
         *len = b.len;
         if (full) *full = NULL;
         if (full_len) *full_len = 0;
@@ -6052,15 +6170,15 @@ static int flash__build_key(flash_ctx *ctx, const flash_class *c, const flash_va
         char hex[33];
         char *k;
         if (head + 1 + 32 > FLASH__MAX_KEY) return FLASH_ETOOLARGE; /* prefix and class name too long */
-        flash__hex128(hex, b.p, b.len);
+        flash__hex128(hex, b.p + lead, b.len);
         k = (char *)flash__alloc(ctx, head + 1 + 32 + 1);
         if (!k) return FLASH_ENOMEM;
-        memcpy(k, b.p, head);
+        memcpy(k, b.p + lead, head);
         k[head] = '#';
         memcpy(k + head + 1, hex, 33);
         *key = k;
         *len = head + 1 + 32;
-        if (full) *full = (char *)b.p;
+        if (full) *full = (char *)b.p + lead;
         if (full_len) *full_len = b.len;
     }
     return FLASH_OK;
@@ -6077,7 +6195,7 @@ FLASH_API int flash_cache_key(flash_ctx *ctx, const flash_class *c, const flash_
     if (!cc) return err;
     rc = flash__check_values(ctx, cc, values, n, &msg);
     if (rc) return rc;
-    rc = flash__build_key(ctx, cc, values, n, key, len, &full, NULL);
+    rc = flash__build_key(ctx, cc, values, n, 0, key, len, &full, NULL);
     if (hashed) *hashed = full != NULL;
     return rc;
 }
@@ -6465,8 +6583,33 @@ static int flash__encode_value(flash_ctx *ctx, const flash__query *q, void *resu
 static bool flash__row_has_key(const flash__query *q, const void *row) {
     size_t k;
     for (k = 0; k < q->cls->nfields; k++) {
-        flash_value v = flash_row_value(q->cls->model, row, q->cls->fields[k]);
-        if (!flash_value_eq(&v, &q->values[k])) return false;
+        const flash_field *f = &q->cls->model->fields[q->cls->fields[k]];
+        const flash_value *w = &q->values[k];
+        const char *p = (const char *)row + f->offset;
+        flash_value v;
+        if (!w->is_null && f->type == w->type) { /* the usual key fields, in place */
+            if (f->type == FLASH_I64) {
+                int64_t x;
+                memcpy(&x, p, sizeof x);
+                if (x != w->u.i64) return false;
+                continue;
+            }
+            if (f->type == FLASH_I32) {
+                int32_t x;
+                memcpy(&x, p, sizeof x);
+                if (x != w->u.i32) return false;
+                continue;
+            }
+            if (f->type == FLASH_STR) {
+                const char *x;
+                memcpy(&x, p, sizeof x);
+                if (!x || strlen(x) != w->u.s.len || (w->u.s.len && memcmp(x, w->u.s.ptr, w->u.s.len) != 0))
+                    return false;
+                continue;
+            }
+        }
+        v = flash_field_value(f->type, p);
+        if (!flash_value_eq(&v, w)) return false;
     }
     return true;
 }
@@ -6518,9 +6661,11 @@ static int flash__decode_value(flash_ctx *ctx, const flash__query *q, const void
         return 1;
     }
     if (flash__one_row(c->kind)) {
-        void *row = flash__alloc(ctx, c->model->size);
+        /* One allocation: the row, then its strings. */
+        size_t rsize = FLASH__ROUND8(c->model->size);
+        char *row = (char *)flash__alloc(ctx, rsize + (size_t)(r.end - r.p)), *pool = row + rsize;
         if (!row) return FLASH_ENOMEM;
-        flash__decode_row(&r, ctx, c->model, row);
+        flash__decode_row_in(&r, ctx, c->model, row, &pool);
         *result = row;
     } else if (c->kind == FLASH_CLASS_COUNT) {
         int64_t *n = (int64_t *)flash__alloc(ctx, sizeof *n);
@@ -7677,17 +7822,24 @@ static void flash__engine_batch(flash_ctx *ctx, flash_batch *b, void *ud) {
     {
         /* One get-many: the keys, then the version key of each class. */
         flash__eop *o = (flash__eop *)flash_calloc(ctx, 1, sizeof *o);
-        flash_cache_item *items = (flash_cache_item *)flash_calloc(ctx, n + eb->nver, sizeof *items);
+        flash_cache_item *items = NULL, zero;
+        if (n + eb->nver <= SIZE_MAX / sizeof *items)
+            items = (flash_cache_item *)flash__alloc(ctx, (n + eb->nver) * sizeof *items);
         if (!o || !items) {
             flash_batch_fail(b, FLASH_ENOMEM, NULL);
             return;
         }
+        /* Each item written once (a zeroed one copied, then its key), not
+           zeroed in a pass of its own first. */
+        memset(&zero, 0, sizeof zero);
         for (i = 0; i < n; i++) {
+            items[i] = zero;
             items[i].key = eb->qs[i]->key;
             items[i].key_len = eb->qs[i]->key_len;
             items[i].lease_s = flash__lease_of(ctx, eb->qs[i]);
         }
         for (k = 0; k < eb->nver; k++) {
+            items[n + k] = zero;
             if (flash__version_key(ctx, eb->vcls[k], (char **)&items[n + k].key, &items[n + k].key_len)) {
                 flash_batch_fail(b, FLASH_ENOMEM, NULL);
                 return;
@@ -7777,15 +7929,15 @@ static flash_promise *flash__query_run(flash_ctx *ctx, const flash_class *c, con
                                : "NULL cache class");
         return flash__wrap(ctx, p, flags & FLASH_Q_NONE_ON_EXCEPTION);
     }
-    rc = flash__check_values(ctx, cc, values, n, &msg);
+    rc = flash__check_values_fast(ctx, cc, values, n, &msg);
     if (rc) return flash__wrap(ctx, flash_rejected(ctx, rc, msg), flags & FLASH_Q_NONE_ON_EXCEPTION);
     e = flash__engine_get(ctx);
-    q = (flash__query *)flash__alloc(ctx, sizeof *q);
+    /* The query and its values in one allocation (n <= 8: checked) */
+    q = (flash__query *)flash__alloc(ctx, FLASH__ROUND8(sizeof *q) + n * sizeof *q->values);
     if (!e || !q) return NULL;
     q->cls = cc;
     q->flags = flags & (FLASH_Q_ONLY_CACHE | FLASH__Q_REFRESH); /* the flags that change what is fetched */
-    q->values = (flash_value *)flash__alloc(ctx, n * sizeof *q->values);
-    if (!q->values) return NULL;
+    q->values = (flash_value *)(void *)((char *)q + FLASH__ROUND8(sizeof *q));
     for (i = 0; i < n; i++) {
         q->values[i] = values[i];
         if ((values[i].type == FLASH_STR || values[i].type == FLASH_BYTES) && !values[i].is_null) {
@@ -7793,21 +7945,24 @@ static flash_promise *flash__query_run(flash_ctx *ctx, const flash_class *c, con
             if (!q->values[i].u.s.ptr) return NULL;
         }
     }
-    rc = flash__build_key(ctx, cc, q->values, n, &q->key, &q->key_len, &q->full, &q->full_len);
+    rc = flash__build_key(ctx, cc, q->values, n, 1, &q->key, &q->key_len, &q->full, &q->full_len);
     if (rc) return flash__wrap(ctx, flash_rejected(ctx, rc, "cannot build the cache key"), flags & FLASH_Q_NONE_ON_EXCEPTION);
-    /* Memo key: the mode, then the full cache key; a refresh's, a number
-       of its own too (each write refreshes anew). */
+    /* Memo key: the mode, then the full cache key (in place: build_key
+       left a byte before it); a refresh's, a number of its own too (each
+       write refreshes anew). */
     {
-        const char *k = q->full ? q->full : q->key;
+        char *k = q->full ? q->full : q->key;
         size_t klen = q->full ? q->full_len : q->key_len, extra = (q->flags & FLASH__Q_REFRESH) ? 8 : 0;
-        lkey = (char *)flash__alloc(ctx, klen + 1 + extra);
-        if (!lkey) return NULL;
-        lkey[0] = (char)('0' + q->flags);
-        memcpy(lkey + 1, k, klen);
-        if (extra) {
+        if (!extra) {
+            lkey = k - 1;
+        } else {
             uint64_t seq = ++e->refreshes;
+            lkey = (char *)flash__alloc(ctx, klen + 1 + extra);
+            if (!lkey) return NULL;
+            memcpy(lkey + 1, k, klen);
             memcpy(lkey + 1 + klen, &seq, 8);
         }
+        lkey[0] = (char)('0' + q->flags);
         p = flash_load_with(e->loader, lkey, klen + 1 + extra, q);
     }
     return p ? flash__wrap(ctx, p, flags) : NULL;
@@ -8173,7 +8328,7 @@ static void flash__targets_key(flash__targets *t, const flash_class *c, const fl
     size_t len, full_len;
     flash_cache_item *it;
     bool reset = t->force_reset || c->opts.invalidation == FLASH_INVALIDATE_RESET;
-    int rc = flash__build_key(ctx, c, v, c->nfields, &key, &len, &full, &full_len);
+    int rc = flash__build_key(ctx, c, v, c->nfields, 0, &key, &len, &full, &full_len);
     if (rc) {
         if (!t->error) t->error = rc;
         return;

@@ -486,7 +486,7 @@ if has_part memcached; then
     [ -n "$MC_PORT" ] || { cat "$out/memcached.log" >&2; fail "could not start memcached on a free loopback port"; }
     note "memcached $MC_ARGS -p $MC_PORT (pid $mc_pid); $RUNS runs of memcached_bench, $MC_REPS reps per scenario each"
 
-    rm -f "$out"/mc.* "$out"/err.mc.* "$out"/callgrind.mc.*
+    rm -f "$out"/mc.* "$out"/err.mc.* "$out"/callgrind.mc.* "$out"/cachesim.mc.*
     for r in $(seq 1 "$RUNS"); do
         if ! "$out/memcached_bench" "$MC_PORT" "$MC_REPS" >"$out/mc.$r" 2>"$out/err.mc.$r"; then
             cat "$out/err.mc.$r" >&2
@@ -542,10 +542,31 @@ if has_part memcached; then
                     || { cat "$out/callgrind.mc.$s.$n.log" >&2; fail "callgrind run of memcached row $s/$n failed"; }
                 ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$cg")
                 [ -n "$ir" ] && [ "$ir" -gt 0 ] || fail "no instruction count in $cg"
-                MIPK[$s/$n]=$(awk -v ir="$ir" -v n="$n" 'BEGIN { printf "%.0f\n", ir / n }')
+                # Less the benchmark's own checks (cg_skip_*: the value hash of
+                # the byte rows, the row compare of flash's), by their inclusive cost.
+                sk=$(callgrind_annotate --inclusive=yes "$cg" 2>/dev/null |
+                    awk '$0 ~ /:cg_skip_[a-z_]* \[/ { gsub(",", "", $1); s += $1 } END { print s + 0 }')
+                MIPK[$s/$n]=$(awk -v ir="$ir" -v sk="$sk" -v n="$n" 'BEGIN { printf "%.0f\n", (ir - sk) / n }')
             done
         done
-        MCG_NOTE="instr/key: callgrind Ir of the client process inside one run after a warm-up / N (user space only: not the server, not the kernel); bench/out/callgrind.mc.<row>.<N>.out"
+        MCG_NOTE="instr/key: callgrind Ir of the client process inside one run after a warm-up, less the benchmark's own checks (cg_skip_*), / N (user space only: not the server, not the kernel); bench/out/callgrind.mc.<row>.<N>.out"
+        # Where the wall-clock gap is when the instructions are not: L1d misses
+        # per key (a simulated 32 KiB L1d, 1 MiB last level), N=1000, less the checks.
+        declare -A MD1
+        for s in flash raw libmc; do
+            [ -n "$(mc_vals "$s/1000" "$out/mc.1")" ] || continue
+            cg=$out/cachesim.mc.$s.1000.out
+            valgrind --tool=callgrind --cache-sim=yes --D1=32768,8,64 --LL=1048576,16,64 --callgrind-out-file="$cg" \
+                --toggle-collect='cg_measure*' "$out/memcached_bench" "$MC_PORT" --callgrind "$s" 1000 "$mc_prefix" \
+                >"$out/cachesim.mc.$s.1000.log" 2>&1 || { cat "$out/cachesim.mc.$s.1000.log" >&2; fail "callgrind --cache-sim run of $s/1000 failed"; }
+            MD1[$s]=$(callgrind_annotate --inclusive=yes --show=D1mr,D1mw "$cg" 2>/dev/null | awk '
+                /PROGRAM TOTALS/ || /:cg_skip_[a-z_]* \[/ {
+                    line = $0; gsub(/\([^)]*\)/, "", line); gsub(",", "", line); split(line, f, " ")
+                    v = (f[1] == "." ? 0 : f[1]) + (f[2] == "." ? 0 : f[2])
+                    if (line ~ /PROGRAM TOTALS/) t = v; else k += v
+                }
+                END { printf "%.1f", (t - k) / 1000 }')
+        done
     else
         for n in $MC_SIZES; do for s in $MC_ROWS; do MIPK[$s/$n]="n/a"; done; done
         MCG_NOTE="instr/key: n/a (valgrind not installed)"
@@ -604,9 +625,19 @@ if has_part memcached; then
         mv=$(awk -v m="$ml" -v r="$ri" 'BEGIN { if (m <= 1.2 * r) print "met"; else print "NOT met" }')
         echo "   N=$n instructions/key: flash $fi = transport $ri + model layer $ml (keys, memo, decode; target <= 1.2x the transport: $mv, $(awk -v m="$ml" -v r="$ri" 'BEGIN { printf "%.2f", m / r }')x); libmemcached text $li"
     done
-    echo "   cause and next step: the transport's reply parser (flash_memcached_parse) and the model layer's per-query key"
-    echo "   build and memo insert are the largest items (bench/out/callgrind.mc.flash.*.out); the server also spends"
-    echo "   more per key on flash's gets (CAS, needed by classes that refresh by CAS) than on get (table below)"
+    if [ -n "${MD1[flash]:-}" ] && [ -n "${MD1[libmc]:-}" ]; then
+        echo "   N=1000 L1d misses/key (callgrind --cache-sim: 32 KiB L1d, less the checks): flash ${MD1[flash]}, backend alone" \
+            "${MD1[raw]:-n/a}, libmemcached text ${MD1[libmc]} -- where fewer instructions still take longer: flash's request"
+        echo "   writes new memory for every key (the query, its key, the memo entry, the promise, the row and its strings, the"
+        echo "   op's item, the backend's copy of the value); libmemcached reuses one result and one buffer (bench/out/cachesim.mc.*)"
+    fi
+    echo "   cause and next step (bench/out/callgrind.mc.flash.*.out): the model layer is the larger part -- the value's"
+    echo "   decode (its check hash, the fields, the key check: flash__decode_value), the loader's memo insert and the"
+    echo "   promises (flash.h layers 5 and 3: flash__load, flash_batch_resolve, the gather: ~400/key, not changed by the"
+    echo "   full-path work), the query and its key (flash__query_run, flash__build_key); the transport's largest items are"
+    echo "   the reply parser and the copy of each value (flash_memcached_parse, flash__mc_take_value). Next: a decoder"
+    echo "   per model (no type switch per field), the memo insert (layer 5), values decoded from the read buffer without"
+    echo "   the backend's copy. memcached's own CPU per key is in the srv column and the table below (get vs gets)"
     grep -m1 '^# libmc_bin' "$out/mc.1" | sed 's/^# /   /' || true
     echo "   $MCG_NOTE"
     echo "   Timed: (a) flash_ctx_reset + the queries + flash_gather + flash_wait (the model layer builds the keys,"

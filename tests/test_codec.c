@@ -398,6 +398,55 @@ FLASH_TEST(codec, a_string_field_holding_nul_is_eproto_but_bytes_may) {
     cr_assert_eq(decode_exact(&User_model, b, n, &out), FLASH_EPROTO);
 }
 
+/* Strings are copied 8 bytes a step (the last step overlapping): a NUL at
+   any position of a string of any length up to 40 is found, and every
+   byte of the others comes back. */
+FLASH_TEST(codec, strings_of_every_length_with_a_nul_anywhere) {
+    for (size_t len = 0; len <= 40; len++) {
+        for (size_t nul = 0; nul <= len; nul++) { /* nul == len: none */
+            char str[48];
+            User u = {7, NULL, NULL, 3, 0.5, true, {NULL, 0}}, out;
+            void *buf = NULL;
+            size_t n = 0;
+            for (size_t i = 0; i < len; i++) str[i] = (char)('A' + (i * 7 + len) % 58);
+            str[len] = 0;
+            u.first_name = str;
+            u.username = "u";
+            encode(&User_model, &u, &buf, &n);
+            if (nul < len) { /* the NUL written over the encoded string's byte */
+                unsigned char *b = (unsigned char *)buf;
+                size_t at = 0;
+                for (at = 0; at + len <= n && memcmp(b + at, str, len) != 0; at++) {
+                }
+                cr_assert(at + len <= n);
+                b[at + nul] = 0;
+            }
+            memset(&out, 0x5a, sizeof out);
+            int rc = decode_exact(&User_model, buf, n, &out);
+            if (nul < len) {
+                cr_assert_eq(rc, FLASH_EPROTO, "length %zu, NUL at %zu", len, nul);
+            } else {
+                cr_assert_eq(rc, 0, "length %zu", len);
+                assert_str_field(out.first_name, str, "first_name");
+                assert_str_field(out.username, "u", "username");
+            }
+            /* BYTES may hold them: the bytes back as they were */
+            flash_bytes raw = {str, len};
+            char copy[48];
+            memcpy(copy, str, len);
+            if (nul < len) copy[nul] = 0;
+            raw.data = copy;
+            u.avatar = raw;
+            u.first_name = "f";
+            encode(&User_model, &u, &buf, &n);
+            memset(&out, 0x5a, sizeof out);
+            cr_assert_eq(decode_exact(&User_model, buf, n, &out), 0);
+            assert_bytes_field(out.avatar, raw, "avatar");
+            cr_assert_eq(((const char *)out.avatar.data)[len], 0, "a NUL after bytes too");
+        }
+    }
+}
+
 /* ---- fuzz ---- */
 
 static uint64_t rng_state;
@@ -700,6 +749,71 @@ FLASH_TEST(codec, different_long_values_give_different_hashed_keys) {
     }
     for (int i = 0; i < N; i++)
         for (int j = 0; j < i; j++) cr_assert_str_neq(keys[i], keys[j], "values %d and %d share a hashed key", i, j);
+}
+
+/* Integer keys take a path of their own once the class's key head is
+   cached (the first key of a class in a context builds it): the same bytes
+   either way, for every digit count, both signs and several fields. */
+FLASH_TEST(codec, integer_keys_are_the_same_before_and_after_the_head_is_cached) {
+    static const int64_t vals[] = {0, 1, -1, 9, 10, -10, 99, 100, 999, 1000, 12345, -12345, 99999999,
+                                   100000000, 4294967296ll, 999999999999999999ll, 1000000000000000000ll,
+                                   INT64_MAX, INT64_MIN, INT64_MIN + 1};
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+        for (size_t j = 0; j < sizeof vals / sizeof vals[0]; j += 3) {
+            char want[128];
+            flash_value p[2] = {flash_v_i64(vals[i]), flash_v_i64(vals[j])};
+            snprintf(want, sizeof want, "flash:Participant.user.event:v1:%lld:%lld", (long long)vals[i],
+                     (long long)vals[j]);
+            flash_ctx *fresh = flash_ctx_create(NULL);
+            char *k1 = NULL, *k2 = NULL;
+            size_t l1 = 0, l2 = 0;
+            cr_assert(fresh);
+            cr_assert_eq(flash_cache_key(fresh, &Participant__get_by_user_event, p, 2, &k1, &l1, NULL), 0);
+            cr_assert_eq(flash_cache_key(fresh, &Participant__get_by_user_event, p, 2, &k2, &l2, NULL), 0);
+            cr_assert_str_eq(k1, want);
+            cr_assert_str_eq(k2, want, "cached head");
+            cr_assert(l1 == strlen(want) && l2 == l1);
+            flash_ctx_destroy(fresh);
+        }
+        int32_t i32 = (int32_t)(vals[i] % 2147483648ll);
+        char want32[64];
+        snprintf(want32, sizeof want32, "flash:CodecKey.i:v1:%ld", (long)i32);
+        cr_assert_str_eq(key1(&CodecKey__get_by_i, flash_v_i32(i32)), want32);
+    }
+}
+
+/* An integer key over 250 bytes (a long prefix, two 20-byte values) is
+   hashed, whether the class's head was cached or not, and the two agree. */
+FLASH_TEST(codec, long_integer_keys_are_hashed_on_either_path) {
+    flash_desc d;
+    char prefix[260];
+    memset(prefix, 'p', 188); /* head 215 bytes: 256 with the values, 248 hashed */
+    prefix[188] = 0;
+    memset(&d, 0, sizeof d);
+    d.key_prefix = prefix;
+    flash_value small[2] = {flash_v_i64(5), flash_v_i64(6)}, big[2] = {flash_v_i64(INT64_MIN), flash_v_i64(INT64_MIN)};
+    static char seen[2][300];
+    for (int first = 0; first < 2; first++) {
+        flash_ctx *c = flash_ctx_create(&d);
+        char *k = NULL, *kb = NULL;
+        size_t len = 0, lenb = 0;
+        bool hashed = true, hashedb = false;
+        cr_assert(c);
+        /* first == 0: the long key builds the head; 1: a short key did */
+        if (first) cr_assert_eq(flash_cache_key(c, &Participant__get_by_user_event, small, 2, &k, &len, &hashed), 0);
+        cr_assert_eq(flash_cache_key(c, &Participant__get_by_user_event, big, 2, &kb, &lenb, &hashedb), 0);
+        cr_assert(hashedb, "a 256-byte key is hashed");
+        cr_assert_eq(lenb, 248);
+        cr_assert_eq(strlen(kb), lenb);
+        cr_assert_eq(strncmp(kb, prefix, 188), 0);
+        if (first) {
+            cr_assert(!hashed && strlen(k) == len && len == 218);
+            cr_assert_eq(strcmp(k + 188, ":Participant.user.event:v1:5:6"), 0);
+        }
+        snprintf(seen[first], sizeof seen[first], "%s", kb);
+        flash_ctx_destroy(c);
+    }
+    cr_assert_str_eq(seen[0], seen[1]);
 }
 
 FLASH_TEST(codec, a_custom_prefix_is_escaped) {

@@ -439,6 +439,69 @@ MC_TEST(bad_keys_fail_only_their_item) {
     flash_test_server_stop(&s);
 }
 
+/* Every position of keys of many lengths (the check goes 8 bytes a step, the
+   last step overlapping): a space, control byte or DEL fails the key; any
+   other byte, 0x80..0xff included, is a key memcached stores and answers. */
+MC_TEST(key_bytes_checked_at_every_position) {
+    static flash_test_server s;
+    cr_assert(flash_test_memcached_start(&s, NULL));
+    flash_test_server *sp = &s;
+    flash_poll *p = flash_poll_create();
+    flash_cache c = make_cache_on(p, &sp, 1, NULL);
+    static const size_t lens[] = {1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 33, 64, 250};
+    static const unsigned char bad[] = {' ', 0, 1, '\t', '\r', '\n', 0x1f, 0x7f};
+    static const unsigned char good[] = {'!', '~', 0x80, 0xff};
+    enum { NLENS = sizeof lens / sizeof lens[0], MAXN = 6000 };
+    static char keys[MAXN][251];
+    static flash_cache_item it[MAXN];
+    static int want[MAXN];
+    size_t n = 0, ngood = 0;
+    for (size_t l = 0; l < NLENS; l++) {
+        for (size_t pos = 0; pos < lens[l]; pos++) {
+            for (size_t b = 0; b < sizeof bad + sizeof good; b++) {
+                if (b >= sizeof bad && pos % 3 != 0 && pos != lens[l] - 1) continue; /* fewer good keys */
+                cr_assert_lt(n, MAXN);
+                memset(keys[n], 'k', lens[l]);
+                /* distinct keys: the position and the byte in the first bytes */
+                if (lens[l] >= 4 && pos >= 3) {
+                    char tag[8];
+                    snprintf(tag, sizeof tag, "%c%02zu", (char)('a' + (int)b), pos % 100);
+                    memcpy(keys[n], tag, 3);
+                }
+                keys[n][pos] = (char)(b < sizeof bad ? bad[b] : good[b - sizeof bad]);
+                memset(&it[n], 0, sizeof it[n]);
+                it[n].key = keys[n];
+                it[n].key_len = lens[l];
+                it[n].value = keys[n]; /* the value: the key itself */
+                it[n].value_len = lens[l];
+                want[n] = b < sizeof bad ? FLASH_EINVAL : FLASH_OK;
+                ngood += b >= sizeof bad;
+                n++;
+            }
+        }
+    }
+    flash_cache_op op;
+    int done;
+    op_init(&op, FLASH_CACHE_SET, it, n, &done);
+    run(p, c, &op);
+    for (size_t i = 0; i < n; i++)
+        cr_assert_eq(it[i].status, want[i], "set key %zu (%zu bytes): %d", i, it[i].key_len, it[i].status);
+    for (size_t i = 0; i < n; i++) it[i].value = NULL, it[i].value_len = 0;
+    op_init(&op, FLASH_CACHE_GET, it, n, &done);
+    run(p, c, &op);
+    for (size_t i = 0; i < n; i++) {
+        cr_assert_eq(it[i].status, want[i], "get key %zu (%zu bytes): %d", i, it[i].key_len, it[i].status);
+        if (want[i] == FLASH_OK)
+            cr_assert(it[i].value_len == it[i].key_len && memcmp(it[i].value, keys[i], it[i].key_len) == 0);
+    }
+    flash_memcached_stats st = mstats(c, 0);
+    cr_assert_eq(st.keys, 2 * ngood); /* only the good keys went out */
+    cr_assert_eq(st.proto_errors, 0);
+    flash_cache_destroy(c);
+    flash_poll_destroy(p);
+    flash_test_server_stop(&s);
+}
+
 MC_TEST(values_over_the_limits) {
     static flash_test_server s;
     cr_assert(flash_test_memcached_start(&s, NULL)); /* -I 1m: the server's own limit */
@@ -1261,6 +1324,151 @@ MC_TEST(parser_handles_any_chunking) {
     for (size_t cut = 1; cut < total; cut++) {
         ptrdiff_t n = flash_memcached_parse(stream, cut, 1024, &r);
         cr_assert(n == 0 || (n > 0 && (size_t)n <= cut));
+    }
+}
+
+/* A VALUE line by its rules, written out plainly: the reference for the
+   parser's one-pass path. "VALUE", then 3 or 4 tokens, each after exactly
+   one space and none empty; a key of 1..250 bytes, none a control byte or
+   DEL; flags <= 2^32-1, bytes <= 2^40, cas <= 2^64-1, decimal digits only
+   (leading zeros allowed). */
+typedef struct ref_value {
+    const char *key;
+    size_t key_len;
+    uint64_t flags, bytes, cas;
+    bool has_cas;
+} ref_value;
+
+static bool ref_dec(const char *s, size_t n, const char *max, uint64_t *out) {
+    size_t mlen = strlen(max);
+    uint64_t v = 0;
+    if (!n) return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] < '0' || s[i] > '9') return false;
+    while (n > 1 && *s == '0') s++, n--;
+    if (n > mlen || (n == mlen && memcmp(s, max, n) > 0)) return false;
+    for (size_t i = 0; i < n; i++) v = v * 10 + (uint64_t)(s[i] - '0');
+    *out = v;
+    return true;
+}
+
+static bool ref_value_line(const char *line, size_t n, ref_value *out) {
+    const char *tok[4];
+    size_t len[4], nt = 0, i = 5;
+    if (n < 5 || memcmp(line, "VALUE", 5) != 0) return false;
+    while (i < n) {
+        size_t st;
+        if (line[i] != ' ') return false;
+        st = ++i;
+        while (i < n && line[i] != ' ') i++;
+        if (i == st || nt == 4) return false;
+        tok[nt] = line + st;
+        len[nt++] = i - st;
+    }
+    if (nt < 3 || len[0] > 250) return false;
+    for (size_t k = 0; k < len[0]; k++)
+        if ((unsigned char)tok[0][k] < ' ' || (unsigned char)tok[0][k] == 127) return false;
+    out->key = tok[0];
+    out->key_len = len[0];
+    out->has_cas = nt == 4;
+    out->cas = 0;
+    return ref_dec(tok[1], len[1], "4294967295", &out->flags) && ref_dec(tok[2], len[2], "1099511627776", &out->bytes) &&
+           (nt == 3 || ref_dec(tok[3], len[3], "18446744073709551615", &out->cas));
+}
+
+static uint64_t prng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t prng(void) { /* splitmix64 */
+    uint64_t z = (prng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* One parse of line + "\r\n" (+ its data block when the reference takes it)
+   against the reference. */
+static void check_value_line(const char *line, size_t n, size_t max_value) {
+    static char buf[8192];
+    flash_memcached_reply r;
+    ref_value want;
+    bool ok = ref_value_line(line, n, &want);
+    size_t len = n + 2, header = n + 2;
+    cr_assert_lt(n + 2 + 64 + 2, sizeof buf);
+    memcpy(buf, line, n);
+    memcpy(buf + n, "\r\n", 2);
+    if (ok && want.bytes <= 64) {
+        for (size_t i = 0; i < want.bytes; i++) buf[len++] = "ab\r\n \0x"[prng() % 7]; /* "\r\n" inside too */
+        memcpy(buf + len, "\r\n", 2);
+        len += 2;
+    }
+    ptrdiff_t k = flash_memcached_parse(buf, len, max_value, &r);
+    if (!ok) {
+        cr_assert_eq(k, FLASH_EPROTO, "accepted: %.*s", (int)n, line);
+        return;
+    }
+    cr_assert_eq(r.kind, FLASH_MEMCACHED_VALUE, "%.*s", (int)n, line);
+    cr_assert(r.key == buf + (want.key - line) && r.key_len == want.key_len, "%.*s", (int)n, line);
+    cr_assert(r.has_flags && r.flags == want.flags && r.value_len == want.bytes, "%.*s", (int)n, line);
+    cr_assert(r.has_cas == want.has_cas && r.cas == want.cas && !r.has_opaque, "%.*s", (int)n, line);
+    if (want.bytes > max_value) {
+        cr_assert(k == (ptrdiff_t)header && r.skip && !r.value, "%.*s", (int)n, line);
+    } else if (want.bytes > 64) {
+        cr_assert_eq(k, 0, "%.*s", (int)n, line); /* the data block is not there yet */
+    } else {
+        cr_assert_eq(k, (ptrdiff_t)len, "%.*s", (int)n, line);
+        cr_assert(r.value == buf + header && !r.skip);
+        /* the line alone, and every cut of the block: more is needed */
+        cr_assert_eq(flash_memcached_parse(buf, header, max_value, &r), 0);
+        cr_assert_eq(flash_memcached_parse(buf, len - 1, max_value, &r), 0);
+    }
+}
+
+MC_TEST(parser_value_lines_follow_the_token_rules) {
+    static const char *const lines[] = {
+        "VALUE k 0 0", "VALUE k 0 0 0", "VALUE k 4294967295 5 18446744073709551615",
+        "VALUE k 4294967296 5", "VALUE k 0 5 18446744073709551616", "VALUE k 0 1099511627776",
+        "VALUE k 0 1099511627777", "VALUE k 00000000000000000000000001 00000000000000000000000003 "
+        "000000000000000000000000000000007", "VALUE k 0 99999999999999999999", "VALUE k 0 5 9999999999999999999",
+        "VALUE k 0 5 99999999999999999999", "VALUE k 0 5 ", "VALUE k 0 5  1", "VALUE k 0 5 1 ", "VALUE k 0 5 1 2",
+        "VALUE k 0", "VALUE k 0 ", "VALUE k", "VALUE k ", "VALUE  k 0 1", "VALUE k  0 1", "VALUE k -1 1",
+        "VALUE k 0 +1", "VALUE k 0 1x", "VALUE k 0x 1", "VALUE k\x7f 0 1", "VALUE \x7fk 0 1", "VALUE k\x80\xff 0 1",
+        "VALUE k\tk 0 1", "VALUE k\rk 0 1", "VALUE", "VALUE ", "VALUE\x01k 0 1", "VALUEk 0 1",
+    };
+    for (size_t i = 0; i < sizeof lines / sizeof lines[0]; i++) {
+        check_value_line(lines[i], strlen(lines[i]), 1024);
+        check_value_line(lines[i], strlen(lines[i]), 3);
+    }
+    /* keys of 1..260 bytes with a bad byte anywhere, or none */
+    char line[600];
+    for (size_t klen = 1; klen <= 260; klen++) {
+        for (size_t pos = 0; pos <= klen; pos = pos == klen ? pos + 1 : pos + (klen > 40 ? 7 : 1) > klen ? klen
+                                                                         : pos + (klen > 40 ? 7 : 1)) {
+            memcpy(line, "VALUE ", 6);
+            for (size_t j = 0; j < klen; j++) line[6 + j] = (char)('!' + (j * 7) % 94);
+            if (pos < klen) line[6 + pos] = (char)"\x01\x7f\t\x1f"[pos % 4];
+            int m = snprintf(line + 6 + klen, sizeof line - 6 - klen, " %zu %zu %zu", klen, klen % 9, pos);
+            check_value_line(line, 6 + klen + (size_t)m, 1024);
+        }
+    }
+    /* random lines: tokens of digits, key bytes and junk, 1 or 2 spaces */
+    static const char alphabet[] = "0123456789 kK:%-_.\x01\x7f\x80\xff\t\r";
+    for (int t = 0; t < 200000; t++) {
+        size_t n = 6, ntok = 1 + prng() % 5;
+        memcpy(line, "VALUE ", 6);
+        if (prng() % 16 == 0) n = 5 + prng() % 2; /* "VALUE" or "VALUE " only, or a bad first token */
+        for (size_t k = 0; k < ntok && n < 500; k++) {
+            uint64_t kind = prng() % 8, len = k == 0 && prng() % 4 == 0 ? 240 + prng() % 20 : prng() % 24;
+            if (k) {
+                line[n++] = ' ';
+                if (prng() % 32 == 0) line[n++] = ' ';
+            }
+            for (uint64_t j = 0; j < len && n < 560; j++) {
+                if (k == 0) line[n++] = prng() % 64 ? (char)('a' + prng() % 26) : alphabet[prng() % (sizeof alphabet - 1)];
+                else if (kind < 6) line[n++] = (char)('0' + prng() % (kind < 2 ? 2 : 10));
+                else line[n++] = alphabet[prng() % (sizeof alphabet - 1)];
+            }
+        }
+        if (n > 6 && prng() % 64 == 0) line[n++] = ' ';
+        check_value_line(line, n, prng() % 2 ? 1024 : 16);
     }
 }
 

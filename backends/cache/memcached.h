@@ -304,6 +304,35 @@ static bool flash__mc_num(const char *p, const char *end, uint64_t max, uint64_t
     return true;
 }
 
+/* A decimal token at p, up to a space or end, without a check per digit
+   (19 digits cannot wrap; longer ones take flash__mc_num): where it ends,
+   or NULL when it is empty, not digits up to there, or over max. */
+static inline const char *flash__mc_dec(const char *p, const char *end, uint64_t max, uint64_t *out) {
+    const char *s = p;
+    uint64_t v = 0;
+    unsigned d;
+    while (p < end && (d = (unsigned)(unsigned char)*p - '0') <= 9) {
+        v = v * 10 + d;
+        p++;
+    }
+    if (p == s || (p - s > 19 ? !flash__mc_num(s, p, max, &v) : v > max)) return NULL;
+    *out = v;
+    return p;
+}
+
+/* The data block of a VA / VALUE reply whose line takes header bytes. */
+static ptrdiff_t flash__mc_data(const char *buf, size_t len, size_t header, size_t max_value,
+                                 flash_memcached_reply *r) {
+    if (r->value_len > max_value) {
+        r->skip = true;
+        return (ptrdiff_t)header;
+    }
+    if (len - header < r->value_len + 2) return 0;
+    if (buf[header + r->value_len] != '\r' || buf[header + r->value_len + 1] != '\n') return FLASH_EPROTO;
+    r->value = buf + header;
+    return (ptrdiff_t)(header + r->value_len + 2);
+}
+
 FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t max_value,
                                           flash_memcached_reply *r) {
     const char *nl, *p, *end, *tok;
@@ -316,6 +345,34 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
     if (nl == buf || nl[-1] != '\r') return FLASH_EPROTO;
     end = nl - 1;
     header = (size_t)(nl - buf) + 1;
+    if (end - buf > 6 && memcmp(buf, "VALUE ", 6) == 0) {
+        /* A get's value, the reply of every key read: "VALUE <key> <flags>
+           <bytes>[ <cas>]", one pass over it (the same rules as the
+           general path below: tokens of one space each, a key of 1..250
+           bytes and no control byte, numbers in range). */
+        const char *k = buf + 6;
+        size_t klen = flash__pipe_key_span(k, (size_t)(end - k));
+        p = k + klen;
+        if (!klen || klen > 250 || p == end || *p != ' ') return FLASH_EPROTO;
+        p = flash__mc_dec(p + 1, end, UINT32_MAX, &v);
+        if (!p || p == end || *p != ' ') return FLASH_EPROTO;
+        r->flags = (uint32_t)v;
+        p = flash__mc_dec(p + 1, end, (uint64_t)1 << 40, &v);
+        if (!p) return FLASH_EPROTO;
+        r->value_len = (size_t)v;
+        if (p != end) {
+            if (*p != ' ') return FLASH_EPROTO;
+            p = flash__mc_dec(p + 1, end, UINT64_MAX, &v);
+            if (p != end) return FLASH_EPROTO; /* also NULL: a bad token */
+            r->has_cas = true;
+            r->cas = v;
+        }
+        r->kind = FLASH_MEMCACHED_VALUE;
+        r->key = k;
+        r->key_len = klen;
+        r->has_flags = true;
+        return flash__mc_data(buf, len, header, max_value, r);
+    }
     tok = (const char *)memchr(buf, ' ', (size_t)(end - buf));
     if (!tok) tok = end;
     clen = (size_t)(tok - buf);
@@ -426,14 +483,7 @@ FLASH_API ptrdiff_t flash_memcached_parse(const char *buf, size_t len, size_t ma
     }
     if (r->kind == FLASH_MEMCACHED_MN && tok != end) return FLASH_EPROTO;
     if (r->kind != FLASH_MEMCACHED_VA && r->kind != FLASH_MEMCACHED_VALUE) return (ptrdiff_t)header;
-    if (r->value_len > max_value) {
-        r->skip = true;
-        return (ptrdiff_t)header;
-    }
-    if (len - header < r->value_len + 2) return 0;
-    if (buf[header + r->value_len] != '\r' || buf[header + r->value_len + 1] != '\n') return FLASH_EPROTO;
-    r->value = buf + header;
-    return (ptrdiff_t)(header + r->value_len + 2);
+    return flash__mc_data(buf, len, header, max_value, r);
 }
 
 /* ---- state ----------------------------------------------------------------- */
@@ -748,15 +798,22 @@ static int flash__mc_apply_get(flash__mc_server *s, flash__mc_req *req, const fl
     }
     if (r->kind != FLASH_MEMCACHED_VALUE || !r->has_cas) return FLASH_EPROTO;
     if (!os->op) return FLASH_OK;
-    for (k = req->pos; k < req->nplain; k++) {
-        const flash_cache_item *want = &os->op->items[req->idx[k]];
-        if (want->key_len == r->key_len && memcmp(want->key, r->key, r->key_len) == 0) break;
+    k = req->pos;
+    it = k < req->nplain ? &os->op->items[req->idx[k]] : NULL;
+    if (!it || it->key_len != r->key_len || memcmp(it->key, r->key, r->key_len) != 0) {
+        /* Not the next key asked (the usual case: all hits): a miss or
+           more before it. */
+        for (k = req->pos + 1; k < req->nplain; k++) {
+            const flash_cache_item *want = &os->op->items[req->idx[k]];
+            if (want->key_len == r->key_len && memcmp(want->key, r->key, r->key_len) == 0) break;
+        }
+        /* A key nobody asked for, or out of order: garbage, and the keys not
+           yet answered fail with it (they are not known to be misses). */
+        if (k >= req->nplain) return FLASH_EPROTO;
+        while (req->pos < k) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
+        it = &os->op->items[req->idx[k]];
     }
-    /* A key nobody asked for, or out of order: garbage, and the keys not yet
-       answered fail with it (they are not known to be misses). */
-    if (k == req->nplain) return FLASH_EPROTO;
-    while (req->pos < k) flash__mc_set_status(req, req->pos++, FLASH_ENOTFOUND);
-    it = &os->op->items[req->idx[req->pos++]];
+    req->pos++;
     it->status = flash__mc_take_value(s->mc, os, it, r);
     return FLASH_OK;
 }
@@ -968,6 +1025,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
     flash__mc *mc = (flash__mc *)self;
     flash__mc_opstate *os;
     uint32_t *srv_of, *counts, *idx, nreqs = 0;
+    size_t nlease = 0; /* GET: lease reads among the keys sent */
     size_t i, n, bytes;
     int64_t now = flash__pipe_now();
     size_t unsent;
@@ -1041,6 +1099,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
         }
         srv_of[i] = srv;
         counts[srv]++;
+        nlease += op->code == FLASH_CACHE_GET && it->lease_s;
     }
     /* one request per touched server, items in their original order */
     {
@@ -1061,7 +1120,7 @@ static void flash__mc_submit(void *self, flash_loop loop, flash_cache_op *op) {
             req->idx[req->count++] = (uint32_t)i;
         }
         for (i = 0; i < nreqs; i++) os->reqs[i].nplain = os->reqs[i].count;
-        for (i = 0; op->code == FLASH_CACHE_GET && i < n; i++) {
+        for (i = 0; nlease && i < n; i++) {
             flash__mc_req *req;
             if (srv_of[i] == UINT32_MAX || !op->items[i].lease_s) continue;
             req = &os->reqs[counts[srv_of[i]]];

@@ -121,16 +121,44 @@ static flash_allocator flash__pipe_allocator(flash_allocator al) {
     return al;
 }
 
+/* The offset of the first byte of s[0, n) that cannot be in a key — a
+   space, a control byte or DEL (c <= ' ' || c == 127) — or n when there is
+   none. Eight bytes a step (the last step overlaps the one before; a step
+   that holds such a byte is looked at byte by byte): keys and the reply
+   lines that name them are checked for every key of a get-many. */
+static inline size_t flash__pipe_key_span(const char *s, size_t n) {
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    size_t i = 0;
+    if (n >= 8) {
+        for (;; i += 8) {
+            uint64_t x, d;
+            if (i + 8 > n) i = n - 8;
+            memcpy(&x, s + i, 8);
+            d = x ^ (ones * 0x7f);
+            /* a byte below 0x21, or a byte equal to 0x7f: exact tests (no
+               step without one is flagged, and the lowest flag is the first
+               such byte: a borrow only carries upwards) */
+            x = ((x - ones * 0x21) & ~x & highs) | ((d - ones) & ~d & highs);
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            if (x) return i + (size_t)__builtin_ctzll(x) / 8;
+#else
+            if (x) break;
+#endif
+            if (i + 8 == n) return n;
+        }
+    }
+    for (; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c <= ' ' || c == 127) return i;
+    }
+    return n;
+}
+
 #define FLASH__PIPE_MAX_KEY 250
 static int flash__pipe_key_status(const char *key, size_t len) {
-    size_t i;
     if (!key || !len) return FLASH_EINVAL;
     if (len > FLASH__PIPE_MAX_KEY) return FLASH_ETOOLARGE;
-    for (i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)key[i];
-        if (c <= ' ' || c == 127) return FLASH_EINVAL;
-    }
-    return FLASH_OK;
+    return flash__pipe_key_span(key, len) == len ? FLASH_OK : FLASH_EINVAL;
 }
 
 static int64_t flash__pipe_now(void) {

@@ -307,7 +307,7 @@ static int path_direct(const fq *q, const uint8_t *data, size_t size, void **res
     iq.cls = flash__class_of(q->cls, &err);
     FUZZ_CHECK(iq.cls);
     iq.values = (flash_value *)&q->v;
-    FUZZ_CHECK(flash__build_key(ctx, iq.cls, iq.values, 1, &iq.key, &iq.key_len, &iq.full, &iq.full_len) == 0);
+    FUZZ_CHECK(flash__build_key(ctx, iq.cls, iq.values, 1, 0, &iq.key, &iq.key_len, &iq.full, &iq.full_len) == 0);
     int r = flash__decode_value(ctx, &iq, data, size, result, none, &h);
     FUZZ_CHECK(r == 1 || r == 0 || r == FLASH_EPROTO);
     if (r != 1) return r;
