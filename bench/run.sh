@@ -633,8 +633,8 @@ if has_part memcached; then
     fi
     echo "   cause and next step (bench/out/callgrind.mc.flash.*.out): the model layer is the larger part -- the value's"
     echo "   decode (its check hash, the fields, the key check: flash__decode_value), the loader's memo insert and the"
-    echo "   promises (flash.h layers 5 and 3: flash__load, flash_batch_resolve, the gather: ~400/key, not changed by the"
-    echo "   full-path work), the query and its key (flash__query_run, flash__build_key); the transport's largest items are"
+    echo "   promises (flash.h layers 5 and 3: flash__load, flash_batch_resolve, the gather: ~350/key after the loader"
+    echo "   work), the query and its key (flash__query_run, flash__build_key); the transport's largest items are"
     echo "   the reply parser and the copy of each value (flash_memcached_parse, flash__mc_take_value). Next: a decoder"
     echo "   per model (no type switch per field), the memo insert (layer 5), values decoded from the read buffer without"
     echo "   the backend's copy. memcached's own CPU per key is in the srv column and the table below (get vs gets)"
