@@ -4446,40 +4446,10 @@ static FLASH__NOINLINE flash_promise *flash__load_probe(flash_loader *l, const v
     }
 }
 
-/* The plain load (no key_fn: the memo key is the key), inlined into
-   flash_load and flash_load_with: a key of 1..16 bytes, no payload, a
-   memo table. A memo hit in the first slot probed is a hash and one
-   compare and calls nothing, so it saves no registers; a collision goes
-   on in flash__load_probe, a miss in flash__load_miss. Anything else (a
-   key function, the first load, keys over 16 bytes, a payload) takes the
-   general path. */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((always_inline))
-#endif
-static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, size_t len, void *payload) {
-    flash__slot *slot;
-    uint64_t h;
-    size_t mask, i;
-    if (FLASH__UNLIKELY(!l)) return NULL;
-    /* len - 1 >= 16: empty keys and keys over 16 bytes; mask 0: no table
-       yet, or a key function. */
-    mask = l->fmask;
-    if (FLASH__UNLIKELY(!key || len - 1 >= 16 || !mask || payload)) return flash__load_slow(l, key, len, payload);
-    h = flash__memo_hash(l, key, len);
-    i = (size_t)h & mask;
-    slot = &l->slots[i];
-    if (slot->gen != l->gen) return flash__load_miss(l, key, len, slot, (uint32_t)h);
-    if (FLASH__LIKELY(flash__slot_holds(slot, (uint32_t)h, key, len))) {
-        flash_ctx *ctx = l->ctx;
-        ctx->stats.loads++;
-        ctx->stats.memo_hits++;
-        return &slot->e->p;
-    }
-    return flash__load_probe(l, key, len, i, (uint32_t)h);
-}
-
-/* flash__load_fast of a key of 1..16 bytes whose memo hash h is known
-   (flash_load_many hashes a few keys ahead). */
+/* The plain load of a key of 1..16 bytes whose memo hash h is known
+   (flash_load_many hashes a few keys ahead). A memo hit in the first slot
+   probed is one compare and calls nothing, so it saves no registers; a
+   collision goes on in flash__load_probe, a miss in flash__load_miss. */
 static FLASH__ALWAYS_INLINE flash_promise *flash__load_hashed(flash_loader *l, const void *key, size_t len,
                                                               uint64_t h) {
     flash__slot *slot;
@@ -4495,6 +4465,21 @@ static FLASH__ALWAYS_INLINE flash_promise *flash__load_hashed(flash_loader *l, c
         return &slot->e->p;
     }
     return flash__load_probe(l, key, len, i, (uint32_t)h);
+}
+
+/* The plain load (no key_fn: the memo key is the key), inlined into
+   flash_load and flash_load_with: a key of 1..16 bytes, no payload, a
+   memo table. Anything else (a key function, the first load, keys over 16
+   bytes, a payload) takes the general path. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((always_inline))
+#endif
+static inline flash_promise *flash__load_fast(flash_loader *l, const void *key, size_t len, void *payload) {
+    if (FLASH__UNLIKELY(!l)) return NULL;
+    /* len - 1 >= 16: empty keys and keys over 16 bytes; fmask 0: no table
+       yet, or a key function. */
+    if (FLASH__UNLIKELY(!key || len - 1 >= 16 || !l->fmask || payload)) return flash__load_slow(l, key, len, payload);
+    return flash__load_hashed(l, key, len, flash__memo_hash(l, key, len));
 }
 
 FLASH_API flash_promise *flash_load_with(flash_loader *l, const void *key, size_t len, void *payload) {
