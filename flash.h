@@ -2654,16 +2654,23 @@ static FLASH__NOINLINE bool flash__gather_dup(flash_ctx *ctx, flash__gather *g, 
     return true;
 }
 
+/* Position i of g rejected with code, through a stand-in promise (a NULL
+   promise in the array, or no memory for the callback). */
+static void flash__gather_reject_at(flash_ctx *ctx, flash__gather *g, size_t i, flash__cbfn cb, int code,
+                                    const char *message) {
+    flash_promise stand_in;
+    flash__promise_init(&stand_in);
+    stand_in.state = FLASH_REJECTED;
+    stand_in.error = code;
+    stand_in.u.message = message;
+    cb(ctx, &stand_in, g, i);
+}
+
 /* Position i of g waits for p: every case (flash__gather_new's loop takes
    the usual ones itself). */
 static void flash__gather_join(flash_ctx *ctx, flash__gather *g, flash_promise *p, size_t i, flash__cbfn cb) {
     if (!p) {
-        flash_promise stand_in;
-        flash__promise_init(&stand_in);
-        stand_in.state = FLASH_REJECTED;
-        stand_in.error = FLASH_EINVAL;
-        stand_in.u.message = flash_promise_message(NULL);
-        cb(ctx, &stand_in, g, i);
+        flash__gather_reject_at(ctx, g, i, cb, FLASH_EINVAL, flash_promise_message(NULL));
     } else if (p->state != FLASH_PENDING) {
         cb(ctx, p, g, i); /* settled already: record it now */
     } else if (!p->first.fn.pub && !p->has_more) {
@@ -2674,12 +2681,7 @@ static void flash__gather_join(flash_ctx *ctx, flash__gather *g, flash_promise *
         p->first.arg = g;
         p->first.idx = (uint32_t)i;
     } else if (flash__add_cb(ctx, p, NULL, cb, g, (uint32_t)i, true) != FLASH_OK) {
-        flash_promise oom;
-        flash__promise_init(&oom);
-        oom.state = FLASH_REJECTED;
-        oom.error = FLASH_ENOMEM;
-        oom.u.message = flash_strerror(FLASH_ENOMEM);
-        cb(ctx, &oom, g, i);
+        flash__gather_reject_at(ctx, g, i, cb, FLASH_ENOMEM, flash_strerror(FLASH_ENOMEM));
     }
 }
 
