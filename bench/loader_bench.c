@@ -63,6 +63,15 @@ enum { N = 100000, DUP_UNIQUE = 50000, TICKS = 1000, PER_TICK = 100 };
 
 static const char *keys[N];
 static size_t lens[N];
+/* FNV-1a over a result string and its NUL: the check lines the peers print too. */
+static uint32_t fnv_fold(uint32_t h, const char *c) {
+    for (;; c++) {
+        h ^= (unsigned char)*c;
+        h *= 16777619u;
+        if (!*c) return h;
+    }
+}
+
 static uint32_t dup_seq[N];
 static const char *dup_keys[N]; /* keys[dup_seq[i]], for flash_load_many */
 static size_t dup_lens[N];
@@ -241,16 +250,12 @@ static uint32_t check_results(const scenario *s) {
     for (i = 0; i < N; i++) {
         size_t k = s->seq ? s->seq[i] : i;
         bool ticks = s->run == run_ticks || s->run == run_many_ticks;
-        const char *r = (const char *)(ticks ? tick_vecs[i / PER_TICK][i % PER_TICK] : result_vec[i]), *c;
+        const char *r = (const char *)(ticks ? tick_vecs[i / PER_TICK][i % PER_TICK] : result_vec[i]);
         if (!r || strcmp(r, keys[k]) != 0) {
             fprintf(stderr, "loader_bench: %s: result %zu is not key %s\n", s->name, i, keys[k]);
             exit(1);
         }
-        for (c = r;; c++) {
-            h ^= (unsigned char)*c;
-            h *= 16777619u;
-            if (!*c) break;
-        }
+        h = fnv_fold(h, r);
     }
     return h;
 }
@@ -298,16 +303,12 @@ static uint32_t scale_check(size_t n) {
     uint32_t h = 2166136261u;
     size_t i;
     for (i = 0; i < n; i++) {
-        const char *r = (const char *)svals[i], *c;
+        const char *r = (const char *)svals[i];
         if (!r || strcmp(r, skeys[i]) != 0) {
             fprintf(stderr, "loader_bench: scale/%zu: result %zu is not key %s\n", n, i, skeys[i]);
             exit(1);
         }
-        for (c = r;; c++) {
-            h ^= (unsigned char)*c;
-            h *= 16777619u;
-            if (!*c) break;
-        }
+        h = fnv_fold(h, r);
     }
     return h;
 }
